@@ -1,0 +1,109 @@
+// CPU reference kernels: the oracle for every CUDA kernel and a real backend for tiny models.
+// Plain functions on raw row-major pointers, templated on the float type (float for training,
+// double for finite-difference gradient checks). All are multi-threaded with OpenMP and
+// deterministic: every output element is reduced in a fixed order that does not depend on the
+// number of threads, so two runs (and a resumed run) agree bit for bit.
+//
+// Conventions: "overwrite" outputs are written completely; "+=" outputs are accumulated into
+// (gradients of parameters accumulate across micro-steps). Sizes are int64_t.
+#pragma once
+#include <cstdint>
+
+namespace dmat::cpu {
+
+// ---- dense linear algebra -------------------------------------------------------------------
+// C[M,N] = alpha * op(A) · op(B) + beta * C, row-major, contiguous.
+// op(A) is [M,K]: A is stored [M,K], or [K,M] when trans_a. op(B) is [K,N]: B is stored [K,N], or
+// [N,K] when trans_b. beta == 0 ignores C's old contents (NaNs there do not propagate).
+template <class T>
+void gemm(T* C, const T* A, const T* B, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+          T alpha, T beta);
+
+// ---- elementwise / reductions ------------------------------------------------------------------
+template <class T> void fill(T* x, int64_t n, T value);
+template <class T> void copy(T* dst, const T* src, int64_t n);
+template <class T> void add_inplace(T* y, const T* x, int64_t n);   // y += x
+template <class T> void scale_inplace(T* x, int64_t n, T s);        // x *= s
+// Σ x² accumulated in double, in fixed-size chunks combined in order (thread-count independent).
+template <class T> double sum_squares(const T* x, int64_t n);
+
+// ---- embedding ---------------------------------------------------------------------------------
+// out[i, :] = table[tokens[i], :]   (overwrite), i < n, table is [V, D]
+template <class T>
+void embedding_forward(T* out, const T* table, const int32_t* tokens, int64_t n, int64_t D);
+// dtable[tokens[i], :] += dout[i, :]; rows summed in increasing i (deterministic).
+template <class T>
+void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int64_t n, int64_t D);
+
+// ---- RMSNorm over the last dimension ----------------------------------------------------------
+// rstd[r] = 1/sqrt(mean_d x[r,d]² + eps);  y[r,d] = x[r,d] * rstd[r] * w[d]  (w == nullptr: w = 1)
+// y overwrite, rstd overwrite ([rows]). y may alias x.
+template <class T>
+void rmsnorm_forward(T* y, T* rstd, const T* x, const T* w, int64_t rows, int64_t D, double eps);
+// dx: overwrite (accumulate_dx=false) or += (true). dw: += (skipped when w or dw is nullptr).
+template <class T>
+void rmsnorm_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, const T* rstd, int64_t rows,
+                      int64_t D, bool accumulate_dx);
+
+// ---- rotary position embedding (rotate-half convention, as Hugging Face LLaMA / Doge) ----------
+// x is [B, Tn, H, Dh]; position of row (b, t) is t. For i < Dh/2, f_i = theta^(-2i/Dh), a = t·f_i:
+//   y[i] = x[i]·cos a − x[i+Dh/2]·sin a,   y[i+Dh/2] = x[i+Dh/2]·cos a + x[i]·sin a.
+// Angles are computed in double. y may alias x. Dh must be even.
+template <class T>
+void rope_forward(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta);
+// The transpose of the rotation (rotation by −a): dx from dy. dx may alias dy.
+template <class T>
+void rope_backward(T* dx, const T* dy, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta);
+
+// ---- attention --------------------------------------------------------------------------------
+// Causal softmax attention with grouped KV heads (query head h reads KV head h / (H / Hkv)).
+// Key j is visible to query i iff j <= i and (window == 0 || j > i - window): window w keeps
+// keys i-w+1 … i (sliding-window attention). Scores s_ij = scale · q_i·k_j.
+struct AttnShape {
+  int64_t B = 0, T = 0, H = 0, Hkv = 0, Dqk = 0, Dv = 0;
+  double scale = 0;   // usually 1/sqrt(Dqk)
+  int64_t window = 0; // 0: full causal
+};
+// q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv] -> out [B,T,H,Dv] (overwrite),
+// lse [B,H,T] (overwrite): log Σ_j exp(s_ij), the softmax statistics backward needs.
+template <class T>
+void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const AttnShape& s);
+// dq, dk, dv overwrite. dk/dv of a KV head sum over its query group, in a fixed order.
+template <class T>
+void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const T* lse, const T* q,
+                        const T* k, const T* v, const AttnShape& s);
+
+// ---- MLP ---------------------------------------------------------------------------------------
+// out = silu(g) · u, silu(x) = x / (1 + exp(−x)). out overwrite, may alias g or u.
+template <class T> void swiglu_forward(T* out, const T* g, const T* u, int64_t n);
+// dg, du overwrite (may alias each other's inputs only as documented: not g, u).
+template <class T> void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n);
+
+// ---- residual with optional learned per-channel scale (Doge) -----------------------------------
+// out[r,d] = (r_scale ? r_scale[d] : 1) · x[r,d] + branch[r,d]   (overwrite; may alias x or branch)
+template <class T>
+void residual_forward(T* out, const T* x, const T* r_scale, const T* branch, int64_t rows, int64_t D);
+// dx = r_scale ⊙ dout (overwrite; may alias dout); dr_scale[d] += Σ_r dout[r,d]·x[r,d] (if non-null).
+// (The branch's gradient is dout itself.)
+template <class T>
+void residual_backward(T* dx, T* dr_scale, const T* dout, const T* x, const T* r_scale, int64_t rows,
+                       int64_t D);
+
+// ---- softmax cross-entropy ---------------------------------------------------------------------
+// For each row r with target t = targets[r] >= 0: loss[r] = logsumexp(logits[r,:]) − logits[r,t];
+// rows with t < 0 are ignored (loss 0, gradient 0). If dlogits != nullptr it is overwritten with
+// grad_scale · (softmax(logits[r,:]) − onehot(t)); dlogits may alias logits. Targets >= V are an
+// error (throws dmat::Error naming the row and value).
+template <class T>
+void softmax_xent(T* loss, T* dlogits, const T* logits, const int32_t* targets, int64_t rows, int64_t V,
+                  T grad_scale);
+
+// ---- optimizer ---------------------------------------------------------------------------------
+// AdamW as PyTorch's torch.optim.AdamW (decoupled weight decay):
+//   p *= 1 − lr·wd;  m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;
+//   p −= lr · (m / bc1) / (sqrt(v / bc2) + eps),   bc1 = 1 − β1^t, bc2 = 1 − β2^t.
+template <class T>
+void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
+                double weight_decay, double bc1, double bc2);
+
+}  // namespace dmat::cpu

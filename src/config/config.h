@@ -1,0 +1,91 @@
+// Run configuration: JSON read into typed, validated structs (README "Config reference").
+//
+// A config has four sections, `model`, `train`, `data`, `run`, plus an optional top-level
+// "include": "base.json" (a path relative to the including file; objects merge recursively, the
+// including file wins; includes may nest, cycles are an error). Every key is checked: unknown keys,
+// wrong JSON types and out-of-range values throw dmat::Error with the key path, the value, and what
+// is allowed, e.g. `config: model.attention.window must be > 0 (got -3)`.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace dmat {
+
+struct AttentionConfig {
+  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window); more variants later
+  int64_t window = 0;         // swa: keys i-window+1 … i; must be > 0 for swa
+};
+
+struct ModelConfig {
+  int64_t vocab_size = 256;
+  int64_t d_model = 128;
+  int64_t n_layers = 2;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 0;     // 0: = n_heads. Must divide n_heads.
+  int64_t head_dim = 0;       // 0: = d_model / n_heads. Must be even (RoPE).
+  int64_t ffn_dim = 0;        // SwiGLU hidden size; 0: = 8/3 · d_model rounded up to a multiple of 64
+  bool tie_embeddings = false;
+  double rope_theta = 10000.0;
+  bool qk_norm = false;       // per-head RMSNorm of q and k before RoPE (weight [head_dim])
+  bool residual_scale = false;// Doge: h = r ⊙ h + branch(h) with learned r [d_model], init 1
+  double norm_eps = 1e-6;
+  double init_std = 0.02;
+  AttentionConfig attention;
+};
+
+struct TrainConfig {
+  int64_t steps = 1000;
+  uint64_t seed = 1234;
+  int64_t batch_size = 8;          // sequences per micro-batch (per rank)
+  int64_t seq_len = 256;
+  int64_t grad_accum = 1;          // micro-batches per optimizer step
+  double lr = 1e-3;                // peak learning rate
+  std::string schedule = "cosine"; // "constant" | "cosine" | "wsd"
+  double warmup_frac = 0.0;        // fraction of steps of linear warmup, [0, 1)
+  double decay_frac = 0.2;         // wsd: fraction of steps of final linear decay, (0, 1]
+  double final_lr_ratio = 0.1;     // cosine / wsd: final lr = lr · final_lr_ratio, [0, 1]
+  double weight_decay = 0.1;       // AdamW, decoupled; not applied to norms, gains, residual scales
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;          // global-norm clip; 0 disables
+  int64_t eval_interval = 100;     // steps between validation passes (and at the end); 0: only at end
+  int64_t eval_batches = 0;        // micro-batches of the validation set per pass; 0: all of it
+  int64_t checkpoint_interval = 0; // steps between checkpoints; 0: only at the end
+};
+
+struct DataConfig {
+  std::string train;               // shard set: directory, glob or file
+  std::string val;                 // shard set for validation (separate files)
+};
+
+struct RunConfig {
+  std::string name = "run";
+  std::string dir;                 // run directory; "" -> runs/<name>
+  std::string device = "auto";     // "auto" | "cpu" | "cuda"
+  int64_t threads = 0;             // CPU threads; 0: all cores
+  int64_t log_interval = 10;       // steps between log lines / metrics rows
+  int64_t keep_checkpoints = 3;    // newest complete checkpoints kept; 0 keeps all
+};
+
+struct Config {
+  ModelConfig model;
+  TrainConfig train;
+  DataConfig data;
+  RunConfig run;
+  nlohmann::json resolved;         // the resolved config (defaults filled in), as saved in the run dir
+};
+
+// Loads a file (following includes), applies `--set a.b=value` overrides (value parsed as JSON,
+// falling back to a string), validates, and fills derived defaults.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Same, from an already-parsed JSON object (includes resolved relative to base_dir).
+Config parse_config(const nlohmann::json& j, const std::string& base_dir = ".",
+                    const std::vector<std::string>& overrides = {});
+// The full config with every default made explicit (what is printed at start and saved).
+nlohmann::json to_json(const Config& c);
+
+}  // namespace dmat

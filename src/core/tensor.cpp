@@ -1,0 +1,33 @@
+#include "core/tensor.h"
+
+namespace dmat {
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F64: return "f64";
+    case DType::BF16: return "bf16";
+    case DType::I32: return "i32";
+    case DType::U16: return "u16";
+    case DType::U32: return "u32";
+  }
+  return "?";
+}
+
+const char* device_name(Device d) { return d == Device::CPU ? "cpu" : "cuda"; }
+
+std::string Shape::str() const {
+  std::string s = "[";
+  for (int i = 0; i < n; ++i) s += (i ? "," : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+Tensor Tensor::rows(int64_t r0, int64_t n) const {
+  DMAT_CHECK(shape.n >= 1 && r0 >= 0 && r0 + n <= shape[0], "rows {}+{} of {}", r0, n, shape.str());
+  Tensor t = *this;
+  t.shape.d[0] = n;
+  t.data = static_cast<char*>(data) + size_t(r0) * (numel() / shape[0]) * dtype_size(dtype);
+  return t;
+}
+
+}  // namespace dmat

@@ -1,0 +1,40 @@
+#include "test_util.h"
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <sys/wait.h>
+
+namespace dmat::test {
+
+std::string temp_dir(const std::string& tag) {
+  namespace fs = std::filesystem;
+  fs::path p = fs::path(DMAT_BUILD_DIR) / "test_scratch" / tag;
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p.string();
+}
+
+std::string source_dir() { return DMAT_SOURCE_DIR; }
+std::string dmatrain_bin() { return DMAT_BINARY; }
+
+CmdResult run(const std::string& cmd) {
+  CmdResult r;
+  FILE* f = popen((cmd + " 2>&1").c_str(), "r");
+  if (!f) {
+    r.rc = -1;
+    return r;
+  }
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), f)) > 0) r.out.append(buf.data(), n);
+  int st = pclose(f);
+  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+std::string mpirun(int np) {
+  return "mpirun --allow-run-as-root --oversubscribe --bind-to none -np " + std::to_string(np);
+}
+
+}  // namespace dmat::test

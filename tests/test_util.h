@@ -1,0 +1,32 @@
+// Helpers shared by the test suites: temp folders, running the CLI, random inputs.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+
+namespace dmat::test {
+
+// A fresh empty folder under the build tree's test scratch area (removed and recreated).
+std::string temp_dir(const std::string& tag);
+std::string source_dir();   // the repository root
+std::string dmatrain_bin(); // path of the built CLI
+
+struct CmdResult {
+  int rc = 0;
+  std::string out;  // stdout and stderr together
+};
+// Runs a shell command, capturing stdout+stderr.
+CmdResult run(const std::string& cmd);
+// "mpirun -np N" with the flags needed here (root allowed, oversubscribe).
+std::string mpirun(int np);
+
+// Fills with values uniform in [lo, hi) from a fresh seed per call site (seed mixed with a counter).
+template <class T>
+void random_fill(std::vector<T>& v, uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  Rng r(seed);
+  for (auto& x : v) x = T(lo + (hi - lo) * r.uniform());
+}
+
+}  // namespace dmat::test
