@@ -1,2 +1,242 @@
+// dmatrain command line: train, eval, info, data prepare, data inspect.
+// Exit code 0 on success; 1 with a one-line cause on stderr when something fails; 2 for bad usage.
 #include <cstdio>
-int main() { std::puts("dmatrain"); return 0; }
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "config/config.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "data/prepare.h"
+#include "kernels/cuda/device_info.h"
+#include "train/info.h"
+#include "train/trainer.h"
+
+namespace {
+
+using dmat::fail;
+
+struct Usage : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+const char* kMainHelp = R"(dmatrain: pretrain decoder-only language models from JSON configs.
+
+usage: dmatrain COMMAND [ARGS...]      (dmatrain COMMAND --help for each)
+
+commands:
+  train CONFIG [--set key=value ...] [--out DIR] [--resume]
+                           train a model; writes logs, metrics and checkpoints to the run directory
+  eval RUN_DIR [--batches N]
+                           validation loss and perplexity of the run's newest checkpoint
+  info CONFIG [--set key=value ...]
+                           parameter counts, FLOPs per token, memory estimate
+  data prepare --out DIR [--tokenizer byte] [--val-fraction F] [--shard-tokens N] [--overwrite] INPUTS...
+                           turn text files / directories / JSONL into token shards
+  data inspect PATH        describe a shard file or a prepared data directory
+  devices                  list the CUDA devices this build can see
+)";
+
+const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume]
+
+Trains the model CONFIG describes (README: "Config reference").
+  --set a.b=value   override a config key (value parsed as JSON, else taken as a string); repeatable
+  --out DIR         run directory (default: run.dir, i.e. runs/<run.name>)
+  --resume          continue from the newest complete checkpoint in the run directory; refuses a
+                    checkpoint whose model differs from CONFIG. Without --resume, a run directory
+                    that already holds a run is refused (nothing is overwritten).
+Writes RUN_DIR/config.json (resolved), train.log, metrics.jsonl and checkpoints/step_*/.
+)";
+
+const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N]
+
+Loads the newest complete checkpoint of RUN_DIR and prints its validation loss and perplexity on
+the validation shards named in its config (paths relative to the current directory).
+  --batches N   number of validation micro-batches (default: all full batches)
+)";
+
+const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...]
+
+Prints parameter counts by group (with and without embeddings), FLOPs per token (the MFU
+convention 6·N + 6·L·T·d, and the matmul FLOPs actually executed) and a memory estimate.
+)";
+
+const char* kDataHelp = R"(usage: dmatrain data prepare --out DIR [--tokenizer byte] [--val-fraction F] [--shard-tokens N]
+                             [--overwrite] INPUTS...
+       dmatrain data inspect PATH
+
+prepare: reads text files, directories (recursively) and JSONL files with a "text" field, drops
+exact duplicate documents, splits train/validation by a hash of each document, and writes
+DIR/train/*.bin, DIR/val/*.bin and DIR/manifest.json. Refuses a DIR that already holds shards
+unless --overwrite.
+inspect: header, counts and a decoded sample of a shard file, or the manifest of a directory.
+)";
+
+bool wants_help(const std::vector<std::string>& a) {
+  for (const auto& s : a)
+    if (s == "--help" || s == "-h") return true;
+  return false;
+}
+
+std::string need_value(const std::vector<std::string>& a, size_t& i) {
+  if (i + 1 >= a.size()) throw Usage(a[i] + " needs a value");
+  return a[++i];
+}
+
+int64_t parse_int(const std::string& flag, const std::string& v) {
+  try {
+    size_t n = 0;
+    long long x = std::stoll(v, &n);
+    if (n != v.size()) throw 0;
+    return x;
+  } catch (...) {
+    throw Usage(flag + " expects an integer (got \"" + v + "\")");
+  }
+}
+
+double parse_double(const std::string& flag, const std::string& v) {
+  try {
+    size_t n = 0;
+    double x = std::stod(v, &n);
+    if (n != v.size()) throw 0;
+    return x;
+  } catch (...) {
+    throw Usage(flag + " expects a number (got \"" + v + "\")");
+  }
+}
+
+// CONFIG plus repeated --set; other flags are handed to `extra`.
+template <class F>
+std::string parse_config_args(const std::vector<std::string>& a, std::vector<std::string>& sets, F&& extra) {
+  std::string config;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--set") {
+      sets.push_back(need_value(a, i));
+    } else if (a[i].rfind("--set=", 0) == 0) {
+      sets.push_back(a[i].substr(6));
+    } else if (extra(a, i)) {
+    } else if (a[i].rfind("--", 0) == 0) {
+      throw Usage("unknown option " + a[i]);
+    } else if (config.empty()) {
+      config = a[i];
+    } else {
+      throw Usage("unexpected argument " + a[i]);
+    }
+  }
+  if (config.empty()) throw Usage("missing CONFIG");
+  return config;
+}
+
+int cmd_train(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kTrainHelp, stdout), 0;
+  std::vector<std::string> sets;
+  std::string out;
+  dmat::TrainOptions opt;
+  const std::string path = parse_config_args(a, sets, [&](const std::vector<std::string>& v, size_t& i) {
+    if (v[i] == "--out") return out = need_value(v, i), true;
+    if (v[i] == "--resume") return opt.resume = true, true;
+    return false;
+  });
+  if (!out.empty()) sets.push_back("run.dir=" + nlohmann::json(out).dump());
+  dmat::Config cfg = dmat::load_config(path, sets);
+  auto r = dmat::train(cfg, opt);
+  std::printf("validation loss %.4f, validation perplexity %.3f (step %lld, run %s)\n", r.val_loss, r.val_ppl,
+              (long long)r.steps, r.run_dir.c_str());
+  return 0;
+}
+
+int cmd_eval(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kEvalHelp, stdout), 0;
+  std::string run;
+  int64_t batches = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--batches") batches = parse_int(a[i], need_value(a, i));
+    else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+    else if (run.empty()) run = a[i];
+    else throw Usage("unexpected argument " + a[i]);
+  }
+  if (run.empty()) throw Usage("missing RUN_DIR");
+  if (!std::filesystem::is_directory(run)) fail("eval: run directory {} does not exist", run);
+  auto r = dmat::evaluate_run(run, batches);
+  std::printf("validation loss %.4f, validation perplexity %.3f (%lld tokens)\n", r.loss, r.ppl, (long long)r.tokens);
+  return 0;
+}
+
+int cmd_info(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kInfoHelp, stdout), 0;
+  std::vector<std::string> sets;
+  const std::string path = parse_config_args(a, sets, [](const std::vector<std::string>&, size_t&) { return false; });
+  dmat::Config cfg = dmat::load_config(path, sets);
+  std::fputs(dmat::describe(cfg).c_str(), stdout);
+  return 0;
+}
+
+int cmd_data(const std::vector<std::string>& a) {
+  if (a.empty() || wants_help(a)) return std::fputs(kDataHelp, stdout), a.empty() ? 2 : 0;
+  const std::string sub = a[0];
+  if (sub == "inspect") {
+    if (a.size() != 2) throw Usage("data inspect takes one PATH");
+    std::fputs(dmat::inspect_data(a[1]).c_str(), stdout);
+    return 0;
+  }
+  if (sub != "prepare") throw Usage("unknown data command \"" + sub + "\" (prepare, inspect)");
+  dmat::PrepareOptions o;
+  for (size_t i = 1; i < a.size(); ++i) {
+    if (a[i] == "--out") o.out_dir = need_value(a, i);
+    else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
+    else if (a[i] == "--val-fraction") o.val_fraction = parse_double(a[i], need_value(a, i));
+    else if (a[i] == "--shard-tokens") o.shard_tokens = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--overwrite") o.overwrite = true;
+    else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+    else o.inputs.push_back(a[i]);
+  }
+  if (o.out_dir.empty()) throw Usage("data prepare needs --out DIR");
+  if (o.inputs.empty()) throw Usage("data prepare needs at least one input file or directory");
+  if (!(o.val_fraction >= 0 && o.val_fraction < 1)) throw Usage("--val-fraction must be in [0, 1)");
+  if (o.shard_tokens < 1) throw Usage("--shard-tokens must be >= 1");
+  auto r = dmat::prepare_data(o);
+  std::printf("prepared %s: %lld documents (%lld duplicates dropped), %lld train tokens, %lld validation tokens\n",
+              o.out_dir.c_str(), (long long)r.documents, (long long)r.duplicates, (long long)r.train_tokens,
+              (long long)r.val_tokens);
+  return 0;
+}
+
+int cmd_devices() {
+  const int n = dmat::cuda::device_count();
+  if (n == 0) std::puts("no CUDA devices visible");
+  for (int i = 0; i < n; ++i) std::printf("cuda:%d %s\n", i, dmat::cuda::device_summary(i).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  dmat::init_logging();
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kMainHelp, stdout);
+    return args.empty() ? 2 : 0;
+  }
+  const std::string cmd = args[0];
+  args.erase(args.begin());
+  try {
+    if (cmd == "train") return cmd_train(args);
+    if (cmd == "eval") return cmd_eval(args);
+    if (cmd == "info") return cmd_info(args);
+    if (cmd == "data") return cmd_data(args);
+    if (cmd == "devices") return cmd_devices();
+    throw Usage("unknown command \"" + cmd + "\"");
+  } catch (const Usage& e) {
+    std::fprintf(stderr, "dmatrain %s: %s (see dmatrain %s--help)\n", cmd.c_str(), e.what(),
+                 cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" ? (cmd + " ").c_str() : "");
+    return 2;
+  } catch (const std::exception& e) {
+    spdlog::shutdown();
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

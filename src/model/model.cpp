@@ -1,1 +1,263 @@
-// placeholder: being written
+#include "model/model.h"
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "ops/ops.h"
+
+namespace dmat {
+
+// One transformer block: pre-norm attention and pre-norm SwiGLU MLP, each with a (scaled) residual.
+struct Model::Block {
+  int64_t D, F;
+  double eps;
+  bool rscale;
+  std::unique_ptr<Attention> attn;
+  // parameters
+  int ln1 = -1, ln2 = -1, r1 = -1, r2 = -1, wg = -1, wu = -1, wd = -1;
+  // saved activations
+  int ln1_out = -1, rstd1 = -1, mid = -1, ln2_out = -1, rstd2 = -1, g = -1, u = -1, a = -1;
+  // scratch shared across blocks
+  int attn_out = -1, s1 = -1, s2 = -1, da = -1, dg = -1, du = -1;
+
+  explicit Block(const ModelConfig& c)
+      : D(c.d_model), F(c.ffn_dim), eps(c.norm_eps), rscale(c.residual_scale), attn(make_attention(c)) {}
+
+  void declare_params(ParamTable& t, const std::string& p, const ModelConfig& c) {
+    const double std = c.init_std, out_std = c.init_std / std::sqrt(2.0 * double(c.n_layers));
+    ln1 = t.add({p + "input_layernorm.weight", {D}, "norm", Init::Ones, 0, false});
+    attn->declare_params(t, p + "self_attn.");
+    if (rscale) r1 = t.add({p + "input_residual", {D}, "residual", Init::Ones, 0, false});
+    ln2 = t.add({p + "post_attention_layernorm.weight", {D}, "norm", Init::Ones, 0, false});
+    wg = t.add({p + "mlp.gate_proj.weight", {F, D}, "mlp", Init::Normal, std, true});
+    wu = t.add({p + "mlp.up_proj.weight", {F, D}, "mlp", Init::Normal, std, true});
+    wd = t.add({p + "mlp.down_proj.weight", {D, F}, "mlp", Init::Normal, out_std, true});
+    if (rscale) r2 = t.add({p + "post_attention_residual", {D}, "residual", Init::Ones, 0, false});
+  }
+
+  void declare_acts(TensorTable& t, const std::string& p, int64_t B, int64_t T) {
+    const int64_t N = B * T;
+    ln1_out = t.add(p + "ln1", {N, D});
+    rstd1 = t.add(p + "rstd1", {N});
+    attn->declare_acts(t, p + "attn.", B, T);
+    mid = t.add(p + "mid", {N, D});
+    ln2_out = t.add(p + "ln2", {N, D});
+    rstd2 = t.add(p + "rstd2", {N});
+    g = t.add(p + "g", {N, F});
+    u = t.add(p + "u", {N, F});
+    a = t.add(p + "a", {N, F});
+    attn_out = t.add_shared("scratch.block.attn_out", {N, D});  // consumed at once by the residual
+    s1 = t.add_shared("scratch.block.s1", {N, D});
+    s2 = t.add_shared("scratch.block.s2", {N, D});
+    da = t.add_shared("scratch.block.da", {N, F});
+    dg = t.add_shared("scratch.block.dg", {N, F});
+    du = t.add_shared("scratch.block.du", {N, F});
+  }
+
+  static Tensor P(const LayerCtx& c, int h) { return h < 0 ? Tensor{} : c.P(h); }
+  static Tensor G(const LayerCtx& c, int h) { return h < 0 ? Tensor{} : c.G(h); }
+
+  void forward(const LayerCtx& c, const Tensor& x, const Tensor& y) {
+    ops::rmsnorm_forward(c.A(ln1_out), c.A(rstd1), x, c.P(ln1), eps);
+    attn->forward(c, c.A(ln1_out), c.A(attn_out));
+    ops::residual_forward(c.A(mid), x, P(c, r1), c.A(attn_out));
+    ops::rmsnorm_forward(c.A(ln2_out), c.A(rstd2), c.A(mid), c.P(ln2), eps);
+    ops::linear_forward(c.A(g), c.A(ln2_out), c.P(wg));
+    ops::linear_forward(c.A(u), c.A(ln2_out), c.P(wu));
+    ops::swiglu_forward(c.A(a), c.A(g), c.A(u));
+    ops::linear_forward(y, c.A(a), c.P(wd));  // y holds the MLP output, then the residual adds in place
+    ops::residual_forward(y, c.A(mid), P(c, r2), y);
+  }
+
+  // dy: gradient of the block output (read only); dx: gradient of the block input (overwrite).
+  void backward(const LayerCtx& c, const Tensor& x, const Tensor& dy, const Tensor& dx) {
+    Tensor S1 = c.A(s1), S2 = c.A(s2);
+    // MLP half: y = r₂ ⊙ mid + down(silu(gate(ln2)) ⊙ up(ln2)). dx accumulates ∂/∂mid first.
+    ops::residual_backward(dx, G(c, r2), dy, c.A(mid), P(c, r2));
+    ops::linear_backward(c.A(da), c.G(wd), dy, c.A(a), c.P(wd), false);
+    ops::swiglu_backward(c.A(dg), c.A(du), c.A(da), c.A(g), c.A(u));
+    ops::linear_backward(S1, c.G(wg), c.A(dg), c.A(ln2_out), c.P(wg), false);
+    ops::linear_backward(S1, c.G(wu), c.A(du), c.A(ln2_out), c.P(wu), true);
+    ops::rmsnorm_backward(dx, c.G(ln2), S1, c.A(mid), c.P(ln2), c.A(rstd2), true);
+    // Attention half: mid = r₁ ⊙ x + attn(ln1(x)); ∂/∂attn_out = ∂/∂mid (now in dx).
+    attn->backward(c, c.A(ln1_out), dx, S1);
+    if (r1 >= 0) {
+      ops::copy(S2, dx);
+      ops::residual_backward(dx, c.G(r1), S2, x, c.P(r1));
+    }
+    ops::rmsnorm_backward(dx, c.G(ln1), S1, x, c.P(ln1), c.A(rstd1), true);
+  }
+};
+
+namespace {
+struct Layout {
+  ParamTable params;
+  std::vector<std::unique_ptr<Model::Block>> blocks;
+  int embed = -1, norm = -1, head = -1;
+};
+
+Layout build_layout(const ModelConfig& cfg) {
+  Layout L;
+  L.embed = L.params.add(
+      {"model.embed_tokens.weight", {cfg.vocab_size, cfg.d_model}, "embedding", Init::Normal, cfg.init_std, true});
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    L.blocks.push_back(std::make_unique<Model::Block>(cfg));
+    L.blocks.back()->declare_params(L.params, "model.layers." + std::to_string(l) + ".", cfg);
+  }
+  L.norm = L.params.add({"model.norm.weight", {cfg.d_model}, "norm", Init::Ones, 0, false});
+  if (!cfg.tie_embeddings)
+    L.head = L.params.add(
+        {"lm_head.weight", {cfg.vocab_size, cfg.d_model}, "head", Init::Normal, cfg.init_std, true});
+  return L;
+}
+}  // namespace
+
+Model::Model(const ModelConfig& cfg, NoAlloc) : cfg_(cfg), dtype_(DType::F32), device_(Device::CPU) {
+  Layout L = build_layout(cfg);
+  ptable_ = std::move(L.params);
+  blocks_ = std::move(L.blocks);
+  h_embed_ = L.embed;
+  h_norm_ = L.norm;
+  h_head_ = L.head;
+}
+
+Model::Model(const ModelConfig& cfg, DType dtype, Device device) : Model(cfg, NoAlloc{}) {
+  dtype_ = dtype;
+  device_ = device;
+  params_ = Arena(ptable_.table(), dtype, device);
+  grads_ = Arena(ptable_.table(), dtype, device);
+}
+
+Model::~Model() = default;
+
+ParamTable Model::declare_params(const ModelConfig& cfg) { return build_layout(cfg).params; }
+
+int64_t Model::activation_elements(const ModelConfig& cfg, int64_t B, int64_t T) {
+  Model m(cfg, NoAlloc{});
+  return m.act_table(B, T).total_elements();
+}
+
+int64_t Model::num_params() const {
+  int64_t n = 0;
+  for (const auto& p : ptable_.info()) n += p.shape.numel();
+  return n;
+}
+
+void Model::init_weights(uint64_t seed) {
+  const auto& info = ptable_.info();
+  for (size_t i = 0; i < info.size(); ++i) {
+    Tensor t = params_.get(int(i));
+    switch (info[i].init) {
+      case Init::Ones: ops::fill(t, 1.0); break;
+      case Init::Zeros: ops::fill(t, 0.0); break;
+      case Init::Normal: {
+        // Each tensor draws from its own stream: hash(seed, tensor index). Values are generated in
+        // double on the host and rounded once, so f32 and f64 models start from the same weights.
+        DMAT_CHECK(device_ == Device::CPU, "init on {}", device_name(device_));
+        Rng r(hash64(seed, 0x1417ull, i));
+        const int64_t n = t.numel();
+        if (dtype_ == DType::F32) {
+          float* p = t.as<float>();
+          for (int64_t j = 0; j < n; ++j) p[j] = float(info[i].std * r.normal());
+        } else {
+          double* p = t.as<double>();
+          for (int64_t j = 0; j < n; ++j) p[j] = info[i].std * r.normal();
+        }
+        break;
+      }
+    }
+  }
+}
+
+TensorTable Model::act_table(int64_t B, int64_t T) {
+  const int64_t N = B * T, D = cfg_.d_model, V = cfg_.vocab_size;
+  TensorTable t;
+  a_resid_.clear();
+  for (int64_t l = 0; l <= cfg_.n_layers; ++l) a_resid_.push_back(t.add("resid." + std::to_string(l), {N, D}));
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    blocks_[l]->declare_acts(t, "layers." + std::to_string(l) + ".", B, T);
+  a_lnf_ = t.add("final.ln", {N, D});
+  a_rstdf_ = t.add("final.rstd", {N});
+  a_logits_ = t.add("final.logits", {N, V});  // holds the logits' gradient after a training forward
+  a_loss_ = t.add("final.loss", {N});
+  s_dres_ = t.add("scratch.dresid.a", {N, D});
+  s_dres2_ = t.add("scratch.dresid.b", {N, D});
+  s_dln_ = t.add("scratch.dln_final", {N, D});
+  return t;
+}
+
+void Model::reserve(int64_t B, int64_t T) {
+  if (B == B_ && T == T_) return;
+  acts_ = Arena(act_table(B, T), dtype_, device_);
+  B_ = B;
+  T_ = T;
+}
+
+LayerCtx Model::ctx() const {
+  LayerCtx c;
+  c.params = &params_;
+  c.grads = &grads_;
+  c.acts = &acts_;
+  c.B = B_;
+  c.T = T_;
+  return c;
+}
+
+double Model::forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, double grad_scale,
+                      int64_t* n_valid) {
+  reserve(B, T);
+  const int64_t N = B * T;
+  inputs_.assign(inputs, inputs + N);
+  targets_.assign(targets, targets + N);
+  for (int64_t i = 0; i < N; ++i)
+    if (inputs_[i] < 0 || inputs_[i] >= cfg_.vocab_size)
+      fail("input token {} at position {} is outside the model's vocabulary [0, {})", inputs_[i], i,
+           cfg_.vocab_size);
+  LayerCtx c = ctx();
+  Tensor W_out = params_.get(h_head_ >= 0 ? h_head_ : h_embed_);
+
+  ops::embedding_forward(acts_.get(a_resid_[0]), params_.get(h_embed_), inputs_.data());
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    blocks_[l]->forward(c, acts_.get(a_resid_[l]), acts_.get(a_resid_[l + 1]));
+  ops::rmsnorm_forward(acts_.get(a_lnf_), acts_.get(a_rstdf_), acts_.get(a_resid_[cfg_.n_layers]),
+                       params_.get(h_norm_), cfg_.norm_eps);
+  Tensor logits = acts_.get(a_logits_);
+  ops::linear_forward(logits, acts_.get(a_lnf_), W_out);
+  have_grad_ = grad_scale > 0;
+  ops::softmax_xent(acts_.get(a_loss_), have_grad_ ? logits : Tensor{}, logits, targets_.data(), grad_scale);
+
+  // Sum in double, in order: the reported loss is reproducible bit for bit.
+  Tensor loss = acts_.get(a_loss_);
+  double sum = 0;
+  int64_t valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (targets_[i] < 0) continue;
+    sum += dtype_ == DType::F32 ? double(loss.as<float>()[i]) : loss.as<double>()[i];
+    ++valid;
+  }
+  if (n_valid) *n_valid = valid;
+  return sum;
+}
+
+void Model::backward() {
+  DMAT_CHECK(have_grad_, "backward() needs a forward() with grad_scale > 0");
+  have_grad_ = false;
+  LayerCtx c = ctx();
+  const int h_out = h_head_ >= 0 ? h_head_ : h_embed_;
+  Tensor dres = acts_.get(s_dres_), dres2 = acts_.get(s_dres2_), dln = acts_.get(s_dln_);
+  ops::linear_backward(dln, grads_.get(h_out), acts_.get(a_logits_), acts_.get(a_lnf_), params_.get(h_out), false);
+  ops::rmsnorm_backward(dres, grads_.get(h_norm_), dln, acts_.get(a_resid_[cfg_.n_layers]), params_.get(h_norm_),
+                        acts_.get(a_rstdf_), false);
+  for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
+    blocks_[l]->backward(c, acts_.get(a_resid_[l]), dres, dres2);
+    std::swap(dres, dres2);
+  }
+  ops::embedding_backward(grads_.get(h_embed_), dres, inputs_.data());
+}
+
+Tensor Model::logits() const {
+  DMAT_CHECK(a_logits_ >= 0 && !have_grad_, "logits() after a forward() with grad_scale == 0");
+  return acts_.get(a_logits_);
+}
+
+}  // namespace dmat

@@ -1,0 +1,58 @@
+// Ops on tensor views, dispatched once per call on (device, dtype): CPU tensors go to the
+// reference kernels in kernels/cpu (f32 or f64), CUDA tensors to kernels/cuda. Shapes are checked
+// here, so kernels can trust them. Semantics (overwrite vs +=) follow kernels/cpu/cpu_ops.h.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+#include "kernels/cpu/cpu_ops.h"
+
+namespace dmat::ops {
+
+using cpu::AttnShape;
+
+// y[M,N] = x[M,K] · W[N,K]ᵀ  (overwrite)
+void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W);
+// dx[M,K] = dy · W  (overwrite, or += when accumulate_dx);  dW[N,K] += dyᵀ · x
+void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const Tensor& x, const Tensor& W,
+                     bool accumulate_dx);
+
+void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* tokens);
+void embedding_backward(const Tensor& dtable, const Tensor& dout, const int32_t* tokens);
+
+// Rows are all leading dims; D is the last dim. w may be undefined (no gain).
+void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const Tensor& w, double eps);
+void rmsnorm_backward(const Tensor& dx, const Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd, bool accumulate_dx);
+
+// x, y: [B, T, H, Dh]
+void rope_forward(const Tensor& y, const Tensor& x, double theta);
+void rope_backward(const Tensor& dx, const Tensor& dy, double theta);
+
+void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const AttnShape& s);
+void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
+                        const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
+                        const Tensor& v, const AttnShape& s);
+
+void swiglu_forward(const Tensor& out, const Tensor& g, const Tensor& u);
+void swiglu_backward(const Tensor& dg, const Tensor& du, const Tensor& dout, const Tensor& g, const Tensor& u);
+
+// out = r ⊙ x + branch (r undefined: 1); dx = r ⊙ dout, dr += Σ_rows dout ⊙ x
+void residual_forward(const Tensor& out, const Tensor& x, const Tensor& r, const Tensor& branch);
+void residual_backward(const Tensor& dx, const Tensor& dr, const Tensor& dout, const Tensor& x, const Tensor& r);
+
+// loss[rows] overwrite; dlogits (may be undefined, may alias logits) = grad_scale · (softmax − onehot)
+void softmax_xent(const Tensor& loss, const Tensor& dlogits, const Tensor& logits, const int32_t* targets,
+                  double grad_scale);
+
+void fill(const Tensor& x, double value);
+void copy(const Tensor& dst, const Tensor& src);
+void add_inplace(const Tensor& y, const Tensor& x);
+void scale_inplace(const Tensor& x, double s);
+double sum_squares(const Tensor& x);
+
+void adamw_step(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double bc1, double bc2);
+
+}  // namespace dmat::ops

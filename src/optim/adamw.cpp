@@ -1,0 +1,34 @@
+#include "optim/adamw.h"
+
+#include <cmath>
+
+#include "ops/ops.h"
+
+namespace dmat {
+
+AdamW::AdamW(const Model& model, const TrainConfig& cfg)
+    : model_(model),
+      cfg_(cfg),
+      m_(model.declare_params(model.config()).table(), model.params().dtype(), model.params().device()),
+      v_(model.declare_params(model.config()).table(), model.params().dtype(), model.params().device()) {}
+
+double AdamW::grad_norm() const { return std::sqrt(ops::sum_squares(model_.grads().flat())); }
+
+double AdamW::clip() {
+  const double norm = grad_norm();
+  if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip) ops::scale_inplace(model_.grads().flat(), cfg_.grad_clip / (norm + 1e-6));
+  return norm;
+}
+
+void AdamW::step(double lr) {
+  ++t_;
+  const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t_)), bc2 = 1.0 - std::pow(cfg_.beta2, double(t_));
+  const auto& info = model_.param_info();
+  for (size_t i = 0; i < info.size(); ++i) {
+    const int h = int(i);
+    ops::adamw_step(model_.params().get(h), model_.grads().get(h), m_.get(h), v_.get(h), lr, cfg_.beta1, cfg_.beta2,
+                    cfg_.eps, info[i].decay ? cfg_.weight_decay : 0.0, bc1, bc2);
+  }
+}
+
+}  // namespace dmat

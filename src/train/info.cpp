@@ -1,0 +1,77 @@
+#include "train/info.h"
+
+#include <fmt/format.h>
+
+#include "model/attention.h"
+#include "model/model.h"
+
+namespace dmat {
+
+ModelCounts count_model(const ModelConfig& m, int64_t T) {
+  ModelCounts c;
+  ParamTable t = Model::declare_params(m);
+  for (const auto& p : t.info()) {
+    c.by_group[p.group] += p.shape.numel();
+    c.total += p.shape.numel();
+  }
+  const int64_t emb = c.by_group["embedding"], head = c.by_group.count("head") ? c.by_group["head"] : 0;
+  c.non_embedding = c.total - emb - head;
+  c.flops_per_token = 6.0 * double(c.total) + 6.0 * double(m.n_layers) * double(T) * double(m.d_model);
+  const double lm_head = double(m.vocab_size) * double(m.d_model);  // tied or not, the head is a matmul
+  c.matmul_flops_per_token = 6.0 * (double(c.non_embedding) + lm_head) +
+                             3.0 * double(m.n_layers) * make_attention(m)->core_flops_per_token(T);
+  return c;
+}
+
+MemoryEstimate estimate_memory(const Config& c) {
+  MemoryEstimate e;
+  const int64_t padded = Model::declare_params(c.model).table().total_elements();
+  e.params = padded * 4;
+  e.grads = padded * 4;
+  e.optimizer = 2 * padded * 4;
+  e.activations = Model::activation_elements(c.model, c.train.batch_size, c.train.seq_len) * 4;
+  return e;
+}
+
+static std::string human(double x) {
+  if (x >= 1e9) return fmt::format("{:.3f}B", x / 1e9);
+  if (x >= 1e6) return fmt::format("{:.3f}M", x / 1e6);
+  if (x >= 1e3) return fmt::format("{:.1f}K", x / 1e3);
+  return fmt::format("{:.0f}", x);
+}
+
+static std::string gib(int64_t b) { return fmt::format("{:.3f} GiB", double(b) / double(1ull << 30)); }
+
+std::string describe(const Config& c) {
+  const auto& m = c.model;
+  const ModelCounts k = count_model(m, c.train.seq_len);
+  std::string s;
+  s += fmt::format("model: d_model {}, {} layers, {} heads / {} kv heads, head_dim {}, ffn {}, vocab {}, {} "
+                   "embeddings, attention {}{}\n",
+                   m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim, m.vocab_size,
+                   m.tie_embeddings ? "tied" : "untied", m.attention.type,
+                   m.attention.window > 0 ? fmt::format(" (window {})", m.attention.window) : "");
+  s += "parameters:\n";
+  for (const auto& [g, n] : k.by_group) s += fmt::format("  {:<12} {:>14} ({})\n", g, n, human(double(n)));
+  s += fmt::format("  {:<12} {:>14} ({})\n", "total", k.total, human(double(k.total)));
+  s += fmt::format("  {:<12} {:>14} ({})  [total minus token embedding and untied LM head]\n", "non-embedding",
+                   k.non_embedding, human(double(k.non_embedding)));
+  s += fmt::format("FLOPs per token at T={}:\n", c.train.seq_len);
+  s += fmt::format("  {:.6g}  MFU convention (DESIGN.md): 6·N + 6·L·T·d = 6·{} + 6·{}·{}·{}\n", k.flops_per_token,
+                   k.total, m.n_layers, c.train.seq_len, m.d_model);
+  s += fmt::format("  {:.6g}  executed matmuls, forward + backward (6·(N_non-emb + V·d) + 3·attention core)\n",
+                   k.matmul_flops_per_token);
+  const double tokens = double(c.train.steps) * double(c.train.batch_size * c.train.grad_accum * c.train.seq_len);
+  s += fmt::format("training: {} steps × {} tokens/step (1 rank) = {} tokens, {:.3g} FLOPs (MFU convention), {:.1f} "
+                   "tokens per parameter\n",
+                   c.train.steps, c.train.batch_size * c.train.grad_accum * c.train.seq_len, human(tokens),
+                   tokens * k.flops_per_token, tokens / double(k.total));
+  const MemoryEstimate e = estimate_memory(c);
+  s += fmt::format("memory estimate (CPU fp32 backend, micro-batch {}×{}): params {}, grads {}, AdamW {}, "
+                   "activations {}, total {}\n",
+                   c.train.batch_size, c.train.seq_len, gib(e.params), gib(e.grads), gib(e.optimizer),
+                   gib(e.activations), gib(e.total()));
+  return s;
+}
+
+}  // namespace dmat

@@ -1,0 +1,38 @@
+// The training loop: data → forward → loss → backward → clip → AdamW → schedule, with periodic
+// validation, log lines, metrics.jsonl rows and atomic checkpoints (README "Training").
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "config/config.h"
+#include "data/loader.h"
+#include "model/model.h"
+
+namespace dmat {
+
+struct TrainOptions {
+  bool resume = false;  // continue from the newest complete checkpoint of the run directory
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  double final_loss = 0, val_loss = 0, val_ppl = 0;
+  std::string run_dir;
+};
+
+TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+struct EvalResult {
+  double loss = 0, ppl = 0;
+  int64_t tokens = 0;
+};
+// Mean loss over the first `batches` micro-batches (0: all full batches) of a sequential loader.
+EvalResult evaluate(Model& m, const TokenLoader& val, int64_t batch_size, int64_t batches);
+
+// `dmatrain eval RUN_DIR`: the newest checkpoint's validation loss on the run's validation set.
+EvalResult evaluate_run(const std::string& run_dir, int64_t batches);
+
+// Sets the number of CPU threads (0: all cores) and returns it.
+int set_cpu_threads(int64_t n);
+
+}  // namespace dmat
