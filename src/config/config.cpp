@@ -1,1 +1,602 @@
-// placeholder: being written
+// Config loading: includes, --set overrides, a schema table per section, strict validation.
+//
+// The schema lives in one place per section (the k*Fields tables below): reading, writing
+// (to_json), the list of known keys and the "did you mean" hint all come from those tables.
+// Range checks and derived defaults follow in validate_*(), one line per documented rule.
+#include "config/config.h"
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <string_view>
+#include <variant>
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+
+namespace dmat {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+// ---- attention variants: add a variant here (one line) once its layer exists ---------------
+struct AttentionKind {
+  const char* name;
+  bool needs_window;  // true: window > 0 required; false: window must be 0 / absent
+};
+constexpr std::array kAttentionKinds = {
+    AttentionKind{"mha", false},
+    AttentionKind{"swa", true},
+};
+constexpr const char* kAttentionPlanned = "dma, mla, nsa";
+
+constexpr std::array kSchedules = {"constant", "cosine", "wsd"};
+constexpr std::array kDevices = {"auto", "cpu", "cuda"};
+
+// Top-level keys besides the four sections. "comment" (any JSON value) is ignored: it lets a
+// config file document itself, since JSON has no comments.
+constexpr const char* kCommentKey = "comment";
+constexpr const char* kIncludeKey = "include";
+
+// ---- schema tables ---------------------------------------------------------------------------
+template <class S>
+using Member = std::variant<int64_t S::*, uint64_t S::*, double S::*, bool S::*, std::string S::*>;
+
+template <class S>
+struct Field {
+  const char* key;
+  Member<S> member;
+};
+
+const std::vector<Field<AttentionConfig>> kAttentionFields = {
+    {"type", &AttentionConfig::type},
+    {"window", &AttentionConfig::window},
+};
+
+const std::vector<Field<ModelConfig>> kModelFields = {
+    {"vocab_size", &ModelConfig::vocab_size},
+    {"d_model", &ModelConfig::d_model},
+    {"n_layers", &ModelConfig::n_layers},
+    {"n_heads", &ModelConfig::n_heads},
+    {"n_kv_heads", &ModelConfig::n_kv_heads},
+    {"head_dim", &ModelConfig::head_dim},
+    {"ffn_dim", &ModelConfig::ffn_dim},
+    {"tie_embeddings", &ModelConfig::tie_embeddings},
+    {"rope_theta", &ModelConfig::rope_theta},
+    {"qk_norm", &ModelConfig::qk_norm},
+    {"residual_scale", &ModelConfig::residual_scale},
+    {"norm_eps", &ModelConfig::norm_eps},
+    {"init_std", &ModelConfig::init_std},
+};
+constexpr const char* kModelAttentionKey = "attention";  // nested section of model
+
+const std::vector<Field<TrainConfig>> kTrainFields = {
+    {"steps", &TrainConfig::steps},
+    {"seed", &TrainConfig::seed},
+    {"batch_size", &TrainConfig::batch_size},
+    {"seq_len", &TrainConfig::seq_len},
+    {"grad_accum", &TrainConfig::grad_accum},
+    {"lr", &TrainConfig::lr},
+    {"schedule", &TrainConfig::schedule},
+    {"warmup_frac", &TrainConfig::warmup_frac},
+    {"decay_frac", &TrainConfig::decay_frac},
+    {"final_lr_ratio", &TrainConfig::final_lr_ratio},
+    {"weight_decay", &TrainConfig::weight_decay},
+    {"beta1", &TrainConfig::beta1},
+    {"beta2", &TrainConfig::beta2},
+    {"eps", &TrainConfig::eps},
+    {"grad_clip", &TrainConfig::grad_clip},
+    {"eval_interval", &TrainConfig::eval_interval},
+    {"eval_batches", &TrainConfig::eval_batches},
+    {"checkpoint_interval", &TrainConfig::checkpoint_interval},
+};
+
+const std::vector<Field<DataConfig>> kDataFields = {
+    {"train", &DataConfig::train},
+    {"val", &DataConfig::val},
+};
+
+const std::vector<Field<RunConfig>> kRunFields = {
+    {"name", &RunConfig::name},
+    {"dir", &RunConfig::dir},
+    {"device", &RunConfig::device},
+    {"threads", &RunConfig::threads},
+    {"log_interval", &RunConfig::log_interval},
+    {"keep_checkpoints", &RunConfig::keep_checkpoints},
+};
+
+// ---- small helpers ---------------------------------------------------------------------------
+// A JSON value as shown in messages: compact, cut short when long.
+std::string show(const json& v) {
+  std::string s = v.dump();
+  if (s.size() > 80) s = s.substr(0, 77) + "...";
+  return s;
+}
+
+std::string join_path(const std::string& path, const std::string& key) {
+  return path.empty() ? key : path + "." + key;
+}
+
+template <class Range>
+std::string join(const Range& items, const char* sep = ", ") {
+  std::string out;
+  for (const auto& it : items) {
+    if (!out.empty()) out += sep;
+    out += it;
+  }
+  return out;
+}
+
+template <class Range>
+bool contains(const Range& items, const std::string& s) {
+  return std::any_of(std::begin(items), std::end(items), [&](const auto& x) { return s == x; });
+}
+
+const char* type_name(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return "a boolean";
+    case json::value_t::string: return "a string";
+    case json::value_t::array: return "an array";
+    case json::value_t::object: return "an object";
+    case json::value_t::number_float: return "a number";
+    default: return "an integer";
+  }
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t sub = prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+[[noreturn]] void unknown_key(const std::string& section, const std::string& key,
+                              const std::vector<std::string>& known) {
+  std::string hint;
+  size_t best = std::numeric_limits<size_t>::max();
+  for (const auto& k : known) {
+    size_t d = edit_distance(key, k);
+    if (d < best && d <= 2 && d < k.size() / 2 + 1) {
+      best = d;
+      hint = fmt::format("; did you mean {}?", join_path(section, k));
+    }
+  }
+  fail("config: unknown key {} (known keys in {}: {}){}", join_path(section, key),
+       section.empty() ? "the top level" : section, join(known), hint);
+}
+
+// Object check plus unknown-key check for one section.
+void check_section(const json& j, const std::string& path, const std::vector<std::string>& known) {
+  if (!j.is_object())
+    fail("config: {} must be an object (got {})", path.empty() ? "the config" : path, show(j));
+  for (const auto& [key, value] : j.items())
+    if (!contains(known, key)) unknown_key(path, key, known);
+}
+
+// ---- typed reads: strict JSON types, integers may be written as integral floats --------------
+int64_t read_int(const json& v, const std::string& path) {
+  if (v.is_number_integer() && !v.is_number_unsigned()) return v.get<int64_t>();
+  if (v.is_number_unsigned()) {
+    uint64_t u = v.get<uint64_t>();
+    if (u <= uint64_t(std::numeric_limits<int64_t>::max())) return int64_t(u);
+    fail("config: {} is out of the integer range (got {})", path, show(v));
+  }
+  if (v.is_number_float()) {
+    double d = v.get<double>();
+    // 2^63 is exactly representable; anything >= it (or < -2^63) does not fit in int64.
+    if (std::isfinite(d) && d == std::trunc(d) && d >= -9223372036854775808.0 &&
+        d < 9223372036854775808.0)
+      return int64_t(d);
+  }
+  fail("config: {} must be an integer (got {})", path, show(v));
+}
+
+uint64_t read_uint(const json& v, const std::string& path) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>();
+  if (v.is_number_integer() && v.get<int64_t>() >= 0) return uint64_t(v.get<int64_t>());
+  if (v.is_number_float()) {
+    double d = v.get<double>();
+    if (std::isfinite(d) && d == std::trunc(d) && d >= 0 && d < 18446744073709551616.0)
+      return uint64_t(d);
+  }
+  fail("config: {} must be a non-negative integer (got {})", path, show(v));
+}
+
+double read_double(const json& v, const std::string& path) {
+  if (v.is_number()) return v.get<double>();
+  fail("config: {} must be a number (got {})", path, show(v));
+}
+
+bool read_bool(const json& v, const std::string& path) {
+  if (v.is_boolean()) return v.get<bool>();
+  fail("config: {} must be true or false (got {})", path, show(v));
+}
+
+std::string read_string(const json& v, const std::string& path) {
+  if (v.is_string()) return v.get<std::string>();
+  fail("config: {} must be a string (got {})", path, show(v));
+}
+
+template <class S>
+std::vector<std::string> field_keys(const std::vector<Field<S>>& fields) {
+  std::vector<std::string> keys;
+  for (const auto& f : fields) keys.push_back(f.key);
+  return keys;
+}
+
+// Reads the fields present in `j` into `out`; absent keys keep the struct's defaults.
+template <class S>
+void read_fields(const json& j, const std::string& path, const std::vector<Field<S>>& fields,
+                 S& out) {
+  for (const auto& f : fields) {
+    auto it = j.find(f.key);
+    if (it == j.end()) continue;
+    const std::string p = join_path(path, f.key);
+    std::visit(
+        [&](auto m) {
+          using T = std::remove_reference_t<decltype(out.*m)>;
+          if constexpr (std::is_same_v<T, int64_t>) out.*m = read_int(*it, p);
+          else if constexpr (std::is_same_v<T, uint64_t>) out.*m = read_uint(*it, p);
+          else if constexpr (std::is_same_v<T, double>) out.*m = read_double(*it, p);
+          else if constexpr (std::is_same_v<T, bool>) out.*m = read_bool(*it, p);
+          else out.*m = read_string(*it, p);
+        },
+        f.member);
+  }
+}
+
+template <class S>
+json write_fields(const std::vector<Field<S>>& fields, const S& s) {
+  json j = json::object();
+  for (const auto& f : fields) std::visit([&](auto m) { j[f.key] = s.*m; }, f.member);
+  return j;
+}
+
+// ---- range checks ----------------------------------------------------------------------------
+template <class T>
+void require(bool ok, const std::string& path, const T& value, std::string_view allowed) {
+  if (!ok) fail("config: {} must be {} (got {})", path, allowed, show(json(value)));
+}
+
+void require_choice(const std::string& value, const std::string& path,
+                    const std::vector<std::string>& choices, const std::string& note = "") {
+  if (!contains(choices, value))
+    fail("config: {} must be one of {} (got {}{})", path, join(choices), show(json(value)), note);
+}
+
+std::vector<std::string> attention_names() {
+  std::vector<std::string> v;
+  for (const auto& k : kAttentionKinds) v.push_back(k.name);
+  return v;
+}
+
+void validate_model(ModelConfig& m) {
+  require(m.vocab_size >= 2, "model.vocab_size", m.vocab_size, ">= 2");
+  require(m.d_model >= 1, "model.d_model", m.d_model, ">= 1");
+  require(m.n_layers >= 1, "model.n_layers", m.n_layers, ">= 1");
+  require(m.n_heads >= 1, "model.n_heads", m.n_heads, ">= 1");
+  require(m.n_kv_heads >= 0, "model.n_kv_heads", m.n_kv_heads, ">= 0 (0: = n_heads)");
+  require(m.head_dim >= 0, "model.head_dim", m.head_dim, ">= 0 (0: = d_model / n_heads)");
+  require(m.ffn_dim >= 0, "model.ffn_dim", m.ffn_dim, ">= 0 (0: = 8/3 d_model rounded up to 64)");
+  // Guards the 8 * d_model below against overflow; far above any real model.
+  require(m.d_model <= (int64_t(1) << 40), "model.d_model", m.d_model, "<= 2^40");
+
+  if (m.n_kv_heads == 0) m.n_kv_heads = m.n_heads;
+  if (m.n_heads % m.n_kv_heads != 0)
+    fail("config: model.n_kv_heads must divide model.n_heads = {} (got {})", m.n_heads,
+         m.n_kv_heads);
+  if (m.head_dim == 0) {
+    if (m.d_model % m.n_heads != 0)
+      fail("config: model.head_dim is 0 (derive as d_model / n_heads) but model.d_model = {} is "
+           "not divisible by model.n_heads = {}; set model.head_dim explicitly",
+           m.d_model, m.n_heads);
+    m.head_dim = m.d_model / m.n_heads;
+  }
+  require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "even (RoPE rotates pairs)");
+  if (m.ffn_dim == 0) {
+    int64_t x = (8 * m.d_model + 2) / 3;  // ceil(8/3 d_model)
+    m.ffn_dim = (x + 63) / 64 * 64;
+  }
+  require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "> 0");
+  require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0");
+  require(m.init_std > 0, "model.init_std", m.init_std, "> 0");
+
+  auto& a = m.attention;
+  auto kind = std::find_if(kAttentionKinds.begin(), kAttentionKinds.end(),
+                           [&](const AttentionKind& k) { return a.type == k.name; });
+  if (kind == kAttentionKinds.end())
+    require_choice(a.type, "model.attention.type", attention_names(),
+                   fmt::format("; {} are planned but not implemented yet", kAttentionPlanned));
+  if (kind->needs_window)
+    require(a.window > 0, "model.attention.window", a.window,
+            fmt::format("> 0 for attention type {} (keys i-window+1 ... i)", a.type));
+  else
+    require(a.window == 0, "model.attention.window", a.window,
+            fmt::format("0 or absent for attention type {} (it has no window)", a.type));
+}
+
+void validate_train(const TrainConfig& t) {
+  require(t.steps >= 1, "train.steps", t.steps, ">= 1");
+  require(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1");
+  require(t.seq_len >= 1, "train.seq_len", t.seq_len, ">= 1");
+  require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1");
+  require(t.lr > 0, "train.lr", t.lr, "> 0");
+  require_choice(t.schedule, "train.schedule", {kSchedules.begin(), kSchedules.end()});
+  require(t.warmup_frac >= 0 && t.warmup_frac < 1, "train.warmup_frac", t.warmup_frac,
+          "in [0, 1)");
+  require(t.decay_frac > 0 && t.decay_frac <= 1, "train.decay_frac", t.decay_frac, "in (0, 1]");
+  if (t.schedule == "wsd" && t.warmup_frac + t.decay_frac > 1)
+    fail("config: train.warmup_frac + train.decay_frac must be <= 1 for schedule wsd (got {} + {})",
+         show(json(t.warmup_frac)), show(json(t.decay_frac)));
+  require(t.final_lr_ratio >= 0 && t.final_lr_ratio <= 1, "train.final_lr_ratio", t.final_lr_ratio,
+          "in [0, 1]");
+  require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0");
+  require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", t.beta1, "in [0, 1)");
+  require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", t.beta2, "in [0, 1)");
+  require(t.eps > 0, "train.eps", t.eps, "> 0");
+  require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 disables clipping)");
+  require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, ">= 0 (0: only at the end)");
+  require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0 (0: the whole set)");
+  require(t.checkpoint_interval >= 0, "train.checkpoint_interval", t.checkpoint_interval,
+          ">= 0 (0: only at the end)");
+}
+
+void validate_data(const json& j, const DataConfig& d) {
+  for (const char* key : {"train", "val"}) {
+    if (!j.contains(key))
+      fail("config: data.{} is required (a token shard set: directory, glob or file)", key);
+  }
+  require(!d.train.empty(), "data.train", d.train, "a non-empty path");
+  require(!d.val.empty(), "data.val", d.val, "a non-empty path");
+}
+
+void validate_run(RunConfig& r) {
+  bool name_ok = !r.name.empty() && r.name != "." && r.name != ".." &&
+                 std::all_of(r.name.begin(), r.name.end(), [](char ch) {
+                   return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                          (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-';
+                 });
+  require(name_ok, "run.name", r.name,
+          "a non-empty name of letters, digits, '.', '_' and '-' (it names the run directory)");
+  require_choice(r.device, "run.device", {kDevices.begin(), kDevices.end()});
+  require(r.threads >= 0, "run.threads", r.threads, ">= 0 (0: all cores)");
+  require(r.log_interval >= 1, "run.log_interval", r.log_interval, ">= 1");
+  require(r.keep_checkpoints >= 0, "run.keep_checkpoints", r.keep_checkpoints, ">= 0 (0 keeps all)");
+  if (r.dir.empty()) r.dir = "runs/" + r.name;
+}
+
+// ---- includes --------------------------------------------------------------------------------
+// Recursive merge: objects merge key by key, anything else in `over` replaces `base`.
+void merge_into(json& base, const json& over) {
+  if (!base.is_object() || !over.is_object()) {
+    base = over;
+    return;
+  }
+  for (const auto& [key, value] : over.items()) {
+    auto it = base.find(key);
+    if (it != base.end() && it->is_object() && value.is_object())
+      merge_into(*it, value);
+    else
+      base[key] = value;
+  }
+}
+
+std::string show_chain(const std::vector<std::string>& chain, const std::string& last = "") {
+  std::vector<std::string> all = chain;
+  if (!last.empty()) all.push_back(last);
+  return join(all, " -> ");
+}
+
+json read_json_file(const fs::path& path, const std::vector<std::string>& chain) {
+  std::string where = chain.empty() ? "" : fmt::format(" (included via {})", show_chain(chain));
+  std::error_code ec;
+  if (!fs::exists(path, ec))
+    fail("config: config file {} does not exist{}", path.string(), where);
+  if (!fs::is_regular_file(path, ec))
+    fail("config: config file {} is not a regular file{}", path.string(), where);
+  std::ifstream in(path);
+  if (!in) fail("config: cannot open config file {}: {}{}", path.string(), std::strerror(errno), where);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return json::parse(ss.str());
+  } catch (const json::parse_error& e) {
+    fail("config: cannot parse {}: {}{}", path.string(), e.what(), where);
+  }
+}
+
+json resolve_includes(json j, const fs::path& dir, std::vector<std::string>& chain,
+                      std::vector<fs::path>& canon_chain);
+
+json load_with_includes(const fs::path& path, std::vector<std::string>& chain,
+                        std::vector<fs::path>& canon_chain) {
+  std::error_code ec;
+  fs::path canon = fs::weakly_canonical(path, ec);
+  if (ec) canon = path.lexically_normal();
+  if (std::find(canon_chain.begin(), canon_chain.end(), canon) != canon_chain.end())
+    fail("config: include cycle: {}", show_chain(chain, path.lexically_normal().string()));
+  json j = read_json_file(path, chain);
+  if (!j.is_object())
+    fail("config: {} must hold a JSON object (got {})", path.string(), type_name(j));
+  chain.push_back(path.lexically_normal().string());
+  canon_chain.push_back(canon);
+  json out = resolve_includes(std::move(j), path.parent_path(), chain, canon_chain);
+  chain.pop_back();
+  canon_chain.pop_back();
+  return out;
+}
+
+// Replaces j's "include" by the included files' contents, j's own keys winning; later includes
+// in an array win over earlier ones.
+json resolve_includes(json j, const fs::path& dir, std::vector<std::string>& chain,
+                      std::vector<fs::path>& canon_chain) {
+  if (!j.is_object() || !j.contains(kIncludeKey)) return j;
+  const json inc = j[kIncludeKey];
+  j.erase(kIncludeKey);
+  std::vector<std::string> files;
+  auto bad = [&] {
+    fail("config: include must be a file name or an array of file names (got {}){}", show(inc),
+         chain.empty() ? "" : " in " + chain.back());
+  };
+  if (inc.is_string()) {
+    files.push_back(inc.get<std::string>());
+  } else if (inc.is_array()) {
+    for (const auto& e : inc) {
+      if (!e.is_string()) bad();
+      files.push_back(e.get<std::string>());
+    }
+  } else {
+    bad();
+  }
+  json merged = json::object();
+  for (const auto& f : files) {
+    if (f.empty()) bad();
+    fs::path p = fs::path(f).is_absolute() ? fs::path(f) : dir / f;
+    merge_into(merged, load_with_includes(p, chain, canon_chain));
+  }
+  merge_into(merged, j);
+  return merged;
+}
+
+// ---- --set overrides -------------------------------------------------------------------------
+void apply_override(json& root, const std::string& spec, const json& defaults) {
+  auto eq = spec.find('=');
+  if (eq == std::string::npos || eq == 0)
+    fail("config: override '{}' must look like key.path=value (e.g. train.lr=3e-4)", spec);
+  const std::string key = spec.substr(0, eq);
+  const std::string text = spec.substr(eq + 1);
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    size_t dot = key.find('.', start);
+    parts.push_back(key.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  for (const auto& p : parts)
+    if (p.empty()) fail("config: override '{}' has an empty part in key path '{}'", spec, key);
+
+  // The value: JSON when it parses, else the plain text. A string-typed key always takes the
+  // text itself (so --set run.name=123 gives the name "123"), unless it is a quoted JSON string.
+  const json* def = &defaults;
+  for (const auto& p : parts) {
+    if (def && def->is_object() && def->contains(p)) def = &(*def)[p];
+    else def = nullptr;
+  }
+  json value;
+  try {
+    value = json::parse(text);
+  } catch (const json::parse_error&) {
+    value = text;
+  }
+  if (def && def->is_string() && !value.is_string()) value = text;
+
+  json* node = &root;
+  std::string path;
+  for (size_t i = 0; i + 1 < parts.size(); ++i) {
+    path = join_path(path, parts[i]);
+    json& next = (*node)[parts[i]];
+    if (next.is_null()) next = json::object();
+    if (!next.is_object())
+      fail("config: override '{}': {} is not an object (got {})", spec, path, show(next));
+    node = &next;
+  }
+  (*node)[parts.back()] = std::move(value);
+}
+
+// ---- the whole config ------------------------------------------------------------------------
+Config build(const json& j) {
+  check_section(j, "", {"model", "train", "data", "run", kIncludeKey, kCommentKey});
+  // Includes are resolved before overrides, so one can only appear here through --set.
+  if (j.contains(kIncludeKey))
+    fail("config: include cannot be set with --set (got {}); put it in the config file",
+         show(j[kIncludeKey]));
+  Config c;
+  const json empty = json::object();
+  auto section = [&](const char* name) -> const json& {
+    auto it = j.find(name);
+    return it == j.end() ? empty : *it;
+  };
+
+  const json& jm = section("model");
+  auto model_keys = field_keys(kModelFields);
+  model_keys.push_back(kModelAttentionKey);
+  check_section(jm, "model", model_keys);
+  read_fields(jm, "model", kModelFields, c.model);
+  if (auto it = jm.find(kModelAttentionKey); it != jm.end()) {
+    check_section(*it, "model.attention", field_keys(kAttentionFields));
+    read_fields(*it, "model.attention", kAttentionFields, c.model.attention);
+  }
+
+  const json& jt = section("train");
+  check_section(jt, "train", field_keys(kTrainFields));
+  read_fields(jt, "train", kTrainFields, c.train);
+
+  if (!j.contains("data"))
+    fail("config: data is required: an object with data.train and data.val (token shard sets)");
+  const json& jd = section("data");
+  check_section(jd, "data", field_keys(kDataFields));
+  read_fields(jd, "data", kDataFields, c.data);
+
+  const json& jr = section("run");
+  check_section(jr, "run", field_keys(kRunFields));
+  read_fields(jr, "run", kRunFields, c.run);
+
+  validate_model(c.model);
+  validate_train(c.train);
+  validate_data(jd, c.data);
+  validate_run(c.run);
+  c.resolved = to_json(c);
+  return c;
+}
+
+Config finish(json j, const std::vector<std::string>& overrides) {
+  const json defaults = to_json(Config{});
+  for (const auto& o : overrides) apply_override(j, o, defaults);
+  return build(j);
+}
+
+}  // namespace
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::vector<std::string> chain;
+  std::vector<fs::path> canon_chain;
+  json j = load_with_includes(fs::path(path), chain, canon_chain);
+  return finish(std::move(j), overrides);
+}
+
+Config parse_config(const json& j, const std::string& base_dir,
+                    const std::vector<std::string>& overrides) {
+  if (!j.is_object()) fail("config: the config must be a JSON object (got {})", show(j));
+  std::vector<std::string> chain;
+  std::vector<fs::path> canon_chain;
+  json r = resolve_includes(j, fs::path(base_dir), chain, canon_chain);
+  return finish(std::move(r), overrides);
+}
+
+json to_json(const Config& c) {
+  json j = json::object();
+  j["model"] = write_fields(kModelFields, c.model);
+  j["model"][kModelAttentionKey] = write_fields(kAttentionFields, c.model.attention);
+  j["train"] = write_fields(kTrainFields, c.train);
+  j["data"] = write_fields(kDataFields, c.data);
+  j["run"] = write_fields(kRunFields, c.run);
+  return j;
+}
+
+}  // namespace dmat
