@@ -1,10 +1,15 @@
 // Run configuration: JSON read into typed, validated structs (README "Config reference").
 //
 // A config has four sections, `model`, `train`, `data`, `run`, plus an optional top-level
-// "include": "base.json" (a path relative to the including file; objects merge recursively, the
-// including file wins; includes may nest, cycles are an error). Every key is checked: unknown keys,
-// wrong JSON types and out-of-range values throw dmat::Error with the key path, the value, and what
-// is allowed, e.g. `config: model.attention.window must be > 0 (got -3)`.
+// "include": "base.json" or ["a.json", "b.json"] (paths relative to the including file; objects
+// merge recursively, later includes win over earlier ones and the including file wins over all;
+// includes may nest, cycles and missing files are errors naming the include chain), and an optional
+// top-level "comment" (any JSON value, ignored: JSON has no comments). Every key is checked: unknown
+// keys, wrong JSON types and out-of-range values throw dmat::Error with the key path, the value, and
+// what is allowed, e.g. `config: model.attention.window must be > 0 (got -3)`. Integers may be
+// written 100.0 (integral floats only); booleans must be true/false. data.train and data.val are
+// required; everything else has the defaults below. The attention types accepted are listed once,
+// in config.cpp (kAttentionKinds).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -79,8 +84,9 @@ struct Config {
   nlohmann::json resolved;         // the resolved config (defaults filled in), as saved in the run dir
 };
 
-// Loads a file (following includes), applies `--set a.b=value` overrides (value parsed as JSON,
-// falling back to a string), validates, and fills derived defaults.
+// Loads a file (following includes), applies `--set a.b=value` overrides in order (value parsed as
+// JSON, falling back to the plain text; a string-typed key always takes the text, so
+// run.name=123 names the run "123"), validates, and fills derived defaults.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 // Same, from an already-parsed JSON object (includes resolved relative to base_dir).
 Config parse_config(const nlohmann::json& j, const std::string& base_dir = ".",
