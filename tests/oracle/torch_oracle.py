@@ -1,0 +1,321 @@
+#!/usr/bin/python3
+"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible).
+
+Written from the model's definition (not from the C++ code): builds the model in float64 from
+DIR/model.safetensors, runs it on DIR/batch.safetensors, and compares logits, loss and every
+parameter gradient with DIR/ours.safetensors.
+
+    /usr/bin/python3 tests/oracle/torch_oracle.py DIR [--tol 1e-5]
+
+DIR: config.json (resolved dmatrain config; its `model` section is used), model.safetensors (F32
+weights), batch.safetensors (`inputs`, `targets` I32 [B,T]; target < 0 ignored), ours.safetensors
+(`logits` F32 [B,T,V], `loss` F32 [1], `grad.<param>` F32 for every parameter).
+Per compared tensor one JSON line {"name", "rel", "ok"} with rel = ||ours - ref|| / max(||ref||, 1e-30);
+then a summary line. Exit 0: all pass; 1: a mismatch, a missing or an extra tensor; 2: bad input.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import safetensors_np  # noqa: E402
+
+
+class BadInput(Exception):
+    pass
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+def resolve_model_config(m):
+    """The `model` section with defaults resolved (0 means 'derived', as dmatrain's config documents)."""
+    def get(key, kind, default=None):
+        if key not in m:
+            if default is None:
+                raise BadInput(f"config.json: model.{key} missing")
+            return default
+        v = m[key]
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise BadInput(f"config.json: model.{key} must be true/false (got {v!r})")
+            return v
+        if kind is int:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                raise BadInput(f"config.json: model.{key} must be an integer (got {v!r})")
+            return int(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadInput(f"config.json: model.{key} must be a number (got {v!r})")
+        return float(v)
+
+    c = {
+        "V": get("vocab_size", int), "D": get("d_model", int), "L": get("n_layers", int),
+        "H": get("n_heads", int), "Hkv": get("n_kv_heads", int, 0), "Dh": get("head_dim", int, 0),
+        "F": get("ffn_dim", int, 0), "tie": get("tie_embeddings", bool, False),
+        "theta": get("rope_theta", float, 10000.0), "qk_norm": get("qk_norm", bool, False),
+        "residual_scale": get("residual_scale", bool, False), "eps": get("norm_eps", float, 1e-6),
+    }
+    if c["Hkv"] == 0:
+        c["Hkv"] = c["H"]
+    if c["Dh"] == 0:
+        if c["H"] <= 0 or c["D"] % c["H"]:
+            raise BadInput(f"config.json: model.head_dim is 0 and d_model {c['D']} is not a multiple of n_heads {c['H']}")
+        c["Dh"] = c["D"] // c["H"]
+    if c["F"] == 0:  # 8/3 * d_model rounded up to a multiple of 64
+        c["F"] = -(-8 * c["D"] // (3 * 64)) * 64
+    for k in ("V", "D", "H", "Hkv", "Dh", "F"):
+        if c[k] <= 0:
+            raise BadInput(f"config.json: resolved {k} = {c[k]} must be > 0")
+    if c["L"] < 0:
+        raise BadInput(f"config.json: model.n_layers must be >= 0 (got {c['L']})")
+    if c["H"] % c["Hkv"]:
+        raise BadInput(f"config.json: n_kv_heads {c['Hkv']} must divide n_heads {c['H']}")
+    if c["Dh"] % 2:
+        raise BadInput(f"config.json: head_dim {c['Dh']} must be even (RoPE)")
+    att = m.get("attention", {"type": "mha"})
+    if not isinstance(att, dict):
+        raise BadInput("config.json: model.attention must be an object")
+    c["att"] = att.get("type", "mha")
+    c["window"] = 0
+    if c["att"] == "swa":
+        w = att.get("window")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w != int(w) or w <= 0:
+            raise BadInput(f"config.json: swa needs model.attention.window > 0 (got {w!r})")
+        c["window"] = int(w)
+    elif c["att"] != "mha":
+        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa)")
+    return c
+
+
+def param_shapes(c):
+    """Every parameter of the model: name -> shape, in a fixed order."""
+    D, H, Hkv, Dh, F = c["D"], c["H"], c["Hkv"], c["Dh"], c["F"]
+    s = {"model.embed_tokens.weight": (c["V"], D)}
+    for i in range(c["L"]):
+        p = f"model.layers.{i}."
+        s[p + "input_layernorm.weight"] = (D,)
+        s[p + "self_attn.q_proj.weight"] = (H * Dh, D)
+        s[p + "self_attn.k_proj.weight"] = (Hkv * Dh, D)
+        s[p + "self_attn.v_proj.weight"] = (Hkv * Dh, D)
+        if c["qk_norm"]:
+            s[p + "self_attn.q_norm.weight"] = (Dh,)
+            s[p + "self_attn.k_norm.weight"] = (Dh,)
+        s[p + "self_attn.o_proj.weight"] = (D, H * Dh)
+        if c["residual_scale"]:
+            s[p + "input_residual"] = (D,)
+            s[p + "post_attention_residual"] = (D,)
+        s[p + "post_attention_layernorm.weight"] = (D,)
+        s[p + "mlp.gate_proj.weight"] = (F, D)
+        s[p + "mlp.up_proj.weight"] = (F, D)
+        s[p + "mlp.down_proj.weight"] = (D, F)
+    s["model.norm.weight"] = (D,)
+    if not c["tie"]:
+        s["lm_head.weight"] = (c["V"], D)
+    return s
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+def rms_norm(x, g, eps):
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * g
+
+
+def rope(x, theta):
+    """x [B,T,heads,Dh]; rotate-half convention; position t = 0..T-1."""
+    T, Dh = x.shape[1], x.shape[3]
+    half = Dh // 2
+    i = torch.arange(half, dtype=torch.float64)
+    freq = theta ** (-2.0 * i / Dh)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]  # [T, half]
+    cos = torch.cos(ang).to(x.dtype)[None, :, None, :]
+    sin = torch.sin(ang).to(x.dtype)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def visible_mask(T, c):
+    """[T(query), T(key)] bool: key s visible to query t."""
+    t = torch.arange(T)[:, None]
+    s = torch.arange(T)[None, :]
+    m = s <= t
+    if c["att"] == "swa":
+        m = m & (s > t - c["window"])
+    return m
+
+
+def attention(a, P, p, c):
+    B, T, _ = a.shape
+    H, Hkv, Dh = c["H"], c["Hkv"], c["Dh"]
+    q = (a @ P[p + "self_attn.q_proj.weight"].T).view(B, T, H, Dh)
+    k = (a @ P[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, Dh)
+    v = (a @ P[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, Dh)
+    if c["qk_norm"]:
+        q = rms_norm(q, P[p + "self_attn.q_norm.weight"], c["eps"])
+        k = rms_norm(k, P[p + "self_attn.k_norm.weight"], c["eps"])
+    q = rope(q, c["theta"])
+    k = rope(k, c["theta"])
+    kv_of_head = torch.arange(H) // (H // Hkv)  # query head j reads KV head j // (H/Hkv)
+    q = q.transpose(1, 2)                        # [B,H,T,Dh]
+    k = k[:, :, kv_of_head].transpose(1, 2)      # [B,H,T,Dh]
+    v = v[:, :, kv_of_head].transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
+    scores = scores.masked_fill(~visible_mask(T, c), float("-inf"))
+    o = torch.softmax(scores, dim=-1) @ v        # [B,H,T,Dh]
+    o = o.transpose(1, 2).reshape(B, T, H * Dh)
+    return o @ P[p + "self_attn.o_proj.weight"].T
+
+
+def forward(P, c, inputs):
+    """P: name -> tensor; inputs long [B,T]. Returns logits [B,T,V]."""
+    E = P["model.embed_tokens.weight"]
+    h = E[inputs]
+    for i in range(c["L"]):
+        p = f"model.layers.{i}."
+        a = rms_norm(h, P[p + "input_layernorm.weight"], c["eps"])
+        out = attention(a, P, p, c)
+        h = (P[p + "input_residual"] * h if c["residual_scale"] else h) + out
+        m = rms_norm(h, P[p + "post_attention_layernorm.weight"], c["eps"])
+        gate = m @ P[p + "mlp.gate_proj.weight"].T
+        up = m @ P[p + "mlp.up_proj.weight"].T
+        mlp = (torch.nn.functional.silu(gate) * up) @ P[p + "mlp.down_proj.weight"].T
+        h = (P[p + "post_attention_residual"] * h if c["residual_scale"] else h) + mlp
+    W_out = E if c["tie"] else P["lm_head.weight"]
+    return rms_norm(h, P["model.norm.weight"], c["eps"]) @ W_out.T
+
+
+def loss_fn(logits, targets):
+    """Mean cross-entropy over positions with target >= 0."""
+    V = logits.shape[-1]
+    lg = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    keep = t >= 0
+    nll = torch.logsumexp(lg, dim=-1) - lg.gather(1, t.clamp(min=0)[:, None])[:, 0]
+    return (nll * keep.to(lg.dtype)).sum() / keep.sum()
+
+
+def run_model(weights, c, inputs, targets, dtype):
+    """weights: name -> np.ndarray. Returns (logits, loss, {name: grad}) as torch tensors of `dtype`."""
+    P = {n: torch.tensor(np.asarray(w), dtype=dtype, requires_grad=True) for n, w in weights.items()}
+    inp = torch.tensor(np.asarray(inputs), dtype=torch.long)
+    tgt = torch.tensor(np.asarray(targets), dtype=torch.long)
+    logits = forward(P, c, inp)
+    loss = loss_fn(logits, tgt)
+    loss.backward()
+    return logits.detach(), loss.detach().reshape(1), {n: p.grad for n, p in P.items()}
+
+
+# ---- checking the inputs, comparing ---------------------------------------------------------------
+
+def load_inputs(d):
+    def need(name):
+        path = os.path.join(d, name)
+        if not os.path.isfile(path):
+            raise BadInput(f"{path}: missing")
+        return path
+
+    try:
+        with open(need("config.json")) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{os.path.join(d, 'config.json')}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise BadInput(f"{os.path.join(d, 'config.json')}: expected an object with a `model` section")
+    c = resolve_model_config(cfg["model"])
+    try:
+        weights, _ = safetensors_np.read(need("model.safetensors"))
+        batch, _ = safetensors_np.read(need("batch.safetensors"))
+        ours, _ = safetensors_np.read(need("ours.safetensors"))
+    except safetensors_np.FormatError as e:
+        raise BadInput(str(e)) from None
+
+    shapes = param_shapes(c)
+    missing = [n for n in shapes if n not in weights]
+    extra = [n for n in weights if n not in shapes]
+    if missing or extra:
+        raise BadInput(f"model.safetensors does not match the config: missing {missing}, unexpected {extra}")
+    for n, s in shapes.items():
+        w = weights[n]
+        if w.dtype != np.float32 or tuple(w.shape) != s:
+            raise BadInput(f"model.safetensors: {n} is {w.dtype} {list(w.shape)}, expected float32 {list(s)}")
+        if not np.isfinite(w).all():
+            raise BadInput(f"model.safetensors: {n} holds non-finite values")
+    for n in ("inputs", "targets"):
+        if n not in batch:
+            raise BadInput(f"batch.safetensors: no tensor '{n}'")
+        if batch[n].dtype != np.int32 or batch[n].ndim != 2:
+            raise BadInput(f"batch.safetensors: {n} is {batch[n].dtype} {list(batch[n].shape)}, expected int32 [B,T]")
+    inputs, targets = batch["inputs"], batch["targets"]
+    if inputs.shape != targets.shape or inputs.size == 0:
+        raise BadInput(f"batch.safetensors: inputs {list(inputs.shape)} and targets {list(targets.shape)} "
+                       "must have the same non-empty shape")
+    if inputs.min() < 0 or inputs.max() >= c["V"]:
+        raise BadInput(f"batch.safetensors: inputs must lie in [0, {c['V']}) (got {inputs.min()} .. {inputs.max()})")
+    if targets.max() >= c["V"]:
+        raise BadInput(f"batch.safetensors: targets must be < vocab_size {c['V']} (got {targets.max()})")
+    if not (targets >= 0).any():
+        raise BadInput("batch.safetensors: every target is ignored (< 0): the loss is undefined")
+    return c, weights, inputs, targets, ours
+
+
+def rel_error(ours, ref):
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm((ours - ref).ravel()) / max(float(np.linalg.norm(ref.ravel())), 1e-30))
+
+
+def compare(ours, refs, tol):
+    """ours: name -> np.ndarray; refs: ordered name -> np.ndarray. Prints lines; returns #failures."""
+    failed = 0
+    worst = 0.0
+    for name, ref in refs.items():
+        line = {"name": name}
+        if name not in ours:
+            line.update(rel=None, ok=False, error="missing from ours.safetensors")
+        elif tuple(ours[name].shape) != tuple(ref.shape):
+            line.update(rel=None, ok=False,
+                        error=f"shape {list(ours[name].shape)}, expected {list(ref.shape)}")
+        elif ours[name].dtype != np.float32:
+            line.update(rel=None, ok=False, error=f"dtype {ours[name].dtype}, expected float32")
+        else:
+            r = rel_error(ours[name], ref)
+            ok = math.isfinite(r) and r < tol
+            line.update(rel=r if math.isfinite(r) else str(r), ok=ok)
+            if math.isfinite(r):
+                worst = max(worst, r)
+        failed += not line["ok"]
+        print(json.dumps(line), flush=True)
+    for name in ours:
+        if name not in refs:
+            print(json.dumps({"name": name, "rel": None, "ok": False, "error": "unexpected tensor in ours.safetensors"}))
+            failed += 1
+    return failed, worst
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dir")
+    ap.add_argument("--tol", type=float, default=1e-5)
+    args = ap.parse_args(argv)
+    try:
+        c, weights, inputs, targets, ours = load_inputs(args.dir)
+    except BadInput as e:
+        print(json.dumps({"summary": True, "ok": False, "error": f"bad input: {e}"}), flush=True)
+        return 2
+    logits, loss, grads = run_model(weights, c, inputs, targets, torch.float64)
+    refs = {"logits": logits.numpy(), "loss": loss.numpy()}
+    for n in param_shapes(c):
+        refs["grad." + n] = grads[n].numpy()
+    failed, worst = compare(ours, refs, args.tol)
+    summary = {"summary": True, "ok": failed == 0, "compared": len(refs), "failed": failed,
+               "max_rel": worst, "tol": args.tol, "loss_ref": float(loss[0])}
+    print(json.dumps(summary), flush=True)
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
