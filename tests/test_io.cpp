@@ -322,6 +322,16 @@ TEST(IoSafetensors, PythonReaderReadsOurFile) {
   EXPECT_NE(r.out.find("python reader ok"), std::string::npos) << r.out;
 }
 
+// The model oracle (tests/oracle/torch_oracle.py) passes a correct float32 result and fails wrong ones.
+TEST(IoOracle, TorchOracleSelfTest) {
+  const std::string py = "/usr/bin/python3";
+  if (test::run(py + " -c 'import numpy, torch'").rc != 0)
+    GTEST_SKIP() << py << " cannot import numpy and torch (install python3-numpy python3-torch to run this check)";
+  auto r = test::run(py + " " + test::source_dir() + "/tests/oracle/selftest.py");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("\"selftest\": true, \"ok\": true"), std::string::npos) << r.out;
+}
+
 // ---- checkpoint folders -------------------------------------------------------------------------
 
 std::string make_checkpoint(const std::string& run, int64_t step, const std::string& payload) {
