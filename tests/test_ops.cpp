@@ -46,8 +46,18 @@ double weighted_sum(const Vec& w, const Vec& y) {
   return s;
 }
 
-// Central differences of loss() with respect to every element of x (loss reads x).
+// Restores the OpenMP thread count when a test ends.
+struct ThreadCountGuard {
+  int saved = omp_get_max_threads();
+  ~ThreadCountGuard() { omp_set_num_threads(saved); }
+};
+
+// Central differences of loss() with respect to every element of x (loss reads x). One thread:
+// thousands of tiny kernel calls, which a second, busy core would only slow down; the analytic
+// side still runs with the default thread count.
 Vec numeric_grad(Vec& x, const std::function<double()>& loss) {
+  ThreadCountGuard guard;
+  omp_set_num_threads(1);
   Vec g(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
     const double xi = x[i], h = 1e-6 * std::max(1.0, std::abs(xi));
@@ -73,12 +83,6 @@ Vec minus(const Vec& a, const Vec& b) {
   for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
   return d;
 }
-
-// Restores the OpenMP thread count when a test ends.
-struct ThreadCountGuard {
-  int saved = omp_get_max_threads();
-  ~ThreadCountGuard() { omp_set_num_threads(saved); }
-};
 
 template <class T>
 bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
