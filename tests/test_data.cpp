@@ -516,6 +516,16 @@ TEST(DataPrepare, NormalisesNewlinesAndSplitsDocuments) {
   const auto docs = split_documents(dir + "/out", "train");
   EXPECT_EQ(docs, (std::vector<std::string>{"one\ntwo\n\nthree\n", "four\nfive\n", "six\n", "crlf\ninside\njson"}));
   for (const auto& d : docs) EXPECT_EQ(d.find('\r'), std::string::npos);
+
+  // A CRLF split across the reader's 1 MiB chunks is still one line end: one blank line between
+  // the two paragraphs, so one document (an extra blank line would make two).
+  const auto dir2 = dmat::test::temp_dir("data_prepare_crlf_chunk");
+  const std::string big(1048575, 'a');
+  spit(dir2 + "/in/a.txt", big + "\r\n\r\nsecond\r\n");
+  o.inputs = {dir2 + "/in"};
+  o.out_dir = dir2 + "/out";
+  EXPECT_EQ(dmat::prepare_data(o).documents, 1);
+  EXPECT_EQ(split_documents(dir2 + "/out", "train"), std::vector<std::string>{big + "\n\nsecond\n"});
 }
 
 TEST(DataPrepare, EmptyInputBinaryAndBadInputs) {
@@ -578,4 +588,21 @@ TEST(DataPrepare, LoaderReadsPreparedShards) {
   EXPECT_EQ(int64_t(train.total_tokens()), r.train_tokens);
   EXPECT_EQ(train.num_windows(), (r.train_tokens - 1) / 32);
   EXPECT_EQ(train.vocab_size(), 257u);
+}
+
+// The bundled corpus prepares into the figures data/README.md states.
+TEST(DataCorpus, BundledEnglishMatchesReadme) {
+  const auto dir = dmat::test::temp_dir("data_corpus");
+  dmat::PrepareOptions o;
+  o.inputs = {dmat::test::source_dir() + "/data/english"};
+  o.out_dir = dir + "/out";
+  o.val_fraction = 0.03;
+  const auto r = dmat::prepare_data(o);
+  EXPECT_EQ(r.documents, 1689);
+  EXPECT_EQ(r.duplicates, 2);
+  EXPECT_EQ(r.val_tokens, 106991);
+  EXPECT_EQ(r.train_tokens, 2645973);
+  const auto m = manifest_of(dir + "/out");
+  EXPECT_EQ(m["val"]["documents"], 54);
+  EXPECT_EQ(m["files_read"], 2);
 }

@@ -72,22 +72,67 @@ Kind file_kind(const fs::path& p) {
   return Kind::kOther;
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail("prepare: cannot open input {}: {}", path, std::strerror(errno));
-  std::string s;
-  f.seekg(0, std::ios::end);
-  const auto size = f.tellg();
-  if (size > 0) {
-    s.resize(size_t(size));
-    f.seekg(0);
-    f.read(s.data(), std::streamsize(s.size()));
-    if (!f) fail("prepare: read failed for input {}", path);
+// Reads a file line by line in 1 MiB chunks (inputs may be far larger than memory). A line ends at
+// LF, CRLF or a lone CR, which is how CRLF/CR input is normalised to LF.
+class LineReader {
+ public:
+  explicit LineReader(const std::string& path) : path_(path), f_(path, std::ios::binary) {
+    if (!f_) fail("prepare: cannot open input {}: {}", path, std::strerror(errno));
   }
-  return s;
-}
+  // True if the first n bytes hold a NUL (a binary file); reads them, then rewinds.
+  bool looks_binary(size_t n) {
+    std::string head(n, '\0');
+    f_.read(head.data(), std::streamsize(n));
+    head.resize(size_t(f_.gcount()));
+    f_.clear();
+    f_.seekg(0);
+    return head.find('\0') != std::string::npos;
+  }
+  // The next line without its terminator; false at end of file.
+  bool next(std::string& line) {
+    line.clear();
+    for (;;) {
+      if (pos_ == buf_.size() && !fill()) return !line.empty();  // an unterminated last line
+      const char* b = buf_.data() + pos_;
+      const size_t avail = buf_.size() - pos_;
+      if (skip_lf_) {  // the CR of a CRLF ended the previous line
+        skip_lf_ = false;
+        if (*b == '\n') {
+          ++pos_;
+          continue;
+        }
+      }
+      size_t i = 0;
+      while (i < avail && b[i] != '\n' && b[i] != '\r') ++i;
+      line.append(b, i);
+      pos_ += i;
+      if (i == avail) continue;
+      skip_lf_ = b[i] == '\r';
+      ++pos_;
+      return true;
+    }
+  }
+  uint64_t bytes_read() const { return bytes_; }
 
-// CRLF and lone CR become LF.
+ private:
+  bool fill() {
+    buf_.resize(1 << 20);
+    f_.read(buf_.data(), std::streamsize(buf_.size()));
+    buf_.resize(size_t(f_.gcount()));
+    pos_ = 0;
+    bytes_ += buf_.size();
+    if (f_.bad()) fail("prepare: read failed for input {}", path_);
+    return !buf_.empty();
+  }
+  std::string path_;
+  std::ifstream f_;
+  std::string buf_;
+  size_t pos_ = 0;
+  uint64_t bytes_ = 0;
+  bool skip_lf_ = false;
+};
+
+// CRLF and lone CR become LF (for text inside JSON strings).
 std::string normalise_newlines(std::string_view s) {
   std::string out;
   out.reserve(s.size());
@@ -106,37 +151,40 @@ bool is_blank(std::string_view line) {
   return line.find_first_not_of(" \t\f\v") == std::string_view::npos;
 }
 
-// Splits LF-normalised text into documents at runs of two or more blank lines (see prepare.h).
+// Splits a text file's lines into documents at runs of two or more blank lines (see prepare.h).
 // Each document keeps its lines from the first non-blank to the last non-blank one, each ending
 // in '\n'; single blank lines (paragraph breaks) stay inside a document.
 template <class Emit>
-void split_text_documents(std::string_view text, Emit&& emit) {
-  std::string doc;
-  int64_t pending_blank = 0;  // blank lines seen since the last non-blank line
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string_view::npos) end = text.size();
-    const std::string_view line = text.substr(pos, end - pos);
-    pos = end + 1;
-    if (is_blank(line)) {
-      ++pending_blank;
-      continue;
+class TextSplitter {
+ public:
+  explicit TextSplitter(Emit& emit) : emit_(emit) {}
+  void line(std::string_view l) {
+    if (is_blank(l)) {
+      ++pending_blank_;
+      return;
     }
-    if (!doc.empty()) {
-      if (pending_blank >= 2) {
-        emit(std::move(doc));
-        doc.clear();
+    if (!doc_.empty()) {
+      if (pending_blank_ >= 2) {
+        emit_(std::move(doc_));
+        doc_.clear();
       } else {
-        doc.append(size_t(pending_blank), '\n');
+        doc_.append(size_t(pending_blank_), '\n');
       }
     }
-    pending_blank = 0;
-    doc.append(line);
-    doc.push_back('\n');
+    pending_blank_ = 0;
+    doc_.append(l);
+    doc_.push_back('\n');
   }
-  if (!doc.empty()) emit(std::move(doc));
-}
+  void finish() {
+    if (!doc_.empty()) emit_(std::move(doc_));
+    doc_.clear();
+  }
+
+ private:
+  Emit& emit_;
+  std::string doc_;
+  int64_t pending_blank_ = 0;  // blank lines since the last non-blank one
+};
 
 // Accumulates one split's tokens and writes a shard every shard_tokens tokens.
 struct SplitWriter {
@@ -283,6 +331,7 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
     uint64_t input_bytes = 0;
     const auto t0 = std::chrono::steady_clock::now();
     auto last_log = t0;
+    uint64_t log_tick = 0;
 
     auto add_document = [&](std::string doc) {
       if (doc.empty()) return;
@@ -299,25 +348,31 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
       w.documents += 1;
       w.bytes += int64_t(doc.size());
     };
+    // Progress on big inputs, every 5 s: bytes read (this file's count on top of the finished files').
+    auto maybe_log = [&](uint64_t file_bytes) {
+      if ((++log_tick & 0x3ff) != 0) return;
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_log < std::chrono::seconds(5)) return;
+      last_log = now;
+      const double done = double(input_bytes + file_bytes);
+      const double secs = std::chrono::duration<double>(now - t0).count();
+      spdlog::info("prepare: {} of {} read ({}/s), {} documents, {} duplicates", human_bytes(done),
+                   human_bytes(double(total_input)), human_bytes(done / secs), train.documents + val.documents,
+                   res.duplicates);
+    };
 
     for (const auto& path : files) {
-      const std::string raw = read_file(path);
-      input_bytes += raw.size();
-      if (std::memchr(raw.data(), '\0', std::min<size_t>(raw.size(), 8192))) {
+      LineReader in(path);
+      if (in.looks_binary(8192)) {
         spdlog::warn("prepare: skipping {}: looks binary (NUL byte in the first 8 KiB)", path);
         ++binary_files;
         continue;
       }
       ++read_files;
-      const std::string text = normalise_newlines(raw);
+      std::string line;
       if (file_kind(path) == Kind::kJsonl) {
-        size_t pos = 0;
         int64_t line_no = 0;
-        while (pos < text.size()) {
-          size_t end = text.find('\n', pos);
-          if (end == std::string::npos) end = text.size();
-          const std::string_view line(text.data() + pos, end - pos);
-          pos = end + 1;
+        while (in.next(line)) {
           ++line_no;
           if (is_blank(line)) continue;
           ojson j;
@@ -329,18 +384,17 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
           if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
             fail("prepare: {}:{}: expected a JSON object with a \"text\" string field", path, line_no);
           add_document(normalise_newlines(j["text"].get<std::string>()));
+          maybe_log(in.bytes_read());
         }
       } else {
-        split_text_documents(text, add_document);
+        TextSplitter split(add_document);
+        while (in.next(line)) {
+          split.line(line);
+          maybe_log(in.bytes_read());
+        }
+        split.finish();
       }
-      const auto now = std::chrono::steady_clock::now();
-      if (now - last_log > std::chrono::seconds(5)) {
-        const double s = std::chrono::duration<double>(now - t0).count();
-        spdlog::info("prepare: {} of {} read ({}/s), {} documents, {} duplicates", human_bytes(double(input_bytes)),
-                     human_bytes(double(total_input)), human_bytes(double(input_bytes) / s),
-                     train.documents + val.documents, res.duplicates);
-        last_log = now;
-      }
+      input_bytes += in.bytes_read();
     }
     train.flush();
     val.flush();
