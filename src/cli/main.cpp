@@ -29,7 +29,7 @@ const char* kMainHelp = R"(dmatrain: pretrain decoder-only language models from 
 usage: dmatrain COMMAND [ARGS...]      (dmatrain COMMAND --help for each)
 
 commands:
-  train CONFIG [--set key=value ...] [--out DIR] [--resume]
+  train CONFIG [--set key=value ...] [--out DIR] [--resume] [--stop-at STEP]
                            train a model; writes logs, metrics and checkpoints to the run directory
   eval RUN_DIR [--batches N]
                            validation loss and perplexity of the run's newest checkpoint
@@ -41,7 +41,7 @@ commands:
   devices                  list the CUDA devices this build can see
 )";
 
-const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume]
+const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume] [--stop-at STEP]
 
 Trains the model CONFIG describes (README: "Config reference").
   --set a.b=value   override a config key (value parsed as JSON, else taken as a string); repeatable
@@ -49,6 +49,7 @@ Trains the model CONFIG describes (README: "Config reference").
   --resume          continue from the newest complete checkpoint in the run directory; refuses a
                     checkpoint whose model differs from CONFIG. Without --resume, a run directory
                     that already holds a run is refused (nothing is overwritten).
+  --stop-at STEP    write a checkpoint after STEP and exit 0 (for time-sliced jobs; --resume continues)
 Writes RUN_DIR/config.json (resolved), train.log, metrics.jsonl and checkpoints/step_*/.
 )";
 
@@ -139,11 +140,17 @@ int cmd_train(const std::vector<std::string>& a) {
   const std::string path = parse_config_args(a, sets, [&](const std::vector<std::string>& v, size_t& i) {
     if (v[i] == "--out") return out = need_value(v, i), true;
     if (v[i] == "--resume") return opt.resume = true, true;
+    if (v[i] == "--stop-at") return opt.stop_at = parse_int(v[i], need_value(v, i)), true;
     return false;
   });
   if (!out.empty()) sets.push_back("run.dir=" + nlohmann::json(out).dump());
   dmat::Config cfg = dmat::load_config(path, sets);
   auto r = dmat::train(cfg, opt);
+  if (r.steps < cfg.train.steps) {
+    std::printf("stopped at step %lld of %lld (run %s); continue with --resume\n", (long long)r.steps,
+                (long long)cfg.train.steps, r.run_dir.c_str());
+    return 0;
+  }
   std::printf("validation loss %.4f, validation perplexity %.3f (step %lld, run %s)\n", r.val_loss, r.val_ppl,
               (long long)r.steps, r.run_dir.c_str());
   return 0;

@@ -30,7 +30,7 @@ template <class T> T* p(const Tensor& t) { return t.defined() ? t.as<T>() : null
 
 void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W) {
   const int64_t K = last_dim(x), M = rows_of(x), N = W.shape[0];
-  DMAT_CHECK(W.shape.n == 2 && W.shape[1] == K && rows_of(y) == M && last_dim(y) == N,
+  DMAT_CHECK(W.shape.n == 2 && W.shape[1] == K && y.numel() == M * N,
              "linear: x {} W {} y {}", x.shape.str(), W.shape.str(), y.shape.str());
   same_type("linear", y, x);
   same_type("linear", y, W);
@@ -43,7 +43,7 @@ void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W) {
 void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const Tensor& x, const Tensor& W,
                      bool accumulate_dx) {
   const int64_t K = last_dim(x), M = rows_of(x), N = W.shape[0];
-  DMAT_CHECK(W.shape.n == 2 && W.shape[1] == K && rows_of(dy) == M && last_dim(dy) == N && dW.shape == W.shape,
+  DMAT_CHECK(W.shape.n == 2 && W.shape[1] == K && dy.numel() == M * N && dW.shape == W.shape,
              "linear_backward: x {} W {} dy {}", x.shape.str(), W.shape.str(), dy.shape.str());
   dispatch("linear_backward", dy, [&](auto t) {
     using T = decltype(t);

@@ -260,6 +260,14 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     }
     if ((tc.eval_interval > 0 && st.step % tc.eval_interval == 0) || last) run_eval();
     if ((tc.checkpoint_interval > 0 && st.step % tc.checkpoint_interval == 0) || last) checkpoint();
+    if (opt.stop_at > 0 && st.step == opt.stop_at && !last) {
+      if (last_ckpt != st.step) checkpoint();
+      spdlog::info("stopping at step {} as asked (--stop-at); continue with --resume", st.step);
+      res.steps = st.step;
+      std::signal(SIGINT, SIG_DFL);
+      std::signal(SIGTERM, SIG_DFL);
+      return res;
+    }
     if (g_signal.load()) {
       spdlog::warn("signal {} received: writing a checkpoint at step {} and stopping", g_signal.load(), st.step);
       if (last_ckpt != st.step) checkpoint();

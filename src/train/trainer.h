@@ -12,6 +12,7 @@ namespace dmat {
 
 struct TrainOptions {
   bool resume = false;  // continue from the newest complete checkpoint of the run directory
+  int64_t stop_at = 0;  // > 0: write a checkpoint after this step and stop (a planned interruption)
 };
 
 struct TrainResult {

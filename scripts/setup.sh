@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages dmatrain needs (skipping those already installed) and builds it
+# into build/. Idempotent: a second run installs nothing and rebuilds only what changed.
+#   bash scripts/setup.sh            # Release build; CUDA backend when nvcc is found
+#   DMAT_CMAKE_ARGS="-DDMAT_CUDA=OFF" bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(build-essential cmake nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev
+      libopenmpi-dev openmpi-bin python3-torch python3-numpy)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# nvcc lives outside PATH on some machines; CMake finds it through CUDACXX.
+if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
+
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release ${DMAT_CMAKE_ARGS:-} >/dev/null
+cmake --build build -j "$(nproc)"
+echo "setup: built build/dmatrain"

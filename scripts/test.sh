@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds (through setup.sh) and runs the test suites that need no GPU: ctest labels cpu and mpi.
+#   bash scripts/test.sh             # what CI runs
+#   bash scripts/test.sh -L gpu      # other ctest arguments replace the label selection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# OpenMPI refuses to run as root unless told; tests launch mpirun themselves.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+if [ $# -eq 0 ]; then set -- -L "cpu|mpi"; fi
+ctest --test-dir build --output-on-failure -j 2 "$@"

@@ -1,0 +1,200 @@
+// Whole-model tests: gradient check of the full model in fp64 against central finite differences,
+// determinism of initialisation and forward, and parameter / FLOP counts against hand counts.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "model/model.h"
+#include "ops/ops.h"
+#include "test_util.h"
+#include "train/info.h"
+
+namespace dmat {
+namespace {
+
+ModelConfig tiny_model() {
+  ModelConfig m;
+  m.vocab_size = 11;
+  m.d_model = 16;
+  m.n_layers = 2;
+  m.n_heads = 4;
+  m.n_kv_heads = 2;
+  m.head_dim = 6;  // H·Dh = 24 ≠ d_model
+  m.ffn_dim = 20;
+  m.qk_norm = true;
+  m.residual_scale = true;
+  m.init_std = 0.4;  // large enough that every path carries gradient
+  return m;
+}
+
+// Random values for every parameter (norm gains and residual scales away from 1, so their
+// gradients are exercised in general position).
+void randomize(Model& m, uint64_t seed) {
+  Rng r(seed);
+  const auto& info = m.param_info();
+  for (size_t i = 0; i < info.size(); ++i) {
+    Tensor t = m.params().get(int(i));
+    double* p = t.as<double>();
+    for (int64_t j = 0; j < t.numel(); ++j)
+      p[j] = info[i].init == Init::Normal ? 0.4 * r.normal() : 1.0 + 0.3 * (2 * r.uniform() - 1);
+  }
+}
+
+struct Batch {
+  std::vector<int32_t> x, y;
+};
+
+Batch random_batch(const ModelConfig& m, int64_t B, int64_t T, uint64_t seed) {
+  Batch b;
+  Rng r(seed);
+  for (int64_t i = 0; i < B * T; ++i) {
+    b.x.push_back(int32_t(r.below(m.vocab_size)));
+    b.y.push_back(int32_t(r.below(m.vocab_size)));
+  }
+  b.y[3] = -1;  // an ignored position
+  return b;
+}
+
+void check_model_gradient(const ModelConfig& cfg, uint64_t seed) {
+  const int64_t B = 2, T = 7;
+  Model m(cfg, DType::F64);
+  randomize(m, seed);
+  Batch b = random_batch(cfg, B, T, seed + 1);
+  m.zero_grad();
+  m.forward(b.x.data(), b.y.data(), B, T, 1.0);
+  m.backward();
+  // Central differences of L = Σ loss, coordinate by coordinate, on every parameter.
+  const auto& info = m.param_info();
+  for (size_t i = 0; i < info.size(); ++i) {
+    Tensor p = m.params().get(int(i));
+    const double* g = m.grads().get(int(i)).as<double>();
+    double num = 0, den = 0;
+    for (int64_t j = 0; j < p.numel(); ++j) {
+      double& w = p.as<double>()[j];
+      const double w0 = w, h = 1e-5 * std::max(1.0, std::abs(w0));
+      w = w0 + h;
+      const double lp = m.forward(b.x.data(), b.y.data(), B, T, 0.0);
+      w = w0 - h;
+      const double lm = m.forward(b.x.data(), b.y.data(), B, T, 0.0);
+      w = w0;
+      const double fd = (lp - lm) / (2 * h);
+      num += (g[j] - fd) * (g[j] - fd);
+      den += fd * fd;
+    }
+    const double rel = std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+    EXPECT_LT(rel, 1e-6) << info[i].name << " (|fd| = " << std::sqrt(den) << ")";
+    EXPECT_GT(den, 0.0) << info[i].name << " gets no gradient at all";
+  }
+}
+
+TEST(Model, GradientCheckGqaQkNormResidualScale) { check_model_gradient(tiny_model(), 101); }
+
+TEST(Model, GradientCheckTiedMhaPlain) {
+  ModelConfig c = tiny_model();
+  c.tie_embeddings = true;
+  c.qk_norm = false;
+  c.residual_scale = false;
+  c.n_kv_heads = 4;
+  check_model_gradient(c, 202);
+}
+
+TEST(Model, GradientCheckSlidingWindow) {
+  ModelConfig c = tiny_model();
+  c.attention.type = "swa";
+  c.attention.window = 3;
+  c.n_kv_heads = 1;
+  check_model_gradient(c, 303);
+}
+
+TEST(Model, InitIsDeterministicAndSeedDependent) {
+  ModelConfig c = tiny_model();
+  Model a(c), b(c), d(c);
+  a.init_weights(7);
+  b.init_weights(7);
+  d.init_weights(8);
+  const Tensor fa = a.params().flat(), fb = b.params().flat(), fd = d.params().flat();
+  EXPECT_EQ(0, std::memcmp(fa.data, fb.data, fa.bytes()));
+  EXPECT_NE(0, std::memcmp(fa.data, fd.data, fa.bytes()));
+  // norms start at one, weights at the configured spread
+  const auto& info = a.param_info();
+  for (size_t i = 0; i < info.size(); ++i) {
+    Tensor t = a.params().get(int(i));
+    const float* p = t.as<float>();
+    if (info[i].init == Init::Ones) {
+      for (int64_t j = 0; j < t.numel(); ++j) ASSERT_EQ(p[j], 1.0f) << info[i].name;
+    } else {
+      double ss = 0;
+      for (int64_t j = 0; j < t.numel(); ++j) ss += double(p[j]) * p[j];
+      const double sd = std::sqrt(ss / double(t.numel()));
+      EXPECT_NEAR(sd, info[i].std, 0.35 * info[i].std) << info[i].name;
+    }
+  }
+}
+
+TEST(Model, ForwardIsBitwiseRepeatable) {
+  ModelConfig c = tiny_model();
+  Model m(c);
+  m.init_weights(3);
+  Batch b = random_batch(c, 3, 9, 4);
+  const double l1 = m.forward(b.x.data(), b.y.data(), 3, 9, 1.0 / 26);
+  m.backward();
+  std::vector<float> g1((float*)m.grads().flat().data, (float*)m.grads().flat().data + m.grads().flat().numel());
+  m.zero_grad();
+  const double l2 = m.forward(b.x.data(), b.y.data(), 3, 9, 1.0 / 26);
+  m.backward();
+  EXPECT_EQ(l1, l2);
+  EXPECT_EQ(0, std::memcmp(g1.data(), m.grads().flat().data, g1.size() * sizeof(float)));
+}
+
+TEST(Model, RejectsTokensOutsideVocabulary) {
+  ModelConfig c = tiny_model();
+  Model m(c);
+  std::vector<int32_t> x(4, 1), y(4, 1);
+  x[2] = 11;
+  try {
+    m.forward(x.data(), y.data(), 1, 4, 0.0);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("input token 11 at position 2"), std::string::npos) << e.what();
+  }
+}
+
+// The paper's 80M shape, counted by hand from its definition.
+TEST(Model, Paper80mCountsMatchHandCount) {
+  ModelConfig m;
+  m.vocab_size = 32768;
+  m.d_model = 768;
+  m.n_layers = 12;
+  m.n_heads = 6;
+  m.n_kv_heads = 3;
+  m.head_dim = 128;
+  m.ffn_dim = 2304;
+  const int64_t V = 32768, D = 768, L = 12, Hq = 6 * 128, Hk = 3 * 128, F = 2304, T = 2048;
+  const int64_t attn = D * Hq + 2 * D * Hk + Hq * D;  // q, k, v, o
+  const int64_t mlp = 3 * D * F;
+  const int64_t norms = 2 * D;
+  const int64_t per_layer = attn + mlp + norms;
+  EXPECT_EQ(per_layer, 7079424);
+  const int64_t total = V * D /*embedding*/ + L * per_layer + D /*final norm*/ + V * D /*head*/;
+  EXPECT_EQ(total, 135285504);
+  ModelCounts c = count_model(m, T);
+  EXPECT_EQ(c.total, total);
+  EXPECT_EQ(c.non_embedding, L * per_layer + D);
+  EXPECT_EQ(c.by_group["attention"], L * attn);
+  EXPECT_EQ(c.by_group["mlp"], L * mlp);
+  EXPECT_EQ(c.by_group["norm"], L * norms + D);
+  EXPECT_EQ(c.by_group["embedding"], V * D);
+  EXPECT_EQ(c.by_group["head"], V * D);
+  EXPECT_DOUBLE_EQ(c.flops_per_token, 6.0 * 135285504 + 6.0 * 12 * 2048 * 768);  // 924,959,232
+
+  // ... and the CLI prints the same figures.
+  auto r = test::run(test::dmatrain_bin() + " info " + test::source_dir() + "/configs/paper-80m.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("135285504"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("84953856"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("9.24959e+08"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace dmat
