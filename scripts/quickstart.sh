@@ -3,7 +3,7 @@
 # and print the validation perplexity. Runs on the CPU when there is no GPU (a few minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh dmatrain
 if [ ! -f build/data/english/manifest.json ]; then
   build/dmatrain data prepare --tokenizer byte --val-fraction 0.03 --out build/data/english data/english
 fi

@@ -3,6 +3,7 @@
 # into build/. Idempotent: a second run installs nothing and rebuilds only what changed.
 #   bash scripts/setup.sh            # Release build; CUDA backend when nvcc is found
 #   DMAT_CMAKE_ARGS="-DDMAT_CUDA=OFF" bash scripts/setup.sh
+#   bash scripts/setup.sh dmatrain   # build only the named targets (the quickstart skips the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,5 +27,7 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDACXX:-}" ] && [ -x /usr/local
 fi
 
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release ${DMAT_CMAKE_ARGS:-} >/dev/null
-cmake --build build -j "$(nproc)"
-echo "setup: built build/dmatrain"
+targets=()
+for t in "$@"; do targets+=(--target "$t"); done
+cmake --build build -j "$(nproc)" "${targets[@]}"
+echo "setup: build/ is up to date"

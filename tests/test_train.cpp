@@ -178,6 +178,7 @@ TEST(Train, BadInputsFailNamingWhatIsWrong) {
   auto t = run(bin() + " train " + tiny() + data + " --set data.val=" + dir + "/broken/trunc.bin --out " + dir + "/r1");
   EXPECT_NE(t.rc, 0);
   EXPECT_NE(t.out.find("trunc.bin"), std::string::npos) << t.out;
+  EXPECT_FALSE(fs::exists(dir + "/r1")) << "a run that could not start left a run directory behind";
   bytes[0] = 'X';
   std::ofstream(dir + "/broken/magic.bin", std::ios::binary) << bytes;
   auto m = run(bin() + " train " + tiny() + data + " --set data.val=" + dir + "/broken/magic.bin --out " + dir + "/r2");

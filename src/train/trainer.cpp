@@ -125,6 +125,19 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const std::string run_dir = cfg.run.dir;
   const std::string metrics_path = run_dir + "/metrics.jsonl";
 
+  // ---- data first: a config whose data cannot be read must not leave a run directory behind
+  TokenLoader train_data(list_shards(cfg.data.train), tc.seq_len, tc.seed, /*shuffle=*/true);
+  TokenLoader val_data(list_shards(cfg.data.val), tc.seq_len, tc.seed, /*shuffle=*/false);
+  for (const TokenLoader* l : {&train_data, &val_data})
+    if (int64_t(l->vocab_size()) > cfg.model.vocab_size)
+      fail("data: shards have vocab size {} but model.vocab_size is {}: the model must cover the tokenizer's ids",
+           l->vocab_size(), cfg.model.vocab_size);
+  if (val_data.num_windows() < tc.batch_size)
+    fail("data: validation set {} has {} windows of {} tokens, fewer than one batch of {} sequences: add "
+         "validation data or lower train.batch_size",
+         cfg.data.val, val_data.num_windows(), tc.seq_len + 1, tc.batch_size);
+  const Device device = pick_device(cfg.run.device);
+
   // ---- run directory: never overwrite a user's run unless asked to continue it
   std::optional<CheckpointRef> ckpt;
   if (fs::exists(run_dir)) {
@@ -145,16 +158,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   write_file_atomic(run_dir + "/config.json", cfg.resolved.dump(2) + "\n");
 
   const int threads = set_cpu_threads(cfg.run.threads);
-  const Device device = pick_device(cfg.run.device);
   spdlog::info("backend: {} ({} threads)", device_name(device), threads);
 
-  // ---- data
-  TokenLoader train_data(list_shards(cfg.data.train), tc.seq_len, tc.seed, /*shuffle=*/true);
-  TokenLoader val_data(list_shards(cfg.data.val), tc.seq_len, tc.seed, /*shuffle=*/false);
-  for (const TokenLoader* l : {&train_data, &val_data})
-    if (int64_t(l->vocab_size()) > cfg.model.vocab_size)
-      fail("data: shards have vocab size {} but model.vocab_size is {}: the model must cover the tokenizer's ids",
-           l->vocab_size(), cfg.model.vocab_size);
   spdlog::info("data: train {} tokens ({} windows of {}), val {} tokens ({} windows)", train_data.total_tokens(),
                train_data.num_windows(), tc.seq_len + 1, val_data.total_tokens(), val_data.num_windows());
 
