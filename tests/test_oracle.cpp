@@ -3,6 +3,7 @@
 // match our fp32 logits, loss and every parameter gradient to 1e-5 relative (‖ours − ref‖ / ‖ref‖).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -15,7 +16,14 @@
 namespace dmat {
 namespace {
 
-const char* kPython = "/usr/bin/python3";
+// Debian's python3-torch imports under /usr/bin/python3 (the python3 first on PATH here is a bare
+// interpreter); elsewhere (the GPU machine) torch lives in the python3 on PATH. DMAT_PYTHON wins.
+std::string python() {
+  if (const char* e = std::getenv("DMAT_PYTHON")) return e;
+  for (const char* p : {"/usr/bin/python3", "python3"})
+    if (test::run(std::string(p) + " -c 'import torch, numpy'").rc == 0) return p;
+  return "/usr/bin/python3";
+}
 
 void run_oracle(const std::string& tag, const std::string& overrides_json) {
   const std::string dir = test::temp_dir("oracle_" + tag);
@@ -61,7 +69,7 @@ void run_oracle(const std::string& tag, const std::string& overrides_json) {
   for (size_t i = 0; i < info.size(); ++i) ours.push_back({"grad." + info[i].name, m.grads().get(int(i))});
   write_safetensors(dir + "/ours.safetensors", ours);
 
-  auto res = test::run(std::string(kPython) + " " + test::source_dir() + "/tests/oracle/torch_oracle.py " + dir);
+  auto res = test::run(python() + " " + test::source_dir() + "/tests/oracle/torch_oracle.py " + dir);
   ASSERT_NE(res.out.find("rel"), std::string::npos)
       << "the oracle did not run (does /usr/bin/python3 import torch? scripts/setup.sh installs python3-torch):\n"
       << res.out;

@@ -21,7 +21,9 @@ namespace fs = std::filesystem;
 using test::run;
 
 std::string bin() { return test::dmatrain_bin(); }
-std::string tiny() { return test::source_dir() + "/configs/tiny.json"; }
+// Two threads per training process: ctest runs suites in parallel, and OpenMP barriers degrade badly
+// when several all-core processes share the machine.
+std::string tiny() { return test::source_dir() + "/configs/tiny.json --set run.threads=2"; }
 
 // Prepares the bundled corpus (byte tokenizer) under dir/data; returns --set flags pointing at it.
 std::string prepare(const std::string& dir) {
