@@ -28,7 +28,8 @@ template <class T> void scale_inplace(T* x, int64_t n, T s);        // x *= s
 template <class T> double sum_squares(const T* x, int64_t n);
 
 // ---- embedding ---------------------------------------------------------------------------------
-// out[i, :] = table[tokens[i], :]   (overwrite), i < n, table is [V, D]
+// out[i, :] = table[tokens[i], :]   (overwrite), i < n, table is [V, D]. Tokens are not range
+// checked here: callers (ops::embedding_*) check 0 <= token < V.
 template <class T>
 void embedding_forward(T* out, const T* table, const int32_t* tokens, int64_t n, int64_t D);
 // dtable[tokens[i], :] += dout[i, :]; rows summed in increasing i (deterministic).
@@ -76,7 +77,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const 
 // ---- MLP ---------------------------------------------------------------------------------------
 // out = silu(g) · u, silu(x) = x / (1 + exp(−x)). out overwrite, may alias g or u.
 template <class T> void swiglu_forward(T* out, const T* g, const T* u, int64_t n);
-// dg, du overwrite (may alias each other's inputs only as documented: not g, u).
+// dg, du overwrite. Purely elementwise: any output may alias any input.
 template <class T> void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n);
 
 // ---- residual with optional learned per-channel scale (Doge) -----------------------------------

@@ -1,6 +1,7 @@
 // Token embedding lookup and its scatter-add gradient.
 #include <algorithm>
 
+#include "kernels/cpu/column_chunks.h"
 #include "kernels/cpu/cpu_ops.h"
 
 namespace dmat::cpu {
@@ -20,18 +21,14 @@ template <class T>
 void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int64_t n, int64_t D) {
   // Repeated tokens hit the same table row, so threads split the columns, not the rows: every
   // element then sees its contributions in increasing i, whatever the thread count.
-  constexpr int64_t kCols = 64;
-  const int64_t chunks = (D + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t d0 = c * kCols, d1 = std::min(D, d0 + kCols);
+  parallel_column_chunks(D, [&](int64_t d0, int64_t d1) {
     for (int64_t i = 0; i < n; ++i) {
       T* dst = dtable + int64_t(tokens[i]) * D;
       const T* src = dout + i * D;
 #pragma omp simd
       for (int64_t d = d0; d < d1; ++d) dst[d] += src[d];
     }
-  }
+  });
 }
 
 #define DMAT_INSTANTIATE(T)                                                                \

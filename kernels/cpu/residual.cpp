@@ -1,6 +1,7 @@
 // Residual connection with an optional learned per-channel scale on the skip path (Doge).
 #include <algorithm>
 
+#include "kernels/cpu/column_chunks.h"
 #include "kernels/cpu/cpu_ops.h"
 
 namespace dmat::cpu {
@@ -27,18 +28,14 @@ void residual_backward(T* dx, T* dr_scale, const T* dout, const T* x, const T* r
   // dr_scale first (it reads dout, which dx may overwrite). Threads own column chunks and sum the
   // rows in order.
   if (dr_scale) {
-    constexpr int64_t kCols = 64;
-    const int64_t chunks = (D + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t d0 = c * kCols, d1 = std::min(D, d0 + kCols);
+    parallel_column_chunks(D, [&](int64_t d0, int64_t d1) {
       for (int64_t r = 0; r < rows; ++r) {
         const T* dor = dout + r * D;
         const T* xr = x + r * D;
 #pragma omp simd
         for (int64_t d = d0; d < d1; ++d) dr_scale[d] += dor[d] * xr[d];
       }
-    }
+    });
   }
   if (!dx) return;
   if (!r_scale) {

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/cpu/column_chunks.h"
 #include "kernels/cpu/cpu_ops.h"
 
 namespace dmat::cpu {
@@ -33,11 +34,7 @@ void rmsnorm_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, const T
   if (w && dw) {
     // dw[d] += Σ_r dy[r,d] x[r,d] rstd[r]: threads own column chunks, rows summed in order.
     // Done before dx so that dx may overwrite dy.
-    constexpr int64_t kCols = 64;
-    const int64_t chunks = (D + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t d0 = c * kCols, d1 = std::min(D, d0 + kCols);
+    parallel_column_chunks(D, [&](int64_t d0, int64_t d1) {
       for (int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * D;
         const T* dyr = dy + r * D;
@@ -45,7 +42,7 @@ void rmsnorm_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, const T
 #pragma omp simd
         for (int64_t d = d0; d < d1; ++d) dw[d] += dyr[d] * xr[d] * rs;
       }
-    }
+    });
   }
   // With g = w ⊙ dy:  dx = rstd·g − x · rstd³ · (g·x) / D.
   if (dx) {

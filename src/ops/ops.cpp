@@ -55,9 +55,15 @@ void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const
   });
 }
 
+static void check_tokens(const char* op, const int32_t* tokens, int64_t n, int64_t V) {
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= V) fail("{}: token {} at position {} is outside [0, {})", op, tokens[i], i, V);
+}
+
 void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* tokens) {
   const int64_t D = table.shape[1];
   DMAT_CHECK(last_dim(out) == D, "embedding: out {} table {}", out.shape.str(), table.shape.str());
+  check_tokens("embedding", tokens, rows_of(out), table.shape[0]);
   dispatch("embedding", out, [&](auto t) {
     using T = decltype(t);
     cpu::embedding_forward<T>(p<T>(out), p<T>(table), tokens, rows_of(out), D);
@@ -67,6 +73,7 @@ void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* to
 void embedding_backward(const Tensor& dtable, const Tensor& dout, const int32_t* tokens) {
   const int64_t D = dtable.shape[1];
   DMAT_CHECK(last_dim(dout) == D, "embedding_backward: dout {} table {}", dout.shape.str(), dtable.shape.str());
+  check_tokens("embedding_backward", tokens, rows_of(dout), dtable.shape[0]);
   dispatch("embedding_backward", dout, [&](auto t) {
     using T = decltype(t);
     cpu::embedding_backward<T>(p<T>(dtable), p<T>(dout), tokens, rows_of(dout), D);
