@@ -26,6 +26,7 @@ class Model {
 
   const ModelConfig& config() const { return cfg_; }
   const std::vector<ParamInfo>& param_info() const { return ptable_.info(); }
+  const TensorTable& param_table() const { return ptable_.table(); }
   const Arena& params() const { return params_; }
   const Arena& grads() const { return grads_; }
   int64_t num_params() const;  // real elements (no padding)

@@ -57,7 +57,7 @@ void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const
 
 static void check_tokens(const char* op, const int32_t* tokens, int64_t n, int64_t V) {
   for (int64_t i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= V) fail("{}: token {} at position {} is outside [0, {})", op, tokens[i], i, V);
+    if (tokens[i] < 0 || tokens[i] >= V) fail("{}: input token {} at position {} is outside the vocabulary [0, {})", op, tokens[i], i, V);
 }
 
 void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* tokens) {

@@ -9,8 +9,8 @@ namespace dmat {
 AdamW::AdamW(const Model& model, const TrainConfig& cfg)
     : model_(model),
       cfg_(cfg),
-      m_(model.declare_params(model.config()).table(), model.params().dtype(), model.params().device()),
-      v_(model.declare_params(model.config()).table(), model.params().dtype(), model.params().device()) {}
+      m_(model.param_table(), model.params().dtype(), model.params().device()),
+      v_(model.param_table(), model.params().dtype(), model.params().device()) {}
 
 double AdamW::grad_norm() const { return std::sqrt(ops::sum_squares(model_.grads().flat())); }
 

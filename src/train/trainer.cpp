@@ -27,6 +27,19 @@ namespace {
 std::atomic<int> g_signal{0};
 extern "C" void on_signal(int sig) { g_signal.store(sig); }
 
+// SIGINT/SIGTERM set g_signal while training runs; the defaults come back however train() exits.
+struct SignalGuard {
+  SignalGuard() {
+    g_signal.store(0);
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+  }
+  ~SignalGuard() {
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
+  }
+};
+
 std::string hms(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
   const int64_t t = std::llround(s);
@@ -96,13 +109,19 @@ int set_cpu_threads(int64_t n) {
   return t;
 }
 
-EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches) {
-  const int64_t T = val.seq_len();
+// Full validation batches of B sequences; at least one is required.
+static int64_t full_val_batches(const TokenLoader& val, int64_t B, const std::string& name) {
   const int64_t full = val.num_windows() / B;
   if (full == 0)
-    fail("validation set has {} windows of {} tokens, fewer than one batch of {} sequences: add validation data or "
-         "lower train.batch_size",
-         val.num_windows(), T + 1, B);
+    fail("data: {} has {} windows of {} tokens, fewer than one batch of {} sequences: add validation data or lower "
+         "train.batch_size",
+         name, val.num_windows(), val.seq_len() + 1, B);
+  return full;
+}
+
+EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches) {
+  const int64_t T = val.seq_len();
+  const int64_t full = full_val_batches(val, B, "validation set");
   const int64_t n = batches > 0 ? std::min(batches, full) : full;
   std::vector<int32_t> x(B * T), y(B * T);
   double sum = 0;
@@ -132,10 +151,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     if (int64_t(l->vocab_size()) > cfg.model.vocab_size)
       fail("data: shards have vocab size {} but model.vocab_size is {}: the model must cover the tokenizer's ids",
            l->vocab_size(), cfg.model.vocab_size);
-  if (val_data.num_windows() < tc.batch_size)
-    fail("data: validation set {} has {} windows of {} tokens, fewer than one batch of {} sequences: add "
-         "validation data or lower train.batch_size",
-         cfg.data.val, val_data.num_windows(), tc.seq_len + 1, tc.batch_size);
+  full_val_batches(val_data, tc.batch_size, "validation set " + cfg.data.val);
   const Device device = pick_device(cfg.run.device);
 
   // ---- run directory: never overwrite a user's run unless asked to continue it
@@ -191,8 +207,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     metrics.flush();
   };
 
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  SignalGuard signals;
 
   const int64_t B = tc.batch_size, T = tc.seq_len, world = 1, rank = 0;
   const int64_t seqs_per_step = B * tc.grad_accum * world;
@@ -269,23 +284,16 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       if (last_ckpt != st.step) checkpoint();
       spdlog::info("stopping at step {} as asked (--stop-at); continue with --resume", st.step);
       res.steps = st.step;
-      std::signal(SIGINT, SIG_DFL);
-      std::signal(SIGTERM, SIG_DFL);
       return res;
     }
     if (g_signal.load()) {
       spdlog::warn("signal {} received: writing a checkpoint at step {} and stopping", g_signal.load(), st.step);
       if (last_ckpt != st.step) checkpoint();
-      res.steps = st.step;
-      std::signal(SIGINT, SIG_DFL);
-      std::signal(SIGTERM, SIG_DFL);
       fail("interrupted by signal {} at step {} (checkpoint written; continue with --resume)", g_signal.load(),
            st.step);
     }
   }
   if (last_eval != st.step) run_eval();
-  std::signal(SIGINT, SIG_DFL);
-  std::signal(SIGTERM, SIG_DFL);
   res.steps = st.step;
   spdlog::info("done: {} steps, val loss {:.4f}, val perplexity {:.3f}", st.step, res.val_loss, res.val_ppl);
   return res;
