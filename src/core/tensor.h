@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "core/bf16.h"
 #include "core/error.h"
 
 namespace dmat {
@@ -31,6 +32,7 @@ const char* device_name(Device d);
 template <class T> constexpr DType dtype_of();
 template <> constexpr DType dtype_of<float>() { return DType::F32; }
 template <> constexpr DType dtype_of<double>() { return DType::F64; }
+template <> constexpr DType dtype_of<bf16>() { return DType::BF16; }
 template <> constexpr DType dtype_of<int32_t>() { return DType::I32; }
 template <> constexpr DType dtype_of<uint16_t>() { return DType::U16; }
 template <> constexpr DType dtype_of<uint32_t>() { return DType::U32; }

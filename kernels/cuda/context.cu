@@ -1,0 +1,60 @@
+#include "kernels/cuda/context.h"
+
+#include <fmt/format.h>
+
+namespace dmat::cuda {
+namespace {
+
+struct Scratch {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void* get(size_t n) {
+    if (n <= bytes) return p;
+    if (p) {
+      DMAT_CUDA_CHECK(cudaStreamSynchronize(stream()));  // the old buffer may still be in use
+      DMAT_CUDA_CHECK(cudaFree(p));
+    }
+    size_t want = std::max(n, bytes + bytes / 2);
+    DMAT_CUDA_CHECK(cudaMalloc(&p, want));
+    bytes = want;
+    return p;
+  }
+};
+
+struct Context {
+  cudaStream_t stream = nullptr;
+  Scratch ws, ws2;
+  int sms = 0;
+  size_t smem_optin = 0;
+  Context() {
+    DMAT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    int dev = 0;
+    DMAT_CUDA_CHECK(cudaGetDevice(&dev));
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int optin = 0;
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    smem_optin = size_t(optin);
+  }
+  // Process-lifetime: freeing at exit would race the driver's own teardown.
+};
+
+Context& ctx() {
+  static Context* c = new Context();
+  return *c;
+}
+
+}  // namespace
+
+void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line) {
+  throw Error(fmt::format("CUDA error {} ({}) in {} at {}:{}", cudaGetErrorName(e), cudaGetErrorString(e), what,
+                          file, line));
+}
+
+cudaStream_t stream() { return ctx().stream; }
+void* workspace(size_t bytes) { return ctx().ws.get(bytes); }
+void* workspace2(size_t bytes) { return ctx().ws2.get(bytes); }
+void synchronize() { DMAT_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+int sm_count() { return ctx().sms; }
+size_t max_smem_optin() { return ctx().smem_optin; }
+
+}  // namespace dmat::cuda
