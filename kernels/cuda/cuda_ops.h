@@ -37,6 +37,7 @@ void bf16_to_f32(float* dst, const bf16* src, int64_t n);
 void add_inplace_f32(float* y, const float* x, int64_t n);    // y += x
 void add_inplace_bf16(bf16* y, const bf16* x, int64_t n);     // y += x (fp32 math, one rounding)
 void scale_inplace_f32(float* x, int64_t n, float s);
+void scale_inplace_bf16(bf16* x, int64_t n, float s);         // x *= s (fp32 math, one rounding)
 // *out = Σ x² (double accumulation, fixed-order tree: deterministic). out is a device pointer.
 void sum_squares_f32(double* out, const float* x, int64_t n);
 // *out = Σ_i x[i] (double, deterministic). For the loss of a micro-batch.
@@ -54,6 +55,13 @@ void rmsnorm_forward(bf16* y, float* rstd, const bf16* x, const bf16* w, int64_t
 // dx overwrite (or += when accumulate_dx); dw += Σ_rows (deterministic; skipped when null).
 void rmsnorm_backward(bf16* dx, float* dw, const bf16* dy, const bf16* x, const bf16* w, const float* rstd,
                       int64_t rows, int64_t D, bool accumulate_dx);
+
+// Fused residual + RMSNorm (one pass over the row instead of two): out = r ⊙ x + branch (bf16,
+// r may be null: 1; out may alias x or branch), then y = rmsnorm(out) · w and rstd exactly as
+// rmsnorm_forward on the stored (bf16-rounded) out: the same bits as residual_forward followed by
+// rmsnorm_forward. y must not alias out, x or branch.
+void residual_rmsnorm_forward(bf16* out, bf16* y, float* rstd, const bf16* x, const bf16* r, const bf16* branch,
+                              const bf16* w, int64_t rows, int64_t D, float eps);
 
 // ---- RoPE, rotate-half, x [B,T,H,Dh]; angles as the CPU reference (double, rounded once) ------
 void rope_forward(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta);
