@@ -64,6 +64,7 @@ struct AttnShape {
   int64_t B = 0, T = 0, H = 0, Hkv = 0, Dqk = 0, Dv = 0;
   double scale = 0;   // usually 1/sqrt(Dqk)
   int64_t window = 0; // 0: full causal
+  bool deterministic = true;  // CUDA backward: no float atomics (the CPU kernels always are)
 };
 // q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv] -> out [B,T,H,Dv] (overwrite),
 // lse [B,H,T] (overwrite): log Σ_j exp(s_ij), the softmax statistics backward needs.

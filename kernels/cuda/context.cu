@@ -27,7 +27,9 @@ struct Context {
   int sms = 0;
   size_t smem_optin = 0;
   Context() {
-    DMAT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // A blocking stream: work on the legacy default stream (cudaMemset/cudaMemcpy of arenas and
+    // uploads in core/) is ordered with the kernels on this one without explicit events.
+    DMAT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamDefault));
     int dev = 0;
     DMAT_CUDA_CHECK(cudaGetDevice(&dev));
     DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));

@@ -3,6 +3,9 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace dmat::cuda {
 
 int device_count() {
@@ -20,6 +23,23 @@ std::string device_summary(int id) {
   if (e != cudaSuccess) return fmt::format("device {}: {}", id, cudaGetErrorString(e));
   return fmt::format("{}, sm_{}{}, {:.1f} GiB, {} SMs", p.name, p.major, p.minor,
                      double(p.totalGlobalMem) / (1ull << 30), p.multiProcessorCount);
+}
+
+}  // namespace dmat::cuda
+
+namespace dmat::cuda {
+
+bool cuda_built() { return true; }
+
+double peak_bf16_flops(int id) {
+  if (const char* e = std::getenv("DMAT_PEAK_TFLOPS")) return std::atof(e) * 1e12;
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, id) != cudaSuccess) return 0.0;
+  const std::string n = p.name;
+  if (n.find("H100") != std::string::npos && n.find("PCIe") != std::string::npos) return 756e12;
+  if (n.find("H100") != std::string::npos || n.find("H200") != std::string::npos) return 989e12;
+  if (n.find("A100") != std::string::npos) return 312e12;
+  return 0.0;
 }
 
 }  // namespace dmat::cuda

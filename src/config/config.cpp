@@ -97,6 +97,7 @@ const std::vector<Field<TrainConfig>> kTrainFields = {
     {"eval_interval", &TrainConfig::eval_interval},
     {"eval_batches", &TrainConfig::eval_batches},
     {"checkpoint_interval", &TrainConfig::checkpoint_interval},
+    {"recompute", &TrainConfig::recompute},
 };
 
 const std::vector<Field<DataConfig>> kDataFields = {
@@ -111,6 +112,7 @@ const std::vector<Field<RunConfig>> kRunFields = {
     {"threads", &RunConfig::threads},
     {"log_interval", &RunConfig::log_interval},
     {"keep_checkpoints", &RunConfig::keep_checkpoints},
+    {"deterministic", &RunConfig::deterministic},
 };
 
 // ---- small helpers ---------------------------------------------------------------------------

@@ -60,6 +60,7 @@ struct TrainConfig {
   int64_t eval_interval = 100;     // steps between validation passes (and at the end); 0: only at end
   int64_t eval_batches = 0;        // micro-batches of the validation set per pass; 0: all of it
   int64_t checkpoint_interval = 0; // steps between checkpoints; 0: only at the end
+  bool recompute = false;          // recompute each block's activations in backward (less memory, ~1/3 more compute)
 };
 
 struct DataConfig {
@@ -74,6 +75,7 @@ struct RunConfig {
   int64_t threads = 0;             // CPU threads; 0: all cores
   int64_t log_interval = 10;       // steps between log lines / metrics rows
   int64_t keep_checkpoints = 3;    // newest complete checkpoints kept; 0 keeps all
+  bool deterministic = true;       // CUDA: bitwise-reproducible kernels (attention dQ without atomics)
 };
 
 struct Config {

@@ -17,6 +17,7 @@ struct LayerCtx {
   const Arena* grads = nullptr;
   const Arena* acts = nullptr;
   int64_t B = 0, T = 0;
+  bool deterministic = true;  // CUDA kernels without float atomics
   Tensor P(int h) const { return params->get(h); }
   Tensor G(int h) const { return grads->get(h); }
   Tensor A(int h) const { return acts->get(h); }

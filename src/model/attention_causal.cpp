@@ -32,12 +32,12 @@ class CausalAttention final : public Attention {
     k_ = t.add(p + "k", {B, T, Hkv_, Dh_});
     v_ = t.add(p + "v", {B, T, Hkv_, Dh_});
     o_ = t.add(p + "o", {N, H_ * Dh_});       // attention output before o_proj
-    lse_ = t.add(p + "lse", {B, H_, T});
+    lse_ = t.add_stat(p + "lse", {B, H_, T});
     if (qk_norm_) {
       qpre_ = t.add(p + "q_pre", {B, T, H_, Dh_});
       kpre_ = t.add(p + "k_pre", {B, T, Hkv_, Dh_});
-      rq_ = t.add(p + "q_rstd", {N * H_});
-      rk_ = t.add(p + "k_rstd", {N * Hkv_});
+      rq_ = t.add_stat(p + "q_rstd", {N * H_});
+      rk_ = t.add_stat(p + "k_rstd", {N * Hkv_});
     }
     // scratch shared by all layers (backward runs one layer at a time)
     dq_ = t.add_shared("scratch.attn.dq", {B, T, H_, Dh_});
@@ -55,6 +55,7 @@ class CausalAttention final : public Attention {
     s.B = c.B; s.T = c.T; s.H = H_; s.Hkv = Hkv_; s.Dqk = Dh_; s.Dv = Dh_;
     s.scale = 1.0 / std::sqrt(double(Dh_));
     s.window = window_;
+    s.deterministic = c.deterministic;
     return s;
   }
 

@@ -38,11 +38,11 @@ struct Model::Block {
   void declare_acts(TensorTable& t, const std::string& p, int64_t B, int64_t T) {
     const int64_t N = B * T;
     ln1_out = t.add(p + "ln1", {N, D});
-    rstd1 = t.add(p + "rstd1", {N});
+    rstd1 = t.add_stat(p + "rstd1", {N});
     attn->declare_acts(t, p + "attn.", B, T);
     mid = t.add(p + "mid", {N, D});
     ln2_out = t.add(p + "ln2", {N, D});
-    rstd2 = t.add(p + "rstd2", {N});
+    rstd2 = t.add_stat(p + "rstd2", {N});
     g = t.add(p + "g", {N, F});
     u = t.add(p + "u", {N, F});
     a = t.add(p + "a", {N, F});
@@ -112,7 +112,8 @@ Layout build_layout(const ModelConfig& cfg) {
 }
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, NoAlloc) : cfg_(cfg), dtype_(DType::F32), device_(Device::CPU) {
+Model::Model(const ModelConfig& cfg, NoAlloc, bool recompute)
+    : cfg_(cfg), dtype_(DType::F32), device_(Device::CPU), recompute_(recompute) {
   Layout L = build_layout(cfg);
   ptable_ = std::move(L.params);
   blocks_ = std::move(L.blocks);
@@ -121,11 +122,17 @@ Model::Model(const ModelConfig& cfg, NoAlloc) : cfg_(cfg), dtype_(DType::F32), d
   h_head_ = L.head;
 }
 
-Model::Model(const ModelConfig& cfg, DType dtype, Device device) : Model(cfg, NoAlloc{}) {
+Model::Model(const ModelConfig& cfg, DType dtype, Device device, bool recompute) : Model(cfg, NoAlloc{}, recompute) {
+  if (device == Device::CUDA && dtype != DType::BF16)
+    fail("model: the CUDA backend trains in bf16 with fp32 master weights (asked for {})", dtype_name(dtype));
+  if (device == Device::CPU && dtype != DType::F32 && dtype != DType::F64)
+    fail("model: the CPU backend runs in f32 or f64 (asked for {})", dtype_name(dtype));
   dtype_ = dtype;
   device_ = device;
   params_ = Arena(ptable_.table(), dtype, device);
-  grads_ = Arena(ptable_.table(), dtype, device);
+  const DType gdt = dtype == DType::BF16 ? DType::F32 : dtype;  // gradients accumulate in fp32
+  grads_ = Arena(ptable_.table(), gdt, device);
+  if (dtype == DType::BF16) master_ = Arena(ptable_.table(), DType::F32, device);
 }
 
 Model::~Model() = default;
@@ -143,20 +150,42 @@ int64_t Model::num_params() const {
   return n;
 }
 
+Arena Model::host_weights() const {
+  const Arena& src = master_.defined() ? master_ : params_;
+  Arena h = src.like(Device::CPU);
+  h.copy_from(src);
+  return h;
+}
+
+void Model::set_weights(const Arena& host) {
+  if (master_.defined()) {
+    master_.copy_from(host);
+    sync_working_copy();
+  } else {
+    params_.copy_from(host);
+  }
+}
+
+void Model::sync_working_copy() {
+  if (master_.defined()) ops::convert(params_.flat(), master_.flat());
+}
+
 void Model::init_weights(uint64_t seed) {
+  // Generated on the host in full precision, then set (CUDA: master, then the bf16 copy), so CPU
+  // and GPU models of one seed start from the same weights.
+  Arena h = (master_.defined() ? master_ : params_).like(Device::CPU);
   const auto& info = ptable_.info();
   for (size_t i = 0; i < info.size(); ++i) {
-    Tensor t = params_.get(int(i));
+    Tensor t = h.get(int(i));
     switch (info[i].init) {
       case Init::Ones: ops::fill(t, 1.0); break;
       case Init::Zeros: ops::fill(t, 0.0); break;
       case Init::Normal: {
         // Each tensor draws from its own stream: hash(seed, tensor index). Values are generated in
-        // double on the host and rounded once, so f32 and f64 models start from the same weights.
-        DMAT_CHECK(device_ == Device::CPU, "init on {}", device_name(device_));
+        // double and rounded once, so f32 and f64 models start from the same weights.
         Rng r(hash64(seed, 0x1417ull, i));
         const int64_t n = t.numel();
-        if (dtype_ == DType::F32) {
+        if (t.dtype == DType::F32) {
           float* p = t.as<float>();
           for (int64_t j = 0; j < n; ++j) p[j] = float(info[i].std * r.normal());
         } else {
@@ -167,19 +196,38 @@ void Model::init_weights(uint64_t seed) {
       }
     }
   }
+  set_weights(h);
+}
+
+int64_t Model::head_chunk_rows(const ModelConfig& cfg, int64_t N, Device device) {
+  // CPU: all rows at once (logits() stays available). CUDA: about 2^27 logits (256 MiB of bf16)
+  // per chunk: big enough for full-speed GEMMs, small next to the rest of the activations.
+  if (device == Device::CPU) return N;
+  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 27) / cfg.vocab_size));
+}
+
+size_t Model::activation_bytes(const ModelConfig& cfg, int64_t B, int64_t T, DType dtype, bool recompute) {
+  Model m(cfg, NoAlloc{}, recompute);
+  m.device_ = dtype == DType::BF16 ? Device::CUDA : Device::CPU;
+  return m.act_table(B, T).total_bytes(dtype);
 }
 
 TensorTable Model::act_table(int64_t B, int64_t T) {
   const int64_t N = B * T, D = cfg_.d_model, V = cfg_.vocab_size;
+  head_rows_ = head_chunk_rows(cfg_, N, device_);
   TensorTable t;
   a_resid_.clear();
   for (int64_t l = 0; l <= cfg_.n_layers; ++l) a_resid_.push_back(t.add("resid." + std::to_string(l), {N, D}));
+  // With recomputation every block declares the same names: one set of buffers for all blocks.
+  t.set_share_all(recompute_);
   for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    blocks_[l]->declare_acts(t, "layers." + std::to_string(l) + ".", B, T);
+    blocks_[l]->declare_acts(t, recompute_ ? std::string("layers.recomputed.") : "layers." + std::to_string(l) + ".", B, T);
+  t.set_share_all(false);
+  if (recompute_) s_block_out_ = t.add("scratch.block_out", {N, D});
   a_lnf_ = t.add("final.ln", {N, D});
-  a_rstdf_ = t.add("final.rstd", {N});
-  a_logits_ = t.add("final.logits", {N, V});  // holds the logits' gradient after a training forward
-  a_loss_ = t.add("final.loss", {N});
+  a_rstdf_ = t.add_stat("final.rstd", {N});
+  a_logits_ = t.add("final.logits", {head_rows_, V});  // one chunk; holds its gradient after a training chunk
+  a_loss_ = t.add_stat("final.loss", {N});
   s_dres_ = t.add("scratch.dresid.a", {N, D});
   s_dres2_ = t.add("scratch.dresid.b", {N, D});
   s_dln_ = t.add("scratch.dln_final", {N, D});
@@ -188,7 +236,14 @@ TensorTable Model::act_table(int64_t B, int64_t T) {
 
 void Model::reserve(int64_t B, int64_t T) {
   if (B == B_ && T == T_) return;
+  acts_ = Arena();  // free the old activations first
   acts_ = Arena(act_table(B, T), dtype_, device_);
+  if (device_ == Device::CUDA) {
+    TensorTable tt;
+    tt.add("inputs", {B * T});
+    tt.add("targets", {B * T});
+    tokens_dev_ = Arena(tt, DType::I32, device_);
+  }
   B_ = B;
   T_ = T;
 }
@@ -200,38 +255,72 @@ LayerCtx Model::ctx() const {
   c.acts = &acts_;
   c.B = B_;
   c.T = T_;
+  c.deterministic = deterministic_;
   return c;
 }
 
 double Model::forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, double grad_scale,
                       int64_t* n_valid) {
   reserve(B, T);
-  const int64_t N = B * T;
+  const int64_t N = B * T, V = cfg_.vocab_size;
   inputs_.assign(inputs, inputs + N);
   targets_.assign(targets, targets + N);
+  const int32_t* tok_in = inputs_.data();
+  const int32_t* tok_tgt = targets_.data();
+  if (device_ == Device::CUDA) {
+    // Range checks on the host (CPU kernels check their own), then one upload per micro-batch.
+    for (int64_t i = 0; i < N; ++i) {
+      if (inputs_[i] < 0 || inputs_[i] >= V)
+        fail("model: input token {} at position {} is outside the vocabulary [0, {})", inputs_[i], i, V);
+      if (targets_[i] >= V) fail("model: target {} at position {} is outside the vocabulary [0, {})", targets_[i], i, V);
+    }
+    Tensor in_d = tokens_dev_.get(0), tg_d = tokens_dev_.get(1);
+    ops::copy(in_d, Tensor{inputs_.data(), in_d.shape, DType::I32, Device::CPU});
+    ops::copy(tg_d, Tensor{targets_.data(), tg_d.shape, DType::I32, Device::CPU});
+    tok_in = in_d.as<int32_t>();
+    tok_tgt = tg_d.as<int32_t>();
+  }
   LayerCtx c = ctx();
-  Tensor W_out = params_.get(h_head_ >= 0 ? h_head_ : h_embed_);
 
-  ops::embedding_forward(acts_.get(a_resid_[0]), params_.get(h_embed_), inputs_.data());
+  ops::embedding_forward(acts_.get(a_resid_[0]), params_.get(h_embed_), tok_in);
   for (int64_t l = 0; l < cfg_.n_layers; ++l)
     blocks_[l]->forward(c, acts_.get(a_resid_[l]), acts_.get(a_resid_[l + 1]));
   ops::rmsnorm_forward(acts_.get(a_lnf_), acts_.get(a_rstdf_), acts_.get(a_resid_[cfg_.n_layers]),
                        params_.get(h_norm_), cfg_.norm_eps);
-  Tensor logits = acts_.get(a_logits_);
-  ops::linear_forward(logits, acts_.get(a_lnf_), W_out);
   have_grad_ = grad_scale > 0;
-  ops::softmax_xent(acts_.get(a_loss_), have_grad_ ? logits : Tensor{}, logits, targets_.data(), grad_scale);
+  head_loss(tok_tgt, grad_scale);
 
-  // Sum in double, in order: the reported loss is reproducible bit for bit.
-  Tensor loss = acts_.get(a_loss_);
-  double sum = 0;
   int64_t valid = 0;
+  for (int64_t i = 0; i < N; ++i) valid += targets_[i] >= 0;
+  if (n_valid) *n_valid = valid;
+  return sum_loss(N);
+}
+
+// LM head and cross-entropy, chunk by chunk of rows. In training the head's backward follows each
+// chunk at once (dln_final and the head's gradient), so only one chunk of logits ever exists.
+void Model::head_loss(const int32_t* targets, double grad_scale) {
+  const int64_t N = B_ * T_;
+  const int h_out = h_head_ >= 0 ? h_head_ : h_embed_;
+  Tensor W = params_.get(h_out), lnf = acts_.get(a_lnf_), loss = acts_.get(a_loss_), dln = acts_.get(s_dln_);
+  Tensor logits = acts_.get(a_logits_);
+  for (int64_t r0 = 0; r0 < N; r0 += head_rows_) {
+    const int64_t n = std::min(head_rows_, N - r0);
+    Tensor lg = logits.rows(0, n), x = lnf.rows(r0, n);
+    ops::linear_forward(lg, x, W);
+    ops::softmax_xent(loss.rows(r0, n), have_grad_ ? lg : Tensor{}, lg, targets + r0, grad_scale);
+    if (have_grad_) ops::linear_backward(dln.rows(r0, n), grads_.get(h_out), lg, x, W, false);
+  }
+}
+
+// Σ loss over the rows, in double (rows with target < 0 hold 0). Reproducible bit for bit.
+double Model::sum_loss(int64_t N) {
+  Tensor loss = acts_.get(a_loss_);
+  if (device_ == Device::CUDA) return ops::sum(loss);
+  double sum = 0;
   for (int64_t i = 0; i < N; ++i) {
     if (targets_[i] < 0) continue;
     sum += dtype_ == DType::F32 ? double(loss.as<float>()[i]) : loss.as<double>()[i];
-    ++valid;
   }
-  if (n_valid) *n_valid = valid;
   return sum;
 }
 
@@ -239,20 +328,23 @@ void Model::backward() {
   DMAT_CHECK(have_grad_, "backward() needs a forward() with grad_scale > 0");
   have_grad_ = false;
   LayerCtx c = ctx();
-  const int h_out = h_head_ >= 0 ? h_head_ : h_embed_;
   Tensor dres = acts_.get(s_dres_), dres2 = acts_.get(s_dres2_), dln = acts_.get(s_dln_);
-  ops::linear_backward(dln, grads_.get(h_out), acts_.get(a_logits_), acts_.get(a_lnf_), params_.get(h_out), false);
+  // The LM head's backward already ran chunk by chunk in forward (head_loss): dln is ∂/∂RMSNorm(h_L).
   ops::rmsnorm_backward(dres, grads_.get(h_norm_), dln, acts_.get(a_resid_[cfg_.n_layers]), params_.get(h_norm_),
                         acts_.get(a_rstdf_), false);
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
+    // (the last block's activations are still those of the forward pass)
+    if (recompute_ && l + 1 < cfg_.n_layers) blocks_[l]->forward(c, acts_.get(a_resid_[l]), acts_.get(s_block_out_));
     blocks_[l]->backward(c, acts_.get(a_resid_[l]), dres, dres2);
     std::swap(dres, dres2);
   }
-  ops::embedding_backward(grads_.get(h_embed_), dres, inputs_.data());
+  const int32_t* tok_in = device_ == Device::CUDA ? tokens_dev_.get(0).as<int32_t>() : inputs_.data();
+  ops::embedding_backward(grads_.get(h_embed_), dres, tok_in);
 }
 
 Tensor Model::logits() const {
   DMAT_CHECK(a_logits_ >= 0 && !have_grad_, "logits() after a forward() with grad_scale == 0");
+  DMAT_CHECK(head_rows_ == B_ * T_, "logits() needs the whole batch in one head chunk (CPU)");
   return acts_.get(a_logits_);
 }
 

@@ -5,6 +5,12 @@
 // r₁, r₂ are learned per-channel residual scales (model.residual_scale) or 1.
 // Forward and backward are written by hand as a list of op calls; parameters, gradients and
 // activations each live in one arena.
+//
+// Precision: on the CPU one float type throughout (f32 to train, f64 for gradient checks). On CUDA
+// (dtype BF16): bf16 weights and activations, fp32 master weights (the truth, saved in
+// checkpoints), fp32 gradients accumulated across micro-steps, fp32 norm/softmax statistics.
+// The LM head and the cross-entropy run in row chunks, with the head's backward done right after
+// each chunk's loss, so logits for the whole batch never exist at once on the GPU.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -19,7 +25,8 @@ namespace dmat {
 
 class Model {
  public:
-  Model(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU);
+  // recompute: keep only each block's input and recompute its activations in backward.
+  Model(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU, bool recompute = false);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -29,6 +36,14 @@ class Model {
   const TensorTable& param_table() const { return ptable_.table(); }
   const Arena& params() const { return params_; }
   const Arena& grads() const { return grads_; }
+  // fp32 master weights on CUDA (undefined on the CPU, where params() are the master copy).
+  const Arena& master() const { return master_; }
+  // The weights in full precision on the host (a copy), and setting them from such a copy
+  // (CUDA: master updated, bf16 working copy re-derived).
+  Arena host_weights() const;
+  void set_weights(const Arena& host);
+  // After the fp32 master changed (optimizer step on CUDA): refresh the bf16 working copy.
+  void sync_working_copy();
   int64_t num_params() const;  // real elements (no padding)
   void zero_grad() { grads_.zero(); }
   DType dtype() const { return dtype_; }
@@ -39,7 +54,7 @@ class Model {
 
   // Sum of the loss over positions whose target is >= 0; *n_valid gets their count. When
   // grad_scale > 0 the logits' gradient (grad_scale · ∂Σloss/∂logits) is prepared for backward();
-  // otherwise logits() holds the logits afterwards. inputs/targets: [B·T].
+  // otherwise logits() holds the logits afterwards (CPU). inputs/targets: host arrays [B·T].
   double forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, double grad_scale,
                  int64_t* n_valid = nullptr);
   // Accumulates parameter gradients (+=) for the last forward (which must have had grad_scale > 0).
@@ -49,27 +64,38 @@ class Model {
   // Sizes without allocating anything (for `dmatrain info`).
   static ParamTable declare_params(const ModelConfig& cfg);
   static int64_t activation_elements(const ModelConfig& cfg, int64_t B, int64_t T);
+  // Activation arena bytes for a dtype (BF16: statistics in fp32), with or without recomputation.
+  static size_t activation_bytes(const ModelConfig& cfg, int64_t B, int64_t T, DType dtype, bool recompute);
+  // Rows of the LM head / cross-entropy chunk for N = B·T rows.
+  static int64_t head_chunk_rows(const ModelConfig& cfg, int64_t N, Device device);
+  void set_deterministic(bool on) { deterministic_ = on; }
 
   struct Block;
 
  private:
   struct NoAlloc {};
-  Model(const ModelConfig& cfg, NoAlloc);
+  Model(const ModelConfig& cfg, NoAlloc, bool recompute = false);
   TensorTable act_table(int64_t B, int64_t T);
   void reserve(int64_t B, int64_t T);
   LayerCtx ctx() const;
 
+  void head_loss(const int32_t* targets, double grad_scale);
+  double sum_loss(int64_t N);
+
   ModelConfig cfg_;
   DType dtype_;
   Device device_;
+  bool recompute_ = false, deterministic_ = true;
   ParamTable ptable_;
-  Arena params_, grads_, acts_;
+  Arena params_, grads_, master_, acts_, tokens_dev_;
   std::vector<std::unique_ptr<Block>> blocks_;
   int h_embed_ = -1, h_norm_ = -1, h_head_ = -1;  // head: -1 when tied
   // activations
   int64_t B_ = 0, T_ = 0;
   std::vector<int> a_resid_;  // L+1 residual stream states [B·T, D]
-  int a_lnf_ = -1, a_rstdf_ = -1, a_logits_ = -1, a_loss_ = -1, s_dres_ = -1, s_dres2_ = -1, s_dln_ = -1;
+  int a_lnf_ = -1, a_rstdf_ = -1, a_logits_ = -1, a_loss_ = -1, s_dres_ = -1, s_dres2_ = -1, s_dln_ = -1,
+      s_block_out_ = -1;
+  int64_t head_rows_ = 0;  // rows per LM-head chunk
   std::vector<int32_t> inputs_, targets_;
   bool have_grad_ = false;
 };

@@ -1,13 +1,43 @@
 #include "ops/ops.h"
 
+#ifdef DMAT_WITH_CUDA
+#include "kernels/cuda/context.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/flash_attention.h"
+#endif
+
 namespace dmat::ops {
 namespace {
 
-// Calls f(T{}) with T the tensor's float type; CUDA tensors are refused until the CUDA backend
-// (kernels/cuda) provides the op.
+// CUDA tensors: true when the op should take its CUDA path (which each op writes out beside the
+// CPU one); a build without CUDA refuses them here.
+bool on_cuda(const char* op, const Tensor& t) {
+  if (t.device != Device::CUDA) return false;
+#ifndef DMAT_WITH_CUDA
+  fail("op {}: a CUDA tensor in a build without the CUDA backend (configure with -DDMAT_CUDA=ON)", op);
+#endif
+  return true;
+}
+
+// Typed device pointers with the precision the CUDA backend expects (cuda_ops.h): activations and
+// weights bf16, parameter gradients and statistics fp32. Undefined tensors give nullptr.
+bf16* bf(const Tensor& t, const char* op) {
+  if (!t.defined()) return nullptr;
+  DMAT_CHECK(t.device == Device::CUDA && t.dtype == DType::BF16, "op {}: expected a bf16 CUDA tensor, got {} on {}",
+             op, dtype_name(t.dtype), device_name(t.device));
+  return static_cast<bf16*>(t.data);
+}
+float* f32(const Tensor& t, const char* op) {
+  if (!t.defined()) return nullptr;
+  DMAT_CHECK(t.device == Device::CUDA && t.dtype == DType::F32, "op {}: expected an fp32 CUDA tensor, got {} on {}",
+             op, dtype_name(t.dtype), device_name(t.device));
+  return static_cast<float*>(t.data);
+}
+
+// Calls f(T{}) with T the tensor's float type (CPU reference kernels).
 template <class F>
 void dispatch(const char* op, const Tensor& t, F&& f) {
-  if (t.device != Device::CPU) fail("op {}: no CUDA implementation in this build yet", op);
+  if (t.device != Device::CPU) fail("op {}: no CUDA implementation", op);
   switch (t.dtype) {
     case DType::F32: f(float{}); return;
     case DType::F64: f(double{}); return;
@@ -34,6 +64,12 @@ void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W) {
              "linear: x {} W {} y {}", x.shape.str(), W.shape.str(), y.shape.str());
   same_type("linear", y, x);
   same_type("linear", y, W);
+  if (on_cuda("linear", y)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::gemm(bf(y, "linear"), false, bf(x, "linear"), bf(W, "linear"), M, N, K, false, true, 1.f, 0.f);
+#endif
+    return;
+  }
   dispatch("linear", y, [&](auto t) {
     using T = decltype(t);
     cpu::gemm<T>(p<T>(y), p<T>(x), p<T>(W), M, N, K, false, true, T(1), T(0));
@@ -45,6 +81,18 @@ void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const
   const int64_t K = last_dim(x), M = rows_of(x), N = W.shape[0];
   DMAT_CHECK(W.shape.n == 2 && W.shape[1] == K && dy.numel() == M * N && dW.shape == W.shape,
              "linear_backward: x {} W {} dy {}", x.shape.str(), W.shape.str(), dy.shape.str());
+  if (on_cuda("linear_backward", dy)) {
+#ifdef DMAT_WITH_CUDA
+    if (dx.defined()) {
+      DMAT_CHECK(dx.numel() == x.numel(), "linear_backward: dx {} x {}", dx.shape.str(), x.shape.str());
+      cuda::gemm(bf(dx, "linear_backward"), false, bf(dy, "linear_backward"), bf(W, "linear_backward"), M, K, N, false,
+                 false, 1.f, accumulate_dx ? 1.f : 0.f);
+    }
+    cuda::gemm(f32(dW, "linear_backward"), true, bf(dy, "linear_backward"), bf(x, "linear_backward"), N, K, M, true,
+               false, 1.f, 1.f);
+#endif
+    return;
+  }
   dispatch("linear_backward", dy, [&](auto t) {
     using T = decltype(t);
     if (dx.defined()) {
@@ -63,6 +111,12 @@ static void check_tokens(const char* op, const int32_t* tokens, int64_t n, int64
 void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* tokens) {
   const int64_t D = table.shape[1];
   DMAT_CHECK(last_dim(out) == D, "embedding: out {} table {}", out.shape.str(), table.shape.str());
+  if (on_cuda("embedding", out)) {  // tokens are on the device; the caller checked their range
+#ifdef DMAT_WITH_CUDA
+    cuda::embedding_forward(bf(out, "embedding"), bf(table, "embedding"), tokens, rows_of(out), D);
+#endif
+    return;
+  }
   check_tokens("embedding", tokens, rows_of(out), table.shape[0]);
   dispatch("embedding", out, [&](auto t) {
     using T = decltype(t);
@@ -73,6 +127,13 @@ void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* to
 void embedding_backward(const Tensor& dtable, const Tensor& dout, const int32_t* tokens) {
   const int64_t D = dtable.shape[1];
   DMAT_CHECK(last_dim(dout) == D, "embedding_backward: dout {} table {}", dout.shape.str(), dtable.shape.str());
+  if (on_cuda("embedding_backward", dout)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::embedding_backward(f32(dtable, "embedding_backward"), bf(dout, "embedding_backward"), tokens, rows_of(dout),
+                             D, dtable.shape[0]);
+#endif
+    return;
+  }
   check_tokens("embedding_backward", tokens, rows_of(dout), dtable.shape[0]);
   dispatch("embedding_backward", dout, [&](auto t) {
     using T = decltype(t);
@@ -84,6 +145,12 @@ void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const
   const int64_t D = last_dim(x), R = rows_of(x);
   DMAT_CHECK(y.numel() == x.numel() && rstd.numel() == R && (!w.defined() || w.numel() == D),
              "rmsnorm: x {} y {} rstd {}", x.shape.str(), y.shape.str(), rstd.shape.str());
+  if (on_cuda("rmsnorm", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::rmsnorm_forward(bf(y, "rmsnorm"), f32(rstd, "rmsnorm"), bf(x, "rmsnorm"), bf(w, "rmsnorm"), R, D, float(eps));
+#endif
+    return;
+  }
   dispatch("rmsnorm", x, [&](auto t) {
     using T = decltype(t);
     cpu::rmsnorm_forward<T>(p<T>(y), p<T>(rstd), p<T>(x), p<T>(w), R, D, eps);
@@ -95,6 +162,13 @@ void rmsnorm_backward(const Tensor& dx, const Tensor& dw, const Tensor& dy, cons
   const int64_t D = last_dim(x), R = rows_of(x);
   DMAT_CHECK(dx.numel() == x.numel() && dy.numel() == x.numel() && rstd.numel() == R,
              "rmsnorm_backward: x {} dx {} dy {}", x.shape.str(), dx.shape.str(), dy.shape.str());
+  if (on_cuda("rmsnorm_backward", x)) {
+#ifdef DMAT_WITH_CUDA
+    const char* o = "rmsnorm_backward";
+    cuda::rmsnorm_backward(bf(dx, o), f32(dw, o), bf(dy, o), bf(x, o), bf(w, o), f32(rstd, o), R, D, accumulate_dx);
+#endif
+    return;
+  }
   dispatch("rmsnorm_backward", x, [&](auto t) {
     using T = decltype(t);
     cpu::rmsnorm_backward<T>(p<T>(dx), p<T>(dw), p<T>(dy), p<T>(x), p<T>(w), p<T>(rstd), R, D, accumulate_dx);
@@ -103,6 +177,12 @@ void rmsnorm_backward(const Tensor& dx, const Tensor& dw, const Tensor& dy, cons
 
 void rope_forward(const Tensor& y, const Tensor& x, double theta) {
   DMAT_CHECK(x.shape.n == 4 && y.shape == x.shape, "rope: x {} y {}", x.shape.str(), y.shape.str());
+  if (on_cuda("rope", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::rope_forward(bf(y, "rope"), bf(x, "rope"), x.shape[0], x.shape[1], x.shape[2], x.shape[3], theta);
+#endif
+    return;
+  }
   dispatch("rope", x, [&](auto t) {
     using T = decltype(t);
     cpu::rope_forward<T>(p<T>(y), p<T>(x), x.shape[0], x.shape[1], x.shape[2], x.shape[3], theta);
@@ -111,6 +191,13 @@ void rope_forward(const Tensor& y, const Tensor& x, double theta) {
 
 void rope_backward(const Tensor& dx, const Tensor& dy, double theta) {
   DMAT_CHECK(dy.shape.n == 4 && dx.shape == dy.shape, "rope_backward: dy {} dx {}", dy.shape.str(), dx.shape.str());
+  if (on_cuda("rope_backward", dy)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::rope_backward(bf(dx, "rope_backward"), bf(dy, "rope_backward"), dy.shape[0], dy.shape[1], dy.shape[2],
+                        dy.shape[3], theta);
+#endif
+    return;
+  }
   dispatch("rope_backward", dy, [&](auto t) {
     using T = decltype(t);
     cpu::rope_backward<T>(p<T>(dx), p<T>(dy), dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3], theta);
@@ -129,6 +216,15 @@ static void check_attn(const char* op, const Tensor& out, const Tensor& lse, con
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const AttnShape& s) {
   check_attn("attention", out, lse, q, k, v, s);
+  if (on_cuda("attention", q)) {
+#ifdef DMAT_WITH_CUDA
+    if (!cuda::flash_attention_supported(s))
+      fail("attention: head dims (qk {}, v {}) have no CUDA kernel (supported: 64/64, 128/128, 192/128)", s.Dqk, s.Dv);
+    cuda::flash_attention_forward(bf(out, "attention"), f32(lse, "attention"), bf(q, "attention"), bf(k, "attention"),
+                                  bf(v, "attention"), s);
+#endif
+    return;
+  }
   dispatch("attention", q, [&](auto t) {
     using T = decltype(t);
     cpu::attention_forward<T>(p<T>(out), p<T>(lse), p<T>(q), p<T>(k), p<T>(v), s);
@@ -142,6 +238,14 @@ void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, co
   DMAT_CHECK(dq.numel() == q.numel() && dk.numel() == k.numel() && dv.numel() == v.numel() &&
                  dout.numel() == out.numel(),
              "attention_backward: gradient shapes");
+  if (on_cuda("attention_backward", q)) {
+#ifdef DMAT_WITH_CUDA
+    const char* o = "attention_backward";
+    cuda::flash_attention_backward(bf(dq, o), bf(dk, o), bf(dv, o), bf(dout, o), bf(out, o), f32(lse, o), bf(q, o),
+                                   bf(k, o), bf(v, o), s, s.deterministic);
+#endif
+    return;
+  }
   dispatch("attention_backward", q, [&](auto t) {
     using T = decltype(t);
     cpu::attention_backward<T>(p<T>(dq), p<T>(dk), p<T>(dv), p<T>(dout), p<T>(out), p<T>(lse), p<T>(q), p<T>(k),
@@ -151,6 +255,12 @@ void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, co
 
 void swiglu_forward(const Tensor& out, const Tensor& g, const Tensor& u) {
   DMAT_CHECK(out.numel() == g.numel() && u.numel() == g.numel(), "swiglu: shapes");
+  if (on_cuda("swiglu", g)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::swiglu_forward(bf(out, "swiglu"), bf(g, "swiglu"), bf(u, "swiglu"), g.numel());
+#endif
+    return;
+  }
   dispatch("swiglu", g, [&](auto t) {
     using T = decltype(t);
     cpu::swiglu_forward<T>(p<T>(out), p<T>(g), p<T>(u), g.numel());
@@ -159,6 +269,13 @@ void swiglu_forward(const Tensor& out, const Tensor& g, const Tensor& u) {
 
 void swiglu_backward(const Tensor& dg, const Tensor& du, const Tensor& dout, const Tensor& g, const Tensor& u) {
   DMAT_CHECK(dg.numel() == g.numel() && du.numel() == g.numel() && dout.numel() == g.numel(), "swiglu_backward: shapes");
+  if (on_cuda("swiglu_backward", g)) {
+#ifdef DMAT_WITH_CUDA
+    const char* o = "swiglu_backward";
+    cuda::swiglu_backward(bf(dg, o), bf(du, o), bf(dout, o), bf(g, o), bf(u, o), g.numel());
+#endif
+    return;
+  }
   dispatch("swiglu_backward", g, [&](auto t) {
     using T = decltype(t);
     cpu::swiglu_backward<T>(p<T>(dg), p<T>(du), p<T>(dout), p<T>(g), p<T>(u), g.numel());
@@ -169,6 +286,12 @@ void residual_forward(const Tensor& out, const Tensor& x, const Tensor& r, const
   const int64_t D = last_dim(x), R = rows_of(x);
   DMAT_CHECK(out.numel() == x.numel() && branch.numel() == x.numel() && (!r.defined() || r.numel() == D),
              "residual: shapes");
+  if (on_cuda("residual", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::residual_forward(bf(out, "residual"), bf(x, "residual"), bf(r, "residual"), bf(branch, "residual"), R, D);
+#endif
+    return;
+  }
   dispatch("residual", x, [&](auto t) {
     using T = decltype(t);
     cpu::residual_forward<T>(p<T>(out), p<T>(x), p<T>(r), p<T>(branch), R, D);
@@ -178,6 +301,13 @@ void residual_forward(const Tensor& out, const Tensor& x, const Tensor& r, const
 void residual_backward(const Tensor& dx, const Tensor& dr, const Tensor& dout, const Tensor& x, const Tensor& r) {
   const int64_t D = last_dim(x), R = rows_of(x);
   DMAT_CHECK(dx.numel() == x.numel() && dout.numel() == x.numel(), "residual_backward: shapes");
+  if (on_cuda("residual_backward", x)) {
+#ifdef DMAT_WITH_CUDA
+    const char* o = "residual_backward";
+    cuda::residual_backward(bf(dx, o), f32(dr, o), bf(dout, o), bf(x, o), bf(r, o), R, D);
+#endif
+    return;
+  }
   dispatch("residual_backward", x, [&](auto t) {
     using T = decltype(t);
     cpu::residual_backward<T>(p<T>(dx), p<T>(dr), p<T>(dout), p<T>(x), p<T>(r), R, D);
@@ -188,6 +318,13 @@ void softmax_xent(const Tensor& loss, const Tensor& dlogits, const Tensor& logit
                   double grad_scale) {
   const int64_t V = last_dim(logits), R = rows_of(logits);
   DMAT_CHECK(loss.numel() == R && (!dlogits.defined() || dlogits.numel() == logits.numel()), "softmax_xent: shapes");
+  if (on_cuda("softmax_xent", logits)) {  // targets on the device, range checked by the caller
+#ifdef DMAT_WITH_CUDA
+    const char* o = "softmax_xent";
+    cuda::softmax_xent(f32(loss, o), bf(dlogits, o), bf(logits, o), targets, R, V, float(grad_scale));
+#endif
+    return;
+  }
   dispatch("softmax_xent", logits, [&](auto t) {
     using T = decltype(t);
     cpu::softmax_xent<T>(p<T>(loss), p<T>(dlogits), p<T>(logits), targets, R, V, T(grad_scale));
@@ -195,15 +332,64 @@ void softmax_xent(const Tensor& loss, const Tensor& dlogits, const Tensor& logit
 }
 
 void fill(const Tensor& x, double value) {
+  if (on_cuda("fill", x)) {
+#ifdef DMAT_WITH_CUDA
+    if (x.dtype == DType::BF16) cuda::fill_bf16(bf(x, "fill"), x.numel(), float(value));
+    else cuda::fill_f32(f32(x, "fill"), x.numel(), float(value));
+#endif
+    return;
+  }
   dispatch("fill", x, [&](auto t) {
     using T = decltype(t);
     cpu::fill<T>(p<T>(x), x.numel(), T(value));
   });
 }
 
+void convert(const Tensor& dst, const Tensor& src) {
+  DMAT_CHECK(dst.numel() == src.numel(), "convert: {} vs {}", dst.shape.str(), src.shape.str());
+  if (dst.dtype == src.dtype) return copy(dst, src);
+  if (on_cuda("convert", dst)) {
+#ifdef DMAT_WITH_CUDA
+    if (dst.dtype == DType::BF16 && src.dtype == DType::F32) cuda::f32_to_bf16(bf(dst, "convert"), f32(src, "convert"), dst.numel());
+    else if (dst.dtype == DType::F32 && src.dtype == DType::BF16) cuda::bf16_to_f32(f32(dst, "convert"), bf(src, "convert"), dst.numel());
+    else fail("convert: {} -> {} on cuda", dtype_name(src.dtype), dtype_name(dst.dtype));
+#endif
+    return;
+  }
+  fail("convert: {} -> {} on cpu", dtype_name(src.dtype), dtype_name(dst.dtype));
+}
+
+double sum(const Tensor& x) {
+  double r = 0;
+  if (on_cuda("sum", x)) {
+#ifdef DMAT_WITH_CUDA
+    double* d = static_cast<double*>(cuda::workspace2(sizeof(double)));
+    cuda::sum_f32(d, f32(x, "sum"), x.numel());
+    cuda::memcpy_d2h(&r, d, sizeof(double));
+#endif
+    return r;
+  }
+  dispatch("sum", x, [&](auto t) {
+    using T = decltype(t);
+    const T* p_ = p<T>(x);
+    for (int64_t i = 0; i < x.numel(); ++i) r += double(p_[i]);
+  });
+  return r;
+}
+
 void copy(const Tensor& dst, const Tensor& src) {
   DMAT_CHECK(dst.numel() == src.numel(), "copy: {} vs {}", dst.shape.str(), src.shape.str());
   same_type("copy", dst, src);
+  if (dst.device == Device::CUDA || src.device == Device::CUDA) {
+#ifdef DMAT_WITH_CUDA
+    if (dst.device == Device::CUDA && src.device == Device::CUDA) cuda::memcpy_d2d(dst.data, src.data, dst.bytes());
+    else if (dst.device == Device::CUDA) cuda::memcpy_h2d(dst.data, src.data, dst.bytes());
+    else cuda::memcpy_d2h(dst.data, src.data, dst.bytes());
+#else
+    on_cuda("copy", dst.device == Device::CUDA ? dst : src);
+#endif
+    return;
+  }
   dispatch("copy", dst, [&](auto t) {
     using T = decltype(t);
     cpu::copy<T>(p<T>(dst), p<T>(src), dst.numel());
@@ -212,6 +398,14 @@ void copy(const Tensor& dst, const Tensor& src) {
 
 void add_inplace(const Tensor& y, const Tensor& x) {
   DMAT_CHECK(y.numel() == x.numel(), "add: {} vs {}", y.shape.str(), x.shape.str());
+  if (on_cuda("add", y)) {
+#ifdef DMAT_WITH_CUDA
+    same_type("add", y, x);
+    if (y.dtype == DType::BF16) cuda::add_inplace_bf16(bf(y, "add"), bf(x, "add"), y.numel());
+    else cuda::add_inplace_f32(f32(y, "add"), f32(x, "add"), y.numel());
+#endif
+    return;
+  }
   dispatch("add", y, [&](auto t) {
     using T = decltype(t);
     cpu::add_inplace<T>(p<T>(y), p<T>(x), y.numel());
@@ -219,6 +413,12 @@ void add_inplace(const Tensor& y, const Tensor& x) {
 }
 
 void scale_inplace(const Tensor& x, double s) {
+  if (on_cuda("scale", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::scale_inplace_f32(f32(x, "scale"), x.numel(), float(s));
+#endif
+    return;
+  }
   dispatch("scale", x, [&](auto t) {
     using T = decltype(t);
     cpu::scale_inplace<T>(p<T>(x), x.numel(), T(s));
@@ -227,6 +427,14 @@ void scale_inplace(const Tensor& x, double s) {
 
 double sum_squares(const Tensor& x) {
   double r = 0;
+  if (on_cuda("sum_squares", x)) {
+#ifdef DMAT_WITH_CUDA
+    double* d = static_cast<double*>(cuda::workspace2(sizeof(double)));
+    cuda::sum_squares_f32(d, f32(x, "sum_squares"), x.numel());
+    cuda::memcpy_d2h(&r, d, sizeof(double));
+#endif
+    return r;
+  }
   dispatch("sum_squares", x, [&](auto t) {
     using T = decltype(t);
     r = cpu::sum_squares<T>(p<T>(x), x.numel());

@@ -17,6 +17,8 @@ void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W);
 void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const Tensor& x, const Tensor& W,
                      bool accumulate_dx);
 
+// tokens live on the tensors' device. CPU: range checked here; CUDA: the caller checks the range
+// on the host before uploading (a device-side check would cost a synchronisation).
 void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* tokens);
 void embedding_backward(const Tensor& dtable, const Tensor& dout, const int32_t* tokens);
 
@@ -47,6 +49,10 @@ void softmax_xent(const Tensor& loss, const Tensor& dlogits, const Tensor& logit
                   double grad_scale);
 
 void fill(const Tensor& x, double value);
+// dst = src converted (CUDA f32 -> bf16, the master-to-working-copy step; same dtype: a copy).
+void convert(const Tensor& dst, const Tensor& src);
+// Σ x in double: CPU in index order, CUDA a fixed-order tree (both deterministic).
+double sum(const Tensor& x);
 void copy(const Tensor& dst, const Tensor& src);
 void add_inplace(const Tensor& y, const Tensor& x);
 void scale_inplace(const Tensor& x, double s);

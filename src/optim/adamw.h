@@ -1,8 +1,10 @@
-// AdamW over a model's parameter arena: fp32 moments in arenas laid out like the parameters,
-// decoupled weight decay on the tensors that declare it (not on norms, gains, residual scales),
-// and global-norm gradient clipping.
+// AdamW over a model's parameter arena: moments in arenas laid out like the parameters (fp32 on
+// CUDA), decoupled weight decay on the tensors that declare it (not on norms, gains, residual
+// scales), and global-norm gradient clipping. On CUDA one multi-tensor launch updates the fp32
+// master weights and writes the bf16 working copy.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "config/config.h"
 #include "core/arena.h"
@@ -32,6 +34,11 @@ class AdamW {
   TrainConfig cfg_;
   Arena m_, v_;
   int64_t t_ = 0;
+  struct Segment {
+    int64_t offset, n;
+    float weight_decay;
+  };
+  std::vector<Segment> segs_;  // CUDA: one per parameter tensor of the flat arenas
 };
 
 }  // namespace dmat

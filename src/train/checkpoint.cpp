@@ -17,8 +17,17 @@ static std::vector<NamedTensor> named(const Model& m, const Arena& a, const std:
   return out;
 }
 
+// Device arenas are staged through a host copy; files always hold full precision (fp32 on CUDA:
+// the master weights), so a checkpoint resumes on either backend.
+// Device arenas are staged through a host copy; files always hold full precision (fp32 on CUDA:
+// the master weights), so a checkpoint resumes on either backend.
 void save_model_weights(const Model& m, const std::string& path) {
-  write_safetensors(path, named(m, m.params(), ""), {{"format", "dmatrain"}});
+  if (m.device() == Device::CPU && !m.master().defined()) {
+    write_safetensors(path, named(m, m.params(), ""), {{"format", "dmatrain"}});
+    return;
+  }
+  Arena h = m.host_weights();
+  write_safetensors(path, named(m, h, ""), {{"format", "dmatrain"}});
 }
 
 static void load_named(const SafetensorsFile& f, const Model& m, const Arena& a, const std::string& prefix) {
@@ -26,17 +35,34 @@ static void load_named(const SafetensorsFile& f, const Model& m, const Arena& a,
   for (size_t i = 0; i < info.size(); ++i) f.copy_to(prefix + info[i].name, a.get(int(i)));
 }
 
+// Reads into `a`, through a host copy when `a` lives on the device.
+static void load_arena(const SafetensorsFile& f, const Model& m, const Arena& a, const std::string& prefix) {
+  if (a.device() == Device::CPU) return load_named(f, m, a, prefix);
+  Arena h = a.like(Device::CPU);
+  load_named(f, m, h, prefix);
+  a.copy_from(h);
+}
+
 void load_model_weights(Model& m, const std::string& path) {
   SafetensorsFile f(path);
-  load_named(f, m, m.params(), "");
+  if (m.device() == Device::CPU) return load_named(f, m, m.params(), "");
+  Arena h = m.master().like(Device::CPU);
+  load_named(f, m, h, "");
+  m.set_weights(h);
 }
 
 std::string save_checkpoint(const std::string& run_dir, const Model& m, const AdamW& opt, const TrainState& st,
                             const nlohmann::json& resolved_config, int64_t keep) {
   const std::string tmp = begin_checkpoint(run_dir, st.step);
   save_model_weights(m, tmp + "/model.safetensors");
-  auto moments = named(m, opt.m(), "m.");
-  for (auto& t : named(m, opt.v(), "v.")) moments.push_back(t);
+  const bool dev = opt.m().device() != Device::CPU;
+  Arena hm = dev ? opt.m().like(Device::CPU) : Arena(), hv = dev ? opt.v().like(Device::CPU) : Arena();
+  if (dev) {
+    hm.copy_from(opt.m());
+    hv.copy_from(opt.v());
+  }
+  auto moments = named(m, dev ? hm : opt.m(), "m.");
+  for (auto& t : named(m, dev ? hv : opt.v(), "v.")) moments.push_back(t);
   write_safetensors(tmp + "/optim_rank0.safetensors", moments);
   nlohmann::json s = {{"format", kStateFormat},   {"step", st.step},
                       {"sequences", st.sequences}, {"tokens", st.tokens},
@@ -76,8 +102,8 @@ TrainState load_checkpoint(const std::string& ckpt_dir, Model& m, AdamW* opt) {
   st.world_size = s.value("world_size", int64_t(1));
   if (opt) {
     SafetensorsFile f(ckpt_dir + "/optim_rank0.safetensors");
-    load_named(f, m, opt->m(), "m.");
-    load_named(f, m, opt->v(), "v.");
+    load_arena(f, m, opt->m(), "m.");
+    load_arena(f, m, opt->v(), "v.");
     opt->set_steps_done(s.at("adam_steps").get<int64_t>());
   }
   return st;

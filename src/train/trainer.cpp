@@ -17,6 +17,7 @@
 #include "optim/schedule.h"
 #include "train/checkpoint.h"
 #include "train/info.h"
+#include "kernels/cuda/device_info.h"
 
 namespace dmat {
 
@@ -53,10 +54,25 @@ std::string si(double x) {
   return fmt::format("{:.0f}", x);
 }
 
+}  // namespace
+
 Device pick_device(const std::string& d) {
-  if (d == "cuda") fail("config: run.device is \"cuda\", but this build has no CUDA training backend yet (use cpu)");
-  return Device::CPU;
+  if (d == "cpu") return Device::CPU;
+  const int n = cuda::device_count();
+  if (d == "cuda" && n == 0)
+    fail("config: run.device is \"cuda\", but {} (use \"cpu\" or \"auto\")",
+         cuda::cuda_built() ? "no CUDA device is visible" : "this build has no CUDA backend (configure with -DDMAT_CUDA=ON)");
+  return n > 0 ? Device::CUDA : Device::CPU;
 }
+
+std::unique_ptr<Model> make_model(const Config& cfg, Device device) {
+  auto m = std::make_unique<Model>(cfg.model, device == Device::CUDA ? DType::BF16 : DType::F32, device,
+                                   cfg.train.recompute);
+  m->set_deterministic(cfg.run.deterministic);
+  return m;
+}
+
+namespace {
 
 // Model changes that make a checkpoint unusable: any difference in the `model` section.
 void check_resumable(const nlohmann::json& saved, const nlohmann::json& now, const std::string& ckpt) {
@@ -174,18 +190,25 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   write_file_atomic(run_dir + "/config.json", cfg.resolved.dump(2) + "\n");
 
   const int threads = set_cpu_threads(cfg.run.threads);
-  spdlog::info("backend: {} ({} threads)", device_name(device), threads);
+  if (device == Device::CUDA)
+    spdlog::info("backend: cuda ({}; bf16 weights and activations, fp32 master weights and gradients)",
+                 cuda::device_summary(0));
+  else
+    spdlog::info("backend: cpu ({} threads)", threads);
 
   spdlog::info("data: train {} tokens ({} windows of {}), val {} tokens ({} windows)", train_data.total_tokens(),
                train_data.num_windows(), tc.seq_len + 1, val_data.total_tokens(), val_data.num_windows());
 
   // ---- model and optimizer
-  Model model(cfg.model, DType::F32, device);
+  std::unique_ptr<Model> model_ptr = make_model(cfg, device);
+  Model& model = *model_ptr;
   model.init_weights(tc.seed);
   AdamW adam(model, tc);
   const ModelCounts counts = count_model(cfg.model, tc.seq_len);
   spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token (6N + 6LTd)", counts.total,
                counts.non_embedding, counts.flops_per_token);
+  // MFU against the device's dense bf16 peak (DESIGN.md convention); null where the peak is unknown.
+  const double peak = device == Device::CUDA ? cuda::peak_bf16_flops(0) : 0.0;
 
   TrainState st;
   if (opt.resume) {
@@ -269,10 +292,14 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       const double now = elapsed(), dt = std::max(1e-9, now - window_start);
       const double tps = double(window_tokens) / dt;
       const double eta = double(tc.steps - st.step) * double(seqs_per_step * T) / std::max(tps, 1e-9);
-      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {} tok/s | elapsed {} | eta {}", st.step,
-                   tc.steps, step_loss, lr, norm, si(tps), hms(now), hms(eta));
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {} tok/s{} | elapsed {} | eta {}",
+                   st.step, tc.steps, step_loss, lr, norm, si(tps),
+                   peak > 0 ? fmt::format(" | MFU {:.1f}%", 100.0 * tps * counts.flops_per_token / peak) : "",
+                   hms(now), hms(eta));
       emit({{"step", st.step}, {"tokens", st.tokens}, {"loss", step_loss}, {"loss_avg", loss_acc / double(loss_n)},
-            {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tps}, {"mfu", nullptr}, {"time", now}});
+            {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tps},
+            {"mfu", peak > 0 ? nlohmann::json(tps * counts.flops_per_token / peak) : nlohmann::json(nullptr)},
+            {"time", now}});
       window_tokens = 0;
       window_start = now;
       loss_acc = 0;
@@ -304,11 +331,11 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches) {
   if (!ck) fail("eval: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
   Config cfg = parse_config(checkpoint_config(ck->path), run_dir);
   set_cpu_threads(cfg.run.threads);
-  Model model(cfg.model, DType::F32, pick_device(cfg.run.device));
-  load_checkpoint(ck->path, model, nullptr);
+  std::unique_ptr<Model> model = make_model(cfg, pick_device(cfg.run.device));
+  load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
   spdlog::info("eval: checkpoint {} (step {})", ck->path, ck->step);
-  return evaluate(model, val, cfg.train.batch_size, batches);
+  return evaluate(*model, val, cfg.train.batch_size, batches);
 }
 
 }  // namespace dmat

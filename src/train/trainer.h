@@ -2,6 +2,7 @@
 // validation, log lines, metrics.jsonl rows and atomic checkpoints (README "Training").
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "config/config.h"
@@ -32,6 +33,12 @@ EvalResult evaluate(Model& m, const TokenLoader& val, int64_t batch_size, int64_
 
 // `dmatrain eval RUN_DIR`: the newest checkpoint's validation loss on the run's validation set.
 EvalResult evaluate_run(const std::string& run_dir, int64_t batches);
+
+// run.device: "cpu", "cuda" (an error without a visible GPU), "auto" (CUDA when a GPU is visible).
+Device pick_device(const std::string& device);
+// The model for a run on `device` (CUDA: bf16 with fp32 master weights), with the run's
+// recompute / determinism settings.
+std::unique_ptr<Model> make_model(const Config& cfg, Device device);
 
 // Sets the number of CPU threads (0: all cores) and returns it.
 int set_cpu_threads(int64_t n);
