@@ -20,4 +20,21 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k
 void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
                               const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic);
 
+// ---- hooks for the sparse variants (DMA, NSA): forward only for now ----------------------------
+// Queries per tile of the forward kernel; a gathered key list is given per tile of this many.
+int flash_attention_block_q();
+// Gathered keys: keys[((b·Hkv + hk)·n_tiles + tile)·capacity + n], n < count[(b·Hkv + hk)·n_tiles
+// + tile], n_tiles = ceil(T / flash_attention_block_q()); key positions, each still masked per
+// element by causality and the window (so a superset of the visible keys is always correct).
+struct FlashGather {
+  const int32_t* keys = nullptr;
+  const int32_t* count = nullptr;
+  int64_t capacity = 0;
+};
+// flash_attention_forward with an optional per-key additive fp32 bias (s_ij = scale·q_i·k_j +
+// key_bias[(b·Hkv + hk)·T + j], natural-log units, nullptr: none) and an optional gathered key
+// list (nullptr: every causal / windowed key).
+void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                 const AttnShape& s, const float* key_bias, const FlashGather* gather);
+
 }  // namespace dmat::cuda

@@ -1,0 +1,766 @@
+// FlashAttention-2-style forward and backward on mma.sync tensor cores (bf16 in, fp32 accumulate),
+// for causal / sliding-window attention with grouped KV heads. Semantics: cpu::attention_*.
+//
+// Forward: one block per (query tile of 16·warps rows, head, batch); each warp owns 16 query rows
+// and keeps its Q fragments in registers; K/V tiles of kBN keys stream through a 2-stage cp.async
+// pipeline; scores are pre-scaled by scale·log2(e) so the online softmax uses exp2f. The key
+// tiles a query tile visits come from a key-tile policy (DenseKeys: causal ± window, GatherKeys:
+// an explicit key list per query tile) and an optional per-key bias is added to the scores; the
+// DMA/NSA kernels reuse this loop through those two template parameters.
+//
+// Backward: (1) preprocess: delta_i = Σ dO∘O and lse·log2(e); (2) dK/dV: one block per (key
+// tile, KV head, batch) looping over the query heads of the group, then the query tiles, in a
+// fixed order (deterministic sums), recomputing P^T from lse; with deterministic == false it also
+// adds dS·K into an fp32 dQ accumulator with atomics; (3a) deterministic dQ: one block per query
+// tile looping over key tiles, or (3b) fp32 accumulator -> bf16.
+#include <cmath>
+
+#include "core/error.h"
+#include "kernels/cuda/context.h"
+#include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/flash_tiles.cuh"
+#include "kernels/cuda/kernel_util.cuh"
+
+namespace dmat::cuda {
+namespace {
+
+using detail::nv_bf16;
+using namespace flash;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Forward tiling: 8 warps x 16 rows = 128 queries per block, 64 keys per tile.
+constexpr int kFwdWarps = 8, kFwdBM = 16 * kFwdWarps, kFwdBN = 64;
+// dQ pass: same query tiling; dK/dV pass: 8 warps x 16 keys = 128 keys per block.
+constexpr int kBwdWarps = 8;
+
+__device__ __forceinline__ bool visible(int i, int j, int window) {
+  return j >= 0 && j <= i && (window <= 0 || j > i - window);
+}
+
+// ---- key-tile policies -----------------------------------------------------------------------
+// A policy answers, for one query tile: how many key tiles, the key position at (tile n, row r)
+// (-1: padding, loaded as zeros and masked), and whether tile n needs per-element masking.
+template <int BN>
+struct DenseKeys {
+  int first = 0, count = 0, q_lo = 0, q_hi = 0, window = 0;
+  __device__ DenseKeys(int q0, int bm, int T, int window_) : window(window_) {
+    q_lo = q0;
+    q_hi = min(q0 + bm, T) - 1;
+    const int lo = window > 0 ? max(0, q_lo - window + 1) : 0;
+    first = lo / BN;
+    count = q_hi / BN + 1 - first;
+  }
+  __device__ __forceinline__ int key(int n, int r) const { return (first + n) * BN + r; }
+  // Mask only where some (i, j) of the tile is invisible: the causal diagonal (which also covers
+  // keys >= T), or a key older than the window for the newest query of the tile.
+  __device__ __forceinline__ bool needs_mask(int n) const {
+    const int k0 = (first + n) * BN;
+    return k0 + BN - 1 > q_lo || (window > 0 && k0 <= q_hi - window);
+  }
+};
+
+template <int BN>
+struct GatherKeys {
+  const int32_t* keys = nullptr;
+  int n_keys = 0, count = 0;
+  __device__ GatherKeys(const int32_t* keys_, int n_keys_) : keys(keys_), n_keys(n_keys_) {
+    count = (n_keys + BN - 1) / BN;
+  }
+  __device__ __forceinline__ int key(int n, int r) const {
+    const int idx = n * BN + r;
+    return idx < n_keys ? __ldg(keys + idx) : -1;
+  }
+  __device__ __forceinline__ bool needs_mask(int) const { return true; }
+};
+
+struct FwdParams {
+  const nv_bf16* q;
+  const nv_bf16* k;
+  const nv_bf16* v;
+  nv_bf16* out;
+  float* lse;
+  const float* bias;  // [B, Hkv, T] or nullptr
+  const int32_t* gkeys;
+  const int32_t* gcount;
+  int64_t gcap;
+  int T, H, Hkv, window;
+  float scale_log2;
+};
+
+template <class Keys>
+struct MakeKeys;
+template <int BN>
+struct MakeKeys<DenseKeys<BN>> {
+  __device__ static DenseKeys<BN> make(const FwdParams& p, int, int, int, int q0, int bm) {
+    return DenseKeys<BN>(q0, bm, p.T, p.window);
+  }
+};
+template <int BN>
+struct MakeKeys<GatherKeys<BN>> {
+  __device__ static GatherKeys<BN> make(const FwdParams& p, int b, int hk, int qt, int, int) {
+    const int64_t n_tiles = gridDim.x;
+    const int64_t list = (int64_t(b) * p.Hkv + hk) * n_tiles + qt;
+    const int n = min(int64_t(__ldg(p.gcount + list)), p.gcap);
+    return GatherKeys<BN>(p.gkeys + list * p.gcap, max(n, 0));
+  }
+};
+
+// ---- forward ---------------------------------------------------------------------------------
+template <int DQK, int DV, int WARPS, int BN, class Keys, bool BIAS>
+__global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParams p) {
+  constexpr int BM = 16 * WARPS, THREADS = WARPS * 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);  // [BM][DQK]
+  nv_bf16* sK = sQ + BM * DQK;                          // [2][BN][DQK]
+  nv_bf16* sV = sK + 2 * BN * DQK;                      // [2][BN][DV]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest (latest) causal tiles start first
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const int q0 = qt * BM;
+  const int64_t q_stride = int64_t(p.H) * DQK, k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
+  const nv_bf16* qg = p.q + (int64_t(b) * p.T * p.H + h) * DQK;
+  const nv_bf16* kg = p.k + (int64_t(b) * p.T * p.Hkv + hk) * DQK;
+  const nv_bf16* vg = p.v + (int64_t(b) * p.T * p.Hkv + hk) * DV;
+  const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * p.T : nullptr;
+  const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
+  const int T = p.T;
+
+  load_tile_async<BM, DQK, THREADS>(sQ, qg, [&](int r) -> const nv_bf16* {
+    return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
+  });
+  cp_async_commit();
+  auto load_kv = [&](int n, int stage) {
+    load_tile_async<BN, DQK, THREADS>(sK + stage * BN * DQK, kg, [&](int r) -> const nv_bf16* {
+      const int j = keys.key(n, r);
+      return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
+    });
+    load_tile_async<BN, DV, THREADS>(sV + stage * BN * DV, vg, [&](int r) -> const nv_bf16* {
+      const int j = keys.key(n, r);
+      return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
+    });
+  };
+  const int n_tiles = keys.count;
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q landed (K/V tile 0 may still be in flight)
+  __syncthreads();
+
+  uint32_t qa[DQK / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < DQK / 16; ++kk) load_a<DQK>(qa[kk], sQ, warp * 16, kk * 16, lane);
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // row max (log2 units), partial row sum
+  Acc<DV> o;
+  o.zero();
+  const int row0 = q0 + warp * 16 + g;  // this thread's rows: row0 (c0,c1) and row0 + 8 (c2,c3)
+
+  for (int n = 0; n < n_tiles; ++n) {
+    const int st = n & 1;
+    if (n + 1 < n_tiles) load_kv(n + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const nv_bf16* sKs = sK + st * BN * DQK;
+    const nv_bf16* sVs = sV + st * BN * DV;
+
+    // S = Q K^T
+    Acc<BN> s;
+    s.zero();
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t kb[4];
+        load_b<DQK>(kb, sKs, np * 16, kk * 16, lane);
+        mma16816(s.c[2 * np], qa[kk], kb[0], kb[1]);
+        mma16816(s.c[2 * np + 1], qa[kk], kb[2], kb[3]);
+      }
+    }
+
+    // log2-domain scores, bias, mask
+    const bool mask = keys.needs_mask(n);
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = keys.key(n, nb * 8 + 2 * t + e);
+        float bj = 0.f;
+        if constexpr (BIAS) bj = (j >= 0 && j < T) ? __ldg(bias + j) * kLog2e : 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float& x = s.c[nb][2 * hf + e];
+          x = fmaf(x, p.scale_log2, bj);
+          if (mask && !visible(row0 + 8 * hf, j, p.window)) x = -INFINITY;
+        }
+      }
+    }
+
+    // online softmax: rescale the running output by exp2(m_old - m_new)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s.c[nb][2 * hf], s.c[nb][2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[hf], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+      const float alpha = exp2f(m[hf] - base);
+      m[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) {
+        s.c[nb][2 * hf] = exp2f(s.c[nb][2 * hf] - base);
+        s.c[nb][2 * hf + 1] = exp2f(s.c[nb][2 * hf + 1] - base);
+        sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
+      }
+      l[hf] = l[hf] * alpha + sum;
+#pragma unroll
+      for (int nb = 0; nb < DV / 8; ++nb) {
+        o.c[nb][2 * hf] *= alpha;
+        o.c[nb][2 * hf + 1] *= alpha;
+      }
+    }
+
+    // O += P V
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[4];
+      s.to_a(pa, kk);
+#pragma unroll
+      for (int np = 0; np < DV / 16; ++np) {
+        uint32_t vb[4];
+        load_b_t<DV>(vb, sVs, np * 16, kk * 16, lane);
+        mma16816(o.c[2 * np], pa, vb[0], vb[1]);
+        mma16816(o.c[2 * np + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+  }
+
+  // epilogue: normalise, store O (bf16) and lse (natural log)
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float sum = l[hf];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int i = row0 + 8 * hf;
+    if (i < T) {
+      nv_bf16* orow = p.out + ((int64_t(b) * T + i) * p.H + h) * DV;
+#pragma unroll
+      for (int nb = 0; nb < DV / 8; ++nb)
+        *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t) =
+            pack_bf16(o.c[nb][2 * hf] * inv, o.c[nb][2 * hf + 1] * inv);
+      if (t == 0) p.lse[(int64_t(b) * p.H + h) * T + i] = sum > 0.f ? (m[hf] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+struct BwdParams {
+  const nv_bf16* q;
+  const nv_bf16* k;
+  const nv_bf16* v;
+  const nv_bf16* dout;
+  nv_bf16* dq;
+  nv_bf16* dk;
+  nv_bf16* dv;
+  const float* lse2;   // [B,H,T] lse·log2(e)
+  const float* delta;  // [B,H,T] Σ dO∘O
+  float* dq_acc;       // [B,T,H,DQK] fp32 (non-deterministic path)
+  int T, H, Hkv, window;
+  float scale_log2, scale;
+};
+
+// delta = Σ_d dO∘O and lse2 = lse·log2(e), one warp per (b, i, h) row.
+__global__ void __launch_bounds__(256) flash_bwd_pre_kernel(const nv_bf16* out, const nv_bf16* dout,
+                                                            const float* lse, float* delta, float* lse2,
+                                                            int64_t rows, int T, int H, int DV) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float acc = 0.f;
+  for (int d = lane * 8; d < DV; d += 256) {
+    float a[8], c[8];
+    detail::load8(out + row * DV + d, a);
+    detail::load8(dout + row * DV + d, c);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc = fmaf(a[x], c[x], acc);
+  }
+  acc = detail::group_sum(acc);
+  if (lane == 0) {
+    const int h = int(row % H);
+    const int64_t bt = row / H, i = bt % T, b = bt / T;
+    const int64_t o = (b * H + h) * T + i;
+    delta[o] = acc;
+    lse2[o] = lse[o] * kLog2e;
+  }
+}
+
+// dK, dV for one key tile (16 keys per warp); optionally dQ += dS·K by fp32 atomics.
+template <int DQK, int DV, int WARPS, int BMQ, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const BwdParams p) {
+  constexpr int BN = 16 * WARPS, THREADS = WARPS * 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  nv_bf16* sK = reinterpret_cast<nv_bf16*>(smem_raw);  // [BN][DQK]
+  nv_bf16* sV = sK + BN * DQK;                          // [BN][DV]
+  nv_bf16* sQ = sV + BN * DV;                           // [2][BMQ][DQK]
+  nv_bf16* sdO = sQ + 2 * BMQ * DQK;                    // [2][BMQ][DV]
+  nv_bf16* sdS = sdO + 2 * BMQ * DV;                    // [BN][BMQ]   (ATOMIC_DQ only)
+  float* sL = reinterpret_cast<float*>(sdS + (ATOMIC_DQ ? BN * BMQ : 0));  // [2][BMQ] lse2
+  float* sD = sL + 2 * BMQ;                                                // [2][BMQ] delta
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;  // key tile 0 has the most queries
+  const int T = p.T, group = p.H / p.Hkv, k0 = kt * BN;
+  const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
+  const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
+  const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
+  const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
+
+  // queries that see some key of [k0, k0 + BN): [k0, k0 + BN - 1 + window - 1]
+  const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
+  const int qt_first = k0 / BMQ, nq = i_hi / BMQ + 1 - qt_first, n_items = group * nq;
+
+  load_tile_async<BN, DQK, THREADS>(sK, kg, [&](int r) -> const nv_bf16* {
+    return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
+  });
+  load_tile_async<BN, DV, THREADS>(sV, vg, [&](int r) -> const nv_bf16* {
+    return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
+  });
+  // item n: query head hk·group + n / nq (heads outer: a fixed summation order), tile n % nq
+  auto load_q = [&](int n, int stage) {
+    const int hh = hk * group + n / nq, q0 = (qt_first + n % nq) * BMQ;
+    const nv_bf16* qg = p.q + (int64_t(b) * T * p.H + hh) * DQK;
+    const nv_bf16* dog = p.dout + (int64_t(b) * T * p.H + hh) * DV;
+    load_tile_async<BMQ, DQK, THREADS>(sQ + stage * BMQ * DQK, qg, [&](int r) -> const nv_bf16* {
+      return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
+    });
+    load_tile_async<BMQ, DV, THREADS>(sdO + stage * BMQ * DV, dog, [&](int r) -> const nv_bf16* {
+      return q0 + r < T ? dog + int64_t(q0 + r) * o_stride : nullptr;
+    });
+    if (tid < BMQ) {
+      const int64_t o = (int64_t(b) * p.H + hh) * T + q0 + tid;
+      const bool ok = q0 + tid < T;
+      sL[stage * BMQ + tid] = ok ? p.lse2[o] : 0.f;
+      sD[stage * BMQ + tid] = ok ? p.delta[o] : 0.f;
+    }
+  };
+  if (n_items > 0) load_q(0, 0);
+  cp_async_commit();
+
+  Acc<DQK> dk;
+  Acc<DV> dv;
+  dk.zero();
+  dv.zero();
+  const int key0 = k0 + warp * 16 + g;  // this thread's keys: key0 (c0,c1), key0 + 8 (c2,c3)
+
+  for (int n = 0; n < n_items; ++n) {
+    const int st = n & 1;
+    if (n + 1 < n_items) load_q(n + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int hh = hk * group + n / nq, q0 = (qt_first + n % nq) * BMQ;
+    const nv_bf16* sQs = sQ + st * BMQ * DQK;
+    const nv_bf16* sdOs = sdO + st * BMQ * DV;
+    const float* sLs = sL + st * BMQ;
+    const float* sDs = sD + st * BMQ;
+
+    // P^T = exp2(K Q^T · scale·log2e − lse2): rows keys, columns queries
+    Acc<BMQ> s;
+    s.zero();
+    mma_ss_abt<DQK, BMQ, DQK, DQK>(s, sK, warp * 16, sQs, 0, lane);
+    const bool mask = q0 < k0 + BN - 1 || q0 + BMQ > T || (p.window > 0 && q0 + BMQ - 1 - p.window >= k0);
+#pragma unroll
+    for (int nb = 0; nb < BMQ / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = nb * 8 + 2 * t + e, i = q0 + c;
+        const float li = sLs[c];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float& x = s.c[nb][2 * hf + e];
+          x = exp2f(fmaf(x, p.scale_log2, -li));
+          if (mask && (i >= T || !visible(i, key0 + 8 * hf, p.window))) x = 0.f;
+        }
+      }
+    }
+    // dP^T = V dO^T, then dS^T = P^T ∘ (dP^T − delta)
+    Acc<BMQ> ds;
+    ds.zero();
+    mma_ss_abt<DV, BMQ, DV, DV>(ds, sV, warp * 16, sdOs, 0, lane);
+#pragma unroll
+    for (int nb = 0; nb < BMQ / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float di = sDs[nb * 8 + 2 * t + e];
+        ds.c[nb][e] = s.c[nb][e] * (ds.c[nb][e] - di);
+        ds.c[nb][2 + e] = s.c[nb][2 + e] * (ds.c[nb][2 + e] - di);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q   (k = queries)
+#pragma unroll
+    for (int kk = 0; kk < BMQ / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      s.to_a(pa, kk);
+      ds.to_a(da, kk);
+#pragma unroll
+      for (int np = 0; np < DV / 16; ++np) {
+        uint32_t bb[4];
+        load_b_t<DV>(bb, sdOs, np * 16, kk * 16, lane);
+        mma16816(dv.c[2 * np], pa, bb[0], bb[1]);
+        mma16816(dv.c[2 * np + 1], pa, bb[2], bb[3]);
+      }
+#pragma unroll
+      for (int np = 0; np < DQK / 16; ++np) {
+        uint32_t bb[4];
+        load_b_t<DQK>(bb, sQs, np * 16, kk * 16, lane);
+        mma16816(dk.c[2 * np], da, bb[0], bb[1]);
+        mma16816(dk.c[2 * np + 1], da, bb[2], bb[3]);
+      }
+    }
+
+    if constexpr (ATOMIC_DQ) {
+      // dS^T -> shared (bf16), then dQ(BMQ x DQK) = dS · K split over warps, added atomically
+#pragma unroll
+      for (int nb = 0; nb < BMQ / 8; ++nb) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          *reinterpret_cast<uint32_t*>(sdS + Smem<BMQ>::off(warp * 16 + g + 8 * hf, nb * 8 + 2 * t)) =
+              pack_bf16(ds.c[nb][2 * hf], ds.c[nb][2 * hf + 1]);
+      }
+      __syncthreads();
+      constexpr int RG = BMQ / 16, CG = WARPS / RG, DC = DQK / CG;
+      static_assert(WARPS % RG == 0 && DQK % CG == 0 && DC % 16 == 0, "dQ warp split");
+      const int wm = warp % RG, wn = warp / RG;
+      Acc<DC> dq;
+      dq.zero();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        load_a_t<BMQ>(a, sdS, wm * 16, kk * 16, lane);
+#pragma unroll
+        for (int np = 0; np < DC / 16; ++np) {
+          uint32_t bb[4];
+          load_b_t<DQK>(bb, sK, wn * DC + np * 16, kk * 16, lane);
+          mma16816(dq.c[2 * np], a, bb[0], bb[1]);
+          mma16816(dq.c[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int i = q0 + wm * 16 + g + 8 * hf;
+        if (i < T) {
+          float* dst = p.dq_acc + ((int64_t(b) * T + i) * p.H + hh) * DQK + wn * DC + 2 * t;
+#pragma unroll
+          for (int nb = 0; nb < DC / 8; ++nb) {
+            atomicAdd(dst + nb * 8, dq.c[nb][2 * hf]);
+            atomicAdd(dst + nb * 8 + 1, dq.c[nb][2 * hf + 1]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next prefetch overwrites this stage (and sdS)
+  }
+
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int j = key0 + 8 * hf;
+    if (j < T) {
+      nv_bf16* dkr = p.dk + ((int64_t(b) * T + j) * p.Hkv + hk) * DQK;
+      nv_bf16* dvr = p.dv + ((int64_t(b) * T + j) * p.Hkv + hk) * DV;
+#pragma unroll
+      for (int nb = 0; nb < DQK / 8; ++nb)
+        *reinterpret_cast<uint32_t*>(dkr + nb * 8 + 2 * t) =
+            pack_bf16(dk.c[nb][2 * hf] * p.scale, dk.c[nb][2 * hf + 1] * p.scale);
+#pragma unroll
+      for (int nb = 0; nb < DV / 8; ++nb)
+        *reinterpret_cast<uint32_t*>(dvr + nb * 8 + 2 * t) = pack_bf16(dv.c[nb][2 * hf], dv.c[nb][2 * hf + 1]);
+    }
+  }
+}
+
+// Deterministic dQ: one block per query tile (16 rows per warp), looping over its key tiles.
+template <int DQK, int DV, int WARPS, int BN>
+__global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdParams p) {
+  constexpr int BM = 16 * WARPS, THREADS = WARPS * 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);  // [BM][DQK]
+  nv_bf16* sdO = sQ + BM * DQK;                         // [BM][DV]
+  nv_bf16* sK = sdO + BM * DV;                          // [2][BN][DQK]
+  nv_bf16* sV = sK + 2 * BN * DQK;                      // [2][BN][DV]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const int T = p.T, q0 = qt * BM;
+  const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
+  const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
+  const nv_bf16* qg = p.q + (int64_t(b) * T * p.H + h) * DQK;
+  const nv_bf16* dog = p.dout + (int64_t(b) * T * p.H + h) * DV;
+  const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
+  const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
+  const DenseKeys<BN> keys(q0, BM, T, p.window);
+
+  load_tile_async<BM, DQK, THREADS>(sQ, qg, [&](int r) -> const nv_bf16* {
+    return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
+  });
+  load_tile_async<BM, DV, THREADS>(sdO, dog, [&](int r) -> const nv_bf16* {
+    return q0 + r < T ? dog + int64_t(q0 + r) * o_stride : nullptr;
+  });
+  cp_async_commit();
+  auto load_kv = [&](int n, int stage) {
+    load_tile_async<BN, DQK, THREADS>(sK + stage * BN * DQK, kg, [&](int r) -> const nv_bf16* {
+      const int j = keys.key(n, r);
+      return j < T ? kg + int64_t(j) * k_stride : nullptr;
+    });
+    load_tile_async<BN, DV, THREADS>(sV + stage * BN * DV, vg, [&](int r) -> const nv_bf16* {
+      const int j = keys.key(n, r);
+      return j < T ? vg + int64_t(j) * v_stride : nullptr;
+    });
+  };
+  const int n_tiles = keys.count;
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int row0 = q0 + warp * 16 + g;
+  float li[2], di[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = row0 + 8 * hf;
+    const int64_t o = (int64_t(b) * p.H + h) * T + i;
+    li[hf] = i < T ? p.lse2[o] : 0.f;
+    di[hf] = i < T ? p.delta[o] : 0.f;
+  }
+  Acc<DQK> dq;
+  dq.zero();
+
+  for (int n = 0; n < n_tiles; ++n) {
+    const int st = n & 1;
+    if (n + 1 < n_tiles) load_kv(n + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const nv_bf16* sKs = sK + st * BN * DQK;
+    const nv_bf16* sVs = sV + st * BN * DV;
+
+    Acc<BN> s;  // P = exp2(Q K^T · scale·log2e − lse2)
+    s.zero();
+    mma_ss_abt<DQK, BN, DQK, DQK>(s, sQ, warp * 16, sKs, 0, lane);
+    const bool mask = keys.needs_mask(n);
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = keys.key(n, nb * 8 + 2 * t + e);
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float& x = s.c[nb][2 * hf + e];
+          x = exp2f(fmaf(x, p.scale_log2, -li[hf]));
+          if (mask && !visible(row0 + 8 * hf, j, p.window)) x = 0.f;
+        }
+      }
+    }
+    Acc<BN> ds;  // dP = dO V^T, dS = P ∘ (dP − delta)
+    ds.zero();
+    mma_ss_abt<DV, BN, DV, DV>(ds, sdO, warp * 16, sVs, 0, lane);
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) ds.c[nb][x] = s.c[nb][x] * (ds.c[nb][x] - di[x >> 1]);
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      ds.to_a(a, kk);
+#pragma unroll
+      for (int np = 0; np < DQK / 16; ++np) {
+        uint32_t bb[4];
+        load_b_t<DQK>(bb, sKs, np * 16, kk * 16, lane);
+        mma16816(dq.c[2 * np], a, bb[0], bb[1]);
+        mma16816(dq.c[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = row0 + 8 * hf;
+    if (i < T) {
+      nv_bf16* dqr = p.dq + ((int64_t(b) * T + i) * p.H + h) * DQK;
+#pragma unroll
+      for (int nb = 0; nb < DQK / 8; ++nb)
+        *reinterpret_cast<uint32_t*>(dqr + nb * 8 + 2 * t) =
+            pack_bf16(dq.c[nb][2 * hf] * p.scale, dq.c[nb][2 * hf + 1] * p.scale);
+    }
+  }
+}
+
+// dq = bf16(scale · acc), 8 elements per thread (DQK is a multiple of 8).
+__global__ void __launch_bounds__(256) flash_dq_convert_kernel(nv_bf16* dq, const float* acc, float scale,
+                                                               int64_t n8) {
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < n8; v += int64_t(gridDim.x) * blockDim.x) {
+    float f[8];
+    detail::load8f(acc + v * 8, f);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) f[x] *= scale;
+    detail::store8(dq + v * 8, f);
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------
+const nv_bf16* nv(const bf16* p) { return reinterpret_cast<const nv_bf16*>(p); }
+nv_bf16* nv(bf16* p) { return reinterpret_cast<nv_bf16*>(p); }
+
+void check_args(const AttnShape& s, std::initializer_list<const void*> ptrs) {
+  if (!flash_attention_supported(s))
+    fail("flash attention: unsupported shape B={} T={} H={} Hkv={} Dqk={} Dv={} window={} (head dims (64,64), "
+         "(128,128) or (192,128); H a multiple of Hkv; 1 <= T < 2^31)",
+         s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window);
+  for (const void* p : ptrs)
+    DMAT_CHECK(detail::aligned16(p), "flash attention: tensors must be 16-byte aligned ({})", p);
+}
+
+// Opt in to > 48 KB of dynamic shared memory once per kernel instantiation.
+template <class Kernel>
+void prepare(Kernel kernel, size_t smem) {
+  DMAT_CHECK(smem <= max_smem_optin(), "flash attention needs {} B of shared memory, device allows {}", smem,
+             max_smem_optin());
+  DMAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
+template <int DQK, int DV, class Keys, bool BIAS>
+void launch_fwd(const FwdParams& p, int64_t B) {
+  constexpr size_t smem = size_t(kFwdBM * DQK + 2 * kFwdBN * (DQK + DV)) * sizeof(nv_bf16);
+  auto kernel = flash_fwd_kernel<DQK, DV, kFwdWarps, kFwdBN, Keys, BIAS>;
+  static const bool ready = (prepare(kernel, smem), true);
+  (void)ready;
+  const dim3 grid(unsigned((p.T + kFwdBM - 1) / kFwdBM), unsigned(p.H), unsigned(B));
+  kernel<<<grid, kFwdWarps * 32, smem, stream()>>>(p);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+template <int DQK, int DV, class Keys, bool BIAS>
+void forward_dims(const FwdParams& p, int64_t B) {
+  launch_fwd<DQK, DV, Keys, BIAS>(p, B);
+}
+
+template <class Keys, bool BIAS>
+void forward_dispatch(const FwdParams& p, const AttnShape& s) {
+  if (s.Dqk == 64) forward_dims<64, 64, Keys, BIAS>(p, s.B);
+  else if (s.Dqk == 128) forward_dims<128, 128, Keys, BIAS>(p, s.B);
+  else forward_dims<192, 128, Keys, BIAS>(p, s.B);
+}
+
+// Query rows per dK/dV step: 64, or 32 where the (192, 128) accumulators leave no registers.
+template <int DQK>
+constexpr int bwd_bmq() {
+  return DQK > 128 ? 32 : 64;
+}
+
+template <int DQK, int DV>
+void backward_dims(const BwdParams& p, int64_t B, bool deterministic) {
+  constexpr int BMQ = bwd_bmq<DQK>(), BNK = 16 * kBwdWarps;
+  const dim3 kgrid(unsigned((p.T + BNK - 1) / BNK), unsigned(p.Hkv), unsigned(B));
+  if (deterministic) {
+    constexpr size_t smem_kv =
+        size_t(BNK * (DQK + DV) + 2 * BMQ * (DQK + DV)) * sizeof(nv_bf16) + 4 * BMQ * sizeof(float);
+    auto kdkdv = flash_bwd_dkdv_kernel<DQK, DV, kBwdWarps, BMQ, false>;
+    static const bool ready_kv = (prepare(kdkdv, smem_kv), true);
+    (void)ready_kv;
+    kdkdv<<<kgrid, kBwdWarps * 32, smem_kv, stream()>>>(p);
+    DMAT_CUDA_LAUNCH_CHECK();
+
+    constexpr int BM = 16 * kBwdWarps, BN = 64;
+    constexpr size_t smem_q = size_t(BM * (DQK + DV) + 2 * BN * (DQK + DV)) * sizeof(nv_bf16);
+    auto kdq = flash_bwd_dq_kernel<DQK, DV, kBwdWarps, BN>;
+    static const bool ready_q = (prepare(kdq, smem_q), true);
+    (void)ready_q;
+    const dim3 qgrid(unsigned((p.T + BM - 1) / BM), unsigned(p.H), unsigned(B));
+    kdq<<<qgrid, kBwdWarps * 32, smem_q, stream()>>>(p);
+    DMAT_CUDA_LAUNCH_CHECK();
+  } else {
+    constexpr size_t smem_kv = size_t(BNK * (DQK + DV) + 2 * BMQ * (DQK + DV) + BNK * BMQ) * sizeof(nv_bf16) +
+                               4 * BMQ * sizeof(float);
+    auto kdkdv = flash_bwd_dkdv_kernel<DQK, DV, kBwdWarps, BMQ, true>;
+    static const bool ready_kv = (prepare(kdkdv, smem_kv), true);
+    (void)ready_kv;
+    const int64_t n_acc = B * int64_t(p.T) * p.H * DQK;
+    DMAT_CUDA_CHECK(cudaMemsetAsync(p.dq_acc, 0, size_t(n_acc) * sizeof(float), stream()));
+    kdkdv<<<kgrid, kBwdWarps * 32, smem_kv, stream()>>>(p);
+    DMAT_CUDA_LAUNCH_CHECK();
+    flash_dq_convert_kernel<<<detail::grid_for(n_acc / 8, 256, 8), 256, 0, stream()>>>(p.dq, p.dq_acc, p.scale,
+                                                                                         n_acc / 8);
+    DMAT_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+bool flash_attention_supported(const AttnShape& s) {
+  const bool dims = (s.Dqk == 64 && s.Dv == 64) || (s.Dqk == 128 && s.Dv == 128) || (s.Dqk == 192 && s.Dv == 128);
+  return dims && s.B >= 1 && s.T >= 1 && s.T < (int64_t(1) << 31) - 256 && s.Hkv >= 1 && s.H % s.Hkv == 0 &&
+         s.H <= 65535 && s.B <= 65535 && s.window >= 0 && s.window < (int64_t(1) << 31);
+}
+
+int flash_attention_block_q() { return kFwdBM; }
+
+void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                 const AttnShape& s, const float* key_bias, const FlashGather* gather) {
+  check_args(s, {out, q, k, v});
+  FwdParams p{};
+  p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse, p.bias = key_bias;
+  p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
+  p.scale_log2 = float(s.scale) * kLog2e;
+  if (gather) {
+    DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
+    p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity;
+    if (key_bias) forward_dispatch<GatherKeys<kFwdBN>, true>(p, s);
+    else forward_dispatch<GatherKeys<kFwdBN>, false>(p, s);
+  } else {
+    if (key_bias) forward_dispatch<DenseKeys<kFwdBN>, true>(p, s);
+    else forward_dispatch<DenseKeys<kFwdBN>, false>(p, s);
+  }
+}
+
+void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                             const AttnShape& s) {
+  check_args(s, {out, q, k, v});
+  FwdParams p{};
+  p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse;
+  p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
+  p.scale_log2 = float(s.scale) * kLog2e;
+  forward_dispatch<DenseKeys<kFwdBN>, false>(p, s);
+}
+
+void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
+                              const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic) {
+  check_args(s, {dq, dk, dv, dout, out, q, k, v});
+  const int64_t rows = s.B * s.T * s.H;
+  // workspace(): delta and lse·log2e; workspace2(): the fp32 dQ accumulator (non-deterministic)
+  float* stats = static_cast<float*>(workspace(size_t(2 * rows) * sizeof(float)));
+  BwdParams p{};
+  p.q = nv(q), p.k = nv(k), p.v = nv(v), p.dout = nv(dout), p.dq = nv(dq), p.dk = nv(dk), p.dv = nv(dv);
+  p.delta = stats, p.lse2 = stats + rows;
+  p.dq_acc = deterministic ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
+  p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
+  p.scale = float(s.scale), p.scale_log2 = float(s.scale) * kLog2e;
+
+  const int64_t threads = rows * 32;
+  flash_bwd_pre_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream()>>>(nv(out), nv(dout), lse, stats,
+                                                                               stats + rows, rows, p.T, p.H,
+                                                                               int(s.Dv));
+  DMAT_CUDA_LAUNCH_CHECK();
+  if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic);
+  else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic);
+  else backward_dims<192, 128>(p, s.B, deterministic);
+}
+
+}  // namespace dmat::cuda
