@@ -23,7 +23,8 @@ using test::run;
 std::string bin() { return test::dmatrain_bin(); }
 // Two threads per training process: ctest runs suites in parallel, and OpenMP barriers degrade badly
 // when several all-core processes share the machine.
-std::string tiny() { return test::source_dir() + "/configs/tiny.json --set run.threads=2"; }
+// run.device=cpu: this is the cpu label, also on a machine with a GPU.
+std::string tiny() { return test::source_dir() + "/configs/tiny.json --set run.threads=2 --set run.device=cpu"; }
 
 // Prepares the bundled corpus (byte tokenizer) under dir/data; returns --set flags pointing at it.
 std::string prepare(const std::string& dir) {

@@ -23,13 +23,28 @@ ModelCounts count_model(const ModelConfig& m, int64_t T) {
   return c;
 }
 
-MemoryEstimate estimate_memory(const Config& c) {
+MemoryEstimate estimate_memory(const Config& c, Device device) {
   MemoryEstimate e;
   const int64_t padded = Model::declare_params(c.model).table().total_elements();
-  e.params = padded * 4;
-  e.grads = padded * 4;
-  e.optimizer = 2 * padded * 4;
-  e.activations = Model::activation_elements(c.model, c.train.batch_size, c.train.seq_len) * 4;
+  const int64_t B = c.train.batch_size, T = c.train.seq_len, N = B * T;
+  if (device == Device::CPU) {
+    e.params = padded * 4;
+    e.grads = padded * 4;
+    e.optimizer = 2 * padded * 4;
+    e.activations = int64_t(Model::activation_bytes(c.model, B, T, DType::F32, c.train.recompute));
+    return e;
+  }
+  e.params = padded * 2;         // bf16 working copy
+  e.grads = padded * 4;          // fp32
+  e.optimizer = 3 * padded * 4;  // fp32 master weights + two moments
+  e.activations = int64_t(Model::activation_bytes(c.model, B, T, DType::BF16, c.train.recompute));
+  const int64_t H = c.model.n_heads, Dh = c.model.head_dim;
+  int64_t ws = 32ll << 20;                             // cuBLASLt workspace
+  ws += B * H * T * 4;                                 // attention backward: rowsum(dO∘O)
+  if (!c.run.deterministic) ws += N * H * Dh * 4;      // attention backward: fp32 dQ accumulator
+  ws += 2 * ((N + 63) / 64 * 64) * 4;                  // tokens and targets
+  ws += T * Dh * 4 + (4ll << 20);                      // RoPE table, reduction partials
+  e.workspace = ws;
   return e;
 }
 
@@ -66,11 +81,16 @@ std::string describe(const Config& c) {
                    "tokens per parameter\n",
                    c.train.steps, c.train.batch_size * c.train.grad_accum * c.train.seq_len, human(tokens),
                    tokens * k.flops_per_token, tokens / double(k.total));
-  const MemoryEstimate e = estimate_memory(c);
-  s += fmt::format("memory estimate (CPU fp32 backend, micro-batch {}×{}): params {}, grads {}, AdamW {}, "
+  const MemoryEstimate e = estimate_memory(c, Device::CPU);
+  s += fmt::format("memory estimate (CPU fp32 backend, micro-batch {}×{}{}): params {}, grads {}, AdamW {}, "
                    "activations {}, total {}\n",
-                   c.train.batch_size, c.train.seq_len, gib(e.params), gib(e.grads), gib(e.optimizer),
-                   gib(e.activations), gib(e.total()));
+                   c.train.batch_size, c.train.seq_len, c.train.recompute ? ", recompute" : "", gib(e.params),
+                   gib(e.grads), gib(e.optimizer), gib(e.activations), gib(e.total()));
+  const MemoryEstimate g = estimate_memory(c, Device::CUDA);
+  s += fmt::format("memory estimate (CUDA bf16 backend, per GPU, micro-batch {}×{}{}): bf16 weights {}, fp32 grads {}, "
+                   "fp32 master + AdamW {}, activations {}, workspace {}, total {} (plus the CUDA context)\n",
+                   c.train.batch_size, c.train.seq_len, c.train.recompute ? ", recompute" : "", gib(g.params),
+                   gib(g.grads), gib(g.optimizer), gib(g.activations), gib(g.workspace), gib(g.total()));
   return s;
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "config/config.h"
+#include "core/tensor.h"
 
 namespace dmat {
 
@@ -23,11 +24,16 @@ struct ModelCounts {
 ModelCounts count_model(const ModelConfig& m, int64_t seq_len);
 
 struct MemoryEstimate {
-  int64_t params = 0, grads = 0, optimizer = 0, activations = 0;
-  int64_t total() const { return params + grads + optimizer + activations; }
+  // optimizer: AdamW moments, plus the fp32 master weights on CUDA; workspace: CUDA scratch
+  // (cuBLASLt, attention backward, tokens, reductions).
+  int64_t params = 0, grads = 0, optimizer = 0, activations = 0, workspace = 0;
+  int64_t total() const { return params + grads + optimizer + activations + workspace; }
 };
-// The CPU fp32 backend: parameters, gradients, two AdamW moments, activations of one micro-batch.
-MemoryEstimate estimate_memory(const Config& c);
+// Memory of one rank for one micro-batch (train.batch_size × seq_len), from the tables the model
+// allocates. CPU: fp32 everything. CUDA: bf16 weights and activations (statistics fp32), fp32
+// master weights, gradients and moments, plus the kernels' workspaces; the CUDA context itself
+// (~0.5 GiB, driver-dependent) is not included. `dmatrain bench` prints this beside what it measures.
+MemoryEstimate estimate_memory(const Config& c, Device device = Device::CPU);
 
 std::string describe(const Config& c);
 
