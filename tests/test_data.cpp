@@ -367,7 +367,7 @@ TEST(DataTokenizer, ByteRoundTripIncludingInvalidUtf8) {
 
 TEST(DataTokenizer, UnsupportedSpec) {
   expect_error([] { dmat::load_tokenizer("gpt2.json"); },
-               {"tokenizer \"gpt2.json\": unsupported (supported: byte; BPE tokenizer.json support is planned)"});
+               {"tokenizer \"gpt2.json\": not \"byte\" and not an existing file", "tokenizer.json"});
 }
 
 // ---- prepare / inspect ------------------------------------------------------------------------------

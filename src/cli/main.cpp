@@ -16,6 +16,10 @@
 #include "train/info.h"
 #include "train/trainer.h"
 
+namespace dmat::cli {
+int cmd_tokenizer(const std::vector<std::string>& args);  // cmd_tokenizer.cpp
+}
+
 namespace {
 
 using dmat::fail;
@@ -35,9 +39,11 @@ commands:
                            validation loss and perplexity of the run's newest checkpoint
   info CONFIG [--set key=value ...]
                            parameter counts, FLOPs per token, memory estimate
-  data prepare --out DIR [--tokenizer byte] [--val-fraction F] [--shard-tokens N] [--overwrite] INPUTS...
+  data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N] [--overwrite] INPUTS...
                            turn text files / directories / JSONL into token shards
   data inspect PATH        describe a shard file or a prepared data directory
+  tokenizer train|encode|decode|info|bench ...
+                           byte-level BPE tokenizers (Hugging Face tokenizer.json)
   devices                  list the CUDA devices this build can see
 )";
 
@@ -66,14 +72,15 @@ Prints parameter counts by group (with and without embeddings), FLOPs per token 
 convention 6·N + 6·L·T·d, and the matmul FLOPs actually executed) and a memory estimate.
 )";
 
-const char* kDataHelp = R"(usage: dmatrain data prepare --out DIR [--tokenizer byte] [--val-fraction F] [--shard-tokens N]
-                             [--overwrite] INPUTS...
+const char* kDataHelp = R"(usage: dmatrain data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N]
+                             [--include GLOB ...] [--exclude GLOB ...] [--threads N] [--overwrite] INPUTS...
        dmatrain data inspect PATH
 
 prepare: reads text files, directories (recursively) and JSONL files with a "text" field, drops
 exact duplicate documents, splits train/validation by a hash of each document, and writes
 DIR/train/*.bin, DIR/val/*.bin and DIR/manifest.json. Refuses a DIR that already holds shards
-unless --overwrite.
+unless --overwrite. --include/--exclude: globs selecting files inside directories (README "Data").
+--threads: encoding threads (default: all cores).
 inspect: header, counts and a decoded sample of a shard file, or the manifest of a directory.
 )";
 
@@ -198,6 +205,9 @@ int cmd_data(const std::vector<std::string>& a) {
     else if (a[i] == "--val-fraction") o.val_fraction = parse_double(a[i], need_value(a, i));
     else if (a[i] == "--shard-tokens") o.shard_tokens = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--overwrite") o.overwrite = true;
+    else if (a[i] == "--include") o.include.push_back(need_value(a, i));
+    else if (a[i] == "--exclude") o.exclude.push_back(need_value(a, i));
+    else if (a[i] == "--threads") o.threads = int(parse_int(a[i], need_value(a, i)));
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
     else o.inputs.push_back(a[i]);
   }
@@ -235,6 +245,7 @@ int main(int argc, char** argv) {
     if (cmd == "eval") return cmd_eval(args);
     if (cmd == "info") return cmd_info(args);
     if (cmd == "data") return cmd_data(args);
+    if (cmd == "tokenizer") return dmat::cli::cmd_tokenizer(args);
     if (cmd == "devices") return cmd_devices();
     throw Usage("unknown command \"" + cmd + "\"");
   } catch (const Usage& e) {

@@ -7,15 +7,18 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <exception>
 #include <sstream>
 #include <unordered_set>
 
 #include <nlohmann/json.hpp>
+#include <omp.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "data/documents.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 
@@ -57,134 +60,6 @@ struct Key128Hash {
 };
 
 std::string hex64(uint64_t v) { return fmt::format("{:016x}", v); }
-
-std::string lower(std::string s) {
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-enum class Kind { kText, kJsonl, kOther };
-
-Kind file_kind(const fs::path& p) {
-  const std::string ext = lower(p.extension().string());
-  if (ext == ".txt" || ext == ".md" || ext == ".rst" || ext == ".text") return Kind::kText;
-  if (ext == ".jsonl") return Kind::kJsonl;
-  return Kind::kOther;
-}
-
-// Reads a file line by line in 1 MiB chunks (inputs may be far larger than memory). A line ends at
-// LF, CRLF or a lone CR, which is how CRLF/CR input is normalised to LF.
-class LineReader {
- public:
-  explicit LineReader(const std::string& path) : path_(path), f_(path, std::ios::binary) {
-    if (!f_) fail("prepare: cannot open input {}: {}", path, std::strerror(errno));
-  }
-  // True if the first n bytes hold a NUL (a binary file); reads them, then rewinds.
-  bool looks_binary(size_t n) {
-    std::string head(n, '\0');
-    f_.read(head.data(), std::streamsize(n));
-    head.resize(size_t(f_.gcount()));
-    f_.clear();
-    f_.seekg(0);
-    return head.find('\0') != std::string::npos;
-  }
-  // The next line without its terminator; false at end of file.
-  bool next(std::string& line) {
-    line.clear();
-    for (;;) {
-      if (pos_ == buf_.size() && !fill()) return !line.empty();  // an unterminated last line
-      const char* b = buf_.data() + pos_;
-      const size_t avail = buf_.size() - pos_;
-      if (skip_lf_) {  // the CR of a CRLF ended the previous line
-        skip_lf_ = false;
-        if (*b == '\n') {
-          ++pos_;
-          continue;
-        }
-      }
-      size_t i = 0;
-      while (i < avail && b[i] != '\n' && b[i] != '\r') ++i;
-      line.append(b, i);
-      pos_ += i;
-      if (i == avail) continue;
-      skip_lf_ = b[i] == '\r';
-      ++pos_;
-      return true;
-    }
-  }
-  uint64_t bytes_read() const { return bytes_; }
-
- private:
-  bool fill() {
-    buf_.resize(1 << 20);
-    f_.read(buf_.data(), std::streamsize(buf_.size()));
-    buf_.resize(size_t(f_.gcount()));
-    pos_ = 0;
-    bytes_ += buf_.size();
-    if (f_.bad()) fail("prepare: read failed for input {}", path_);
-    return !buf_.empty();
-  }
-  std::string path_;
-  std::ifstream f_;
-  std::string buf_;
-  size_t pos_ = 0;
-  uint64_t bytes_ = 0;
-  bool skip_lf_ = false;
-};
-
-// CRLF and lone CR become LF (for text inside JSON strings).
-std::string normalise_newlines(std::string_view s) {
-  std::string out;
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\r') {
-      out.push_back('\n');
-      if (i + 1 < s.size() && s[i + 1] == '\n') ++i;
-    } else {
-      out.push_back(s[i]);
-    }
-  }
-  return out;
-}
-
-bool is_blank(std::string_view line) {
-  return line.find_first_not_of(" \t\f\v") == std::string_view::npos;
-}
-
-// Splits a text file's lines into documents at runs of two or more blank lines (see prepare.h).
-// Each document keeps its lines from the first non-blank to the last non-blank one, each ending
-// in '\n'; single blank lines (paragraph breaks) stay inside a document.
-template <class Emit>
-class TextSplitter {
- public:
-  explicit TextSplitter(Emit& emit) : emit_(emit) {}
-  void line(std::string_view l) {
-    if (is_blank(l)) {
-      ++pending_blank_;
-      return;
-    }
-    if (!doc_.empty()) {
-      if (pending_blank_ >= 2) {
-        emit_(std::move(doc_));
-        doc_.clear();
-      } else {
-        doc_.append(size_t(pending_blank_), '\n');
-      }
-    }
-    pending_blank_ = 0;
-    doc_.append(l);
-    doc_.push_back('\n');
-  }
-  void finish() {
-    if (!doc_.empty()) emit_(std::move(doc_));
-    doc_.clear();
-  }
-
- private:
-  Emit& emit_;
-  std::string doc_;
-  int64_t pending_blank_ = 0;  // blank lines since the last non-blank one
-};
 
 // Accumulates one split's tokens and writes a shard every shard_tokens tokens.
 struct SplitWriter {
@@ -239,38 +114,6 @@ std::vector<std::string> existing_shards(const fs::path& out) {
   return found;
 }
 
-// Expands the inputs to the list of files to read: directories recursively, in sorted order.
-std::vector<std::string> collect_files(const std::vector<std::string>& inputs, int64_t& skipped) {
-  std::vector<std::string> files;
-  for (const auto& in : inputs) {
-    std::error_code ec;
-    if (fs::is_directory(in, ec)) {
-      std::vector<std::string> found;
-      for (auto it = fs::recursive_directory_iterator(in, fs::directory_options::skip_permission_denied, ec);
-           it != fs::recursive_directory_iterator(); it.increment(ec)) {
-        if (ec) break;
-        if (!it->is_regular_file(ec)) continue;
-        if (file_kind(it->path()) == Kind::kOther) {
-          spdlog::debug("prepare: skipping {} (not .txt/.md/.rst/.text/.jsonl)", it->path().string());
-          ++skipped;
-          continue;
-        }
-        found.push_back(it->path().string());
-      }
-      if (ec) fail("prepare: cannot list input directory {}: {}", in, ec.message());
-      std::sort(found.begin(), found.end());
-      files.insert(files.end(), found.begin(), found.end());
-    } else if (fs::is_regular_file(in, ec)) {
-      if (file_kind(in) == Kind::kOther)
-        fail("prepare: input {}: unsupported file type (expected .txt, .md, .rst, .text or .jsonl)", in);
-      files.push_back(in);
-    } else {
-      fail("prepare: input {}: no such file or directory", in);
-    }
-  }
-  return files;
-}
-
 std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
@@ -300,10 +143,10 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
     fail("prepare: {} already holds {} shard files (e.g. {}); refusing to overwrite them without --overwrite",
          opt.out_dir, old.size(), old[0]);
 
-  int64_t skipped = 0;
-  const auto files = collect_files(opt.inputs, skipped);
+  const InputFiles in = collect_input_files(opt.inputs, InputFilter{opt.include, opt.exclude}, "prepare");
+  const int64_t skipped = in.skipped;
   uint64_t total_input = 0;
-  for (const auto& f : files) {
+  for (const auto& f : in.files) {
     std::error_code size_ec;
     const auto n = fs::file_size(f, size_ec);
     if (!size_ec) total_input += uint64_t(n);
@@ -326,14 +169,49 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
     // val iff split hash < val_fraction·2^64 (the product is < 2^64 since val_fraction < 1).
     const uint64_t threshold = uint64_t(opt.val_fraction * 18446744073709551616.0);
     std::unordered_set<Key128, Key128Hash> seen;
-    std::vector<uint32_t> toks;
     int64_t read_files = 0, binary_files = 0;
     uint64_t input_bytes = 0;
     const auto t0 = std::chrono::steady_clock::now();
     auto last_log = t0;
-    uint64_t log_tick = 0;
+    struct SourceStats {
+      int64_t files = 0, documents = 0, bytes = 0;
+    };
+    std::vector<SourceStats> sources(opt.inputs.size());
 
-    auto add_document = [&](std::string doc) {
+    // Documents are decided (duplicate? which split?) in input order, encoded in parallel in batches
+    // of ~kBatchBytes, and appended to their split in input order: output independent of threads.
+    struct Pending {
+      std::string doc;
+      SplitWriter* w;
+    };
+    constexpr size_t kBatchBytes = size_t(32) << 20;
+    std::vector<Pending> batch;
+    std::vector<std::vector<uint32_t>> batch_tokens;
+    size_t batch_bytes = 0;
+    const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+    auto flush_batch = [&] {
+      const int64_t n = int64_t(batch.size());
+      batch_tokens.resize(batch.size());
+      std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t i = 0; i < n; ++i) {
+        try {
+          auto& t = batch_tokens[size_t(i)];
+          t.clear();
+          tok->encode(batch[size_t(i)].doc, t);
+          t.push_back(tok->eot_id());
+        } catch (...) {
+#pragma omp critical(prepare_encode_error)
+          if (!error) error = std::current_exception();
+        }
+      }
+      if (error) std::rethrow_exception(error);
+      for (size_t i = 0; i < batch.size(); ++i) batch[i].w->add(batch_tokens[i]);
+      batch.clear();
+      batch_bytes = 0;
+    };
+    size_t current_input = 0;
+    auto add_document = [&](std::string&& doc) {
       if (doc.empty()) return;
       const uint64_t h = fnv1a64(doc);
       if (!seen.insert(Key128{h, word_hash64(doc)}).second) {
@@ -341,61 +219,41 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
         return;
       }
       SplitWriter& w = splitmix64(h) < threshold ? val : train;
-      toks.clear();
-      tok->encode(doc, toks);
-      toks.push_back(tok->eot_id());
-      w.add(toks);
       w.documents += 1;
       w.bytes += int64_t(doc.size());
+      sources[current_input].documents += 1;
+      sources[current_input].bytes += int64_t(doc.size());
+      batch_bytes += doc.size();
+      batch.push_back(Pending{std::move(doc), &w});
+      if (batch_bytes >= kBatchBytes) flush_batch();
     };
-    // Progress on big inputs, every 5 s: bytes read (this file's count on top of the finished files').
+    // Progress on big inputs, every 5 s: bytes read, rate and time left.
     auto maybe_log = [&](uint64_t file_bytes) {
-      if ((++log_tick & 0x3ff) != 0) return;
       const auto now = std::chrono::steady_clock::now();
       if (now - last_log < std::chrono::seconds(5)) return;
       last_log = now;
       const double done = double(input_bytes + file_bytes);
       const double secs = std::chrono::duration<double>(now - t0).count();
-      spdlog::info("prepare: {} of {} read ({}/s), {} documents, {} duplicates", human_bytes(done),
-                   human_bytes(double(total_input)), human_bytes(done / secs), train.documents + val.documents,
+      const double rate = done / std::max(secs, 1e-9);
+      const double left = total_input > done ? (double(total_input) - done) / std::max(rate, 1.0) : 0.0;
+      spdlog::info("prepare: {} of {} read ({}/s, about {:.0f} s left), {} documents, {} duplicates", human_bytes(done),
+                   human_bytes(double(total_input)), human_bytes(rate), left, train.documents + val.documents,
                    res.duplicates);
     };
 
-    for (const auto& path : files) {
-      LineReader in(path);
-      if (in.looks_binary(8192)) {
-        spdlog::warn("prepare: skipping {}: looks binary (NUL byte in the first 8 KiB)", path);
+    for (size_t fi = 0; fi < in.files.size(); ++fi) {
+      const std::string& path = in.files[fi];
+      current_input = in.input_of[fi];
+      uint64_t file_bytes = 0;
+      if (!read_documents(path, add_document, maybe_log, &file_bytes)) {
         ++binary_files;
         continue;
       }
       ++read_files;
-      std::string line;
-      if (file_kind(path) == Kind::kJsonl) {
-        int64_t line_no = 0;
-        while (in.next(line)) {
-          ++line_no;
-          if (is_blank(line)) continue;
-          ojson j;
-          try {
-            j = ojson::parse(line);
-          } catch (const nlohmann::json::exception& e) {
-            fail("prepare: {}:{}: invalid JSON ({})", path, line_no, e.what());
-          }
-          if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
-            fail("prepare: {}:{}: expected a JSON object with a \"text\" string field", path, line_no);
-          add_document(normalise_newlines(j["text"].get<std::string>()));
-          maybe_log(in.bytes_read());
-        }
-      } else {
-        TextSplitter split(add_document);
-        while (in.next(line)) {
-          split.line(line);
-          maybe_log(in.bytes_read());
-        }
-        split.finish();
-      }
-      input_bytes += in.bytes_read();
+      sources[current_input].files += 1;
+      input_bytes += file_bytes;
     }
+    flush_batch();
     train.flush();
     val.flush();
     res.documents = train.documents + val.documents;
@@ -418,6 +276,15 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
                              {"vocab_size", tok->vocab_size()},
                              {"eot_id", tok->eot_id()}};
     manifest["inputs"] = opt.inputs;
+    manifest["include"] = opt.include;
+    manifest["exclude"] = opt.exclude;
+    ojson srcs = ojson::array();
+    for (size_t k = 0; k < opt.inputs.size(); ++k)
+      srcs.push_back({{"input", opt.inputs[k]},
+                      {"files", sources[k].files},
+                      {"documents", sources[k].documents},
+                      {"bytes", sources[k].bytes}});
+    manifest["sources"] = srcs;
     manifest["files_read"] = read_files;
     manifest["files_skipped_binary"] = binary_files;
     manifest["files_skipped_type"] = skipped;

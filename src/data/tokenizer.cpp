@@ -1,7 +1,10 @@
 // Tokenizer registry and the byte-level tokenizer.
 #include "data/tokenizer.h"
 
+#include <filesystem>
+
 #include "core/error.h"
+#include "tokenizer/bpe.h"
 
 namespace dmat {
 
@@ -37,7 +40,10 @@ class ByteTokenizer final : public Tokenizer {
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
-  fail("tokenizer \"{}\": unsupported (supported: byte; BPE tokenizer.json support is planned)", spec);
+  std::error_code ec;
+  if (std::filesystem::is_regular_file(spec, ec)) return std::make_unique<BpeTokenizer>(BpeTokenizer::load(spec));
+  fail("tokenizer \"{}\": not \"byte\" and not an existing file (expected \"byte\" or the path of a Hugging Face "
+       "tokenizer.json holding a byte-level BPE)", spec);
 }
 
 }  // namespace dmat

@@ -1,5 +1,6 @@
 // Tokenizers turn bytes into token ids and back. The byte-level tokenizer (ids 0-255 are the bytes,
-// 256 is the end-of-document token) needs no files; BPE tokenizers plug in behind the same interface.
+// 256 is the end-of-document token) needs no files; byte-level BPE tokenizers (src/tokenizer) load from
+// Hugging Face tokenizer.json files behind the same interface.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -21,7 +22,8 @@ class Tokenizer {
   virtual std::string hash() const = 0;
 };
 
-// "byte" -> the byte-level tokenizer; otherwise an error naming the spec and what is supported.
+// "byte" -> the byte-level tokenizer; the path of a tokenizer.json -> the byte-level BPE it holds
+// (tokenizer/bpe.h); otherwise an error naming the spec and what is supported.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec);
 
 }  // namespace dmat
