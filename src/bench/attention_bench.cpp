@@ -1,0 +1,121 @@
+// Flash-attention benchmark: see attention_bench.h.
+#include "bench/attention_bench.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "core/bf16.h"
+#include "core/error.h"
+#include "core/rng.h"
+
+#ifdef DMAT_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/context.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/flash_attention.h"
+#endif
+
+namespace dmat {
+
+#ifdef DMAT_WITH_CUDA
+namespace {
+
+struct DevBuf {
+  void* p = nullptr;
+  explicit DevBuf(size_t bytes) : p(cuda::device_alloc(std::max<size_t>(bytes, 16))) {}
+  ~DevBuf() { cuda::device_free(p); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+};
+
+void upload_random(void* dst, int64_t n, uint64_t seed) {
+  Rng r(seed);
+  std::vector<bf16> h(static_cast<size_t>(n));
+  for (auto& x : h) x = to_bf16(float(2 * r.uniform() - 1));
+  cuda::memcpy_h2d(dst, h.data(), size_t(n) * sizeof(bf16));
+}
+
+// Median time in ms of fn() over `iters` runs after 3 warm-up runs, CUDA events on the stream.
+template <class Fn>
+double median_ms(Fn fn, int iters) {
+  for (int i = 0; i < 3; ++i) fn();
+  cudaEvent_t a, b;
+  DMAT_CUDA_CHECK(cudaEventCreate(&a));
+  DMAT_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<double> ts;
+  for (int i = 0; i < std::max(iters, 1); ++i) {
+    DMAT_CUDA_CHECK(cudaEventRecord(a, cuda::stream()));
+    fn();
+    DMAT_CUDA_CHECK(cudaEventRecord(b, cuda::stream()));
+    DMAT_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    DMAT_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  DMAT_CUDA_CHECK(cudaEventDestroy(a));
+  DMAT_CUDA_CHECK(cudaEventDestroy(b));
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+}  // namespace
+
+void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
+  cpu::AttnShape s;
+  s.B = o.B, s.T = o.T, s.H = o.H, s.Hkv = o.Hkv, s.Dqk = o.D, s.Dv = o.D == 192 ? 128 : o.D, s.window = o.window;
+  s.scale = 1.0 / std::sqrt(double(s.Dqk));
+  s.deterministic = o.deterministic;
+  if (!cuda::flash_attention_supported(s))
+    fail("bench attention: unsupported shape B={} T={} H={} Hkv={} D={} window={} (D in 64, 128, 192; H a multiple "
+         "of Hkv)",
+         o.B, o.T, o.H, o.Hkv, o.D, o.window);
+  const int64_t nq = s.B * s.T * s.H * s.Dqk, nk = s.B * s.T * s.Hkv * s.Dqk, nv = s.B * s.T * s.Hkv * s.Dv,
+                no = s.B * s.T * s.H * s.Dv, nl = s.B * s.H * s.T;
+  DevBuf q(nq * 2), k(nk * 2), v(nv * 2), dout(no * 2), outb(no * 2), dq(nq * 2), dk(nk * 2), dv(nv * 2), lse(nl * 4);
+  upload_random(q.p, nq, 1), upload_random(k.p, nk, 2), upload_random(v.p, nv, 3), upload_random(dout.p, no, 4);
+  auto B16 = [](DevBuf& d) { return static_cast<bf16*>(d.p); };
+  auto fwd = [&] {
+    cuda::flash_attention_forward(B16(outb), static_cast<float*>(lse.p), B16(q), B16(k), B16(v), s);
+  };
+  auto fwdbwd = [&] {
+    fwd();
+    cuda::flash_attention_backward(B16(dq), B16(dk), B16(dv), B16(dout), B16(outb), static_cast<float*>(lse.p),
+                                   B16(q), B16(k), B16(v), s, o.deterministic);
+  };
+  const double fwd_ms = median_ms(fwd, o.iters), fwdbwd_ms = median_ms(fwdbwd, o.iters);
+
+  // Visible (query, key) pairs per head: N²/2 for causal (the anchors' convention), else counted.
+  double pairs = 0;
+  std::string convention;
+  if (s.window == 0) {
+    pairs = double(s.T) * double(s.T) / 2;
+    convention = "causal: fwd 2*B*H*(N^2/2)*(Dqk+Dv), fwd+bwd 3.5x";
+  } else {
+    const double w = double(s.window), n = double(s.T);
+    pairs = w >= n ? n * (n + 1) / 2 : w * (w + 1) / 2 + (n - w) * w;
+    convention = "window: fwd 2*B*H*visible_pairs*(Dqk+Dv), fwd+bwd 3.5x";
+  }
+  const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
+  out << fmt::format(
+             "{{\"bench\":\"attention\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
+             "\"deterministic\":{},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
+             "\"fwdbwd_tflops\":{:.1f},\"flops_convention\":\"{}\"}}",
+             s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, o.deterministic ? "true" : "false", fwd_ms,
+             fwd_flops / fwd_ms / 1e9, fwdbwd_ms, 3.5 * fwd_flops / fwdbwd_ms / 1e9, convention)
+      << std::endl;
+}
+
+#else
+
+void bench_attention(const AttnBenchOptions&, std::ostream&) {
+  fail("bench attention: this build has no CUDA backend (configure with -DDMAT_CUDA=ON on a machine with nvcc)");
+}
+
+#endif
+
+}  // namespace dmat

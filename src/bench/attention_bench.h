@@ -1,0 +1,20 @@
+// `dmatrain bench attention`: times our flash attention (forward, forward + backward) on one
+// shape with CUDA events (warm-up, then the median of `iters` runs) and prints one JSON line.
+// Flop convention (shared/anchors/attention.py): causal forward 4·B·H·N²·D/2, forward + backward
+// 3.5× that; with a window, the visible (query, key) pairs replace N²/2. Without the CUDA backend
+// it throws dmat::Error.
+#pragma once
+#include <cstdint>
+#include <ostream>
+
+namespace dmat {
+
+struct AttnBenchOptions {
+  int64_t B = 1, H = 16, Hkv = 16, T = 16384, D = 128, window = 0;  // D = 192 means (Dqk, Dv) = (192, 128)
+  bool deterministic = true;
+  int iters = 10;
+};
+
+void bench_attention(const AttnBenchOptions& o, std::ostream& out);
+
+}  // namespace dmat

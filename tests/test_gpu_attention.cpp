@@ -1,0 +1,478 @@
+// Flash attention on the GPU (kernels/cuda/flash_attention.cu) against the CPU reference
+// (cpu::attention_forward/backward in fp64) on the SAME bf16-rounded inputs: forward out + lse,
+// backward dq/dk/dv through both dQ paths, over sequence lengths with tails, batch, GQA groups,
+// every head-dim pair and sliding windows; plus the sparse-variant hooks (gathered key lists,
+// per-key bias) against a masked fp64 reference written here. Outputs are poisoned with NaN
+// before each call so an element the kernel forgot to write fails the check.
+//
+// Tolerances (why): inputs are exact bf16 values, so the only GPU-side roundings are P (and dS)
+// to bf16 before their tensor-core products (relative 2^-9 each, errors of random sign averaged
+// over many keys) and the bf16 result itself (relative 2^-9 of each element). Measured against
+// the largest reference element: ‖got − ref‖∞ ≤ 2e-2·‖ref‖∞ (about 10 bf16 ulps of the largest
+// element: room for a few roundings stacking on one element, far below what any indexing or
+// masking error produces, which is O(1)), and the bulk ‖got − ref‖₂ ≤ 1e-2·‖ref‖₂. lse is fp32
+// from fp32 sums of unrounded probabilities: |Δlse| ≤ 2e-3 (exp2f's few-ulp error times T).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/bf16.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/cuda/device_info.h"
+
+#ifdef DMAT_WITH_CUDA
+#include "kernels/cuda/context.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/flash_attention.h"
+#endif
+
+namespace dmat {
+namespace {
+
+#ifdef DMAT_WITH_CUDA
+
+constexpr double kMaxTol = 2e-2;  // ‖got − ref‖∞ / ‖ref‖∞
+constexpr double kL2Tol = 1e-2;   // ‖got − ref‖₂ / ‖ref‖₂
+constexpr double kLseTol = 2e-3;  // |Δlse|, absolute (natural log units)
+
+uint64_t fresh_seed() {
+  std::random_device rd;
+  return (uint64_t(rd()) << 32) ^ rd();
+}
+
+// Device buffer owning its allocation.
+template <class T>
+struct Dev {
+  T* p = nullptr;
+  int64_t n = 0;
+  explicit Dev(int64_t n_) : n(n_) { p = static_cast<T*>(cuda::device_alloc(size_t(std::max<int64_t>(n, 1)) * sizeof(T))); }
+  ~Dev() { cuda::device_free(p); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  void upload(const std::vector<T>& h) { cuda::memcpy_h2d(p, h.data(), size_t(n) * sizeof(T)); }
+  std::vector<T> download() const {
+    std::vector<T> h(static_cast<size_t>(n));
+    cuda::memcpy_d2h(h.data(), p, size_t(n) * sizeof(T));
+    return h;
+  }
+};
+
+std::string describe(const cpu::AttnShape& s) {
+  std::ostringstream o;
+  o << "B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " Dqk=" << s.Dqk << " Dv=" << s.Dv
+    << " window=" << s.window;
+  return o.str();
+}
+
+// Random bf16 tensor and its exact values as double.
+struct Input {
+  std::vector<bf16> b;
+  std::vector<double> d;
+};
+Input random_input(int64_t n, uint64_t seed, double amp) {
+  Rng r(seed);
+  Input x;
+  x.b.resize(size_t(n));
+  x.d.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    x.b[size_t(i)] = to_bf16(float(amp * (2 * r.uniform() - 1)));
+    x.d[size_t(i)] = to_float(x.b[size_t(i)]);
+  }
+  return x;
+}
+
+std::vector<double> as_double(const std::vector<bf16>& v) {
+  std::vector<double> d(v.size());
+  for (size_t i = 0; i < v.size(); ++i) d[i] = to_float(v[i]);
+  return d;
+}
+std::vector<double> as_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// Compares got with ref; "" when within tolerance, else a report naming the first bad element.
+std::string compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
+                    double max_tol, double l2_tol, bool absolute = false) {
+  double ref_max = 0, err_max = 0, err2 = 0, ref2 = 0;
+  int64_t worst = -1, first_nan = -1;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ref_max = std::max(ref_max, std::abs(ref[i]));
+    ref2 += ref[i] * ref[i];
+    if (!std::isfinite(got[i]) && std::isfinite(ref[i])) {
+      if (first_nan < 0) first_nan = int64_t(i);
+      continue;
+    }
+    if (!std::isfinite(ref[i])) continue;  // e.g. lse of an empty row: both -inf
+    const double e = std::abs(got[i] - ref[i]);
+    err2 += e * e;
+    if (e > err_max) err_max = e, worst = int64_t(i);
+  }
+  const double bound = absolute ? max_tol : max_tol * std::max(ref_max, 1e-30);
+  const double rel2 = std::sqrt(err2 / std::max(ref2, 1e-300));
+  std::ostringstream o;
+  if (first_nan >= 0)
+    o << what << ": element " << first_nan << " not finite (got " << got[size_t(first_nan)] << ", expected "
+      << ref[size_t(first_nan)] << "): unwritten or NaN; ";
+  if (err_max > bound) {
+    int64_t first_bad = -1;
+    for (size_t i = 0; i < ref.size() && first_bad < 0; ++i)
+      if (std::isfinite(ref[i]) && std::abs(got[i] - ref[i]) > bound) first_bad = int64_t(i);
+    o << what << ": max |err| " << err_max << " > " << bound << " (ref max " << ref_max << ") at " << worst
+      << " (got " << got[size_t(worst)] << ", expected " << ref[size_t(worst)] << "); first bad index "
+      << first_bad << " (got " << got[size_t(first_bad)] << ", expected " << ref[size_t(first_bad)] << "); ";
+  }
+  if (!absolute && l2_tol > 0 && rel2 > l2_tol) o << what << ": relative L2 error " << rel2 << " > " << l2_tol << "; ";
+  return o.str();
+}
+
+// Flat index -> "[b,t,h,d]" for the [B,T,heads,D] tensors (in failure messages).
+std::string where4(int64_t idx, int64_t T, int64_t heads, int64_t D) {
+  std::ostringstream o;
+  o << "[b=" << idx / (T * heads * D) << ",t=" << (idx / (heads * D)) % T << ",h=" << (idx / D) % heads
+    << ",d=" << idx % D << "]";
+  return o.str();
+}
+
+struct Problem {
+  cpu::AttnShape s;
+  uint64_t seed = 0;
+  Input q, k, v, dout;
+  Problem(const cpu::AttnShape& shape, uint64_t seed_) : s(shape), seed(seed_) {
+    // |q|,|k| up to 1.5: scores of std ~1 after the 1/sqrt(d) scale, so softmax rows are neither
+    // uniform nor one-hot and every term of the gradients matters.
+    q = random_input(s.B * s.T * s.H * s.Dqk, seed + 1, 1.5);
+    k = random_input(s.B * s.T * s.Hkv * s.Dqk, seed + 2, 1.5);
+    v = random_input(s.B * s.T * s.Hkv * s.Dv, seed + 3, 1.0);
+    dout = random_input(s.B * s.T * s.H * s.Dv, seed + 4, 1.0);
+  }
+  int64_t nq() const { return s.B * s.T * s.H * s.Dqk; }
+  int64_t nk() const { return s.B * s.T * s.Hkv * s.Dqk; }
+  int64_t nv() const { return s.B * s.T * s.Hkv * s.Dv; }
+  int64_t no() const { return s.B * s.T * s.H * s.Dv; }
+  int64_t nl() const { return s.B * s.H * s.T; }
+};
+
+struct GpuProblem {
+  Dev<bf16> q, k, v, dout, out, dq, dk, dv;
+  Dev<float> lse;
+  explicit GpuProblem(const Problem& P)
+      : q(P.nq()), k(P.nk()), v(P.nv()), dout(P.no()), out(P.no()), dq(P.nq()), dk(P.nk()), dv(P.nv()), lse(P.nl()) {
+    q.upload(P.q.b);
+    k.upload(P.k.b);
+    v.upload(P.v.b);
+    dout.upload(P.dout.b);
+  }
+  void poison_forward() {
+    cuda::fill_bf16(out.p, out.n, NAN);
+    cuda::fill_f32(lse.p, lse.n, NAN);
+  }
+  void poison_backward() {
+    cuda::fill_bf16(dq.p, dq.n, NAN);
+    cuda::fill_bf16(dk.p, dk.n, NAN);
+    cuda::fill_bf16(dv.p, dv.n, NAN);
+  }
+  void backward(const cpu::AttnShape& s, bool deterministic) {
+    poison_backward();
+    cuda::flash_attention_backward(dq.p, dk.p, dv.p, dout.p, out.p, lse.p, q.p, k.p, v.p, s, deterministic);
+    cuda::synchronize();
+  }
+};
+
+struct Case {
+  int64_t Dqk, Dv, T, window, B, H, Hkv;
+};
+
+std::string case_name(const Case& c) {
+  std::ostringstream o;
+  o << "D" << c.Dqk << "_" << c.Dv << "_T" << c.T << "_W" << c.window << "_B" << c.B << "_H" << c.H << "_" << c.Hkv;
+  return o.str();
+}
+
+// Every head-dim pair x every T x every window; B and the GQA group cycle with the index so
+// each value meets many of the others without the full cross product.
+std::vector<Case> all_cases() {
+  const int64_t dims[3][2] = {{64, 64}, {128, 128}, {192, 128}};
+  const int64_t Ts[] = {1, 17, 64, 100, 128, 257, 1000};
+  const int64_t windows[] = {0, 1, 16, 100, 129};
+  const int64_t heads[3][2] = {{4, 4}, {4, 2}, {8, 2}};
+  std::vector<Case> cs;
+  int idx = 0;
+  for (auto& d : dims)
+    for (int64_t T : Ts)
+      for (int64_t w : windows) {
+        const int64_t B = 1 + (idx % 2);
+        const auto& hh = heads[(idx / 2) % 3];
+        cs.push_back({d[0], d[1], T, w, B, hh[0], hh[1]});
+        ++idx;
+      }
+  return cs;
+}
+
+class FlashAttention : public ::testing::TestWithParam<Case> {};
+
+TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Case c = GetParam();
+  cpu::AttnShape s;
+  s.B = c.B, s.T = c.T, s.H = c.H, s.Hkv = c.Hkv, s.Dqk = c.Dqk, s.Dv = c.Dv, s.window = c.window;
+  s.scale = 1.0 / std::sqrt(double(c.Dqk));
+  ASSERT_TRUE(cuda::flash_attention_supported(s)) << describe(s);
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
+  const Problem P(s, seed);
+
+  // fp64 reference on the same bf16 values
+  std::vector<double> out_ref(size_t(P.no())), lse_ref(size_t(P.nl()));
+  cpu::attention_forward<double>(out_ref.data(), lse_ref.data(), P.q.d.data(), P.k.d.data(), P.v.d.data(), s);
+  std::vector<double> dq_ref(size_t(P.nq())), dk_ref(size_t(P.nk())), dv_ref(size_t(P.nv()));
+  cpu::attention_backward<double>(dq_ref.data(), dk_ref.data(), dv_ref.data(), P.dout.d.data(), out_ref.data(),
+                                  lse_ref.data(), P.q.d.data(), P.k.d.data(), P.v.d.data(), s);
+
+  GpuProblem G(P);
+  G.poison_forward();
+  cuda::flash_attention_forward(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s);
+  cuda::synchronize();
+  const std::vector<double> out = as_double(G.out.download()), lse = as_double(G.lse.download());
+  std::string err = compare("out", out, out_ref, kMaxTol, kL2Tol) + compare("lse", lse, lse_ref, kLseTol, 0, true);
+  ASSERT_TRUE(err.empty()) << err;
+
+  // deterministic backward: within tolerance, and the same bits on a second run
+  G.backward(s, /*deterministic=*/true);
+  const std::vector<bf16> dq1 = G.dq.download(), dk1 = G.dk.download(), dv1 = G.dv.download();
+  err = compare("dq", as_double(dq1), dq_ref, kMaxTol, kL2Tol) + compare("dk", as_double(dk1), dk_ref, kMaxTol, kL2Tol) +
+        compare("dv", as_double(dv1), dv_ref, kMaxTol, kL2Tol);
+  EXPECT_TRUE(err.empty()) << "deterministic backward: " << err;
+  G.backward(s, true);
+  const std::vector<bf16> dq2 = G.dq.download(), dk2 = G.dk.download(), dv2 = G.dv.download();
+  auto first_diff = [](const std::vector<bf16>& a, const std::vector<bf16>& b) -> int64_t {
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i].bits != b[i].bits) return int64_t(i);
+    return -1;
+  };
+  const int64_t dq_d = first_diff(dq1, dq2), dk_d = first_diff(dk1, dk2), dv_d = first_diff(dv1, dv2);
+  EXPECT_EQ(dq_d, -1) << "dq not bitwise repeatable at " << where4(dq_d, s.T, s.H, s.Dqk);
+  EXPECT_EQ(dk_d, -1) << "dk not bitwise repeatable at " << where4(dk_d, s.T, s.Hkv, s.Dqk);
+  EXPECT_EQ(dv_d, -1) << "dv not bitwise repeatable at " << where4(dv_d, s.T, s.Hkv, s.Dv);
+
+  // atomic-dQ backward: within the same tolerance (dk/dv come from the same kernel path)
+  G.backward(s, /*deterministic=*/false);
+  err = compare("dq", as_double(G.dq.download()), dq_ref, kMaxTol, kL2Tol) +
+        compare("dk", as_double(G.dk.download()), dk_ref, kMaxTol, kL2Tol) +
+        compare("dv", as_double(G.dv.download()), dv_ref, kMaxTol, kL2Tol);
+  EXPECT_TRUE(err.empty()) << "non-deterministic backward: " << err;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FlashAttention, ::testing::ValuesIn(all_cases()),
+                         [](const ::testing::TestParamInfo<Case>& i) { return case_name(i.param); });
+
+// ---- sparse-variant hooks: per-key bias and gathered key lists ---------------------------------
+
+// fp64 forward with an arbitrary visibility predicate and an optional per-key bias [B,Hkv,T].
+void masked_reference(std::vector<double>& out, std::vector<double>& lse, const Problem& P, const double* bias,
+                      const std::function<bool(int64_t b, int64_t hk, int64_t i, int64_t j)>& keep) {
+  const auto& s = P.s;
+  const int64_t group = s.H / s.Hkv;
+  out.assign(size_t(P.no()), 0.0);
+  lse.assign(size_t(P.nl()), -INFINITY);
+  std::vector<double> sc(size_t(s.T));
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t i = 0; i < s.T; ++i) {
+        const int64_t hk = h / group;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < s.T; ++j) {
+          sc[size_t(j)] = -INFINITY;
+          if (!keep(b, hk, i, j)) continue;
+          double d = 0;
+          for (int64_t x = 0; x < s.Dqk; ++x)
+            d += P.q.d[size_t(((b * s.T + i) * s.H + h) * s.Dqk + x)] * P.k.d[size_t(((b * s.T + j) * s.Hkv + hk) * s.Dqk + x)];
+          sc[size_t(j)] = s.scale * d + (bias ? bias[(b * s.Hkv + hk) * s.T + j] : 0.0);
+          mx = std::max(mx, sc[size_t(j)]);
+        }
+        if (mx == -INFINITY) continue;
+        double sum = 0;
+        double* o = &out[size_t(((b * s.T + i) * s.H + h) * s.Dv)];
+        for (int64_t j = 0; j < s.T; ++j) {
+          if (sc[size_t(j)] == -INFINITY) continue;
+          const double p = std::exp(sc[size_t(j)] - mx);
+          sum += p;
+          for (int64_t x = 0; x < s.Dv; ++x) o[x] += p * P.v.d[size_t(((b * s.T + j) * s.Hkv + hk) * s.Dv + x)];
+        }
+        for (int64_t x = 0; x < s.Dv; ++x) o[x] /= sum;
+        lse[size_t((b * s.H + h) * s.T + i)] = mx + std::log(sum);
+      }
+}
+
+cpu::AttnShape hook_shape(int64_t Dqk, int64_t Dv, int64_t T, int64_t window) {
+  cpu::AttnShape s;
+  s.B = 2, s.T = T, s.H = 4, s.Hkv = 2, s.Dqk = Dqk, s.Dv = Dv, s.window = window;
+  s.scale = 1.0 / std::sqrt(double(Dqk));
+  return s;
+}
+
+// Gathered lists [B, Hkv, tiles, capacity] from a per-(b, hk, tile) key choice.
+struct Gather {
+  std::vector<int32_t> keys, count;
+  int64_t capacity = 0;
+};
+Gather build_gather(const cpu::AttnShape& s, const std::function<std::vector<int32_t>(int64_t, int64_t, int64_t)>& pick) {
+  const int64_t bq = cuda::flash_attention_block_q(), tiles = (s.T + bq - 1) / bq;
+  std::vector<std::vector<int32_t>> lists;
+  Gather g;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t hk = 0; hk < s.Hkv; ++hk)
+      for (int64_t t = 0; t < tiles; ++t) {
+        lists.push_back(pick(b, hk, t));
+        g.capacity = std::max<int64_t>(g.capacity, int64_t(lists.back().size()));
+      }
+  g.capacity = std::max<int64_t>(g.capacity, 1);
+  g.keys.assign(lists.size() * size_t(g.capacity), -7);  // junk past count must never be read
+  for (size_t l = 0; l < lists.size(); ++l) {
+    g.count.push_back(int32_t(lists[l].size()));
+    std::copy(lists[l].begin(), lists[l].end(), g.keys.begin() + int64_t(l) * g.capacity);
+  }
+  return g;
+}
+
+std::vector<std::pair<int64_t, int64_t>> hook_dims() { return {{64, 64}, {128, 128}, {192, 128}}; }
+
+TEST(FlashAttentionHooks, GatherAllCausalKeysEqualsDense) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (auto [Dqk, Dv] : hook_dims())
+    for (int64_t T : {100, 300}) {
+      const cpu::AttnShape s = hook_shape(Dqk, Dv, T, 0);
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
+      const Problem P(s, seed);
+      GpuProblem G(P);
+      const int64_t bq = cuda::flash_attention_block_q();
+      Gather g = build_gather(s, [&](int64_t, int64_t, int64_t t) {
+        std::vector<int32_t> ks;
+        for (int64_t j = 0; j < std::min(T, (t + 1) * bq); ++j) ks.push_back(int32_t(j));
+        return ks;
+      });
+      Dev<int32_t> gk(int64_t(g.keys.size())), gc(int64_t(g.count.size()));
+      gk.upload(g.keys);
+      gc.upload(g.count);
+      const cuda::FlashGather fg{gk.p, gc.p, g.capacity};
+      G.poison_forward();
+      cuda::flash_attention_forward(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s);
+      const std::vector<bf16> dense = G.out.download();
+      const std::vector<float> dense_lse = G.lse.download();
+      G.poison_forward();
+      cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, &fg);
+      const std::vector<bf16> gath = G.out.download();
+      const std::vector<float> gath_lse = G.lse.download();
+      // Same key tiles in the same order, masked keys give exact zeros: the same bits.
+      for (size_t i = 0; i < dense.size(); ++i)
+        ASSERT_EQ(dense[i].bits, gath[i].bits) << "out " << where4(int64_t(i), T, s.H, Dv) << " dense "
+                                               << to_float(dense[i]) << " gathered " << to_float(gath[i]);
+      for (size_t i = 0; i < dense_lse.size(); ++i)
+        ASSERT_EQ(std::memcmp(&dense_lse[i], &gath_lse[i], 4), 0)
+            << "lse " << i << " dense " << dense_lse[i] << " gathered " << gath_lse[i];
+    }
+}
+
+TEST(FlashAttentionHooks, ZeroBiasEqualsNoBias) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (auto [Dqk, Dv] : hook_dims()) {
+    const cpu::AttnShape s = hook_shape(Dqk, Dv, 257, 100);
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
+    const Problem P(s, seed);
+    GpuProblem G(P);
+    Dev<float> bias(s.B * s.Hkv * s.T);
+    cuda::fill_f32(bias.p, bias.n, 0.f);
+    G.poison_forward();
+    cuda::flash_attention_forward(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s);
+    const std::vector<bf16> a = G.out.download();
+    G.poison_forward();
+    cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr);
+    const std::vector<bf16> b = G.out.download();
+    for (size_t i = 0; i < a.size(); ++i)
+      ASSERT_EQ(a[i].bits, b[i].bits) << "out " << where4(int64_t(i), s.T, s.H, Dv) << ": " << to_float(a[i])
+                                      << " vs " << to_float(b[i]);
+  }
+}
+
+// Random bias, and a DMA-like gathered selection (per KV head and query tile: a random subset of
+// the causal keys, in random order) with the bias, both against the masked fp64 reference.
+TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (auto [Dqk, Dv] : hook_dims())
+    for (int64_t window : {0, 50}) {
+      const int64_t T = 300;
+      const cpu::AttnShape s = hook_shape(Dqk, Dv, T, window);
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
+      const Problem P(s, seed);
+      GpuProblem G(P);
+      Rng r(seed + 99);
+      std::vector<float> bias_h(size_t(s.B * s.Hkv * T));
+      std::vector<double> bias_d(bias_h.size());
+      for (size_t i = 0; i < bias_h.size(); ++i) bias_h[i] = float(3 * r.uniform() - 2), bias_d[i] = bias_h[i];
+      Dev<float> bias(int64_t(bias_h.size()));
+      bias.upload(bias_h);
+
+      auto visible = [&](int64_t i, int64_t j) { return j <= i && (window == 0 || j > i - window); };
+      std::vector<double> out_ref, lse_ref;
+      masked_reference(out_ref, lse_ref, P, bias_d.data(),
+                       [&](int64_t, int64_t, int64_t i, int64_t j) { return visible(i, j); });
+      G.poison_forward();
+      cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr);
+      std::string err = compare("biased out", as_double(G.out.download()), out_ref, kMaxTol, kL2Tol) +
+                        compare("biased lse", as_double(G.lse.download()), lse_ref, kLseTol, 0, true);
+      EXPECT_TRUE(err.empty()) << err;
+
+      // Keep each older key of the tile with probability 1/2 and every key inside the tile's own
+      // query range (so each row keeps at least its diagonal key), shuffled.
+      const int64_t bq = cuda::flash_attention_block_q();
+      std::vector<std::vector<std::vector<char>>> kept(size_t(s.B * s.Hkv));
+      Gather g = build_gather(s, [&](int64_t b, int64_t hk, int64_t t) {
+        std::vector<int32_t> ks;
+        auto& kv = kept[size_t(b * s.Hkv + hk)];
+        kv.resize(size_t((T + bq - 1) / bq), std::vector<char>(size_t(T), 0));
+        for (int64_t j = 0; j < std::min(T, (t + 1) * bq); ++j)
+          if (j >= t * bq || r.uniform() < 0.5) ks.push_back(int32_t(j)), kv[size_t(t)][size_t(j)] = 1;
+        for (size_t x = ks.size(); x > 1; --x) std::swap(ks[x - 1], ks[size_t(r.uniform() * double(x)) % x]);
+        return ks;
+      });
+      Dev<int32_t> gk(int64_t(g.keys.size())), gc(int64_t(g.count.size()));
+      gk.upload(g.keys);
+      gc.upload(g.count);
+      const cuda::FlashGather fg{gk.p, gc.p, g.capacity};
+      masked_reference(out_ref, lse_ref, P, bias_d.data(), [&](int64_t b, int64_t hk, int64_t i, int64_t j) {
+        return visible(i, j) && kept[size_t(b * s.Hkv + hk)][size_t(i / bq)][size_t(j)];
+      });
+      G.poison_forward();
+      cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, &fg);
+      err = compare("gathered out", as_double(G.out.download()), out_ref, kMaxTol, kL2Tol) +
+            compare("gathered lse", as_double(G.lse.download()), lse_ref, kLseTol, 0, true);
+      EXPECT_TRUE(err.empty()) << err;
+    }
+}
+
+TEST(FlashAttentionHooks, UnsupportedShapeIsAnError) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  cpu::AttnShape s = hook_shape(96, 96, 16, 0);
+  EXPECT_FALSE(cuda::flash_attention_supported(s));
+  EXPECT_THROW(cuda::flash_attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, s), Error);
+}
+
+#else  // !DMAT_WITH_CUDA
+
+TEST(FlashAttention, NotBuilt) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  GTEST_SKIP() << "built without the CUDA backend";
+}
+
+#endif
+
+}  // namespace
+}  // namespace dmat
