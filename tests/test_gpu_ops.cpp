@@ -652,9 +652,9 @@ TEST(GpuOps, SoftmaxXent) {
       cuda::softmax_xent(loss.p, dlp, ld.p, td.p, s.rows, s.V, gs);
       std::vector<double> rl(size_t(s.rows)), rd(n);
       cpu::softmax_xent<double>(rl.data(), rd.data(), logits.d.data(), tg.data(), s.rows, s.V, double(gs));
-      // loss: fp32 sum of V exps (short serial runs + tree: ≲ 5e-6 relative) -> lse abs error
-      // ~5e-6, plus fp32 rounding of lse (~6e-8·|lse|).
-      check_close("xent loss " + shape, got_d(loss), rl, [&](size_t i) { return 2e-5 + 1e-6 * std::fabs(rl[i]); });
+      // loss: fp32 sum of V exps in serial runs of ≤ 256 terms per thread + a tree: ≤ ~270·2^-24
+      // (1.6e-5) relative in the sum, i.e. absolute in lse; plus fp32 rounding of lse (~6e-8·|lse|).
+      check_close("xent loss " + shape, got_d(loss), rl, [&](size_t i) { return 4e-5 + 1e-6 * std::fabs(rl[i]); });
       if (mode == 2) continue;
       // dlogits: p carries the lse error (~2e-5 relative), then one bf16 rounding.
       check_bf16_rel("xent dlogits " + shape, mode == 1 ? got_d(ld) : got_d(dl), rd, 3e-5, 1e-12);
