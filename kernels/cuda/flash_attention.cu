@@ -662,7 +662,7 @@ void forward_dispatch(const FwdParams& p, const AttnShape& s) {
 // Query rows per dK/dV step: 64, or 32 where the (192, 128) accumulators leave no registers.
 template <int DQK>
 constexpr int bwd_bmq() {
-  return DQK > 128 ? 32 : 64;
+  return DQK >= 128 ? 32 : 64;
 }
 
 template <int DQK, int DV>
