@@ -2,6 +2,7 @@
 // Exit code 0 on success; 1 with a one-line cause on stderr when something fails; 2 for bad usage.
 #include <cstdio>
 #include <cstring>
+#include <iostream>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -13,6 +14,9 @@
 #include "core/log.h"
 #include "data/prepare.h"
 #include "kernels/cuda/device_info.h"
+#include "bench/attention_bench.h"
+#include "bench/ops_bench.h"
+#include "train/bench.h"
 #include "train/info.h"
 #include "train/trainer.h"
 
@@ -44,7 +48,25 @@ commands:
   data inspect PATH        describe a shard file or a prepared data directory
   tokenizer train|encode|decode|info|bench ...
                            byte-level BPE tokenizers (Hugging Face tokenizer.json)
+  bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
+                           training-step speed on synthetic tokens: tokens/s, MFU, time split, memory
+  bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W]
+                           our flash-attention kernels, forward and forward+backward (CUDA)
+  bench ops                GEMM, copy bandwidth and the elementwise kernels at model shapes (CUDA)
   devices                  list the CUDA devices this build can see
+)";
+
+const char* kBenchHelp = R"(usage: dmatrain bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
+       dmatrain bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W]
+                                [--nondeterministic] [--iters N]
+       dmatrain bench ops
+
+bench CONFIG runs N optimizer steps (default 10, after 3 warm-up steps) of the config's model on
+synthetic tokens (no data needed) on run.device, and prints tokens/s, MFU (6·N + 6·L·T·d FLOPs per
+token against the device's dense bf16 peak; DMAT_PEAK_TFLOPS overrides the peak), the forward /
+backward / optimizer split (measured on separately synchronised steps) and peak memory beside
+`dmatrain info`'s prediction, then one JSON line. Speed figures belong in benchmarks, not tests:
+compare against ../shared/anchors run in the same session (scripts/bench_train.sh does both).
 )";
 
 const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume] [--stop-at STEP]
@@ -222,6 +244,46 @@ int cmd_data(const std::vector<std::string>& a) {
   return 0;
 }
 
+int cmd_bench_kernels(const std::vector<std::string>& a) {
+  if (a[0] == "ops") {
+    if (a.size() != 1) throw Usage("bench ops takes no options");
+    dmat::bench_ops(std::cout);
+    return 0;
+  }
+  dmat::AttnBenchOptions o;
+  for (size_t i = 1; i < a.size(); ++i) {
+    if (a[i] == "--seq") o.T = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--heads") o.H = o.Hkv = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--kv-heads") o.Hkv = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--dim") o.D = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--batch") o.B = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--window") o.window = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--iters") o.iters = int(parse_int(a[i], need_value(a, i)));
+    else if (a[i] == "--nondeterministic") o.deterministic = false;
+    else throw Usage("unknown option " + a[i]);
+  }
+  if (o.T < 1 || o.H < 1 || o.Hkv < 1 || o.H % o.Hkv != 0 || o.B < 1 || o.window < 0 || o.iters < 1)
+    throw Usage("bench attention: sizes must be >= 1, --kv-heads must divide --heads, --window >= 0");
+  dmat::bench_attention(o, std::cout);
+  return 0;
+}
+
+int cmd_bench(const std::vector<std::string>& a) {
+  if (a.empty() || wants_help(a)) return std::fputs(kBenchHelp, stdout), a.empty() ? 2 : 0;
+  if (a[0] == "attention" || a[0] == "ops") return cmd_bench_kernels(a);
+  dmat::TrainBenchOptions o;
+  std::vector<std::string> sets;
+  const std::string path = parse_config_args(a, sets, [&](const std::vector<std::string>& v, size_t& i) {
+    if (v[i] == "--steps") return o.steps = parse_int(v[i], need_value(v, i)), true;
+    if (v[i] == "--warmup") return o.warmup = parse_int(v[i], need_value(v, i)), true;
+    return false;
+  });
+  if (o.steps < 1 || o.warmup < 0) throw Usage("--steps must be >= 1 and --warmup >= 0");
+  dmat::Config cfg = dmat::load_config(path, sets);
+  dmat::bench_train(cfg, o, std::cout);
+  return 0;
+}
+
 int cmd_devices() {
   const int n = dmat::cuda::device_count();
   if (n == 0) std::puts("no CUDA devices visible");
@@ -246,11 +308,13 @@ int main(int argc, char** argv) {
     if (cmd == "info") return cmd_info(args);
     if (cmd == "data") return cmd_data(args);
     if (cmd == "tokenizer") return dmat::cli::cmd_tokenizer(args);
+    if (cmd == "bench") return cmd_bench(args);
     if (cmd == "devices") return cmd_devices();
     throw Usage("unknown command \"" + cmd + "\"");
   } catch (const Usage& e) {
     std::fprintf(stderr, "dmatrain %s: %s (see dmatrain %s--help)\n", cmd.c_str(), e.what(),
-                 cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" ? (cmd + " ").c_str() : "");
+                 cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" || cmd == "bench" ? (cmd + " ").c_str()
+                                                                                               : "");
     return 2;
   } catch (const std::exception& e) {
     spdlog::shutdown();
