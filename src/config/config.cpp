@@ -98,6 +98,7 @@ const std::vector<Field<TrainConfig>> kTrainFields = {
     {"eval_batches", &TrainConfig::eval_batches},
     {"checkpoint_interval", &TrainConfig::checkpoint_interval},
     {"recompute", &TrainConfig::recompute},
+    {"zero", &TrainConfig::zero},
 };
 
 const std::vector<Field<DataConfig>> kDataFields = {
@@ -113,6 +114,7 @@ const std::vector<Field<RunConfig>> kRunFields = {
     {"log_interval", &RunConfig::log_interval},
     {"keep_checkpoints", &RunConfig::keep_checkpoints},
     {"deterministic", &RunConfig::deterministic},
+    {"collective_timeout_s", &RunConfig::collective_timeout_s},
 };
 
 // ---- small helpers ---------------------------------------------------------------------------
@@ -353,6 +355,7 @@ void validate_train(const TrainConfig& t) {
   require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", t.beta2, "in [0, 1)");
   require(t.eps > 0, "train.eps", t.eps, "> 0");
   require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 disables clipping)");
+  require(t.zero == 0 || t.zero == 1, "train.zero", t.zero, "0 (plain data parallel) or 1 (ZeRO-1: optimizer state sharded)");
   require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, ">= 0 (0: only at the end)");
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0 (0: the whole set)");
   require(t.checkpoint_interval >= 0, "train.checkpoint_interval", t.checkpoint_interval,
@@ -380,6 +383,7 @@ void validate_run(RunConfig& r) {
   require(r.threads >= 0, "run.threads", r.threads, ">= 0 (0: all cores)");
   require(r.log_interval >= 1, "run.log_interval", r.log_interval, ">= 1");
   require(r.keep_checkpoints >= 0, "run.keep_checkpoints", r.keep_checkpoints, ">= 0 (0 keeps all)");
+  require(r.collective_timeout_s >= 0, "run.collective_timeout_s", r.collective_timeout_s, ">= 0 (0: no limit)");
   if (r.dir.empty()) r.dir = "runs/" + r.name;
 }
 

@@ -61,6 +61,7 @@ struct TrainConfig {
   int64_t eval_batches = 0;        // micro-batches of the validation set per pass; 0: all of it
   int64_t checkpoint_interval = 0; // steps between checkpoints; 0: only at the end
   bool recompute = false;          // recompute each block's activations in backward (less memory, ~1/3 more compute)
+  int64_t zero = 0;                // ZeRO stage: 0 plain data parallel, 1 optimizer state sharded across ranks
 };
 
 struct DataConfig {
@@ -76,6 +77,7 @@ struct RunConfig {
   int64_t log_interval = 10;       // steps between log lines / metrics rows
   int64_t keep_checkpoints = 3;    // newest complete checkpoints kept; 0 keeps all
   bool deterministic = true;       // CUDA: bitwise-reproducible kernels (attention dQ without atomics)
+  double collective_timeout_s = 600;  // multi-rank: a collective running longer aborts the job; 0: no limit
 };
 
 struct Config {

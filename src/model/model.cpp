@@ -332,14 +332,18 @@ void Model::backward() {
   // The LM head's backward already ran chunk by chunk in forward (head_loss): dln is ∂/∂RMSNorm(h_L).
   ops::rmsnorm_backward(dres, grads_.get(h_norm_), dln, acts_.get(a_resid_[cfg_.n_layers]), params_.get(h_norm_),
                         acts_.get(a_rstdf_), false);
+  if (grad_ready_) grad_ready_(h_norm_, h_head_ >= 0 ? h_head_ : h_norm_);
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
     // (the last block's activations are still those of the forward pass)
     if (recompute_ && l + 1 < cfg_.n_layers) blocks_[l]->forward(c, acts_.get(a_resid_[l]), acts_.get(s_block_out_));
     blocks_[l]->backward(c, acts_.get(a_resid_[l]), dres, dres2);
     std::swap(dres, dres2);
+    // a block's parameters are declared contiguously, from input_layernorm to its last one
+    if (grad_ready_) grad_ready_(blocks_[l]->ln1, blocks_[l]->r2 >= 0 ? blocks_[l]->r2 : blocks_[l]->wd);
   }
   const int32_t* tok_in = device_ == Device::CUDA ? tokens_dev_.get(0).as<int32_t>() : inputs_.data();
   ops::embedding_backward(grads_.get(h_embed_), dres, tok_in);
+  if (grad_ready_) grad_ready_(h_embed_, h_embed_);
 }
 
 Tensor Model::logits() const {

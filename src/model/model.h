@@ -13,6 +13,7 @@
 // each chunk's loss, so logits for the whole batch never exist at once on the GPU.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -69,6 +70,10 @@ class Model {
   // Rows of the LM head / cross-entropy chunk for N = B·T rows.
   static int64_t head_chunk_rows(const ModelConfig& cfg, int64_t N, Device device);
   void set_deterministic(bool on) { deterministic_ = on; }
+  // Called by backward() with parameter handles [first, last] as soon as their gradients are
+  // final for this backward: final norm and LM head, then each block from the last, then the
+  // embedding. Data parallelism starts reducing those gradients while backward continues.
+  void set_grad_ready_hook(std::function<void(int first, int last)> hook) { grad_ready_ = std::move(hook); }
 
   struct Block;
 
@@ -98,6 +103,7 @@ class Model {
   int64_t head_rows_ = 0;  // rows per LM-head chunk
   std::vector<int32_t> inputs_, targets_;
   bool have_grad_ = false;
+  std::function<void(int, int)> grad_ready_;
 };
 
 }  // namespace dmat

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "dist/communicator.h"
 #include "ops/ops.h"
 
 #ifdef DMAT_WITH_CUDA
@@ -10,22 +11,43 @@
 
 namespace dmat {
 
-AdamW::AdamW(const Model& model, const TrainConfig& cfg)
-    : model_(model),
-      cfg_(cfg),
-      m_(model.param_table(), model.grads().dtype(), model.grads().device()),
-      v_(model.param_table(), model.grads().dtype(), model.grads().device()) {
+namespace {
+Arena moments(int64_t n, DType dt, Device dev) {
+  TensorTable t;
+  t.add("moments", {std::max<int64_t>(n, 1)});
+  return Arena(t, dt, dev);
+}
+}  // namespace
+
+AdamW::AdamW(const Model& model, const TrainConfig& cfg, int64_t lo, int64_t hi, dist::Communicator* comm)
+    : model_(model), cfg_(cfg), comm_(comm) {
+  const int64_t total = model.grads().flat().numel();
+  lo_ = lo;
+  hi_ = hi < 0 ? total : hi;
+  DMAT_CHECK(0 <= lo_ && lo_ <= hi_ && hi_ <= total, "optimizer range [{}, {}) of {}", lo_, hi_, total);
+  DMAT_CHECK(comm_ || (lo_ == 0 && hi_ == total), "a sharded optimizer needs a communicator for the norm");
+  m_ = moments(hi_ - lo_, model.grads().dtype(), model.grads().device());
+  v_ = moments(hi_ - lo_, model.grads().dtype(), model.grads().device());
   const auto& info = model.param_info();
-  for (size_t i = 0; i < info.size(); ++i)
-    segs_.push_back({model.grads().offset(int(i)), info[i].shape.numel(),
-                     float(info[i].decay ? cfg.weight_decay : 0.0)});
+  for (size_t i = 0; i < info.size(); ++i) {
+    const int64_t a = model.grads().offset(int(i)), b = a + info[i].shape.numel();
+    const int64_t s = std::max(a, lo_), e = std::min(b, hi_);
+    if (s >= e) continue;
+    segs_.push_back({s, e - s, float(info[i].decay ? cfg.weight_decay : 0.0)});
+    seg_param_.push_back(int(i));
+  }
 }
 
-double AdamW::grad_norm() const { return std::sqrt(ops::sum_squares(model_.grads().flat())); }
+double AdamW::grad_norm() const {
+  double ss = ops::sum_squares(model_.grads().flat().rows(lo_, hi_ - lo_));
+  if (lo_ != 0 || hi_ != model_.grads().flat().numel()) ss = comm_->all_reduce(ss, dist::ReduceOp::Sum);
+  return std::sqrt(ss);
+}
 
 double AdamW::clip() {
   const double norm = grad_norm();
-  if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip) ops::scale_inplace(model_.grads().flat(), cfg_.grad_clip / (norm + 1e-6));
+  if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
+    ops::scale_inplace(model_.grads().flat().rows(lo_, hi_ - lo_), cfg_.grad_clip / (norm + 1e-6));
   return norm;
 }
 
@@ -36,18 +58,21 @@ void AdamW::step(double lr) {
 #ifdef DMAT_WITH_CUDA
     static_assert(sizeof(Segment) == sizeof(cuda::AdamSegment));
     const Tensor master = model_.master().flat(), p = model_.params().flat(), g = model_.grads().flat();
-    cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), m_.flat().as<float>(), v_.flat().as<float>(),
-                     reinterpret_cast<const cuda::AdamSegment*>(segs_.data()), int(segs_.size()), float(lr),
-                     float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1), float(bc2), 1.0f);
+    // The kernel indexes every array by arena offset; the moments hold [lo, hi) only, so their base
+    // is shifted back by lo (only offsets inside [lo, hi) are ever touched).
+    float* mb = m_.flat().as<float>() - lo_;
+    float* vb = v_.flat().as<float>() - lo_;
+    if (!segs_.empty())
+      cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), mb, vb,
+                       reinterpret_cast<const cuda::AdamSegment*>(segs_.data()), int(segs_.size()), float(lr),
+                       float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1), float(bc2), 1.0f);
     return;
 #endif
   }
-  const auto& info = model_.param_info();
-  for (size_t i = 0; i < info.size(); ++i) {
-    const int h = int(i);
-    ops::adamw_step(model_.params().get(h), model_.grads().get(h), m_.get(h), v_.get(h), lr, cfg_.beta1, cfg_.beta2,
-                    cfg_.eps, info[i].decay ? cfg_.weight_decay : 0.0, bc1, bc2);
-  }
+  const Tensor p = model_.params().flat(), g = model_.grads().flat(), m = m_.flat(), v = v_.flat();
+  for (const Segment& s : segs_)
+    ops::adamw_step(p.rows(s.offset, s.n), g.rows(s.offset, s.n), m.rows(s.offset - lo_, s.n),
+                    v.rows(s.offset - lo_, s.n), lr, cfg_.beta1, cfg_.beta2, cfg_.eps, s.weight_decay, bc1, bc2);
 }
 
 }  // namespace dmat

@@ -4,6 +4,7 @@
 
 #include "io/checkpoint_dir.h"
 #include "io/safetensors.h"
+#include "ops/ops.h"
 
 namespace dmat {
 
@@ -17,8 +18,6 @@ static std::vector<NamedTensor> named(const Model& m, const Arena& a, const std:
   return out;
 }
 
-// Device arenas are staged through a host copy; files always hold full precision (fp32 on CUDA:
-// the master weights), so a checkpoint resumes on either backend.
 // Device arenas are staged through a host copy; files always hold full precision (fp32 on CUDA:
 // the master weights), so a checkpoint resumes on either backend.
 void save_model_weights(const Model& m, const std::string& path) {
@@ -35,14 +34,6 @@ static void load_named(const SafetensorsFile& f, const Model& m, const Arena& a,
   for (size_t i = 0; i < info.size(); ++i) f.copy_to(prefix + info[i].name, a.get(int(i)));
 }
 
-// Reads into `a`, through a host copy when `a` lives on the device.
-static void load_arena(const SafetensorsFile& f, const Model& m, const Arena& a, const std::string& prefix) {
-  if (a.device() == Device::CPU) return load_named(f, m, a, prefix);
-  Arena h = a.like(Device::CPU);
-  load_named(f, m, h, prefix);
-  a.copy_from(h);
-}
-
 void load_model_weights(Model& m, const std::string& path) {
   SafetensorsFile f(path);
   if (m.device() == Device::CPU) return load_named(f, m, m.params(), "");
@@ -51,27 +42,59 @@ void load_model_weights(Model& m, const std::string& path) {
   m.set_weights(h);
 }
 
-std::string save_checkpoint(const std::string& run_dir, const Model& m, const AdamW& opt, const TrainState& st,
-                            const nlohmann::json& resolved_config, int64_t keep) {
-  const std::string tmp = begin_checkpoint(run_dir, st.step);
-  save_model_weights(m, tmp + "/model.safetensors");
-  const bool dev = opt.m().device() != Device::CPU;
-  Arena hm = dev ? opt.m().like(Device::CPU) : Arena(), hv = dev ? opt.v().like(Device::CPU) : Arena();
-  if (dev) {
-    hm.copy_from(opt.m());
-    hv.copy_from(opt.v());
+// The moments of every parameter on rank 0's host, laid out like the gradients: rank 0's own
+// when it holds all of them, else gathered from every rank's shard.
+static void gather_moment(const Tensor& shard, const Arena& full, dist::Communicator& comm,
+                          const dist::Partition* shards) {
+  if (!shards) {
+    if (comm.rank() == 0) ops::copy(full.flat(), shard);
+    return;
   }
-  auto moments = named(m, dev ? hm : opt.m(), "m.");
-  for (auto& t : named(m, dev ? hv : opt.v(), "v.")) moments.push_back(t);
-  write_safetensors(tmp + "/optim_rank0.safetensors", moments);
+  const Tensor f = full.defined() ? full.flat() : Tensor{};
+  std::vector<char> staged;
+  const void* src = shard.data;
+  if (shard.device != Device::CPU) {
+    staged.resize(shard.bytes());
+    ops::copy(Tensor{staged.data(), shard.shape, shard.dtype, Device::CPU}, shard);
+    src = staged.data();
+  }
+  comm.gather(src, f.data, *shards, shard.dtype, 0);
+}
+
+std::string save_checkpoint(const std::string& run_dir, const Model& m, const AdamW& opt, const TrainState& st,
+                            const nlohmann::json& resolved_config, int64_t keep, dist::Communicator& comm,
+                            const dist::Partition* shards) {
+  const bool root = comm.rank() == 0;
   nlohmann::json s = {{"format", kStateFormat},   {"step", st.step},
                       {"sequences", st.sequences}, {"tokens", st.tokens},
                       {"elapsed_s", st.elapsed_s}, {"world_size", st.world_size},
                       {"adam_steps", opt.steps_done()}};
-  write_file_atomic(tmp + "/state_rank0.json", s.dump(2) + "\n");
-  write_file_atomic(tmp + "/config.json", resolved_config.dump(2) + "\n");
-  const std::string final_dir = commit_checkpoint(run_dir, tmp, st.step);
-  prune_checkpoints(run_dir, keep);
+  std::string tmp;
+  {
+    // moments first (a collective under ZeRO), then rank 0 writes the shared files
+    const Arena hm = root ? m.grads().like(Device::CPU) : Arena(), hv = root ? m.grads().like(Device::CPU) : Arena();
+    gather_moment(opt.m(), hm, comm, shards);
+    gather_moment(opt.v(), hv, comm, shards);
+    if (root) {
+      tmp = begin_checkpoint(run_dir, st.step);
+      save_model_weights(m, tmp + "/model.safetensors");
+      auto moments = named(m, hm, "m.");
+      for (auto& t : named(m, hv, "v.")) moments.push_back(t);
+      write_safetensors(tmp + "/optim_rank0.safetensors", moments);
+      write_file_atomic(tmp + "/config.json", resolved_config.dump(2) + "\n");
+    }
+  }
+  comm.broadcast(tmp, 0);
+  s["rank"] = comm.rank();
+  s["zero_shard"] = {opt.lo(), opt.hi()};
+  write_file_atomic(fmt::format("{}/state_rank{}.json", tmp, comm.rank()), s.dump(2) + "\n");
+  comm.barrier();  // every rank's files are in place
+  std::string final_dir;
+  if (root) {
+    final_dir = commit_checkpoint(run_dir, tmp, st.step);
+    prune_checkpoints(run_dir, keep);
+  }
+  comm.broadcast(final_dir, 0);  // also: nobody runs ahead of a checkpoint that is not complete yet
   return final_dir;
 }
 
@@ -101,9 +124,14 @@ TrainState load_checkpoint(const std::string& ckpt_dir, Model& m, AdamW* opt) {
   st.elapsed_s = s.at("elapsed_s").get<double>();
   st.world_size = s.value("world_size", int64_t(1));
   if (opt) {
+    // the full moments on the host, then this optimizer's range of them
     SafetensorsFile f(ckpt_dir + "/optim_rank0.safetensors");
-    load_arena(f, m, opt->m(), "m.");
-    load_arena(f, m, opt->v(), "v.");
+    const Arena h = m.grads().like(Device::CPU);
+    const int64_t n = opt->hi() - opt->lo();
+    load_named(f, m, h, "m.");
+    ops::copy(opt->m(), h.flat().rows(opt->lo(), n));
+    load_named(f, m, h, "v.");
+    ops::copy(opt->v(), h.flat().rows(opt->lo(), n));
     opt->set_steps_done(s.at("adam_steps").get<int64_t>());
   }
   return st;

@@ -6,12 +6,17 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
 #include "core/log.h"
+#include "dist/communicator.h"
+#include "dist/data_parallel.h"
 #include "io/checkpoint_dir.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
@@ -45,6 +50,28 @@ std::string hms(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
   const int64_t t = std::llround(s);
   return fmt::format("{}:{:02d}:{:02d}", t / 3600, (t / 60) % 60, t % 60);
+}
+
+// An interruption every rank agreed on (signals are combined across ranks at step boundaries):
+// a collective, orderly exit, unlike a fault on one rank, which aborts the job.
+class Interrupted : public Error {
+ public:
+  using Error::Error;
+};
+
+// Test-only fault injection: DMAT_TEST_FAULT="RANK:STEP:KIND" makes rank RANK, before update STEP,
+// throw (KIND "throw"), stop answering collectives (KIND "hang") or raise SIGTERM (KIND "signal").
+void inject_test_fault(int rank, int64_t step) {
+  static const char* spec = std::getenv("DMAT_TEST_FAULT");
+  if (!spec) return;
+  int r = -1;
+  long long s = -1;
+  char kind[16] = {};
+  if (std::sscanf(spec, "%d:%lld:%15s", &r, &s, kind) != 3 || r != rank || s != step) return;
+  const std::string k = kind;
+  if (k == "throw") fail("test fault injected on rank {} at step {} (DMAT_TEST_FAULT)", rank, step);
+  if (k == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
+  if (k == "signal") std::raise(SIGTERM);
 }
 
 std::string si(double x) {
@@ -125,38 +152,49 @@ int set_cpu_threads(int64_t n) {
   return t;
 }
 
-// Full validation batches of B sequences; at least one is required.
-static int64_t full_val_batches(const TokenLoader& val, int64_t B, const std::string& name) {
-  const int64_t full = val.num_windows() / B;
+// Full validation batches of `seqs` sequences (batch_size × ranks); at least one is required.
+static int64_t full_val_batches(const TokenLoader& val, int64_t seqs, const std::string& name) {
+  const int64_t full = val.num_windows() / seqs;
   if (full == 0)
-    fail("data: {} has {} windows of {} tokens, fewer than one batch of {} sequences: add validation data or lower "
-         "train.batch_size",
-         name, val.num_windows(), val.seq_len() + 1, B);
+    fail("data: {} has {} windows of {} tokens, fewer than one batch of {} sequences (train.batch_size × ranks): "
+         "add validation data or lower train.batch_size",
+         name, val.num_windows(), val.seq_len() + 1, seqs);
   return full;
 }
 
-EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches) {
+EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches, dist::Communicator* comm) {
   const int64_t T = val.seq_len();
-  const int64_t full = full_val_batches(val, B, "validation set");
+  const int64_t world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  const int64_t full = full_val_batches(val, B * world, "validation set");
   const int64_t n = batches > 0 ? std::min(batches, full) : full;
   std::vector<int32_t> x(B * T), y(B * T);
-  double sum = 0;
-  int64_t count = 0;
+  double sum = 0, count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    val.get_batch(i * B, B, x.data(), y.data());
+    // global batch i is sequences [i·B·world, (i+1)·B·world); this rank takes its B of them
+    val.get_batch((i * world + rank) * B, B, x.data(), y.data());
     int64_t valid = 0;
     sum += m.forward(x.data(), y.data(), B, T, 0.0, &valid);
-    count += valid;
+    count += double(valid);
+  }
+  if (comm && world > 1) {
+    double both[2] = {sum, count};
+    comm->all_reduce(both, 2, DType::F64, dist::ReduceOp::Sum);
+    sum = both[0];
+    count = both[1];
   }
   EvalResult r;
-  r.tokens = count;
-  r.loss = count ? sum / double(count) : 0.0;
+  r.tokens = int64_t(count);
+  r.loss = count > 0 ? sum / count : 0.0;
   r.ppl = std::exp(r.loss);
   return r;
 }
 
-TrainResult train(const Config& cfg, const TrainOptions& opt) {
+namespace {
+
+TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Communicator& comm) {
   const auto& tc = cfg.train;
+  const int64_t world = comm.size(), rank = comm.rank();
+  const bool root = rank == 0;
   const std::string run_dir = cfg.run.dir;
   const std::string metrics_path = run_dir + "/metrics.jsonl";
 
@@ -167,34 +205,60 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     if (int64_t(l->vocab_size()) > cfg.model.vocab_size)
       fail("data: shards have vocab size {} but model.vocab_size is {}: the model must cover the tokenizer's ids",
            l->vocab_size(), cfg.model.vocab_size);
-  full_val_batches(val_data, tc.batch_size, "validation set " + cfg.data.val);
+  full_val_batches(val_data, tc.batch_size * world, "validation set " + cfg.data.val);
   const Device device = pick_device(cfg.run.device);
 
-  // ---- run directory: never overwrite a user's run unless asked to continue it
+  // ---- run directory: never overwrite a user's run unless asked to continue it. Rank 0 decides
+  // and writes; the others wait, then see the same directory (it must be on a shared filesystem).
   std::optional<CheckpointRef> ckpt;
-  if (fs::exists(run_dir)) {
-    ckpt = latest_checkpoint(run_dir);
-    const bool has_run = fs::exists(run_dir + "/config.json") || fs::exists(metrics_path) || ckpt;
-    if (has_run && !opt.resume)
-      fail("run directory {} already holds a run: pass --resume to continue it, or choose another --out / run.name",
-           run_dir);
+  if (root) {
+    if (fs::exists(run_dir)) {
+      ckpt = latest_checkpoint(run_dir);
+      const bool has_run = fs::exists(run_dir + "/config.json") || fs::exists(metrics_path) || ckpt;
+      if (has_run && !opt.resume)
+        fail("run directory {} already holds a run: pass --resume to continue it, or choose another --out / run.name",
+             run_dir);
+    }
+    fs::create_directories(run_dir);
+    log_to_file(run_dir + "/train.log");
+    spdlog::info("dmatrain train: run directory {}", run_dir);
+    spdlog::info("resolved config:\n{}", cfg.resolved.dump(2));
+    if (fs::exists(run_dir + "/config.json") && !ckpt) {
+      // an earlier attempt that never reached a checkpoint: keep its files beside the new ones
+      fs::rename(run_dir + "/config.json", run_dir + "/config.previous.json");
+    }
+    write_file_atomic(run_dir + "/config.json", cfg.resolved.dump(2) + "\n");
   }
-  fs::create_directories(run_dir);
-  log_to_file(run_dir + "/train.log");
-  spdlog::info("dmatrain train: run directory {}", run_dir);
-  spdlog::info("resolved config:\n{}", cfg.resolved.dump(2));
-  if (fs::exists(run_dir + "/config.json") && !ckpt) {
-    // an earlier attempt that never reached a checkpoint: keep its files beside the new ones
-    fs::rename(run_dir + "/config.json", run_dir + "/config.previous.json");
+  comm.barrier();
+  std::string ckpt_path = ckpt ? ckpt->path : "";
+  comm.broadcast(ckpt_path, 0);  // the same checkpoint everywhere, whatever each rank's view
+  if (!root && !ckpt_path.empty()) {
+    if (!fs::exists(ckpt_path + "/COMPLETE"))
+      fail("rank {} cannot see checkpoint {} that rank 0 resumes from: the run directory must be on a filesystem "
+           "shared by all ranks",
+           rank, ckpt_path);
+    ckpt = CheckpointRef{0, ckpt_path};
   }
-  write_file_atomic(run_dir + "/config.json", cfg.resolved.dump(2) + "\n");
 
+  // ---- ranks: one GPU per rank (chosen by the node-local rank), NCCL for device buffers
+  std::unique_ptr<dist::Communicator> nccl;
+  int gpu = 0;
+  if (device == Device::CUDA && world > 1) {
+    gpu = dist::select_local_device(comm);
+    nccl = dist::make_nccl(comm);
+    nccl->set_timeout(cfg.run.collective_timeout_s);
+  }
   const int threads = set_cpu_threads(cfg.run.threads);
   if (device == Device::CUDA)
     spdlog::info("backend: cuda ({}; bf16 weights and activations, fp32 master weights and gradients)",
-                 cuda::device_summary(0));
+                 cuda::device_summary(gpu));
   else
-    spdlog::info("backend: cpu ({} threads)", threads);
+    spdlog::info("backend: cpu ({} threads{})", threads, world > 1 ? " per rank" : "");
+  if (world > 1)
+    spdlog::info("data parallel: {} ranks ({}{}), {} per node; global batch {} sequences; ZeRO-{}; collective "
+                 "timeout {} s",
+                 world, comm.backend(), nccl ? " + nccl" : "", comm.local_size(),
+                 tc.batch_size * tc.grad_accum * world, tc.zero, cfg.run.collective_timeout_s);
 
   spdlog::info("data: train {} tokens ({} windows of {}), val {} tokens ({} windows)", train_data.total_tokens(),
                train_data.num_windows(), tc.seq_len + 1, val_data.total_tokens(), val_data.num_windows());
@@ -203,36 +267,43 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   std::unique_ptr<Model> model_ptr = make_model(cfg, device);
   Model& model = *model_ptr;
   model.init_weights(tc.seed);
-  AdamW adam(model, tc);
+  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero));
+  AdamW adam(model, tc, dp.shard_lo(), dp.shard_hi(), &comm);
   const ModelCounts counts = count_model(cfg.model, tc.seq_len);
   spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token (6N + 6LTd)", counts.total,
                counts.non_embedding, counts.flops_per_token);
   // MFU against the device's dense bf16 peak (DESIGN.md convention); null where the peak is unknown.
-  const double peak = device == Device::CUDA ? cuda::peak_bf16_flops(0) : 0.0;
+  // Every rank's device counts.
+  const double peak = device == Device::CUDA ? cuda::peak_bf16_flops(gpu) * double(world) : 0.0;
 
   TrainState st;
   if (opt.resume) {
     if (ckpt) {
       check_resumable(checkpoint_config(ckpt->path), cfg.resolved, ckpt->path);
       st = load_checkpoint(ckpt->path, model, &adam);
-      spdlog::info("resumed from {} (step {}, {} tokens)", ckpt->path, st.step, st.tokens);
-      truncate_metrics(metrics_path, st.step);
+      spdlog::info("resumed from {} (step {}, {} tokens{})", ckpt->path, st.step, st.tokens,
+                   st.world_size != world ? fmt::format("; written by {} rank(s), continued on {}", st.world_size, world)
+                                          : "");
+      if (root) truncate_metrics(metrics_path, st.step);
     } else {
       spdlog::info("--resume: no complete checkpoint in {}, starting from step 0", run_dir);
-      if (fs::exists(metrics_path)) truncate_metrics(metrics_path, 0);
+      if (root && fs::exists(metrics_path)) truncate_metrics(metrics_path, 0);
     }
   }
+  st.world_size = world;
   if (st.step >= tc.steps) spdlog::info("nothing to do: the run is at step {} of {}", st.step, tc.steps);
 
-  std::ofstream metrics(metrics_path, std::ios::app);
+  std::ofstream metrics;
+  if (root) metrics.open(metrics_path, std::ios::app);
   auto emit = [&](const nlohmann::json& row) {
+    if (!root) return;
     metrics << row.dump() << "\n";
     metrics.flush();
   };
 
   SignalGuard signals;
 
-  const int64_t B = tc.batch_size, T = tc.seq_len, world = 1, rank = 0;
+  const int64_t B = tc.batch_size, T = tc.seq_len;
   const int64_t seqs_per_step = B * tc.grad_accum * world;
   const double grad_scale = 1.0 / double(B * T * tc.grad_accum * world);
   std::vector<int32_t> x(B * T), y(B * T);
@@ -250,7 +321,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   int64_t last_ckpt = ckpt ? st.step : -1, last_eval = -1;
 
   auto run_eval = [&] {
-    EvalResult ev = evaluate(model, val_data, B, tc.eval_batches);
+    EvalResult ev = evaluate(model, val_data, B, tc.eval_batches, &comm);
     spdlog::info("eval step {}/{} | val loss {:.4f} | val ppl {:.3f} | {} tokens", st.step, tc.steps, ev.loss, ev.ppl,
                  ev.tokens);
     emit({{"step", st.step}, {"tokens", st.tokens}, {"val_loss", ev.loss}, {"ppl", ev.ppl}, {"time", elapsed()}});
@@ -260,25 +331,33 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   };
   auto checkpoint = [&] {
     st.elapsed_s = elapsed();
-    std::string dir = save_checkpoint(run_dir, model, adam, st, cfg.resolved, cfg.run.keep_checkpoints);
+    dp.gather_master();
+    std::string dir = save_checkpoint(run_dir, model, adam, st, cfg.resolved, cfg.run.keep_checkpoints, comm,
+                                      dp.zero() == 1 && world > 1 ? &dp.partition() : nullptr);
     spdlog::info("checkpoint {}", dir);
     last_ckpt = st.step;
   };
 
   while (st.step < tc.steps) {
+    inject_test_fault(int(rank), st.step + 1);
     model.zero_grad();
     double step_loss = 0;
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
+      // global micro-batch `micro` is sequences [(micro·world)·B, (micro·world + world)·B) after the
+      // ones consumed: disjoint across ranks, and the same set for any split of B·world
       const int64_t g0 = st.sequences + (micro * world + rank) * B;
       train_data.get_batch(g0, B, x.data(), y.data());
       step_loss += model.forward(x.data(), y.data(), B, T, grad_scale);
+      if (micro + 1 == tc.grad_accum) dp.begin_last_backward();
       model.backward();
     }
-    step_loss /= double(B * T * tc.grad_accum);
+    dp.reduce_grads();
+    step_loss = comm.all_reduce(step_loss, dist::ReduceOp::Sum) / double(B * T * tc.grad_accum * world);
     if (!std::isfinite(step_loss)) fail("training diverged: loss is {} at step {}", step_loss, st.step + 1);
     const double norm = adam.clip();
     const double lr = learning_rate(tc, st.step + 1);
     adam.step(lr);
+    dp.gather_weights();
     ++st.step;
     st.sequences += seqs_per_step;
     st.tokens += seqs_per_step * T;
@@ -313,17 +392,40 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       res.steps = st.step;
       return res;
     }
-    if (g_signal.load()) {
-      spdlog::warn("signal {} received: writing a checkpoint at step {} and stopping", g_signal.load(), st.step);
+    // A signal on any rank stops every rank at this same step boundary.
+    const int sig = int(comm.all_reduce(double(g_signal.load()), dist::ReduceOp::Max));
+    if (sig) {
+      spdlog::warn("signal {} received{}: writing a checkpoint at step {} and stopping", sig,
+                   world > 1 ? " (by at least one rank)" : "", st.step);
       if (last_ckpt != st.step) checkpoint();
-      fail("interrupted by signal {} at step {} (checkpoint written; continue with --resume)", g_signal.load(),
-           st.step);
+      throw Interrupted(fmt::format("interrupted by signal {} at step {} (checkpoint written; continue with --resume)",
+                                    sig, st.step));
     }
   }
   if (last_eval != st.step) run_eval();
   res.steps = st.step;
   spdlog::info("done: {} steps, val loss {:.4f}, val perplexity {:.3f}", st.step, res.val_loss, res.val_ppl);
   return res;
+}
+
+}  // namespace
+
+TrainResult train(const Config& cfg, const TrainOptions& opt) {
+  dist::Communicator& comm = dist::world();
+  if (comm.size() == 1) return train_ranks(cfg, opt, comm);
+  // Rank-tagged logs; info only from rank 0 (the others log warnings and errors).
+  init_logging(comm.rank());
+  comm.set_timeout(cfg.run.collective_timeout_s);
+  try {
+    return train_ranks(cfg, opt, comm);
+  } catch (const Interrupted&) {
+    throw;  // every rank took this decision at the same step: an orderly exit
+  } catch (const std::exception& e) {
+    // A fault on this rank: the others may be waiting in a collective, so end them all now.
+    spdlog::error("{}", e.what());
+    comm.abort(e.what());
+    throw;  // (abort does not return)
+  }
 }
 
 EvalResult evaluate_run(const std::string& run_dir, int64_t batches) {
@@ -335,7 +437,7 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches) {
   load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
   spdlog::info("eval: checkpoint {} (step {})", ck->path, ck->step);
-  return evaluate(*model, val, cfg.train.batch_size, batches);
+  return evaluate(*model, val, cfg.train.batch_size, batches, nullptr);
 }
 
 }  // namespace dmat

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "config/config.h"
+#include "dist/communicator.h"
 #include "data/loader.h"
 #include "model/model.h"
 
@@ -22,14 +23,19 @@ struct TrainResult {
   std::string run_dir;
 };
 
+// Under mpirun every rank calls this (data parallelism over dist::world(), README "Multi-GPU and
+// multi-node"); a fault on one rank ends all of them (non-zero exit), never a hang.
 TrainResult train(const Config& cfg, const TrainOptions& opt);
 
 struct EvalResult {
   double loss = 0, ppl = 0;
   int64_t tokens = 0;
 };
-// Mean loss over the first `batches` micro-batches (0: all full batches) of a sequential loader.
-EvalResult evaluate(Model& m, const TokenLoader& val, int64_t batch_size, int64_t batches);
+// Mean loss over the first `batches` global batches (0: all full ones) of a sequential loader. A
+// global batch is batch_size × ranks sequences; each rank evaluates its batch_size of them and the
+// sums are reduced over comm (null: one process), so any split of a global batch gives one result.
+EvalResult evaluate(Model& m, const TokenLoader& val, int64_t batch_size, int64_t batches,
+                    dist::Communicator* comm = nullptr);
 
 // `dmatrain eval RUN_DIR`: the newest checkpoint's validation loss on the run's validation set.
 EvalResult evaluate_run(const std::string& run_dir, int64_t batches);
