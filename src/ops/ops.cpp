@@ -378,8 +378,8 @@ double sum(const Tensor& x) {
 }
 
 void copy(const Tensor& dst, const Tensor& src) {
-  DMAT_CHECK(dst.numel() == src.numel(), "copy: {} vs {}", dst.shape.str(), src.shape.str());
-  same_type("copy", dst, src);
+  DMAT_CHECK(dst.numel() == src.numel() && dst.dtype == src.dtype, "copy: {} {} vs {} {}", dst.shape.str(),
+             dtype_name(dst.dtype), src.shape.str(), dtype_name(src.dtype));
   if (dst.device == Device::CUDA || src.device == Device::CUDA) {
 #ifdef DMAT_WITH_CUDA
     if (dst.device == Device::CUDA && src.device == Device::CUDA) cuda::memcpy_d2d(dst.data, src.data, dst.bytes());
