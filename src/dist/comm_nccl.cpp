@@ -193,6 +193,7 @@ class NcclComm final : public Communicator {
   [[noreturn]] void abort(const std::string& message) override {
     ncclCommAbort(comm_);  // unblocks kernels waiting on peers
     host_.abort(message);
+    std::_Exit(1);
   }
 
  private:

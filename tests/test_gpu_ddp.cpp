@@ -1,0 +1,136 @@
+// Data parallelism on GPUs (ctest label gpu): NCCL all-reduce in buckets during backward, ZeRO-1
+// with bf16 weight all-gather, checkpoints across world sizes. Skipped unless at least 2 GPUs are
+// visible. The same facts as tests/test_mpi_train.cpp asserts on the CPU, with bf16 tolerances.
+//
+// Tolerances (not yet measured on 2 H200s; see the README's multi-GPU section): two ranks with
+// micro-batch b vs one rank with 2b reduce in another order (bf16 GEMMs accumulate in fp32, then
+// NCCL sums two fp32 partial gradients). The fp32 master weights then differ by rounding, and
+// whenever a master weight sits near a bf16 rounding boundary its bf16 working copy differs by one
+// bf16 ulp (2^-8 relative), which feeds the next forward. Over 10 updates we require the losses
+// within 2e-3 relative and the fp32 master weights within 1e-3 absolute (weights O(0.02..1); lr
+// 3e-3 bounds each update by ~lr). ZeRO-1 vs DDP: for two ranks NCCL's reduce-scatter and ring
+// all-reduce add the same two operands per element, so only the gradient norm (summed per shard)
+// differs: 1e-5.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "io/safetensors.h"
+#include "kernels/cuda/device_info.h"
+#include "test_util.h"
+
+namespace dmat {
+namespace {
+
+namespace fs = std::filesystem;
+using test::run;
+
+#define SKIP_UNLESS_2_GPUS()                                                               \
+  do {                                                                                     \
+    if (cuda::device_count() < 2) GTEST_SKIP() << "needs at least 2 visible CUDA devices"; \
+  } while (0)
+
+std::string bin() { return test::dmatrain_bin(); }
+
+std::string setup(const std::string& dir) {
+  auto r = run(bin() + " data prepare --tokenizer byte --val-fraction 0.03 --out " + dir + "/data " +
+               test::source_dir() + "/data/english");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  return test::source_dir() + "/configs/tiny.json --set run.device=cuda --set run.threads=2" +
+         " --set data.train=" + dir + "/data/train --set data.val=" + dir + "/data/val" +
+         " --set train.seq_len=128 --set train.grad_accum=2 --set train.steps=10" +
+         " --set run.log_interval=1 --set train.eval_interval=5 --set train.eval_batches=2" +
+         " --set train.checkpoint_interval=0 --set run.collective_timeout_s=120";
+}
+
+test::CmdResult train(int np, const std::string& args) {
+  return run((np == 0 ? "" : test::mpirun(np) + " ") + bin() + " train " + args);
+}
+
+std::map<int64_t, double> column(const std::string& run_dir, const char* key) {
+  std::map<int64_t, double> m;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    auto r = nlohmann::json::parse(line);
+    if (r.contains(key)) m[r["step"].get<int64_t>()] = r[key].get<double>();
+  }
+  return m;
+}
+
+double max_abs_diff(const std::string& a, const std::string& b) {
+  SafetensorsFile fa(a), fb(b);
+  EXPECT_EQ(fa.names(), fb.names());
+  double d = 0;
+  for (const auto& n : fa.names()) {
+    const Tensor &x = fa.get(n), &y = fb.get(n);
+    for (int64_t i = 0; i < std::min(x.numel(), y.numel()); ++i)
+      d = std::max(d, std::abs(double(x.as<float>()[i]) - double(y.as<float>()[i])));
+  }
+  return d;
+}
+
+void expect_same_run(const std::string& a, const std::string& b, double weight_tol, double loss_rel, const char* what) {
+  const std::string ca = a + "/checkpoints/step_00000010", cb = b + "/checkpoints/step_00000010";
+  const double dw = max_abs_diff(ca + "/model.safetensors", cb + "/model.safetensors");
+  std::cout << what << ": max |Δmaster weight| " << dw << "\n";
+  EXPECT_LT(dw, weight_tol) << what;
+  auto la = column(a, "loss"), lb = column(b, "loss");
+  ASSERT_EQ(la.size(), 10u);
+  ASSERT_EQ(lb.size(), 10u);
+  double worst = 0;
+  for (auto& [s, l] : la) worst = std::max(worst, std::abs(lb[s] - l) / std::abs(l));
+  std::cout << what << ": max relative loss difference " << worst << "\n";
+  EXPECT_LT(worst, loss_rel) << what;
+}
+
+TEST(GpuDdp, TwoGpusWithBatchBMatchOneGpuWith2B) {
+  SKIP_UNLESS_2_GPUS();
+  const std::string dir = test::temp_dir("gpu_ddp");
+  const std::string cfg = setup(dir);
+  auto one = train(0, cfg + " --set train.batch_size=16 --out " + dir + "/one");
+  ASSERT_EQ(one.rc, 0) << one.out;
+  auto two = train(2, cfg + " --set train.batch_size=8 --out " + dir + "/two");
+  ASSERT_EQ(two.rc, 0) << two.out;
+  EXPECT_NE(two.out.find("data parallel: 2 ranks (mpi + nccl)"), std::string::npos) << two.out;
+  expect_same_run(dir + "/one", dir + "/two", 1e-3, 2e-3, "2 GPUs × b vs 1 GPU × 2b");
+}
+
+TEST(GpuDdp, ZeroOneMatchesPlainDataParallel) {
+  SKIP_UNLESS_2_GPUS();
+  const std::string dir = test::temp_dir("gpu_zero");
+  const std::string cfg = setup(dir) + " --set train.batch_size=8";
+  auto ddp = train(2, cfg + " --out " + dir + "/ddp");
+  ASSERT_EQ(ddp.rc, 0) << ddp.out;
+  auto zero = train(2, cfg + " --set train.zero=1 --out " + dir + "/zero");
+  ASSERT_EQ(zero.rc, 0) << zero.out;
+  expect_same_run(dir + "/ddp", dir + "/zero", 1e-5, 1e-5, "ZeRO-1 vs DDP on 2 GPUs");
+}
+
+TEST(GpuDdp, CheckpointsResumeOnAnotherNumberOfGpus) {
+  SKIP_UNLESS_2_GPUS();
+  const std::string dir = test::temp_dir("gpu_resume");
+  const std::string cfg = setup(dir);
+  const std::string b1 = " --set train.batch_size=16", b2 = " --set train.batch_size=8";
+  auto ref = train(0, cfg + b1 + " --out " + dir + "/ref");
+  ASSERT_EQ(ref.rc, 0) << ref.out;
+  auto a1 = train(2, cfg + b2 + " --set train.zero=1 --out " + dir + "/a --stop-at 5");
+  ASSERT_EQ(a1.rc, 0) << a1.out;
+  auto a2 = train(0, cfg + b1 + " --out " + dir + "/a --resume");
+  ASSERT_EQ(a2.rc, 0) << a2.out;
+  expect_same_run(dir + "/ref", dir + "/a", 1e-3, 2e-3, "2 GPUs (ZeRO-1) to step 5, then 1 GPU");
+  auto b1r = train(0, cfg + b1 + " --out " + dir + "/b --stop-at 5");
+  ASSERT_EQ(b1r.rc, 0) << b1r.out;
+  auto b2r = train(2, cfg + b2 + " --out " + dir + "/b --resume");
+  ASSERT_EQ(b2r.rc, 0) << b2r.out;
+  expect_same_run(dir + "/ref", dir + "/b", 1e-3, 2e-3, "1 GPU to step 5, then 2 GPUs");
+}
+
+}  // namespace
+}  // namespace dmat
