@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <set>
@@ -492,4 +493,23 @@ TEST(TokenizerPrepare, IncludeExcludeGlobs) {
   EXPECT_EQ(m["include"], (nlohmann::json{"*.py", "*.md"}));
   EXPECT_EQ(r.train_tokens, int64_t(std::string("def f():\n    return 1\n\n\n\ndef g():\n    return 2\n").size() + 1 +
                                     std::string("Readme text.\n").size() + 1));
+}
+
+// The shipped corpus tokenizer (data/tokenizer/*.json) against HF, once make_hf_fixtures.py has seen it.
+TEST(TokenizerHf, ShippedTokenizerEncodesIdenticallyInHf) {
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(dmat::test::source_dir() + "/data/tokenizer")) {
+    if (e.path().extension() != ".json") continue;
+    const std::string ej = fixtures() + "/hf/ours/" + e.path().stem().string() + ".encodings.json";
+    if (!fs::exists(ej)) {
+      std::cout << "[ SKIPPED  ] " << e.path() << ": no HF encodings yet (" << ej
+                << "); rerun tests/fixtures/tokenizer/make_hf_fixtures.py\n";
+      continue;
+    }
+    const auto j = nlohmann::json::parse(slurp(ej));
+    ASSERT_FALSE(j.contains("load_error")) << e.path() << " did not load in HF tokenizers: " << j["load_error"];
+    check_encodings(BpeTokenizer::load(e.path().string()), j, e.path().string());
+    ++n;
+  }
+  if (n == 0) GTEST_SKIP() << "no HF encodings of data/tokenizer/*.json yet (rerun make_hf_fixtures.py)";
 }

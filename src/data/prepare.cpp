@@ -274,7 +274,8 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
     manifest["tokenizer"] = {{"name", tok->name()},
                              {"hash", tok->hash()},
                              {"vocab_size", tok->vocab_size()},
-                             {"eot_id", tok->eot_id()}};
+                             {"eot_id", tok->eot_id()},
+                             {"path", opt.tokenizer}};
     manifest["inputs"] = opt.inputs;
     manifest["include"] = opt.include;
     manifest["exclude"] = opt.exclude;
@@ -458,6 +459,31 @@ std::string inspect_dir(const fs::path& dir) {
     }
   } catch (const nlohmann::json::exception& e) {
     fail("inspect: {}: not a dmatrain data manifest ({})", mpath.string(), e.what());
+  }
+  // A decoded sample of the first train shard, when the tokenizer named in the manifest is at hand
+  // (its path as given to prepare, relative to the current directory) and is the same one (hash).
+  const auto& t = m["tokenizer"];
+  const std::string tpath = t.value("path", std::string());
+  const auto& shards = m["train"]["shards"];
+  if (!tpath.empty() && !shards.empty() && (tpath == "byte" || fs::is_regular_file(tpath))) {
+    try {
+      const auto tok = load_tokenizer(tpath);
+      if (tok->hash() != t.value("hash", std::string())) {
+        o += fmt::format("  (no sample: tokenizer {} has changed since, hash {})\n", tpath, tok->hash());
+      } else {
+        ShardReader r((dir / shards[0].at("file").get<std::string>()).string());
+        const uint64_t n = std::min<uint64_t>(r.info().n_tokens, 120);
+        std::vector<int32_t> head(n);
+        r.read(0, n, head.data());
+        std::string text;
+        for (int32_t id : head) {
+          text += uint32_t(id) == tok->eot_id() ? std::string("<|eot|>") : tok->decode({uint32_t(id)});
+        }
+        o += fmt::format("  first {} train tokens, decoded with {}:\n----\n{}\n----\n", n, tpath, text);
+      }
+    } catch (const Error& e) {
+      o += fmt::format("  (no sample: {})\n", e.what());
+    }
   }
   return o;
 }
