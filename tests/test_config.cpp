@@ -135,9 +135,9 @@ TEST(ConfigRoundTrip, ToJsonWritesEveryField) {
   EXPECT_EQ(out.size(), 4u);
   EXPECT_EQ(out["model"].size(), 14u);  // 13 fields + attention
   EXPECT_EQ(out["model"]["attention"].size(), 2u);
-  EXPECT_EQ(out["train"].size(), 18u);
+  EXPECT_EQ(out["train"].size(), 20u);
   EXPECT_EQ(out["data"].size(), 2u);
-  EXPECT_EQ(out["run"].size(), 6u);
+  EXPECT_EQ(out["run"].size(), 8u);
 }
 
 // ---- unknown keys ----------------------------------------------------------------------------
