@@ -31,7 +31,7 @@ const char* kTokenizerHelp = R"(usage: dmatrain tokenizer train --vocab N --out 
        dmatrain tokenizer encode --tokenizer T.json [--special] (--file F | TEXT)
        dmatrain tokenizer decode --tokenizer T.json ID...
        dmatrain tokenizer info T.json
-       dmatrain tokenizer bench --tokenizer T.json [--threads N] [--mb N] FILES...
+       dmatrain tokenizer bench --tokenizer T.json [--threads N] [--mb N] [--include GLOB ...] INPUTS...
 
 train: learns a byte-level BPE of N tokens (256 bytes + merges + special tokens) from the documents of
   INPUTS (files, directories, .jsonl: the same reading rules as `data prepare`) and writes a Hugging Face
@@ -43,8 +43,8 @@ encode: prints the ids of TEXT (or of the bytes of file F), space-separated. --s
   strings in the text become their ids (as HF tokenizers do); without it they are ordinary text.
 decode: writes the bytes of the ids to stdout.
 info: vocabulary size, merges, pre-tokenizer, end-of-document token, hash.
-bench: encoding throughput on FILES (at most --mb MB, default 100, read into memory first): MB/s on one
-  thread and on --threads threads (default: all cores), and per core.
+bench: encoding throughput on the documents of INPUTS (at most --mb MB, default 100, read into memory
+  first): MB/s on one thread and on --threads threads (default: all cores), and per thread.
 )";
 
 std::string need(const std::vector<std::string>& a, size_t& i) {
@@ -220,8 +220,11 @@ int cmd_bench(const std::vector<std::string>& a) {
   int threads = 0;
   int64_t mb = 100;
   std::vector<std::string> files;
+  InputFilter filter;
   for (size_t i = 1; i < a.size(); ++i) {
     if (a[i] == "--tokenizer") tpath = need(a, i);
+    else if (a[i] == "--include") filter.include.push_back(need(a, i));
+    else if (a[i] == "--exclude") filter.exclude.push_back(need(a, i));
     else if (a[i] == "--threads") threads = int(to_int(a[i], need(a, i)));
     else if (a[i] == "--mb") mb = to_int(a[i], need(a, i));
     else if (a[i].rfind("--", 0) == 0) throw TokUsage("unknown option " + a[i]);
@@ -230,7 +233,7 @@ int cmd_bench(const std::vector<std::string>& a) {
   if (tpath.empty() || files.empty()) throw TokUsage("bench needs --tokenizer T.json and FILES");
   if (threads <= 0) threads = omp_get_max_threads();
   const BpeTokenizer tok = BpeTokenizer::load(tpath);
-  const InputFiles in = collect_input_files(files, {}, "tokenizer bench");
+  const InputFiles in = collect_input_files(files, filter, "tokenizer bench");
   std::vector<std::string> docs;
   size_t bytes = 0;
   const size_t limit = size_t(std::max<int64_t>(mb, 1)) << 20;
