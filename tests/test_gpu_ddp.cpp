@@ -88,6 +88,10 @@ void expect_same_run(const std::string& a, const std::string& b, double weight_t
   for (auto& [s, l] : la) worst = std::max(worst, std::abs(lb[s] - l) / std::abs(l));
   std::cout << what << ": max relative loss difference " << worst << "\n";
   EXPECT_LT(worst, loss_rel) << what;
+  // AdamW hardly sees the gradient's scale; the global gradient norm does (a missing average, a
+  // bucket reduced twice)
+  auto na = column(a, "grad_norm"), nb = column(b, "grad_norm");
+  for (auto& [s, n] : na) EXPECT_NEAR(nb[s], n, 10 * loss_rel * n) << what << ", grad norm at step " << s;
 }
 
 TEST(GpuDdp, TwoGpusWithBatchBMatchOneGpuWith2B) {

@@ -4,7 +4,8 @@
 
 namespace dmat::dist {
 
-DataParallel::DataParallel(Model& model, Communicator& host, Communicator* device, int zero, int64_t bucket_bytes)
+DataParallel::DataParallel(Model& model, Communicator& host, Communicator* device, int zero, int64_t bucket_bytes,
+                           bool host_buckets)
     : model_(model), host_(host), device_(device), zero_(zero) {
   const Arena& g = model.grads();
   total_ = g.flat().numel();
@@ -20,7 +21,7 @@ DataParallel::DataParallel(Model& model, Communicator& host, Communicator* devic
   lo_ = part_.lo(host.rank());
   hi_ = part_.hi(host.rank());
   // Buckets during backward: only where a collective can run beside compute (its own CUDA stream).
-  bucketed_ = zero_ == 0 && host.size() > 1 && device_ != nullptr;
+  bucketed_ = zero_ == 0 && host.size() > 1 && (device_ != nullptr || host_buckets);
   if (bucketed_) model_.set_grad_ready_hook([this](int first, int last) { on_grads_ready(first, last); });
 }
 

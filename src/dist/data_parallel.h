@@ -24,7 +24,10 @@ class DataParallel {
  public:
   // host: the process's world (MPI or single). device: the NCCL communicator when the model is on
   // CUDA and there is more than one rank (else null). zero: 0 or 1.
-  DataParallel(Model& model, Communicator& host, Communicator* device, int zero, int64_t bucket_bytes = 32 << 20);
+  // host_buckets: run the bucketed all-reduce from the grad-ready hook on the host communicator too
+  // (synchronous there, so nothing overlaps: used by tests to exercise the GPU path's bucketing).
+  DataParallel(Model& model, Communicator& host, Communicator* device, int zero, int64_t bucket_bytes = 32 << 20,
+               bool host_buckets = false);
   ~DataParallel();
 
   int rank() const { return host_.rank(); }

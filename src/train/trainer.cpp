@@ -267,7 +267,10 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   std::unique_ptr<Model> model_ptr = make_model(cfg, device);
   Model& model = *model_ptr;
   model.init_weights(tc.seed);
-  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero));
+  // DMAT_TEST_HOST_BUCKETS=BYTES (tests): the GPU path's gradient buckets, on the host communicator.
+  const char* host_buckets = std::getenv("DMAT_TEST_HOST_BUCKETS");
+  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero), host_buckets ? std::atoll(host_buckets) : 32 << 20,
+                        host_buckets != nullptr);
   AdamW adam(model, tc, dp.shard_lo(), dp.shard_hi(), &comm);
   const ModelCounts counts = count_model(cfg.model, tc.seq_len);
   spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token (6N + 6LTd)", counts.total,
