@@ -27,10 +27,11 @@ int select_local_device(const Communicator& comm) {
     cudaGetLastError();
     return -1;
   }
-  if (comm.local_size() > n)
+  // One visible device per rank: the launcher already gave each rank its own (CUDA_VISIBLE_DEVICES).
+  if (comm.local_size() > n && n != 1)
     fail("{} ranks run on this node but it has {} visible GPU(s): start one rank per GPU (mpirun -np / --map-by)",
          comm.local_size(), n);
-  const int dev = comm.local_rank();
+  const int dev = n == 1 ? 0 : comm.local_rank();
   DMAT_CUDA_CHECK(cudaSetDevice(dev));
   return dev;
 #else

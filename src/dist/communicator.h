@@ -88,8 +88,9 @@ bool launched_by_mpi();
 std::unique_ptr<Communicator> make_nccl(Communicator& host);
 bool nccl_built();
 
-// Selects this rank's GPU: local_rank modulo the visible devices (one rank per GPU is the intended
-// use; more ranks than GPUs on a node is an error). No-op without CUDA.
+// Selects this rank's GPU: device local_rank, or device 0 when each rank sees only one (a launcher
+// that sets CUDA_VISIBLE_DEVICES per rank); more ranks than GPUs on a node is an error. Returns the
+// device (-1 without CUDA or without a device).
 int select_local_device(const Communicator& comm);
 
 }  // namespace dmat::dist
