@@ -35,19 +35,19 @@ ModelConfig small_model() {
   return c;
 }
 
-// A learnable synthetic stream: each sequence follows x_{t+1} = (a·x_t + b) mod V with a per-sequence
-// (a, b), plus 10% random tokens; a model that learns the rule drives the loss well below ln V.
+// A learnable synthetic stream: x_{t+1} = (3·x_t + 1) mod V, with 10% of tokens replaced by random
+// ones. The rule is a fixed bigram map, so even 20 small steps take the loss well below ln V
+// (measured on the H200: 4.6 → ~3.3), while the random tokens keep attention and every op busy.
 void batch(std::vector<int32_t>& x, std::vector<int32_t>& y, int64_t B, int64_t T, int64_t V, uint64_t seed) {
   Rng r(seed);
   x.resize(B * T);
   y.resize(B * T);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t a = 1 + int64_t(r.below(3)), c = int64_t(r.below(uint64_t(V)));
-    int64_t t0 = int64_t(r.below(uint64_t(V)));
     std::vector<int32_t> s(T + 1);
+    int64_t next = int64_t(r.below(uint64_t(V)));
     for (int64_t t = 0; t <= T; ++t) {
-      s[t] = r.uniform() < 0.1 ? int32_t(r.below(uint64_t(V))) : int32_t(t0);
-      t0 = (a * s[t] + c) % V;
+      s[t] = r.uniform() < 0.1 ? int32_t(r.below(uint64_t(V))) : int32_t(next);
+      next = (3 * s[t] + 1) % V;
     }
     for (int64_t t = 0; t < T; ++t) {
       x[b * T + t] = s[t];
@@ -58,7 +58,7 @@ void batch(std::vector<int32_t>& x, std::vector<int32_t>& y, int64_t B, int64_t 
 
 std::vector<double> train_losses(const ModelConfig& mc, Device dev, int steps, int64_t B, int64_t T) {
   TrainConfig tc;
-  tc.lr = 3e-3;
+  tc.lr = 1e-2;
   tc.steps = steps;
   tc.schedule = "constant";
   tc.weight_decay = 0.1;
@@ -85,7 +85,8 @@ std::vector<double> train_losses(const ModelConfig& mc, Device dev, int steps, i
 // Tolerance: the GPU keeps weights and activations in bf16 (8-bit mantissa, relative rounding
 // 2^-9 ≈ 0.2% per stored value) with fp32 accumulation; the CPU run is fp32 throughout. After 20
 // AdamW steps the two trajectories differ by the accumulated effect of those roundings on the
-// updates. Measured on an H200 (docs/perf.md): max |Δloss| ≈ 1e-2 nats on losses of 4.6 → ~2;
+// updates. Measured on an H200 (2026-11-29): max |Δloss| 0.002 (plain) and 0.009 (QK-norm +
+// residual scales) nats over 20 steps;
 // we allow 0.05 nats absolute and require the GPU run to learn as much as the CPU run (within 5%).
 // A wrong kernel (a dropped term, a transposed operand, a missing scale) moves the loss by far more.
 TEST(GpuTrain, TwentyStepsTrackTheCpuFp32Run) {
@@ -102,7 +103,7 @@ TEST(GpuTrain, TwentyStepsTrackTheCpuFp32Run) {
       EXPECT_NEAR(gpu[i], cpu[i], 0.05) << "step " << i + 1 << (doge ? " (qk_norm, residual_scale)" : "");
     }
     const double learned_cpu = cpu.front() - cpu.back(), learned_gpu = gpu.front() - gpu.back();
-    EXPECT_GT(learned_cpu, 0.5) << "the synthetic task should be learnable";
+    EXPECT_GT(learned_cpu, 0.3) << "the synthetic task should be learnable in 20 steps";
     EXPECT_NEAR(learned_gpu, learned_cpu, 0.05 * learned_cpu);
     std::cout << (doge ? "doge" : "plain") << ": loss " << cpu.front() << " -> cpu " << cpu.back() << " / gpu "
               << gpu.back() << ", max |Δ| " << worst << "\n";
