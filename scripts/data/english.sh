@@ -4,7 +4,8 @@
 # Usage: scripts/data/english.sh [OUT_DIR] [--pack]      (default OUT_DIR: build/corpus/english)
 # Writes OUT_DIR/text/<source>.txt (UTF-8, documents separated by two blank lines), OUT_DIR/SOURCES.tsv
 # (source, Debian packages with versions, bytes, documents) and, with --pack, OUT_DIR/english-text.tar.xz
-# (the text compressed for the trip to the GPU machine: docs/data_plan.md in data/README.md).
+# (the text compressed for the trip to the GPU machine: see "Getting 500M training tokens onto the GPU
+# machine" in data/README.md).
 # Installs the packages it needs with apt-get when they are missing (needs root then); markup is
 # stripped by scripts/data/english_extract.py (python3 stdlib). Same package versions, same bytes.
 set -euo pipefail
@@ -15,7 +16,7 @@ pack=0
 for a in "$@"; do
   case "$a" in
     --pack) pack=1 ;;
-    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "english.sh: unknown option $a" >&2; exit 2 ;;
     *) out="$a" ;;
   esac

@@ -176,8 +176,7 @@ InputFiles collect_input_files(const std::vector<std::string>& inputs, const Inp
       std::vector<std::string> found;
       auto it = fs::recursive_directory_iterator(in, fs::directory_options::skip_permission_denied, ec);
       for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
-        const fs::path rel = fs::relative(it->path(), in, ec);
-        if (ec) break;
+        const fs::path rel = it->path().lexically_relative(in);  // no symlink resolution
         if (it->is_directory(ec)) {
           if (any_match(filter.exclude, rel)) it.disable_recursion_pending();
           continue;

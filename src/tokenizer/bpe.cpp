@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "tokenizer/normalize.h"
 
 namespace dmat {
 
@@ -280,14 +281,16 @@ BpeTokenizer BpeTokenizer::from_hf_json(const nlohmann::json& j, const std::stri
     fail("tokenizer {}: model.{} = {} is not supported (byte-level BPE without it)", origin, key, m[key].dump());
   };
   for (const char* k : {"dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix"}) must_be_off(k);
-  if (j.contains("normalizer") && !j["normalizer"].is_null()) {
-    const auto& n = j["normalizer"];
-    const bool empty_seq = n.value("type", "") == "Sequence" && n.contains("normalizers") && n["normalizers"].empty();
-    if (!empty_seq)
-      fail("tokenizer {}: normalizer {} is not supported (dmatrain implements no normalizers; expected null)", origin,
-           describe_json(n));
-  }
   BpeDefinition d;
+  if (j.contains("normalizer") && !j["normalizer"].is_null()) {
+    // null, NFC, or a Sequence of at most one NFC.
+    const auto& n = j["normalizer"];
+    const bool seq = n.value("type", "") == "Sequence" && n.contains("normalizers") && n["normalizers"].is_array();
+    const auto& list = seq ? n["normalizers"] : nlohmann::json::array({n});
+    if (list.size() > 1 || (list.size() == 1 && (!list[0].is_object() || list[0].value("type", "") != "NFC")))
+      fail("tokenizer {}: normalizer {} is not supported (dmatrain implements null and NFC)", origin, describe_json(n));
+    d.nfc = list.size() == 1;
+  }
   d.pretok.clear();
   if (!j.contains("pre_tokenizer") || j["pre_tokenizer"].is_null())
     fail("tokenizer {}: no pre_tokenizer (a byte-level BPE needs ByteLevel)", origin);
@@ -383,7 +386,8 @@ nlohmann::ordered_json BpeTokenizer::to_hf_json() const {
     added.push_back({{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
                      {"normalized", false}, {"special", true}});
   j["added_tokens"] = added;
-  j["normalizer"] = nullptr;
+  if (def_.nfc) j["normalizer"] = {{"type", "NFC"}};
+  else j["normalizer"] = nullptr;
   if (def_.pretok.size() == 1) {
     j["pre_tokenizer"] = stage_json(def_.pretok[0]);
   } else {
@@ -544,6 +548,11 @@ void BpeTokenizer::encode_plain(std::string_view text, std::vector<uint32_t>& ou
   if (cache.owner != instance_ || cache.map.size() > kCacheLimit) {
     cache.map.clear();
     cache.owner = instance_;
+  }
+  thread_local std::string normalized;
+  if (def_.nfc) {
+    tok::nfc(text, normalized);
+    text = normalized;
   }
   for_each_piece(text, [&](std::string_view p) {
     if (p.size() == 1) {

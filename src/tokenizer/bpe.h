@@ -8,7 +8,7 @@
 // tokenizer.json support (what loads, everything else is refused with an error naming the file and the
 // field): model.type "BPE" without dropout, byte_fallback, continuing_subword_prefix or
 // end_of_word_suffix, a vocab holding all 256 byte tokens; merges as "a b" strings or ["a","b"] pairs;
-// ignore_merges honoured; normalizer null; pre_tokenizer ByteLevel, or a Sequence of Split (the GPT-2,
+// ignore_merges honoured; normalizer null or NFC (then decode(encode(x)) is NFC(x)); pre_tokenizer ByteLevel, or a Sequence of Split (the GPT-2,
 // LLaMA-3 or Qwen2 regex, behavior Isolated, not inverted), Digits and a final ByteLevel; decoder
 // ByteLevel. post_processor is ignored (dmatrain never adds BOS; data prepare appends the end token).
 #pragma once
@@ -46,6 +46,7 @@ struct BpeDefinition {
   std::vector<std::pair<uint32_t, std::string>> added;  // added tokens (id, content), all treated as special
   std::vector<PreTokStage> pretok = pretokenizer_preset("llama3");
   bool ignore_merges = false;
+  bool nfc = false;  // normalizer NFC (GPT-NeoX): applied to text before pre-tokenization
   std::string eot;  // content of the end-of-document token (one of `added`)
 };
 
