@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/prepare.h"
+#include "dist/communicator.h"
 #include "kernels/cuda/device_info.h"
 #include "bench/attention_bench.h"
 #include "bench/ops_bench.h"
@@ -175,6 +176,7 @@ int cmd_train(const std::vector<std::string>& a) {
   if (!out.empty()) sets.push_back("run.dir=" + nlohmann::json(out).dump());
   dmat::Config cfg = dmat::load_config(path, sets);
   auto r = dmat::train(cfg, opt);
+  if (dmat::dist::world().rank() != 0) return 0;  // rank 0 reports for the job
   if (r.steps < cfg.train.steps) {
     std::printf("stopped at step %lld of %lld (run %s); continue with --resume\n", (long long)r.steps,
                 (long long)cfg.train.steps, r.run_dir.c_str());
