@@ -102,7 +102,8 @@ const char* kDataHelp = R"(usage: dmatrain data prepare --out DIR [--tokenizer b
 prepare: reads text files, directories (recursively) and JSONL files with a "text" field, drops
 exact duplicate documents, splits train/validation by a hash of each document, and writes
 DIR/train/*.bin, DIR/val/*.bin and DIR/manifest.json. Refuses a DIR that already holds shards
-unless --overwrite. --include/--exclude: globs selecting files inside directories (README "Data").
+unless --overwrite. --include/--exclude: globs selecting files inside directories (README "Data and
+tokenizers").
 --threads: encoding threads (default: all cores).
 inspect: header, counts and a decoded sample of a shard file, or the manifest of a directory.
 )";
