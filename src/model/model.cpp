@@ -60,8 +60,7 @@ struct Model::Block {
   void forward(const LayerCtx& c, const Tensor& x, const Tensor& y) {
     ops::rmsnorm_forward(c.A(ln1_out), c.A(rstd1), x, c.P(ln1), eps);
     attn->forward(c, c.A(ln1_out), c.A(attn_out));
-    ops::residual_forward(c.A(mid), x, P(c, r1), c.A(attn_out));
-    ops::rmsnorm_forward(c.A(ln2_out), c.A(rstd2), c.A(mid), c.P(ln2), eps);
+    ops::residual_rmsnorm_forward(c.A(mid), c.A(ln2_out), c.A(rstd2), x, P(c, r1), c.A(attn_out), c.P(ln2), eps);
     ops::linear_forward(c.A(g), c.A(ln2_out), c.P(wg));
     ops::linear_forward(c.A(u), c.A(ln2_out), c.P(wu));
     ops::swiglu_forward(c.A(a), c.A(g), c.A(u));

@@ -298,6 +298,24 @@ void residual_forward(const Tensor& out, const Tensor& x, const Tensor& r, const
   });
 }
 
+void residual_rmsnorm_forward(const Tensor& out, const Tensor& y, const Tensor& rstd, const Tensor& x,
+                              const Tensor& r, const Tensor& branch, const Tensor& w, double eps) {
+  if (on_cuda("residual_rmsnorm", x)) {
+#ifdef DMAT_WITH_CUDA
+    const int64_t D = last_dim(x), R = rows_of(x);
+    const char* o = "residual_rmsnorm";
+    DMAT_CHECK(out.numel() == x.numel() && branch.numel() == x.numel() && y.numel() == x.numel() &&
+                   rstd.numel() == R && (!r.defined() || r.numel() == D) && (!w.defined() || w.numel() == D),
+               "residual_rmsnorm: shapes");
+    cuda::residual_rmsnorm_forward(bf(out, o), bf(y, o), f32(rstd, o), bf(x, o), bf(r, o), bf(branch, o), bf(w, o), R,
+                                   D, float(eps));
+#endif
+    return;
+  }
+  residual_forward(out, x, r, branch);
+  rmsnorm_forward(y, rstd, out, w, eps);
+}
+
 void residual_backward(const Tensor& dx, const Tensor& dr, const Tensor& dout, const Tensor& x, const Tensor& r) {
   const int64_t D = last_dim(x), R = rows_of(x);
   DMAT_CHECK(dx.numel() == x.numel() && dout.numel() == x.numel(), "residual_backward: shapes");

@@ -40,6 +40,11 @@ void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, co
 void swiglu_forward(const Tensor& out, const Tensor& g, const Tensor& u);
 void swiglu_backward(const Tensor& dg, const Tensor& du, const Tensor& dout, const Tensor& g, const Tensor& u);
 
+// out = r ⊙ x + branch, then y = RMSNorm(out)·w with rstd: residual_forward followed by
+// rmsnorm_forward, bit for bit (CUDA: one pass). y must not alias out, x or branch.
+void residual_rmsnorm_forward(const Tensor& out, const Tensor& y, const Tensor& rstd, const Tensor& x,
+                              const Tensor& r, const Tensor& branch, const Tensor& w, double eps);
+
 // out = r ⊙ x + branch (r undefined: 1); dx = r ⊙ dout, dr += Σ_rows dout ⊙ x
 void residual_forward(const Tensor& out, const Tensor& x, const Tensor& r, const Tensor& branch);
 void residual_backward(const Tensor& dx, const Tensor& dr, const Tensor& dout, const Tensor& x, const Tensor& r);
