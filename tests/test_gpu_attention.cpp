@@ -3,7 +3,10 @@
 // backward dq/dk/dv through both dQ paths, over sequence lengths with tails, batch, GQA groups,
 // every head-dim pair and sliding windows; plus the sparse-variant hooks (gathered key lists,
 // per-key bias) against a masked fp64 reference written here. Outputs are poisoned with NaN
-// before each call so an element the kernel forgot to write fails the check.
+// before each call so an element the kernel forgot to write fails the check. Every forward check
+// runs on each path the device has (mma.sync always; the wgmma kernels on sm_90a), and a self-check
+// of the wgmma building blocks (swizzled cp.async tile, descriptors, fragment layouts) on one tile
+// names the broken piece if the wgmma kernels fail.
 //
 // Tolerances (why): inputs are exact bf16 values, so the only GPU-side roundings are P (and dS)
 // to bf16 before their tensor-core products (relative 2^-9 each, errors of random sign averaged
@@ -15,6 +18,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -198,10 +202,18 @@ std::string case_name(const Case& c) {
   return o.str();
 }
 
+// The forward paths this device runs for shape s: mma.sync always, wgmma where available.
+std::vector<cuda::FlashPath> forward_paths(const cpu::AttnShape& s) {
+  std::vector<cuda::FlashPath> paths{cuda::FlashPath::mma};
+  if (cuda::flash_attention_wgmma_available(s)) paths.push_back(cuda::FlashPath::wgmma);
+  return paths;
+}
+const char* path_name(cuda::FlashPath p) { return p == cuda::FlashPath::wgmma ? "wgmma" : "mma"; }
+
 // Every head-dim pair x every T x every window; B and the GQA group cycle with the index so
 // each value meets many of the others without the full cross product.
 std::vector<Case> all_cases() {
-  const int64_t dims[3][2] = {{64, 64}, {128, 128}, {192, 128}};
+  const int64_t dims[4][2] = {{32, 32}, {64, 64}, {128, 128}, {192, 128}};
   const int64_t Ts[] = {1, 17, 64, 100, 128, 257, 1000};
   const int64_t windows[] = {0, 1, 16, 100, 129};
   const int64_t heads[3][2] = {{4, 4}, {4, 2}, {8, 2}};
@@ -239,12 +251,17 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
                                   lse_ref.data(), P.q.d.data(), P.k.d.data(), P.v.d.data(), s);
 
   GpuProblem G(P);
-  G.poison_forward();
-  cuda::flash_attention_forward(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s);
-  cuda::synchronize();
-  const std::vector<double> out = as_double(G.out.download()), lse = as_double(G.lse.download());
-  std::string err = compare("out", out, out_ref, kMaxTol, kL2Tol) + compare("lse", lse, lse_ref, kLseTol, 0, true);
-  ASSERT_TRUE(err.empty()) << err;
+  // each forward path; the backward below runs on the output of the last one (wgmma where available,
+  // the path training takes)
+  std::string err;
+  for (const cuda::FlashPath path : forward_paths(s)) {
+    G.poison_forward();
+    cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr, path);
+    cuda::synchronize();
+    const std::vector<double> out = as_double(G.out.download()), lse = as_double(G.lse.download());
+    err = compare("out", out, out_ref, kMaxTol, kL2Tol) + compare("lse", lse, lse_ref, kLseTol, 0, true);
+    ASSERT_TRUE(err.empty()) << path_name(path) << " forward: " << err;
+  }
 
   // deterministic backward: within tolerance, and the same bits on a second run
   G.backward(s, /*deterministic=*/true);
@@ -344,13 +361,16 @@ Gather build_gather(const cpu::AttnShape& s, const std::function<std::vector<int
   return g;
 }
 
-std::vector<std::pair<int64_t, int64_t>> hook_dims() { return {{64, 64}, {128, 128}, {192, 128}}; }
+std::vector<std::pair<int64_t, int64_t>> hook_dims() { return {{32, 32}, {64, 64}, {128, 128}, {192, 128}}; }
 
 TEST(FlashAttentionHooks, GatherAllCausalKeysEqualsDense) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const cuda::FlashPath path : {cuda::FlashPath::mma, cuda::FlashPath::wgmma})
   for (auto [Dqk, Dv] : hook_dims())
     for (int64_t T : {100, 300}) {
       const cpu::AttnShape s = hook_shape(Dqk, Dv, T, 0);
+      if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+      SCOPED_TRACE(path_name(path));
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
       const Problem P(s, seed);
@@ -366,11 +386,11 @@ TEST(FlashAttentionHooks, GatherAllCausalKeysEqualsDense) {
       gc.upload(g.count);
       const cuda::FlashGather fg{gk.p, gc.p, g.capacity};
       G.poison_forward();
-      cuda::flash_attention_forward(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s);
+      cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr, path);
       const std::vector<bf16> dense = G.out.download();
       const std::vector<float> dense_lse = G.lse.download();
       G.poison_forward();
-      cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, &fg);
+      cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, &fg, path);
       const std::vector<bf16> gath = G.out.download();
       const std::vector<float> gath_lse = G.lse.download();
       // Same key tiles in the same order and masked keys give exact zeros, so the results should
@@ -389,8 +409,11 @@ TEST(FlashAttentionHooks, GatherAllCausalKeysEqualsDense) {
 
 TEST(FlashAttentionHooks, ZeroBiasEqualsNoBias) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const cuda::FlashPath path : {cuda::FlashPath::mma, cuda::FlashPath::wgmma})
   for (auto [Dqk, Dv] : hook_dims()) {
     const cpu::AttnShape s = hook_shape(Dqk, Dv, 257, 100);
+    if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+    SCOPED_TRACE(path_name(path));
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
     const Problem P(s, seed);
@@ -398,10 +421,10 @@ TEST(FlashAttentionHooks, ZeroBiasEqualsNoBias) {
     Dev<float> bias(s.B * s.Hkv * s.T);
     cuda::fill_f32(bias.p, bias.n, 0.f);
     G.poison_forward();
-    cuda::flash_attention_forward(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s);
+    cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr, path);
     const std::vector<bf16> a = G.out.download();
     G.poison_forward();
-    cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr);
+    cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr, path);
     const std::vector<bf16> b = G.out.download();
     // bias 0 adds +0 to every score: the same arithmetic, so the same bits up to fma contraction
     // differences between the two instantiations (one bf16 ulp allowed).
@@ -415,10 +438,13 @@ TEST(FlashAttentionHooks, ZeroBiasEqualsNoBias) {
 // the causal keys, in random order) with the bias, both against the masked fp64 reference.
 TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const cuda::FlashPath path : {cuda::FlashPath::mma, cuda::FlashPath::wgmma})
   for (auto [Dqk, Dv] : hook_dims())
     for (int64_t window : {0, 50}) {
       const int64_t T = 300;
       const cpu::AttnShape s = hook_shape(Dqk, Dv, T, window);
+      if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+      SCOPED_TRACE(path_name(path));
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
       const Problem P(s, seed);
@@ -435,7 +461,7 @@ TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
       masked_reference(out_ref, lse_ref, P, bias_d.data(),
                        [&](int64_t, int64_t, int64_t i, int64_t j) { return visible(i, j); });
       G.poison_forward();
-      cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr);
+      cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr, path);
       std::string err = compare("biased out", as_double(G.out.download()), out_ref, kMaxTol, kL2Tol) +
                         compare("biased lse", as_double(G.lse.download()), lse_ref, kLseTol, 0, true);
       EXPECT_TRUE(err.empty()) << err;
@@ -461,9 +487,111 @@ TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
         return visible(i, j) && kept[size_t(b * s.Hkv + hk)][size_t(i / bq)][size_t(j)];
       });
       G.poison_forward();
-      cuda::flash_attention_forward_ext(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, &fg);
+      cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, &fg, path);
       err = compare("gathered out", as_double(G.out.download()), out_ref, kMaxTol, kL2Tol) +
             compare("gathered lse", as_double(G.lse.download()), lse_ref, kLseTol, 0, true);
+      EXPECT_TRUE(err.empty()) << err;
+    }
+}
+
+// ---- the wgmma path: building blocks, then long sequences against the mma.sync path ----------
+
+// One tile through each sm_90a building block (testing::flash_wgmma_selftest) against fp64 on the
+// same bf16 values. Each product sums 128 exact bf16·bf16 terms in fp32: |err| ≤ ~1e-5 of the
+// largest element, so 1e-3 catches every layout error (those are O(1)) with margin. The raw shared
+// tile is checked bit for bit first: a wrong swizzle there is a copy bug, not a descriptor bug.
+TEST(FlashAttentionWgmma, BuildingBlocksMatchCpu) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  const Input a = random_input(64 * 128, seed + 1, 1.0), b = random_input(128 * 128, seed + 2, 1.0),
+              v = random_input(128 * 128, seed + 3, 1.0);
+  Dev<bf16> da(64 * 128), db(128 * 128), dv(128 * 128), raw(64 * 128);
+  Dev<float> s128(64 * 128), s64(64 * 64), o(64 * 128);
+  da.upload(a.b), db.upload(b.b), dv.upload(v.b);
+  cuda::fill_f32(s128.p, s128.n, NAN);
+  cuda::fill_f32(s64.p, s64.n, NAN);
+  cuda::fill_f32(o.p, o.n, NAN);
+  if (!cuda::testing::flash_wgmma_selftest(s128.p, s64.p, o.p, raw.p, da.p, db.p, dv.p))
+    GTEST_SKIP() << "the wgmma path is not available on this device/build";
+  cuda::synchronize();
+
+  // raw: panel p, row r, chunk position (c ^ r%8) holds columns 64p + 8c .. +7 of row r
+  const std::vector<bf16> rw = raw.download();
+  for (int p = 0; p < 2; ++p)
+    for (int r = 0; r < 64; ++r)
+      for (int c = 0; c < 8; ++c)
+        for (int e = 0; e < 8; ++e) {
+          const size_t at = size_t(p * 64 * 64 + r * 64 + ((c ^ (r % 8)) * 8) + e);
+          const size_t src = size_t(r * 128 + 64 * p + 8 * c + e);
+          ASSERT_EQ(rw[at].bits, a.b[src].bits) << "swizzled cp.async tile: panel " << p << " row " << r << " chunk "
+                                                << c << " element " << e;
+        }
+
+  auto check = [&](const char* what, const std::vector<float>& got, int rows, int cols,
+                   const std::function<double(int, int)>& ref) {
+    std::vector<double> g(got.begin(), got.end()), want(got.size());
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) want[size_t(i * cols + j)] = ref(i, j);
+    const std::string err = compare(what, g, want, 1e-3, 1e-4);
+    EXPECT_TRUE(err.empty()) << err << "(first row of got vs want: " << g[0] << "," << g[1] << "," << g[8] << " vs "
+                             << want[0] << "," << want[1] << "," << want[8] << ")";
+  };
+  auto dot_ab = [&](int i, int j) {
+    double acc = 0;
+    for (int k = 0; k < 128; ++k) acc += a.d[size_t(i * 128 + k)] * b.d[size_t(j * 128 + k)];
+    return acc;
+  };
+  check("S = A·Bᵀ, m64n128k16 SS (K-major descriptors, two 64-column panels)", s128.download(), 64, 128, dot_ab);
+  check("S = A·B[0:64]ᵀ, m64n64k16 SS", s64.download(), 64, 64, dot_ab);
+  check("O = A·V, m64n64k16 RS per panel (A fragments from registers, V N-major)", o.download(), 64, 128,
+        [&](int i, int j) {
+          double acc = 0;
+          for (int k = 0; k < 128; ++k) acc += a.d[size_t(i * 128 + k)] * v.d[size_t(k * 128 + j)];
+          return acc;
+        });
+}
+
+TEST(FlashAttentionWgmma, PathSelection) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  cpu::AttnShape s = hook_shape(128, 128, 64, 0);
+  const bool avail = cuda::flash_attention_wgmma_available(s);
+  EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::mma), cuda::FlashPath::mma);
+  if (avail) EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::wgmma), cuda::FlashPath::wgmma);
+  else EXPECT_THROW(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::wgmma), Error);
+  const char* env = std::getenv("DMAT_ATTN_PATH");
+  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty())
+    EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::automatic),
+              avail ? cuda::FlashPath::wgmma : cuda::FlashPath::mma);
+  // head dim 32 has only the mma.sync kernel
+  const cpu::AttnShape s32 = hook_shape(32, 32, 64, 0);
+  EXPECT_FALSE(cuda::flash_attention_wgmma_available(s32));
+  EXPECT_EQ(cuda::flash_attention_forward_path_for(s32, cuda::FlashPath::automatic), cuda::FlashPath::mma);
+}
+
+// Long sequences (many key tiles: every pipeline stage reused many times, both mbarrier parities)
+// where an fp64 reference would be slow: the wgmma forward against the mma.sync forward, each
+// rounding P to bf16 in its own tiling, so they agree to the same tolerance as against fp64.
+TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (auto [Dqk, Dv] : std::vector<std::pair<int64_t, int64_t>>{{64, 64}, {128, 128}, {192, 128}})
+    for (int64_t window : {0, 1000}) {
+      cpu::AttnShape s = hook_shape(Dqk, Dv, 4099, window);
+      s.B = 1;
+      if (!cuda::flash_attention_wgmma_available(s)) GTEST_SKIP() << "the wgmma path is not available";
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(describe(s) + " seed=" + std::to_string(seed));
+      const Problem P(s, seed);
+      GpuProblem G(P);
+      G.poison_forward();
+      cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr,
+                                         cuda::FlashPath::mma);
+      const std::vector<double> out_m = as_double(G.out.download()), lse_m = as_double(G.lse.download());
+      G.poison_forward();
+      cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr,
+                                         cuda::FlashPath::wgmma);
+      const std::string err = compare("wgmma out vs mma", as_double(G.out.download()), out_m, kMaxTol, kL2Tol) +
+                              compare("wgmma lse vs mma", as_double(G.lse.download()), lse_m, kLseTol, 0, true);
       EXPECT_TRUE(err.empty()) << err;
     }
 }

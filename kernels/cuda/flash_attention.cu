@@ -14,11 +14,14 @@
 // adds dS·K into an fp32 dQ accumulator with atomics; (3a) deterministic dQ: one block per query
 // tile looping over key tiles, or (3b) fp32 accumulator -> bf16.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/flash_tiles.cuh"
+#include "kernels/cuda/flash_wgmma.cuh"
 #include "kernels/cuda/kernel_util.cuh"
 
 namespace dmat::cuda {
@@ -44,6 +47,7 @@ __device__ __forceinline__ bool visible(int i, int j, int window) {
 // (-1: padding, loaded as zeros and masked), and whether tile n needs per-element masking.
 template <int BN>
 struct DenseKeys {
+  static constexpr int kBN = BN;
   int first = 0, count = 0, q_lo = 0, q_hi = 0, window = 0;
   __device__ DenseKeys(int q0, int bm, int T, int window_) : window(window_) {
     q_lo = q0;
@@ -63,6 +67,7 @@ struct DenseKeys {
 
 template <int BN>
 struct GatherKeys {
+  static constexpr int kBN = BN;
   const int32_t* keys = nullptr;
   int n_keys = 0, count = 0;
   __device__ GatherKeys(const int32_t* keys_, int n_keys_) : keys(keys_), n_keys(n_keys_) {
@@ -258,6 +263,299 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
       if (t == 0) p.lse[(int64_t(b) * p.H + h) * T + i] = sum > 0.f ? (m[hf] + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
+}
+
+// ---- Hopper forward (sm_90a): warp-specialised, wgmma ------------------------------------------
+// One block per (128-query tile, head, batch) of 3 warpgroups. Warpgroup 0 is the producer: it
+// copies Q and the K/V tiles of the key policy with cp.async into 128B-swizzled shared tiles
+// (flash_wgmma.cuh), STAGES deep, and hands each over through an mbarrier after
+// cp.async.wait_group + fence.proxy.async (the tensor cores read through the async proxy); it
+// gives registers away (setmaxnreg.dec). Warpgroups 1 and 2 each own 64 query rows: S = Q·Kᵀ by
+// wgmma from shared memory, scale / bias / mask and the online softmax in registers exactly as
+// the mma.sync kernel (the wgmma accumulator has its per-warp layout), P rounded to bf16 in
+// registers, O += P·V by wgmma with P from registers, then release the stage. The producer runs
+// one tile ahead of its signal (it signals tile n-1 after issuing tile n), so two tiles are in
+// flight while the consumers compute a third.
+constexpr int kWgBM = 128, kWgStages = 3, kWgThreads = 384;
+
+template <int DQK>
+constexpr int wg_bn() {
+  return DQK > 128 ? 64 : 128;  // (192, 128): 64-key tiles keep three stages within shared memory
+}
+
+template <int DQK, int DV>
+struct WgSmem {
+  static constexpr int BN = wg_bn<DQK>();
+  static constexpr int kQ = kWgBM * DQK * 2, kK = BN * DQK * 2, kV = BN * DV * 2, kStage = kK + kV;
+  static constexpr int kBars = kQ + kWgStages * kStage;  // byte offset of the mbarriers
+  static constexpr int kBytes = kBars + (2 * kWgStages + 1) * 8;
+  static constexpr size_t kAlloc = size_t(kBytes) + 1024;  // slack to align the base to 1024 B
+  static_assert(kQ % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "swizzle atoms stay 1024-aligned");
+};
+
+template <int DQK, int DV, class Keys, bool BIAS>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const FwdParams p) {
+#ifdef DMAT_FLASH_SM90A
+  using namespace flash::sm90;
+  using L = WgSmem<DQK, DV>;
+  constexpr int BM = kWgBM, BN = L::BN, S = kWgStages;
+  static_assert(Keys::kBN == BN, "the key policy walks tiles of the kernel's size");
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base, sKV = base + L::kQ;  // stage st: K at sKV + st·kStage, V at + kK
+  const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest (latest) causal tiles start first
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const int q0 = qt * BM, T = p.T;
+  const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
+  const int n_tiles = keys.count;
+
+  if (tid == 0) {
+    mbar_init(bar_q, 128);
+    for (int st = 0; st < S; ++st) {
+      mbar_init(bar_full + 8 * st, 128);  // every producer thread arrives once per fill
+      mbar_init(bar_empty + 8 * st, 8);   // lane 0 of each consumer warp once per use
+    }
+  }
+  __syncthreads();  // the only block-wide barrier: the producer leaves early
+
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    const int64_t q_stride = int64_t(p.H) * DQK, k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
+    const nv_bf16* qg = p.q + (int64_t(b) * T * p.H + h) * DQK;
+    const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
+    const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
+    load_sw128_async<BM, DQK, 128>(sQ, qg, [&](int r) -> const nv_bf16* {
+      return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
+    }, tid);
+    cp_async_commit();
+    for (int n = 0; n < n_tiles; ++n) {
+      const int st = n % S;
+      if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
+      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+        const int j = keys.key(n, r);
+        return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
+      }, tid);
+      load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+        const int j = keys.key(n, r);
+        return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
+      }, tid);
+      cp_async_commit();
+      cp_async_wait<1>();  // the group before this one (Q for n == 0, else tile n − 1) has landed
+      fence_proxy_async();
+      mbar_arrive(n == 0 ? bar_q : bar_full + 8 * ((n - 1) % S));
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(n_tiles == 0 ? bar_q : bar_full + 8 * ((n_tiles - 1) % S));
+  } else {
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * T : nullptr;
+    const int row0 = q0 + 64 * cw + 16 * warp + g;  // this thread's rows: row0 (c0,c1), row0 + 8 (c2,c3)
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // row max (log2 units), partial row sum
+    Acc<DV> o;
+    o.zero();
+    mbar_wait(bar_q, 0);
+
+    for (int n = 0; n < n_tiles; ++n) {
+      const int st = n % S;
+      mbar_wait(bar_full + 8 * st, uint32_t(n / S) & 1u);
+      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+
+      // S = Q Kᵀ: DQK/16 k-steps, the first overwriting the accumulator (scale-d = 0)
+      Acc<BN> s;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DQK / 16; ++kk) {
+        const uint64_t da = desc_kmajor<BM, DQK>(sQ, 64 * cw, kk), db = desc_kmajor<BN, DQK>(sk, 0, kk);
+        if constexpr (BN == 128) wgmma_ss_n128(s.c, da, db, kk > 0);
+        else wgmma_ss_n64(s.c, da, db, kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s.c);
+
+      // log2-domain scores, bias, mask
+      const bool mask = keys.needs_mask(n);
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = keys.key(n, nb * 8 + 2 * t + e);
+          float bj = 0.f;
+          if constexpr (BIAS) bj = (j >= 0 && j < T) ? __ldg(bias + j) * kLog2e : 0.f;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float& x = s.c[nb][2 * hf + e];
+            x = fmaf(x, p.scale_log2, bj);
+            if (mask && !visible(row0 + 8 * hf, j, p.window)) x = -INFINITY;
+          }
+        }
+      }
+
+      // online softmax: rescale the running output by exp2(m_old − m_new)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s.c[nb][2 * hf], s.c[nb][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[hf], mx);
+        const float base_m = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+        const float alpha = exp2f(m[hf] - base_m);
+        m[hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+          s.c[nb][2 * hf] = exp2f(s.c[nb][2 * hf] - base_m);
+          s.c[nb][2 * hf + 1] = exp2f(s.c[nb][2 * hf + 1] - base_m);
+          sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
+        }
+        l[hf] = l[hf] * alpha + sum;
+#pragma unroll
+        for (int nb = 0; nb < DV / 8; ++nb) {
+          o.c[nb][2 * hf] *= alpha;
+          o.c[nb][2 * hf + 1] *= alpha;
+        }
+      }
+
+      // O += P V: P (bf16) from registers, V N-major from shared memory, one n64 MMA per panel
+      uint32_t pa[BN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        s.to_a(pa[kk], kk);
+        fence_operands(pa[kk]);
+      }
+      fence_operands(o.c);  // the rescale and P are written before the fence below, not sunk past it
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+        for (int pn = 0; pn < DV / 64; ++pn)
+          wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&o.c[8 * pn]), pa[kk],
+                          desc_nmajor<BN, DV>(sv, kk, pn), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o.c);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + 8 * st);  // this warp is done with the stage
+    }
+
+    // epilogue: normalise, store O (bf16) and lse (natural log)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = l[hf];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int i = row0 + 8 * hf;
+      if (i < T) {
+        nv_bf16* orow = p.out + ((int64_t(b) * T + i) * p.H + h) * DV;
+#pragma unroll
+        for (int nb = 0; nb < DV / 8; ++nb)
+          *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t) =
+              pack_bf16(o.c[nb][2 * hf] * inv, o.c[nb][2 * hf + 1] * inv);
+        if (t == 0) p.lse[(int64_t(b) * p.H + h) * T + i] = sum > 0.f ? (m[hf] + log2f(sum)) * kLn2 : -INFINITY;
+      }
+    }
+  }
+#endif  // DMAT_FLASH_SM90A
+}
+
+// 1 where this build runs the sm_90a code on the current device (the wgmma kernels' bodies are
+// compiled only for sm_90a; another target gets empty stubs).
+__global__ void flash_sm90a_probe_kernel(int* out) {
+#ifdef DMAT_FLASH_SM90A
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+// The building blocks of the kernel above on one tile, for the GPU self-check (see
+// testing::flash_wgmma_selftest): a (64 x 128), b (128 x 128, [n][k]), v (128 x 128, [k][n]),
+// all row-major bf16. s128 = a·bᵀ (n128 MMAs), s64 = a·b[0:64]ᵀ (n64 MMAs), o = a·v (A from
+// registers, V N-major), raw_a = the swizzled shared tile of a as bytes.
+__global__ void __launch_bounds__(128) flash_wgmma_selftest_kernel(float* s128, float* s64, float* o, nv_bf16* raw_a,
+                                                                   const nv_bf16* a, const nv_bf16* bk,
+                                                                   const nv_bf16* v) {
+#ifdef DMAT_FLASH_SM90A
+  using namespace flash::sm90;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sA = base, sB = base + Sw128<64, 128>::kBytes, sV = sB + Sw128<128, 128>::kBytes;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  load_sw128_async<64, 128, 128>(sA, a, [&](int r) -> const nv_bf16* { return a + r * 128; }, tid);
+  load_sw128_async<128, 128, 128>(sB, bk, [&](int r) -> const nv_bf16* { return bk + r * 128; }, tid);
+  load_sw128_async<128, 128, 128>(sV, v, [&](int r) -> const nv_bf16* { return v + r * 128; }, tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+  const unsigned char* sa_gen = smem_raw + (sA - smem_u32(smem_raw));
+  for (int x = tid; x < 64 * 128; x += 128) raw_a[x] = reinterpret_cast<const nv_bf16*>(sa_gen)[x];
+
+  // (fully unrolled: an accumulator indexed at run time would leave registers for local memory)
+  auto store = [&](float* dst, int ncols, const auto& c) {
+    constexpr int NB = sizeof(c) / sizeof(c[0]);
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) dst[(16 * warp + g + 8 * (x >> 1)) * ncols + 8 * nb + 2 * t + (x & 1)] = c[nb][x];
+  };
+  Acc<128> acc;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_ss_n128(acc.c, desc_kmajor<64, 128>(sA, 0, kk), desc_kmajor<128, 128>(sB, 0, kk), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc.c);
+  store(s128, 128, acc.c);
+
+  Acc<64> acc64;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_ss_n64(acc64.c, desc_kmajor<64, 128>(sA, 0, kk), desc_kmajor<128, 128>(sB, 0, kk), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc64.c);
+  store(s64, 64, acc64.c);
+
+  // A fragments straight from global memory by the m16n8k16 A layout, rows 16·warp + g (+8)
+  auto pk = [&](int r, int c) {
+    __nv_bfloat162 h2;
+    h2.x = a[r * 128 + c];
+    h2.y = a[r * 128 + c + 1];
+    return *reinterpret_cast<const uint32_t*>(&h2);
+  };
+  uint32_t pa[8][4];
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const int r = 16 * warp + g, c = 16 * kk + 2 * t;
+    pa[kk][0] = pk(r, c), pa[kk][1] = pk(r + 8, c), pa[kk][2] = pk(r, c + 8), pa[kk][3] = pk(r + 8, c + 8);
+  }
+  Acc<128> oc;
+  oc.zero();
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+    for (int pn = 0; pn < 2; ++pn)
+      wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&oc.c[8 * pn]), pa[kk], desc_nmajor<128, 128>(sV, kk, pn), 1);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(oc.c);
+  store(o, 128, oc.c);
+#endif
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -621,8 +919,8 @@ nv_bf16* nv(bf16* p) { return reinterpret_cast<nv_bf16*>(p); }
 
 void check_args(const AttnShape& s, std::initializer_list<const void*> ptrs) {
   if (!flash_attention_supported(s))
-    fail("flash attention: unsupported shape B={} T={} H={} Hkv={} Dqk={} Dv={} window={} (head dims (64,64), "
-         "(128,128) or (192,128); H a multiple of Hkv; 1 <= T < 2^31)",
+    fail("flash attention: unsupported shape B={} T={} H={} Hkv={} Dqk={} Dv={} window={} (head dims (32,32), "
+         "(64,64), (128,128) or (192,128); H a multiple of Hkv; 1 <= T < 2^31)",
          s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window);
   for (const void* p : ptrs)
     DMAT_CHECK(detail::aligned16(p), "flash attention: tensors must be 16-byte aligned ({})", p);
@@ -652,11 +950,83 @@ void forward_dims(const FwdParams& p, int64_t B) {
   launch_fwd<DQK, DV, Keys, BIAS>(p, B);
 }
 
-template <class Keys, bool BIAS>
-void forward_dispatch(const FwdParams& p, const AttnShape& s) {
-  if (s.Dqk == 64) forward_dims<64, 64, Keys, BIAS>(p, s.B);
-  else if (s.Dqk == 128) forward_dims<128, 128, Keys, BIAS>(p, s.B);
-  else forward_dims<192, 128, Keys, BIAS>(p, s.B);
+template <int DQK, int DV, class Keys, bool BIAS>
+void launch_fwd_wgmma(const FwdParams& p, int64_t B) {
+  using L = WgSmem<DQK, DV>;
+  auto kernel = flash_fwd_wgmma_kernel<DQK, DV, Keys, BIAS>;
+  static const bool ready = (prepare(kernel, L::kAlloc), true);
+  (void)ready;
+  const dim3 grid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
+  kernel<<<grid, kWgThreads, L::kAlloc, stream()>>>(p);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+// KeysT: the key-tile policy (DenseKeys or GatherKeys), instantiated at each kernel's key-tile size.
+template <template <int> class KeysT, bool BIAS>
+void forward_dispatch(const FwdParams& p, const AttnShape& s, FlashPath path) {
+  static_assert(kWgBM == kFwdBM, "one query tile (and gather list) size for both paths");
+  if (path == FlashPath::wgmma) {
+    if (s.Dqk == 64) launch_fwd_wgmma<64, 64, KeysT<wg_bn<64>()>, BIAS>(p, s.B);
+    else if (s.Dqk == 128) launch_fwd_wgmma<128, 128, KeysT<wg_bn<128>()>, BIAS>(p, s.B);
+    else launch_fwd_wgmma<192, 128, KeysT<wg_bn<192>()>, BIAS>(p, s.B);
+    return;
+  }
+  if (s.Dqk == 32) forward_dims<32, 32, KeysT<kFwdBN>, BIAS>(p, s.B);
+  else if (s.Dqk == 64) forward_dims<64, 64, KeysT<kFwdBN>, BIAS>(p, s.B);
+  else if (s.Dqk == 128) forward_dims<128, 128, KeysT<kFwdBN>, BIAS>(p, s.B);
+  else forward_dims<192, 128, KeysT<kFwdBN>, BIAS>(p, s.B);
+}
+
+// ---- path selection ------------------------------------------------------------------------
+// Whether the wgmma kernels run on the current device: compute capability 9.0 and this build
+// carries sm_90a code (probed once: the probe kernel reports which code the driver picked).
+bool device_runs_sm90a() {
+  static const bool ok = [] {
+    int dev = 0, major = 0, minor = 0;
+    DMAT_CUDA_CHECK(cudaGetDevice(&dev));
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (major != 9 || minor != 0) return false;
+    int* d = nullptr;
+    int h = 0;
+    DMAT_CUDA_CHECK(cudaMalloc(&d, sizeof(int)));
+    flash_sm90a_probe_kernel<<<1, 1, 0, stream()>>>(d);
+    DMAT_CUDA_CHECK(cudaGetLastError());
+    DMAT_CUDA_CHECK(cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, stream()));
+    DMAT_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    DMAT_CUDA_CHECK(cudaFree(d));
+    return h == 1;
+  }();
+  return ok;
+}
+
+bool wgmma_dims(const AttnShape& s) {
+  return (s.Dqk == 64 && s.Dv == 64) || (s.Dqk == 128 && s.Dv == 128) || (s.Dqk == 192 && s.Dv == 128);
+}
+
+// DMAT_ATTN_PATH=mma|wgmma, read once; anything else is an error a user can act on.
+FlashPath env_path() {
+  static const FlashPath p = [] {
+    const char* e = std::getenv("DMAT_ATTN_PATH");
+    if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return FlashPath::automatic;
+    if (std::strcmp(e, "mma") == 0) return FlashPath::mma;
+    if (std::strcmp(e, "wgmma") == 0) return FlashPath::wgmma;
+    fail("DMAT_ATTN_PATH must be mma, wgmma or auto (got '{}')", e);
+  }();
+  return p;
+}
+
+FlashPath resolve_forward_path(const AttnShape& s, FlashPath requested) {
+  const bool explicit_request = requested != FlashPath::automatic;
+  const FlashPath want = explicit_request ? requested : env_path();
+  if (want == FlashPath::mma) return FlashPath::mma;
+  const bool ok = wgmma_dims(s) && device_runs_sm90a();
+  if (want == FlashPath::wgmma && !device_runs_sm90a())
+    fail("flash attention: the wgmma path needs a compute capability 9.0 GPU and a build for sm_90a "
+         "(CMAKE_CUDA_ARCHITECTURES containing 90a)");
+  if (want == FlashPath::wgmma && explicit_request && !ok)
+    fail("flash attention: no wgmma kernel for head dims ({}, {}) (64/64, 128/128, 192/128)", s.Dqk, s.Dv);
+  return ok ? FlashPath::wgmma : FlashPath::mma;  // DMAT_ATTN_PATH=wgmma: head dims without one use mma
 }
 
 // Query rows per dK/dV step: 64, or 32 where the (192, 128) accumulators leave no registers.
@@ -705,16 +1075,25 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic) {
 }  // namespace
 
 bool flash_attention_supported(const AttnShape& s) {
-  const bool dims = (s.Dqk == 64 && s.Dv == 64) || (s.Dqk == 128 && s.Dv == 128) || (s.Dqk == 192 && s.Dv == 128);
+  const bool dims = (s.Dqk == 32 && s.Dv == 32) || (s.Dqk == 64 && s.Dv == 64) || (s.Dqk == 128 && s.Dv == 128) ||
+                    (s.Dqk == 192 && s.Dv == 128);
   return dims && s.B >= 1 && s.T >= 1 && s.T < (int64_t(1) << 31) - 256 && s.Hkv >= 1 && s.H % s.Hkv == 0 &&
          s.H <= 65535 && s.B <= 65535 && s.window >= 0 && s.window < (int64_t(1) << 31);
 }
 
+bool flash_attention_wgmma_available(const AttnShape& s) { return wgmma_dims(s) && device_runs_sm90a(); }
+
+FlashPath flash_attention_forward_path_for(const AttnShape& s, FlashPath requested) {
+  return resolve_forward_path(s, requested);
+}
+
 int flash_attention_block_q() { return kFwdBM; }
 
-void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
-                                 const AttnShape& s, const float* key_bias, const FlashGather* gather) {
+void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                  const AttnShape& s, const float* key_bias, const FlashGather* gather,
+                                  FlashPath path) {
   check_args(s, {out, q, k, v});
+  const FlashPath use = resolve_forward_path(s, path);
   FwdParams p{};
   p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse, p.bias = key_bias;
   p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
@@ -722,22 +1101,22 @@ void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf1
   if (gather) {
     DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
     p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity;
-    if (key_bias) forward_dispatch<GatherKeys<kFwdBN>, true>(p, s);
-    else forward_dispatch<GatherKeys<kFwdBN>, false>(p, s);
+    if (key_bias) forward_dispatch<GatherKeys, true>(p, s, use);
+    else forward_dispatch<GatherKeys, false>(p, s, use);
   } else {
-    if (key_bias) forward_dispatch<DenseKeys<kFwdBN>, true>(p, s);
-    else forward_dispatch<DenseKeys<kFwdBN>, false>(p, s);
+    if (key_bias) forward_dispatch<DenseKeys, true>(p, s, use);
+    else forward_dispatch<DenseKeys, false>(p, s, use);
   }
+}
+
+void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                 const AttnShape& s, const float* key_bias, const FlashGather* gather) {
+  flash_attention_forward_path(out, lse, q, k, v, s, key_bias, gather, FlashPath::automatic);
 }
 
 void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                              const AttnShape& s) {
-  check_args(s, {out, q, k, v});
-  FwdParams p{};
-  p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse;
-  p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
-  p.scale_log2 = float(s.scale) * kLog2e;
-  forward_dispatch<DenseKeys<kFwdBN>, false>(p, s);
+  flash_attention_forward_path(out, lse, q, k, v, s, nullptr, nullptr, FlashPath::automatic);
 }
 
 void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
@@ -758,9 +1137,25 @@ void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, co
                                                                                stats + rows, rows, p.T, p.H,
                                                                                int(s.Dv));
   DMAT_CUDA_LAUNCH_CHECK();
-  if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic);
+  if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic);
+  else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic);
   else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic);
   else backward_dims<192, 128>(p, s.B, deterministic);
 }
 
 }  // namespace dmat::cuda
+
+namespace dmat::cuda::testing {
+
+bool flash_wgmma_selftest(float* s128, float* s64, float* o, bf16* raw_a, const bf16* a, const bf16* b,
+                          const bf16* v) {
+  if (!device_runs_sm90a()) return false;
+  constexpr size_t smem = 1024 + size_t(64 * 128 + 2 * 128 * 128) * 2;
+  static const bool ready = (prepare(flash_wgmma_selftest_kernel, smem), true);
+  (void)ready;
+  flash_wgmma_selftest_kernel<<<1, 128, smem, stream()>>>(s128, s64, o, nv(raw_a), nv(a), nv(b), nv(v));
+  DMAT_CUDA_LAUNCH_CHECK();
+  return true;
+}
+
+}  // namespace dmat::cuda::testing

@@ -1,5 +1,7 @@
 // Our flash attention (forward and backward) on tensor cores: causal, grouped KV heads, sliding
-// window, d_qk and d_v in {64, 128} plus (192, 128) for MLA. Semantics are cpu::attention_* with
+// window, d_qk and d_v in {32, 64, 128} plus (192, 128) for MLA. Forward: wgmma kernels on
+// compute capability 9.0 (built for sm_90a; head dims 64, 128, 192/128), mma.sync elsewhere and
+// for head dim 32; backward: mma.sync. Semantics are cpu::attention_* with
 // bf16 q, k, v, out, dq, dk, dv and fp32 lse [B,H,T] (natural log of Σ_j exp(s_ij)).
 // Layout: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv], out [B,T,H,Dv], row-major.
 #pragma once
@@ -37,4 +39,27 @@ struct FlashGather {
 void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                  const AttnShape& s, const float* key_bias, const FlashGather* gather);
 
+
+// ---- forward path (tests, benchmarks) ----------------------------------------------------------
+// automatic: wgmma where flash_attention_wgmma_available, else mma; the environment variable
+// DMAT_ATTN_PATH=mma|wgmma|auto (read once per process) overrides automatic (wgmma: an error
+// without an sm_90a-capable device; head dims without a wgmma kernel still use mma). An explicit
+// FlashPath::wgmma fails where no wgmma kernel can run.
+enum class FlashPath : int { automatic = 0, mma = 1, wgmma = 2 };
+bool flash_attention_wgmma_available(const AttnShape& s);
+FlashPath flash_attention_forward_path_for(const AttnShape& s, FlashPath requested);  // the path a call takes
+void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                  const AttnShape& s, const float* key_bias, const FlashGather* gather,
+                                  FlashPath path);
+
 }  // namespace dmat::cuda
+
+namespace dmat::cuda::testing {
+// GPU self-check of the sm_90a building blocks on one tile (device pointers, row-major): a (64 x
+// 128), b (128 x 128, [n][k]), v (128 x 128, [k][n]) bf16 -> s128 = a·bᵀ (64 x 128, m64n128k16
+// from shared memory), s64 = a·b[0:64]ᵀ (64 x 64, m64n64k16), o = a·v (64 x 128, A from registers,
+// V N-major), raw_a = a's 128B-swizzled shared tile (64·128 bf16, panel-major). false (nothing
+// run) where the wgmma path is not available.
+bool flash_wgmma_selftest(float* s128, float* s64, float* o, bf16* raw_a, const bf16* a, const bf16* b,
+                          const bf16* v);
+}  // namespace dmat::cuda::testing

@@ -71,16 +71,22 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   s.scale = 1.0 / std::sqrt(double(s.Dqk));
   s.deterministic = o.deterministic;
   if (!cuda::flash_attention_supported(s))
-    fail("bench attention: unsupported shape B={} T={} H={} Hkv={} D={} window={} (D in 64, 128, 192; H a multiple "
-         "of Hkv)",
+    fail("bench attention: unsupported shape B={} T={} H={} Hkv={} D={} window={} (D in 32, 64, 128, 192; H a "
+         "multiple of Hkv)",
          o.B, o.T, o.H, o.Hkv, o.D, o.window);
+  cuda::FlashPath want = cuda::FlashPath::automatic;
+  if (o.path == "mma") want = cuda::FlashPath::mma;
+  else if (o.path == "wgmma") want = cuda::FlashPath::wgmma;
+  else if (o.path != "auto") fail("bench attention: path must be auto, mma or wgmma (got '{}')", o.path);
+  const cuda::FlashPath path = cuda::flash_attention_forward_path_for(s, want);
   const int64_t nq = s.B * s.T * s.H * s.Dqk, nk = s.B * s.T * s.Hkv * s.Dqk, nv = s.B * s.T * s.Hkv * s.Dv,
                 no = s.B * s.T * s.H * s.Dv, nl = s.B * s.H * s.T;
   DevBuf q(nq * 2), k(nk * 2), v(nv * 2), dout(no * 2), outb(no * 2), dq(nq * 2), dk(nk * 2), dv(nv * 2), lse(nl * 4);
   upload_random(q.p, nq, 1), upload_random(k.p, nk, 2), upload_random(v.p, nv, 3), upload_random(dout.p, no, 4);
   auto B16 = [](DevBuf& d) { return static_cast<bf16*>(d.p); };
   auto fwd = [&] {
-    cuda::flash_attention_forward(B16(outb), static_cast<float*>(lse.p), B16(q), B16(k), B16(v), s);
+    cuda::flash_attention_forward_path(B16(outb), static_cast<float*>(lse.p), B16(q), B16(k), B16(v), s, nullptr,
+                                       nullptr, path);
   };
   auto fwdbwd = [&] {
     fwd();
@@ -102,10 +108,10 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   }
   const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
   out << fmt::format(
-             "{{\"bench\":\"attention\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
+             "{{\"bench\":\"attention\",\"fwd_path\":\"{}\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
              "\"deterministic\":{},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
              "\"fwdbwd_tflops\":{:.1f},\"flops_convention\":\"{}\"}}",
-             s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, o.deterministic ? "true" : "false", fwd_ms,
+             path == cuda::FlashPath::wgmma ? "wgmma" : "mma", s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, o.deterministic ? "true" : "false", fwd_ms,
              fwd_flops / fwd_ms / 1e9, fwdbwd_ms, 3.5 * fwd_flops / fwdbwd_ms / 1e9, convention)
       << std::endl;
 }
