@@ -48,6 +48,7 @@ __device__ __forceinline__ bool visible(int i, int j, int window) {
 template <int BN>
 struct DenseKeys {
   static constexpr int kBN = BN;
+  static constexpr bool kGathered = false;
   int first = 0, count = 0, q_lo = 0, q_hi = 0, window = 0;
   __device__ DenseKeys(int q0, int bm, int T, int window_) : window(window_) {
     q_lo = q0;
@@ -68,6 +69,7 @@ struct DenseKeys {
 template <int BN>
 struct GatherKeys {
   static constexpr int kBN = BN;
+  static constexpr bool kGathered = true;
   const int32_t* keys = nullptr;
   int n_keys = 0, count = 0;
   __device__ GatherKeys(const int32_t* keys_, int n_keys_) : keys(keys_), n_keys(n_keys_) {
@@ -287,7 +289,8 @@ template <int DQK, int DV>
 struct WgSmem {
   static constexpr int BN = wg_bn<DQK>();
   static constexpr int kQ = kWgBM * DQK * 2, kK = BN * DQK * 2, kV = BN * DV * 2, kStage = kK + kV;
-  static constexpr int kBars = kQ + kWgStages * kStage;  // byte offset of the mbarriers
+  static constexpr int kKeys = kQ + kWgStages * kStage;      // int32 key positions [stage][BN]
+  static constexpr int kBars = kKeys + kWgStages * BN * 4;  // byte offset of the mbarriers
   static constexpr int kBytes = kBars + (2 * kWgStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;  // slack to align the base to 1024 B
   static_assert(kQ % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "swizzle atoms stay 1024-aligned");
@@ -304,6 +307,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sKV = base + L::kQ;  // stage st: K at sKV + st·kStage, V at + kK
   const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
+  // key position of each row of each stage (-1: padding), written by the producer with the tile:
+  // one policy lookup per row instead of one per 16-byte chunk (a gathered lookup is a dependent
+  // global load), and the gathered consumers' mask / bias read it from here
+  int32_t* skeys = reinterpret_cast<int32_t*>(smem_raw + (base - smem_u32(smem_raw)) + L::kKeys);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int qt = gridDim.x - 1 - blockIdx.x;  // the longest (latest) causal tiles start first
@@ -335,13 +342,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
       const int st = n % S;
       if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
       const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+      // The stage's previous readers of skeys are done: the consumers released it (empty), and
+      // every producer thread issued that tile's copies before arriving on its full barrier.
+      int32_t* sks = skeys + st * BN;
+      for (int r = tid; r < BN; r += 128) {
         const int j = keys.key(n, r);
-        return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
+        sks[r] = j >= 0 && j < T ? j : -1;
+      }
+      asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
+      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+        const int j = sks[r];
+        return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
       }, tid);
       load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-        const int j = keys.key(n, r);
-        return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
+        const int j = sks[r];
+        return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
       }, tid);
       cp_async_commit();
       cp_async_wait<1>();  // the group before this one (Q for n == 0, else tile n − 1) has landed
@@ -382,11 +397,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
 
       // log2-domain scores, bias, mask
       const bool mask = keys.needs_mask(n);
+      const int32_t* sks = skeys + st * BN;  // written before the full barrier's arrive
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int j = keys.key(n, nb * 8 + 2 * t + e);
+          const int c = nb * 8 + 2 * t + e;
+          const int j = Keys::kGathered ? sks[c] : keys.key(n, c);  // gathered: -1 for padding
           float bj = 0.f;
           if constexpr (BIAS) bj = (j >= 0 && j < T) ? __ldg(bias + j) * kLog2e : 0.f;
 #pragma unroll
