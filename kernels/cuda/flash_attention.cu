@@ -296,7 +296,7 @@ struct WgSmem {
   static_assert(kQ % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "swizzle atoms stay 1024-aligned");
 };
 
-template <int DQK, int DV, class Keys, bool BIAS>
+template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const FwdParams p) {
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
@@ -375,27 +375,32 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // row max (log2 units), partial row sum
     Acc<DV> o;
     o.zero();
-    mbar_wait(bar_q, 0);
+    Acc<BN> s;              // scores of the tile in hand, then its probabilities
+    uint32_t pa[BN / 16][4];  // P (bf16) as the A fragments of O += P·V
 
-    for (int n = 0; n < n_tiles; ++n) {
-      const int st = n % S;
-      mbar_wait(bar_full + 8 * st, uint32_t(n / S) & 1u);
-      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-
-      // S = Q Kᵀ: DQK/16 k-steps, the first overwriting the accumulator (scale-d = 0)
-      Acc<BN> s;
-      wgmma_fence();
+    // S = Q Kᵀ of tile n (stage st) issued: DQK/16 k-steps, the first overwriting (scale-d = 0)
+    auto issue_s = [&](int st) {
+      const uint32_t sk = sKV + uint32_t(st * L::kStage);
 #pragma unroll
       for (int kk = 0; kk < DQK / 16; ++kk) {
         const uint64_t da = desc_kmajor<BM, DQK>(sQ, 64 * cw, kk), db = desc_kmajor<BN, DQK>(sk, 0, kk);
         if constexpr (BN == 128) wgmma_ss_n128(s.c, da, db, kk > 0);
         else wgmma_ss_n64(s.c, da, db, kk > 0);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(s.c);
-
-      // log2-domain scores, bias, mask
+    };
+    // O += P V issued: P from registers, V N-major from shared memory, one n64 MMA per panel
+    auto issue_pv = [&](int st) {
+      const uint32_t sv = sKV + uint32_t(st * L::kStage) + L::kK;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+        for (int pn = 0; pn < DV / 64; ++pn)
+          wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&o.c[8 * pn]), pa[kk], desc_nmajor<BN, DV>(sv, kk, pn), 1);
+      }
+    };
+    // Scale, bias, mask and exponentiate the scores of tile n in s (log2 domain), updating the
+    // running max m and sum l; alpha = exp2(m_old − m_new), by which O must still be rescaled.
+    auto softmax = [&](int n, int st, float (&alpha)[2]) {
       const bool mask = keys.needs_mask(n);
       const int32_t* sks = skeys + st * BN;  // written before the full barrier's arrive
 #pragma unroll
@@ -414,8 +419,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
           }
         }
       }
-
-      // online softmax: rescale the running output by exp2(m_old − m_new)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
@@ -425,7 +428,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[hf], mx);
         const float base_m = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-        const float alpha = exp2f(m[hf] - base_m);
+        alpha[hf] = exp2f(m[hf] - base_m);
         m[hf] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -434,35 +437,97 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
           s.c[nb][2 * hf + 1] = exp2f(s.c[nb][2 * hf + 1] - base_m);
           sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
         }
-        l[hf] = l[hf] * alpha + sum;
-#pragma unroll
-        for (int nb = 0; nb < DV / 8; ++nb) {
-          o.c[nb][2 * hf] *= alpha;
-          o.c[nb][2 * hf + 1] *= alpha;
-        }
+        l[hf] = l[hf] * alpha[hf] + sum;
       }
-
-      // O += P V: P (bf16) from registers, V N-major from shared memory, one n64 MMA per panel
-      uint32_t pa[BN / 16][4];
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+      for (int nb = 0; nb < DV / 8; ++nb) {
+        o.c[nb][0] *= alpha[0], o.c[nb][1] *= alpha[0];
+        o.c[nb][2] *= alpha[1], o.c[nb][3] *= alpha[1];
+      }
+    };
+    auto make_p = [&] {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         s.to_a(pa[kk], kk);
         fence_operands(pa[kk]);
       }
-      fence_operands(o.c);  // the rescale and P are written before the fence below, not sunk past it
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-        for (int pn = 0; pn < DV / 64; ++pn)
-          wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&o.c[8 * pn]), pa[kk],
-                          desc_nmajor<BN, DV>(sv, kk, pn), 1);
+    };
+    auto release = [&](int st) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + 8 * st);  // this warp is done with the stage
+    };
+    auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
+
+    mbar_wait(bar_q, 0);
+    if constexpr (!OVERLAP) {
+      // per tile: S, wait, softmax, rescale O, P, O += P·V, wait (the other warpgroup fills the gaps)
+      for (int n = 0; n < n_tiles; ++n) {
+        const int st = n % S;
+        wait_full(n);
+        wgmma_fence();
+        issue_s(st);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(s.c);
+        float alpha[2];
+        softmax(n, st, alpha);
+        rescale_o(alpha);
+        make_p();
+        fence_operands(o.c);  // the rescale and P are written before the fence below, not sunk past it
+        wgmma_fence();
+        issue_pv(st);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(o.c);
+        release(st);
       }
+    } else if (n_tiles > 0) {
+      // software-pipelined (FlashAttention-3's intra-warpgroup overlap): S of tile n + 1 is
+      // issued before O += P·V of tile n, and its softmax runs while that P·V is in flight.
+      // Commit order S(n+1), PV(n): wait_group<1> completes S(n+1) only; wait_group<0> both.
+      wait_full(0);
+      wgmma_fence();
+      issue_s(0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s.c);
+      {
+        float alpha[2];
+        softmax(0, 0, alpha);  // O is zero: nothing to rescale
+      }
+      make_p();
+      // steady state: tiles 0 .. n_tiles − 2 each with a successor (no branch between the commits
+      // and the waits, so ptxas can see which group wait_group<1> retires)
+      for (int n = 0; n + 1 < n_tiles; ++n) {
+        const int st = n % S, st1 = (n + 1) % S;
+        wait_full(n + 1);
+        fence_operands(o.c);
+        wgmma_fence();
+        issue_s(st1);
+        wgmma_commit();
+        issue_pv(st);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(s.c);
+        float alpha[2];
+        softmax(n + 1, st1, alpha);
+        wgmma_wait<0>();
+        fence_operands(o.c);
+        release(st);
+        rescale_o(alpha);
+        make_p();
+      }
+      // the last tile: O += P·V only
+      const int st = (n_tiles - 1) % S;
+      fence_operands(o.c);
+      wgmma_fence();
+      issue_pv(st);
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(o.c);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty + 8 * st);  // this warp is done with the stage
+      release(st);
     }
 
     // epilogue: normalise, store O (bf16) and lse (natural log)
@@ -562,6 +627,9 @@ __global__ void __launch_bounds__(128) flash_wgmma_selftest_kernel(float* s128, 
   }
   Acc<128> oc;
   oc.zero();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) fence_operands(pa[kk]);
+  fence_operands(oc.c);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
@@ -967,15 +1035,34 @@ void forward_dims(const FwdParams& p, int64_t B) {
   launch_fwd<DQK, DV, Keys, BIAS>(p, B);
 }
 
-template <int DQK, int DV, class Keys, bool BIAS>
-void launch_fwd_wgmma(const FwdParams& p, int64_t B) {
+// DMAT_ATTN_WG_OVERLAP=0 selects the plain per-tile schedule of the wgmma consumers (1, the
+// default: the software-pipelined one); read once. A switch for measuring both, and a fallback.
+bool wg_overlap() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMAT_ATTN_WG_OVERLAP");
+    if (e == nullptr || *e == 0) return true;
+    if (std::strcmp(e, "0") == 0) return false;
+    if (std::strcmp(e, "1") == 0) return true;
+    fail("DMAT_ATTN_WG_OVERLAP must be 0 or 1 (got '{}')", e);
+  }();
+  return on;
+}
+
+template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP>
+void launch_fwd_wgmma_variant(const FwdParams& p, int64_t B) {
   using L = WgSmem<DQK, DV>;
-  auto kernel = flash_fwd_wgmma_kernel<DQK, DV, Keys, BIAS>;
+  auto kernel = flash_fwd_wgmma_kernel<DQK, DV, Keys, BIAS, OVERLAP>;
   static const bool ready = (prepare(kernel, L::kAlloc), true);
   (void)ready;
   const dim3 grid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
   kernel<<<grid, kWgThreads, L::kAlloc, stream()>>>(p);
   DMAT_CUDA_LAUNCH_CHECK();
+}
+
+template <int DQK, int DV, class Keys, bool BIAS>
+void launch_fwd_wgmma(const FwdParams& p, int64_t B) {
+  if (wg_overlap()) launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, true>(p, B);
+  else launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, false>(p, B);
 }
 
 // KeysT: the key-tile policy (DenseKeys or GatherKeys), instantiated at each kernel's key-tile size.
