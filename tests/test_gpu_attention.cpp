@@ -185,9 +185,9 @@ struct GpuProblem {
     cuda::fill_bf16(dk.p, dk.n, NAN);
     cuda::fill_bf16(dv.p, dv.n, NAN);
   }
-  void backward(const cpu::AttnShape& s, bool deterministic) {
+  void backward(const cpu::AttnShape& s, bool deterministic, cuda::FlashPath path = cuda::FlashPath::automatic) {
     poison_backward();
-    cuda::flash_attention_backward(dq.p, dk.p, dv.p, dout.p, out.p, lse.p, q.p, k.p, v.p, s, deterministic);
+    cuda::flash_attention_backward_path(dq.p, dk.p, dv.p, dout.p, out.p, lse.p, q.p, k.p, v.p, s, deterministic, path);
     cuda::synchronize();
   }
 };
@@ -263,30 +263,34 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
     ASSERT_TRUE(err.empty()) << path_name(path) << " forward: " << err;
   }
 
-  // deterministic backward: within tolerance, and the same bits on a second run
-  G.backward(s, /*deterministic=*/true);
-  const std::vector<bf16> dq1 = G.dq.download(), dk1 = G.dk.download(), dv1 = G.dv.download();
-  err = compare("dq", as_double(dq1), dq_ref, kMaxTol, kL2Tol) + compare("dk", as_double(dk1), dk_ref, kMaxTol, kL2Tol) +
-        compare("dv", as_double(dv1), dv_ref, kMaxTol, kL2Tol);
-  EXPECT_TRUE(err.empty()) << "deterministic backward: " << err;
-  G.backward(s, true);
-  const std::vector<bf16> dq2 = G.dq.download(), dk2 = G.dk.download(), dv2 = G.dv.download();
-  auto first_diff = [](const std::vector<bf16>& a, const std::vector<bf16>& b) -> int64_t {
-    for (size_t i = 0; i < a.size(); ++i)
-      if (a[i].bits != b[i].bits) return int64_t(i);
-    return -1;
-  };
-  const int64_t dq_d = first_diff(dq1, dq2), dk_d = first_diff(dk1, dk2), dv_d = first_diff(dv1, dv2);
-  EXPECT_EQ(dq_d, -1) << "dq not bitwise repeatable at " << where4(dq_d, s.T, s.H, s.Dqk);
-  EXPECT_EQ(dk_d, -1) << "dk not bitwise repeatable at " << where4(dk_d, s.T, s.Hkv, s.Dqk);
-  EXPECT_EQ(dv_d, -1) << "dv not bitwise repeatable at " << where4(dv_d, s.T, s.Hkv, s.Dv);
+  // each backward path (mma.sync; with wgmma the dQ pass is the Hopper kernel)
+  for (const cuda::FlashPath path : forward_paths(s)) {
+    SCOPED_TRACE(std::string("backward path ") + path_name(path));
+    // deterministic backward: within tolerance, and the same bits on a second run
+    G.backward(s, /*deterministic=*/true, path);
+    const std::vector<bf16> dq1 = G.dq.download(), dk1 = G.dk.download(), dv1 = G.dv.download();
+    err = compare("dq", as_double(dq1), dq_ref, kMaxTol, kL2Tol) +
+          compare("dk", as_double(dk1), dk_ref, kMaxTol, kL2Tol) + compare("dv", as_double(dv1), dv_ref, kMaxTol, kL2Tol);
+    EXPECT_TRUE(err.empty()) << "deterministic backward: " << err;
+    G.backward(s, true, path);
+    const std::vector<bf16> dq2 = G.dq.download(), dk2 = G.dk.download(), dv2 = G.dv.download();
+    auto first_diff = [](const std::vector<bf16>& a, const std::vector<bf16>& b) -> int64_t {
+      for (size_t i = 0; i < a.size(); ++i)
+        if (a[i].bits != b[i].bits) return int64_t(i);
+      return -1;
+    };
+    const int64_t dq_d = first_diff(dq1, dq2), dk_d = first_diff(dk1, dk2), dv_d = first_diff(dv1, dv2);
+    EXPECT_EQ(dq_d, -1) << "dq not bitwise repeatable at " << where4(dq_d, s.T, s.H, s.Dqk);
+    EXPECT_EQ(dk_d, -1) << "dk not bitwise repeatable at " << where4(dk_d, s.T, s.Hkv, s.Dqk);
+    EXPECT_EQ(dv_d, -1) << "dv not bitwise repeatable at " << where4(dv_d, s.T, s.Hkv, s.Dv);
 
-  // atomic-dQ backward: within the same tolerance (dk/dv come from the same kernel path)
-  G.backward(s, /*deterministic=*/false);
-  err = compare("dq", as_double(G.dq.download()), dq_ref, kMaxTol, kL2Tol) +
-        compare("dk", as_double(G.dk.download()), dk_ref, kMaxTol, kL2Tol) +
-        compare("dv", as_double(G.dv.download()), dv_ref, kMaxTol, kL2Tol);
-  EXPECT_TRUE(err.empty()) << "non-deterministic backward: " << err;
+    // atomic-dQ backward (mma path; the wgmma path computes dQ deterministically either way)
+    G.backward(s, /*deterministic=*/false, path);
+    err = compare("dq", as_double(G.dq.download()), dq_ref, kMaxTol, kL2Tol) +
+          compare("dk", as_double(G.dk.download()), dk_ref, kMaxTol, kL2Tol) +
+          compare("dv", as_double(G.dv.download()), dv_ref, kMaxTol, kL2Tol);
+    EXPECT_TRUE(err.empty()) << "non-deterministic backward: " << err;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, FlashAttention, ::testing::ValuesIn(all_cases()),
@@ -572,7 +576,7 @@ TEST(FlashAttentionWgmma, PathSelection) {
 // Long sequences (many key tiles: every pipeline stage reused many times, both mbarrier parities)
 // where an fp64 reference would be slow: the wgmma forward against the mma.sync forward, each
 // rounding P to bf16 in its own tiling, so they agree to the same tolerance as against fp64.
-TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {
+TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {  // forward, and the dQ pass
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (auto [Dqk, Dv] : std::vector<std::pair<int64_t, int64_t>>{{64, 64}, {128, 128}, {192, 128}})
     for (int64_t window : {0, 1000}) {
@@ -590,8 +594,14 @@ TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr,
                                          cuda::FlashPath::wgmma);
-      const std::string err = compare("wgmma out vs mma", as_double(G.out.download()), out_m, kMaxTol, kL2Tol) +
-                              compare("wgmma lse vs mma", as_double(G.lse.download()), lse_m, kLseTol, 0, true);
+      std::string err = compare("wgmma out vs mma", as_double(G.out.download()), out_m, kMaxTol, kL2Tol) +
+                        compare("wgmma lse vs mma", as_double(G.lse.download()), lse_m, kLseTol, 0, true);
+      EXPECT_TRUE(err.empty()) << err;
+      // dQ: the wgmma pass against the mma.sync pass on the same forward output
+      G.backward(s, true, cuda::FlashPath::mma);
+      const std::vector<double> dq_m = as_double(G.dq.download());
+      G.backward(s, true, cuda::FlashPath::wgmma);
+      err = compare("wgmma dq vs mma", as_double(G.dq.download()), dq_m, kMaxTol, kL2Tol);
       EXPECT_TRUE(err.empty()) << err;
     }
 }

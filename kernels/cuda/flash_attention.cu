@@ -986,6 +986,171 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
   }
 }
 
+// Deterministic dQ on Hopper (sm_90a): the forward's block structure (a producer warpgroup
+// streaming K/V tiles into 128B-swizzled stages, two consumer warpgroups of 64 query rows) with Q
+// and dO stationary. Per 64-key tile: S = Q·Kᵀ and dP = dO·Vᵀ (wgmma, both operands in shared
+// memory, V read K-major), P = exp2(S·scale·log2e − lse2), dS = P∘(dP − delta) in registers,
+// dQ += dS·K (wgmma, dS from registers, K read N-major). 64-key tiles keep dQ (Dqk/2 registers)
+// + S + dP + dS within the consumers' 240 registers. Fixed summation order: deterministic.
+constexpr int kWgDqBN = 64;
+
+template <int DQK, int DV>
+struct WgDqSmem {
+  static constexpr int BN = kWgDqBN;
+  static constexpr int kQ = kWgBM * DQK * 2, kO = kWgBM * DV * 2, kK = BN * DQK * 2, kV = BN * DV * 2;
+  static constexpr int kStage = kK + kV;
+  static constexpr int kStages = (kQ + kO + 3 * kStage) <= 200 * 1024 ? 3 : 2;
+  static constexpr int kBars = kQ + kO + kStages * kStage;
+  static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
+  static constexpr size_t kAlloc = size_t(kBytes) + 1024;
+  static_assert(kQ % 1024 == 0 && kO % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "1024-aligned atoms");
+};
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const BwdParams p) {
+#ifdef DMAT_FLASH_SM90A
+  using namespace flash::sm90;
+  using L = WgDqSmem<DQK, DV>;
+  constexpr int BM = kWgBM, BN = L::BN, S = L::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base, sO = base + L::kQ, sKV = sO + L::kO;
+  const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const int q0 = qt * BM, T = p.T;
+  const DenseKeys<BN> keys(q0, BM, T, p.window);
+  const int n_tiles = keys.count;
+
+  if (tid == 0) {
+    mbar_init(bar_q, 128);
+    for (int st = 0; st < S; ++st) {
+      mbar_init(bar_full + 8 * st, 128);
+      mbar_init(bar_empty + 8 * st, 8);
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
+    const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
+    const nv_bf16* qg = p.q + (int64_t(b) * T * p.H + h) * DQK;
+    const nv_bf16* dog = p.dout + (int64_t(b) * T * p.H + h) * DV;
+    const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
+    const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
+    load_sw128_async<BM, DQK, 128>(sQ, qg, [&](int r) -> const nv_bf16* {
+      return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
+    }, tid);
+    load_sw128_async<BM, DV, 128>(sO, dog, [&](int r) -> const nv_bf16* {
+      return q0 + r < T ? dog + int64_t(q0 + r) * o_stride : nullptr;
+    }, tid);
+    cp_async_commit();
+    for (int n = 0; n < n_tiles; ++n) {
+      const int st = n % S;
+      if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
+      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+      const int k0 = keys.key(n, 0);  // dense: rows k0 .. k0 + BN − 1
+      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+        return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
+      }, tid);
+      load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+        return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
+      }, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();
+      mbar_arrive(n == 0 ? bar_q : bar_full + 8 * ((n - 1) % S));
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(n_tiles == 0 ? bar_q : bar_full + 8 * ((n_tiles - 1) % S));
+  } else {
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int row0 = q0 + 64 * cw + 16 * warp + g;
+    float li[2], di[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = row0 + 8 * hf;
+      const int64_t o = (int64_t(b) * p.H + h) * T + i;
+      li[hf] = i < T ? p.lse2[o] : 0.f;
+      di[hf] = i < T ? p.delta[o] : 0.f;
+    }
+    Acc<DQK> dq;
+    dq.zero();
+    mbar_wait(bar_q, 0);
+
+    for (int n = 0; n < n_tiles; ++n) {
+      const int st = n % S;
+      mbar_wait(bar_full + 8 * st, uint32_t(n / S) & 1u);
+      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+      Acc<BN> sc, dp;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DQK / 16; ++kk)
+        wgmma_ss_n64(sc.c, desc_kmajor<BM, DQK>(sQ, 64 * cw, kk), desc_kmajor<BN, DQK>(sk, 0, kk), kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk)
+        wgmma_ss_n64(dp.c, desc_kmajor<BM, DV>(sO, 64 * cw, kk), desc_kmajor<BN, DV>(sv, 0, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(sc.c);
+      fence_operands(dp.c);
+
+      const bool mask = keys.needs_mask(n);
+      uint32_t da[BN / 16][4];
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = keys.key(n, nb * 8 + 2 * t + e);
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, -li[hf]));
+            if (mask && !visible(row0 + 8 * hf, j, p.window)) pv = 0.f;
+            dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
+          }
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        dp.to_a(da[kk], kk);
+        fence_operands(da[kk]);
+      }
+      fence_operands(dq.c);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+        for (int pn = 0; pn < DQK / 64; ++pn)
+          wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&dq.c[8 * pn]), da[kk], desc_nmajor<BN, DQK>(sk, kk, pn), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dq.c);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + 8 * st);
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = row0 + 8 * hf;
+      if (i < T) {
+        nv_bf16* dqr = p.dq + ((int64_t(b) * T + i) * p.H + h) * DQK;
+#pragma unroll
+        for (int nb = 0; nb < DQK / 8; ++nb)
+          *reinterpret_cast<uint32_t*>(dqr + nb * 8 + 2 * t) =
+              pack_bf16(dq.c[nb][2 * hf] * p.scale, dq.c[nb][2 * hf + 1] * p.scale);
+      }
+    }
+  }
+#endif  // DMAT_FLASH_SM90A
+}
+
 // dq = bf16(scale · acc), 8 elements per thread (DQK is a multiple of 8).
 __global__ void __launch_bounds__(256) flash_dq_convert_kernel(nv_bf16* dq, const float* acc, float scale,
                                                                int64_t n8) {
@@ -1140,9 +1305,30 @@ constexpr int bwd_bmq() {
 }
 
 template <int DQK, int DV>
-void backward_dims(const BwdParams& p, int64_t B, bool deterministic) {
+void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma_dq) {
   constexpr int BMQ = bwd_bmq<DQK>(), BNK = 16 * kBwdWarps;
   const dim3 kgrid(unsigned((p.T + BNK - 1) / BNK), unsigned(p.Hkv), unsigned(B));
+  if constexpr (DQK % 64 == 0 && DV % 64 == 0) {
+    if (wgmma_dq) {
+      // dK/dV by the mma.sync kernel without atomics, then the deterministic wgmma dQ pass (also
+      // used when atomics are allowed: it is the faster dQ on Hopper)
+      constexpr size_t smem_kv =
+          size_t(BNK * (DQK + DV) + 2 * BMQ * (DQK + DV)) * sizeof(nv_bf16) + 4 * BMQ * sizeof(float);
+      auto kdkdv = flash_bwd_dkdv_kernel<DQK, DV, kBwdWarps, BMQ, false>;
+      static const bool ready_kv = (prepare(kdkdv, smem_kv), true);
+      (void)ready_kv;
+      kdkdv<<<kgrid, kBwdWarps * 32, smem_kv, stream()>>>(p);
+      DMAT_CUDA_LAUNCH_CHECK();
+      using L = WgDqSmem<DQK, DV>;
+      auto kdq = flash_bwd_dq_wgmma_kernel<DQK, DV>;
+      static const bool ready_q = (prepare(kdq, L::kAlloc), true);
+      (void)ready_q;
+      const dim3 qgrid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
+      kdq<<<qgrid, kWgThreads, L::kAlloc, stream()>>>(p);
+      DMAT_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
   if (deterministic) {
     constexpr size_t smem_kv =
         size_t(BNK * (DQK + DV) + 2 * BMQ * (DQK + DV)) * sizeof(nv_bf16) + 4 * BMQ * sizeof(float);
@@ -1225,14 +1411,21 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k
 
 void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
                               const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic) {
+  flash_attention_backward_path(dq, dk, dv, dout, out, lse, q, k, v, s, deterministic, FlashPath::automatic);
+}
+
+void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
+                                   const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic,
+                                   FlashPath path) {
   check_args(s, {dq, dk, dv, dout, out, q, k, v});
+  const bool wg = resolve_forward_path(s, path) == FlashPath::wgmma;
   const int64_t rows = s.B * s.T * s.H;
   // workspace(): delta and lse·log2e; workspace2(): the fp32 dQ accumulator (non-deterministic)
   float* stats = static_cast<float*>(workspace(size_t(2 * rows) * sizeof(float)));
   BwdParams p{};
   p.q = nv(q), p.k = nv(k), p.v = nv(v), p.dout = nv(dout), p.dq = nv(dq), p.dk = nv(dk), p.dv = nv(dv);
   p.delta = stats, p.lse2 = stats + rows;
-  p.dq_acc = deterministic ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
+  p.dq_acc = deterministic || wg ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
   p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
   p.scale = float(s.scale), p.scale_log2 = float(s.scale) * kLog2e;
 
@@ -1241,10 +1434,10 @@ void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, co
                                                                                stats + rows, rows, p.T, p.H,
                                                                                int(s.Dv));
   DMAT_CUDA_LAUNCH_CHECK();
-  if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic);
-  else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic);
-  else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic);
-  else backward_dims<192, 128>(p, s.B, deterministic);
+  if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false);
+  else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg);
+  else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg);
+  else backward_dims<192, 128>(p, s.B, deterministic, wg);
 }
 
 }  // namespace dmat::cuda
