@@ -1151,6 +1151,190 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
 #endif  // DMAT_FLASH_SM90A
 }
 
+// dK/dV on Hopper (sm_90a), head dims 64 and 128: one block per (128-key tile, KV head, batch);
+// K and V stay in shared memory, the producer warpgroup streams (query head, 64-query tile) items
+// — Q, dO, lse2 and delta — through STAGES buffers in the fixed order of the mma.sync kernel
+// (heads outer: deterministic sums). Consumer warpgroup cw owns keys 64cw .. 64cw + 63:
+// Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ as SS wgmma (m64n64, all operands K-major), Pᵀ = exp2(Sᵀ·c − lse2)
+// and dSᵀ = Pᵀ∘(dPᵀ − delta) in registers, then dV += Pᵀ·dO and dK += dSᵀ·Q as RS wgmma with dO
+// and Q read N-major. dQ comes from the separate wgmma dQ pass.
+constexpr int kWgKvBN = 128, kWgKvBM = 64;
+
+template <int DQK, int DV>
+struct WgKvSmem {
+  static constexpr int BN = kWgKvBN, BM = kWgKvBM;
+  static constexpr int kK = BN * DQK * 2, kV = BN * DV * 2, kQ = BM * DQK * 2, kO = BM * DV * 2;
+  static constexpr int kStage = kQ + kO;
+  static constexpr int kStages = (kK + kV + 4 * kStage) <= 200 * 1024 ? 4 : 3;
+  static constexpr int kStats = kK + kV + kStages * kStage;  // float lse2[stage][BM], delta[stage][BM]
+  static constexpr int kBars = kStats + kStages * BM * 8;
+  static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
+  static constexpr size_t kAlloc = size_t(kBytes) + 1024;
+  static_assert(kK % 1024 == 0 && kV % 1024 == 0 && kQ % 1024 == 0 && kO % 1024 == 0, "1024-aligned atoms");
+};
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(const BwdParams p) {
+#ifdef DMAT_FLASH_SM90A
+  using namespace flash::sm90;
+  using L = WgKvSmem<DQK, DV>;
+  constexpr int BN = L::BN, BM = L::BM, S = L::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sK = base, sV = base + L::kK, sQO = sV + L::kV;  // stage st: Q at sQO + st·kStage, dO at + kQ
+  float* stats = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kStats);
+  const uint32_t bar_kv = base + L::kBars, bar_full = bar_kv + 8, bar_empty = bar_full + 8 * S;
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;  // key tile 0 has the most queries
+  const int T = p.T, group = p.H / p.Hkv, k0 = kt * BN;
+  // queries that see some key of [k0, k0 + BN): [k0, k0 + BN − 1 + window − 1]
+  const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
+  const int qt_first = k0 / BM, nq = i_hi / BM + 1 - qt_first, n_items = group * nq;
+
+  if (tid == 0) {
+    mbar_init(bar_kv, 128);
+    for (int st = 0; st < S; ++st) {
+      mbar_init(bar_full + 8 * st, 128);
+      mbar_init(bar_empty + 8 * st, 8);
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
+    const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
+    const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
+    const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
+    load_sw128_async<BN, DQK, 128>(sK, kg, [&](int r) -> const nv_bf16* {
+      return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
+    }, tid);
+    load_sw128_async<BN, DV, 128>(sV, vg, [&](int r) -> const nv_bf16* {
+      return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
+    }, tid);
+    cp_async_commit();
+    for (int n = 0; n < n_items; ++n) {
+      const int st = n % S;
+      if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
+      const int hh = hk * group + n / nq, q0 = (qt_first + n % nq) * BM;
+      const nv_bf16* qg = p.q + (int64_t(b) * T * p.H + hh) * DQK;
+      const nv_bf16* dog = p.dout + (int64_t(b) * T * p.H + hh) * DV;
+      const uint32_t sq = sQO + uint32_t(st * L::kStage), so = sq + L::kQ;
+      load_sw128_async<BM, DQK, 128>(sq, qg, [&](int r) -> const nv_bf16* {
+        return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
+      }, tid);
+      load_sw128_async<BM, DV, 128>(so, dog, [&](int r) -> const nv_bf16* {
+        return q0 + r < T ? dog + int64_t(q0 + r) * o_stride : nullptr;
+      }, tid);
+      {  // lse2 (threads 0..63) and delta (64..127) of the tile's queries, plain loads and stores
+        const int c = tid & (BM - 1), i = q0 + c;
+        const int64_t o = (int64_t(b) * p.H + hh) * T + i;
+        stats[(st * 2 + (tid >= BM)) * BM + c] = i < T ? (tid < BM ? p.lse2[o] : p.delta[o]) : 0.f;
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();
+      mbar_arrive(n == 0 ? bar_kv : bar_full + 8 * ((n - 1) % S));
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(n_items == 0 ? bar_kv : bar_full + 8 * ((n_items - 1) % S));
+  } else {
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int key0 = k0 + 64 * cw + 16 * warp + g;  // this thread's keys: key0 (c0,c1), key0 + 8 (c2,c3)
+    Acc<DQK> dk;
+    Acc<DV> dv;
+    dk.zero();
+    dv.zero();
+    mbar_wait(bar_kv, 0);
+
+    for (int n = 0; n < n_items; ++n) {
+      const int st = n % S;
+      mbar_wait(bar_full + 8 * st, uint32_t(n / S) & 1u);
+      const int q0 = (qt_first + n % nq) * BM;
+      const uint32_t sq = sQO + uint32_t(st * L::kStage), so = sq + L::kQ;
+      const float* sL = stats + (st * 2) * BM;
+      const float* sD = sL + BM;
+
+      Acc<BM> sc, dp;  // Sᵀ and dPᵀ: rows keys, columns queries
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DQK / 16; ++kk)
+        wgmma_ss_n64(sc.c, desc_kmajor<BN, DQK>(sK, 64 * cw, kk), desc_kmajor<BM, DQK>(sq, 0, kk), kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk)
+        wgmma_ss_n64(dp.c, desc_kmajor<BN, DV>(sV, 64 * cw, kk), desc_kmajor<BM, DV>(so, 0, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(sc.c);
+      fence_operands(dp.c);
+
+      const bool mask = q0 < k0 + BN - 1 || q0 + BM > T || (p.window > 0 && q0 + BM - 1 - p.window >= k0);
+#pragma unroll
+      for (int nb = 0; nb < BM / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = nb * 8 + 2 * t + e, i = q0 + c;
+          const float li = sL[c], di = sD[c];
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, -li));
+            if (mask && (i >= T || !visible(i, key0 + 8 * hf, p.window))) pv = 0.f;
+            sc.c[nb][2 * hf + e] = pv;
+            dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di);
+          }
+        }
+      }
+      uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        sc.to_a(pa[kk], kk);
+        dp.to_a(da[kk], kk);
+        fence_operands(pa[kk]);
+        fence_operands(da[kk]);
+      }
+      fence_operands(dv.c);
+      fence_operands(dk.c);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+        for (int pn = 0; pn < DV / 64; ++pn)
+          wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&dv.c[8 * pn]), pa[kk], desc_nmajor<BM, DV>(so, kk, pn), 1);
+#pragma unroll
+        for (int pn = 0; pn < DQK / 64; ++pn)
+          wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&dk.c[8 * pn]), da[kk], desc_nmajor<BM, DQK>(sq, kk, pn), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dv.c);
+      fence_operands(dk.c);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + 8 * st);
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int j = key0 + 8 * hf;
+      if (j < T) {
+        nv_bf16* dkr = p.dk + ((int64_t(b) * T + j) * p.Hkv + hk) * DQK;
+        nv_bf16* dvr = p.dv + ((int64_t(b) * T + j) * p.Hkv + hk) * DV;
+#pragma unroll
+        for (int nb = 0; nb < DQK / 8; ++nb)
+          *reinterpret_cast<uint32_t*>(dkr + nb * 8 + 2 * t) =
+              pack_bf16(dk.c[nb][2 * hf] * p.scale, dk.c[nb][2 * hf + 1] * p.scale);
+#pragma unroll
+        for (int nb = 0; nb < DV / 8; ++nb)
+          *reinterpret_cast<uint32_t*>(dvr + nb * 8 + 2 * t) = pack_bf16(dv.c[nb][2 * hf], dv.c[nb][2 * hf + 1]);
+      }
+    }
+  }
+#endif  // DMAT_FLASH_SM90A
+}
+
 // dq = bf16(scale · acc), 8 elements per thread (DQK is a multiple of 8).
 __global__ void __launch_bounds__(256) flash_dq_convert_kernel(nv_bf16* dq, const float* acc, float scale,
                                                                int64_t n8) {
@@ -1310,15 +1494,25 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
   const dim3 kgrid(unsigned((p.T + BNK - 1) / BNK), unsigned(p.Hkv), unsigned(B));
   if constexpr (DQK % 64 == 0 && DV % 64 == 0) {
     if (wgmma_dq) {
-      // dK/dV by the mma.sync kernel without atomics, then the deterministic wgmma dQ pass (also
-      // used when atomics are allowed: it is the faster dQ on Hopper)
-      constexpr size_t smem_kv =
-          size_t(BNK * (DQK + DV) + 2 * BMQ * (DQK + DV)) * sizeof(nv_bf16) + 4 * BMQ * sizeof(float);
-      auto kdkdv = flash_bwd_dkdv_kernel<DQK, DV, kBwdWarps, BMQ, false>;
-      static const bool ready_kv = (prepare(kdkdv, smem_kv), true);
-      (void)ready_kv;
-      kdkdv<<<kgrid, kBwdWarps * 32, smem_kv, stream()>>>(p);
-      DMAT_CUDA_LAUNCH_CHECK();
+      // dK/dV (wgmma for head dims 64 and 128, else the mma.sync kernel without atomics), then the
+      // deterministic wgmma dQ pass (also when atomics are allowed: it is the faster dQ on Hopper)
+      if constexpr (DQK <= 128) {  // (192, 128): the accumulators need more than 240 registers
+        using LK = WgKvSmem<DQK, DV>;
+        auto kdkdv = flash_bwd_dkdv_wgmma_kernel<DQK, DV>;
+        static const bool ready_kv = (prepare(kdkdv, LK::kAlloc), true);
+        (void)ready_kv;
+        const dim3 wkgrid(unsigned((p.T + kWgKvBN - 1) / kWgKvBN), unsigned(p.Hkv), unsigned(B));
+        kdkdv<<<wkgrid, kWgThreads, LK::kAlloc, stream()>>>(p);
+        DMAT_CUDA_LAUNCH_CHECK();
+      } else {
+        constexpr size_t smem_kv =
+            size_t(BNK * (DQK + DV) + 2 * BMQ * (DQK + DV)) * sizeof(nv_bf16) + 4 * BMQ * sizeof(float);
+        auto kdkdv = flash_bwd_dkdv_kernel<DQK, DV, kBwdWarps, BMQ, false>;
+        static const bool ready_kv = (prepare(kdkdv, smem_kv), true);
+        (void)ready_kv;
+        kdkdv<<<kgrid, kBwdWarps * 32, smem_kv, stream()>>>(p);
+        DMAT_CUDA_LAUNCH_CHECK();
+      }
       using L = WgDqSmem<DQK, DV>;
       auto kdq = flash_bwd_dq_wgmma_kernel<DQK, DV>;
       static const bool ready_q = (prepare(kdq, L::kAlloc), true);
