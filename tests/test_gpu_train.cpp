@@ -37,7 +37,9 @@ ModelConfig small_model() {
 
 // A learnable synthetic stream: x_{t+1} = (3·x_t + 1) mod V, with 10% of tokens replaced by random
 // ones. The rule is a fixed bigram map, so even 20 small steps take the loss well below ln V
-// (measured on the H200: 4.6 → ~3.3), while the random tokens keep attention and every op busy.
+// (CPU fp32: 4.63 → 0.34 at lr 3e-3), while the random tokens keep attention and every op busy.
+// (At lr 1e-2 the descent has a sharp transition whose timing differs between bf16 and fp32 by a
+// step: max |Δ| 0.31 on the H200, a chaotic difference, not a kernel error; hence 3e-3.)
 void batch(std::vector<int32_t>& x, std::vector<int32_t>& y, int64_t B, int64_t T, int64_t V, uint64_t seed) {
   Rng r(seed);
   x.resize(B * T);
@@ -58,7 +60,7 @@ void batch(std::vector<int32_t>& x, std::vector<int32_t>& y, int64_t B, int64_t 
 
 std::vector<double> train_losses(const ModelConfig& mc, Device dev, int steps, int64_t B, int64_t T) {
   TrainConfig tc;
-  tc.lr = 1e-2;
+  tc.lr = 3e-3;
   tc.steps = steps;
   tc.schedule = "constant";
   tc.weight_decay = 0.1;
