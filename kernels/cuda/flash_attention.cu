@@ -298,11 +298,12 @@ struct WgSmem {
 
 template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const FwdParams p) {
+  static_assert(Keys::kBN == WgSmem<DQK, DV>::BN && (Keys::kGathered || !Keys::kGathered),
+                "the key policy walks tiles of the kernel's size");
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
   using L = WgSmem<DQK, DV>;
   constexpr int BM = kWgBM, BN = L::BN, S = kWgStages;
-  static_assert(Keys::kBN == BN, "the key policy walks tiles of the kernel's size");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sKV = base + L::kQ;  // stage st: K at sKV + st·kStage, V at + kK

@@ -90,8 +90,8 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   };
   auto fwdbwd = [&] {
     fwd();
-    cuda::flash_attention_backward(B16(dq), B16(dk), B16(dv), B16(dout), B16(outb), static_cast<float*>(lse.p),
-                                   B16(q), B16(k), B16(v), s, o.deterministic);
+    cuda::flash_attention_backward_path(B16(dq), B16(dk), B16(dv), B16(dout), B16(outb), static_cast<float*>(lse.p),
+                                        B16(q), B16(k), B16(v), s, o.deterministic, path);
   };
   const double fwd_ms = median_ms(fwd, o.iters), fwdbwd_ms = median_ms(fwdbwd, o.iters);
 
@@ -108,7 +108,7 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   }
   const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
   out << fmt::format(
-             "{{\"bench\":\"attention\",\"fwd_path\":\"{}\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
+             "{{\"bench\":\"attention\",\"path\":\"{}\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
              "\"deterministic\":{},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
              "\"fwdbwd_tflops\":{:.1f},\"flops_convention\":\"{}\"}}",
              path == cuda::FlashPath::wgmma ? "wgmma" : "mma", s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, o.deterministic ? "true" : "false", fwd_ms,

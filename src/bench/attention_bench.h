@@ -2,9 +2,9 @@
 // shape with CUDA events (warm-up, then the median of `iters` runs) and prints one JSON line.
 // Flop convention (shared/anchors/attention.py): causal forward 4·B·H·N²·D/2, forward + backward
 // 3.5× that; with a window, the visible (query, key) pairs replace N²/2. Without the CUDA backend
-// it throws dmat::Error. The forward path (mma.sync or the Hopper wgmma kernels) is `path`, or with
+// it throws dmat::Error. The kernel path (mma.sync, or the Hopper wgmma kernels) is `path`, or with
 // "auto" the library's choice (DMAT_ATTN_PATH=mma|wgmma overrides it; `dmatrain bench attention`
-// takes it from there); the JSON line names the path that ran.
+// takes it from there); forward and backward use the same one, and the JSON line names it.
 #pragma once
 #include <cstdint>
 #include <ostream>
@@ -16,7 +16,7 @@ struct AttnBenchOptions {
   int64_t B = 1, H = 16, Hkv = 16, T = 16384, D = 128, window = 0;  // D = 192 means (Dqk, Dv) = (192, 128); 32, 64, 128 square
   bool deterministic = true;
   int iters = 10;
-  std::string path = "auto";  // forward path: auto, mma, wgmma
+  std::string path = "auto";  // kernel path: auto, mma, wgmma
 };
 
 void bench_attention(const AttnBenchOptions& o, std::ostream& out);
