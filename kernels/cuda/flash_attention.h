@@ -1,7 +1,7 @@
 // Our flash attention (forward and backward) on tensor cores: causal, grouped KV heads, sliding
 // window, d_qk and d_v in {32, 64, 128} plus (192, 128) for MLA. Forward: wgmma kernels on
 // compute capability 9.0 (built for sm_90a; head dims 64, 128, 192/128), mma.sync elsewhere and
-// for head dim 32; backward: dK/dV on mma.sync, dQ by wgmma where the forward uses it.
+// for head dim 32; the backward follows the same choice (see flash_attention_backward_path).
 // Semantics are cpu::attention_* with bf16 q, k, v, out, dq, dk, dv and fp32 lse [B,H,T]
 // (natural log of Σ_j exp(s_ij)).
 // Layout: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv], out [B,T,H,Dv], row-major.
@@ -52,8 +52,9 @@ FlashPath flash_attention_forward_path_for(const AttnShape& s, FlashPath request
 void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                   const AttnShape& s, const float* key_bias, const FlashGather* gather,
                                   FlashPath path);
-// Backward with the same path choice: wgmma computes dQ in a deterministic Hopper pass (with either
-// value of deterministic; dK/dV stay on mma.sync); mma is flash_attention_backward as before.
+// Backward with the same path choice. wgmma: dK/dV by a Hopper kernel (head dims 64, 128; the
+// mma.sync one for (192, 128)) and dQ by a deterministic Hopper pass, for either value of
+// deterministic (no atomics); mma: the mma.sync kernels, atomics for dQ when !deterministic.
 void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
                                    const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic,
                                    FlashPath path);
