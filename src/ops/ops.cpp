@@ -4,6 +4,7 @@
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/profile.h"
 #endif
 
 namespace dmat::ops {
@@ -66,6 +67,7 @@ void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W) {
   same_type("linear", y, W);
   if (on_cuda("linear", y)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("linear");
     cuda::gemm(bf(y, "linear"), false, bf(x, "linear"), bf(W, "linear"), M, N, K, false, true, 1.f, 0.f);
 #endif
     return;
@@ -83,6 +85,7 @@ void linear_backward(const Tensor& dx, const Tensor& dW, const Tensor& dy, const
              "linear_backward: x {} W {} dy {}", x.shape.str(), W.shape.str(), dy.shape.str());
   if (on_cuda("linear_backward", dy)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("linear_backward");
     if (dx.defined()) {
       DMAT_CHECK(dx.numel() == x.numel(), "linear_backward: dx {} x {}", dx.shape.str(), x.shape.str());
       cuda::gemm(bf(dx, "linear_backward"), false, bf(dy, "linear_backward"), bf(W, "linear_backward"), M, K, N, false,
@@ -113,6 +116,7 @@ void embedding_forward(const Tensor& out, const Tensor& table, const int32_t* to
   DMAT_CHECK(last_dim(out) == D, "embedding: out {} table {}", out.shape.str(), table.shape.str());
   if (on_cuda("embedding", out)) {  // tokens are on the device; the caller checked their range
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("embedding");
     cuda::embedding_forward(bf(out, "embedding"), bf(table, "embedding"), tokens, rows_of(out), D);
 #endif
     return;
@@ -129,6 +133,7 @@ void embedding_backward(const Tensor& dtable, const Tensor& dout, const int32_t*
   DMAT_CHECK(last_dim(dout) == D, "embedding_backward: dout {} table {}", dout.shape.str(), dtable.shape.str());
   if (on_cuda("embedding_backward", dout)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("embedding_backward");
     cuda::embedding_backward(f32(dtable, "embedding_backward"), bf(dout, "embedding_backward"), tokens, rows_of(dout),
                              D, dtable.shape[0]);
 #endif
@@ -147,6 +152,7 @@ void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const
              "rmsnorm: x {} y {} rstd {}", x.shape.str(), y.shape.str(), rstd.shape.str());
   if (on_cuda("rmsnorm", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rmsnorm");
     cuda::rmsnorm_forward(bf(y, "rmsnorm"), f32(rstd, "rmsnorm"), bf(x, "rmsnorm"), bf(w, "rmsnorm"), R, D, float(eps));
 #endif
     return;
@@ -164,6 +170,7 @@ void rmsnorm_backward(const Tensor& dx, const Tensor& dw, const Tensor& dy, cons
              "rmsnorm_backward: x {} dx {} dy {}", x.shape.str(), dx.shape.str(), dy.shape.str());
   if (on_cuda("rmsnorm_backward", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rmsnorm_backward");
     const char* o = "rmsnorm_backward";
     cuda::rmsnorm_backward(bf(dx, o), f32(dw, o), bf(dy, o), bf(x, o), bf(w, o), f32(rstd, o), R, D, accumulate_dx);
 #endif
@@ -179,6 +186,7 @@ void rope_forward(const Tensor& y, const Tensor& x, double theta) {
   DMAT_CHECK(x.shape.n == 4 && y.shape == x.shape, "rope: x {} y {}", x.shape.str(), y.shape.str());
   if (on_cuda("rope", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope");
     cuda::rope_forward(bf(y, "rope"), bf(x, "rope"), x.shape[0], x.shape[1], x.shape[2], x.shape[3], theta);
 #endif
     return;
@@ -193,6 +201,7 @@ void rope_backward(const Tensor& dx, const Tensor& dy, double theta) {
   DMAT_CHECK(dy.shape.n == 4 && dx.shape == dy.shape, "rope_backward: dy {} dx {}", dy.shape.str(), dx.shape.str());
   if (on_cuda("rope_backward", dy)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope_backward");
     cuda::rope_backward(bf(dx, "rope_backward"), bf(dy, "rope_backward"), dy.shape[0], dy.shape[1], dy.shape[2],
                         dy.shape[3], theta);
 #endif
@@ -218,6 +227,7 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, co
   check_attn("attention", out, lse, q, k, v, s);
   if (on_cuda("attention", q)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("attention");
     if (!cuda::flash_attention_supported(s))
       fail("attention: head dims (qk {}, v {}) have no CUDA kernel (supported: 64/64, 128/128, 192/128)", s.Dqk, s.Dv);
     cuda::flash_attention_forward(bf(out, "attention"), f32(lse, "attention"), bf(q, "attention"), bf(k, "attention"),
@@ -240,6 +250,7 @@ void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, co
              "attention_backward: gradient shapes");
   if (on_cuda("attention_backward", q)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("attention_backward");
     const char* o = "attention_backward";
     cuda::flash_attention_backward(bf(dq, o), bf(dk, o), bf(dv, o), bf(dout, o), bf(out, o), f32(lse, o), bf(q, o),
                                    bf(k, o), bf(v, o), s, s.deterministic);
@@ -257,6 +268,7 @@ void swiglu_forward(const Tensor& out, const Tensor& g, const Tensor& u) {
   DMAT_CHECK(out.numel() == g.numel() && u.numel() == g.numel(), "swiglu: shapes");
   if (on_cuda("swiglu", g)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("swiglu");
     cuda::swiglu_forward(bf(out, "swiglu"), bf(g, "swiglu"), bf(u, "swiglu"), g.numel());
 #endif
     return;
@@ -271,6 +283,7 @@ void swiglu_backward(const Tensor& dg, const Tensor& du, const Tensor& dout, con
   DMAT_CHECK(dg.numel() == g.numel() && du.numel() == g.numel() && dout.numel() == g.numel(), "swiglu_backward: shapes");
   if (on_cuda("swiglu_backward", g)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("swiglu_backward");
     const char* o = "swiglu_backward";
     cuda::swiglu_backward(bf(dg, o), bf(du, o), bf(dout, o), bf(g, o), bf(u, o), g.numel());
 #endif
@@ -288,6 +301,7 @@ void residual_forward(const Tensor& out, const Tensor& x, const Tensor& r, const
              "residual: shapes");
   if (on_cuda("residual", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("residual");
     cuda::residual_forward(bf(out, "residual"), bf(x, "residual"), bf(r, "residual"), bf(branch, "residual"), R, D);
 #endif
     return;
@@ -302,6 +316,7 @@ void residual_rmsnorm_forward(const Tensor& out, const Tensor& y, const Tensor& 
                               const Tensor& r, const Tensor& branch, const Tensor& w, double eps) {
   if (on_cuda("residual_rmsnorm", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("residual_rmsnorm");
     const int64_t D = last_dim(x), R = rows_of(x);
     const char* o = "residual_rmsnorm";
     DMAT_CHECK(out.numel() == x.numel() && branch.numel() == x.numel() && y.numel() == x.numel() &&
@@ -321,6 +336,7 @@ void residual_backward(const Tensor& dx, const Tensor& dr, const Tensor& dout, c
   DMAT_CHECK(dx.numel() == x.numel() && dout.numel() == x.numel(), "residual_backward: shapes");
   if (on_cuda("residual_backward", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("residual_backward");
     const char* o = "residual_backward";
     cuda::residual_backward(bf(dx, o), f32(dr, o), bf(dout, o), bf(x, o), bf(r, o), R, D);
 #endif
@@ -338,6 +354,7 @@ void softmax_xent(const Tensor& loss, const Tensor& dlogits, const Tensor& logit
   DMAT_CHECK(loss.numel() == R && (!dlogits.defined() || dlogits.numel() == logits.numel()), "softmax_xent: shapes");
   if (on_cuda("softmax_xent", logits)) {  // targets on the device, range checked by the caller
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("softmax_xent");
     const char* o = "softmax_xent";
     cuda::softmax_xent(f32(loss, o), bf(dlogits, o), bf(logits, o), targets, R, V, float(grad_scale));
 #endif
@@ -352,6 +369,7 @@ void softmax_xent(const Tensor& loss, const Tensor& dlogits, const Tensor& logit
 void fill(const Tensor& x, double value) {
   if (on_cuda("fill", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("fill");
     if (x.dtype == DType::BF16) cuda::fill_bf16(bf(x, "fill"), x.numel(), float(value));
     else cuda::fill_f32(f32(x, "fill"), x.numel(), float(value));
 #endif
@@ -368,6 +386,7 @@ void convert(const Tensor& dst, const Tensor& src) {
   if (dst.dtype == src.dtype) return copy(dst, src);
   if (on_cuda("convert", dst)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("convert");
     if (dst.dtype == DType::BF16 && src.dtype == DType::F32) cuda::f32_to_bf16(bf(dst, "convert"), f32(src, "convert"), dst.numel());
     else if (dst.dtype == DType::F32 && src.dtype == DType::BF16) cuda::bf16_to_f32(f32(dst, "convert"), bf(src, "convert"), dst.numel());
     else fail("convert: {} -> {} on cuda", dtype_name(src.dtype), dtype_name(dst.dtype));
@@ -381,6 +400,7 @@ double sum(const Tensor& x) {
   double r = 0;
   if (on_cuda("sum", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("sum");
     double* d = static_cast<double*>(cuda::workspace2(sizeof(double)));
     cuda::sum_f32(d, f32(x, "sum"), x.numel());
     cuda::memcpy_d2h(&r, d, sizeof(double));
@@ -418,6 +438,7 @@ void add_inplace(const Tensor& y, const Tensor& x) {
   DMAT_CHECK(y.numel() == x.numel(), "add: {} vs {}", y.shape.str(), x.shape.str());
   if (on_cuda("add", y)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("add");
     same_type("add", y, x);
     if (y.dtype == DType::BF16) cuda::add_inplace_bf16(bf(y, "add"), bf(x, "add"), y.numel());
     else cuda::add_inplace_f32(f32(y, "add"), f32(x, "add"), y.numel());
@@ -433,6 +454,7 @@ void add_inplace(const Tensor& y, const Tensor& x) {
 void scale_inplace(const Tensor& x, double s) {
   if (on_cuda("scale", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("scale");
     cuda::scale_inplace_f32(f32(x, "scale"), x.numel(), float(s));
 #endif
     return;
@@ -447,6 +469,7 @@ double sum_squares(const Tensor& x) {
   double r = 0;
   if (on_cuda("sum_squares", x)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("sum_squares");
     double* d = static_cast<double*>(cuda::workspace2(sizeof(double)));
     cuda::sum_squares_f32(d, f32(x, "sum_squares"), x.numel());
     cuda::memcpy_d2h(&r, d, sizeof(double));

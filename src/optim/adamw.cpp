@@ -7,6 +7,7 @@
 
 #ifdef DMAT_WITH_CUDA
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/profile.h"
 #endif
 
 namespace dmat {
@@ -62,6 +63,7 @@ void AdamW::step(double lr) {
     // is shifted back by lo (only offsets inside [lo, hi) are ever touched).
     float* mb = m_.flat().as<float>() - lo_;
     float* vb = v_.flat().as<float>() - lo_;
+    cuda::ProfileScope prof_("adamw");
     if (!segs_.empty())
       cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), mb, vb,
                        reinterpret_cast<const cuda::AdamSegment*>(segs_.data()), int(segs_.size()), float(lr),

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/context.h"
+#include "kernels/cuda/profile.h"
 #endif
 
 namespace dmat {
@@ -102,9 +103,26 @@ void bench_train(const Config& cfg, const TrainBenchOptions& opt, std::ostream& 
   device_sync(device);
   const int64_t peak = device_used_bytes(device) - base;
 
+#ifdef DMAT_WITH_CUDA
+  const bool prof = device == Device::CUDA && cuda::profiling();
+  if (prof) cuda::profile_report();  // drop the warm-up's records
+#endif
   auto t0 = Clock::now();
   for (int64_t i = 0; i < opt.steps; ++i) step(false);
   device_sync(device);
+#ifdef DMAT_WITH_CUDA
+  // DMAT_PROFILE: GPU time per op and step (the ops' events slow the timed steps slightly).
+  std::string profile;
+  if (prof) {
+    double total = 0;
+    const auto rows = cuda::profile_report();
+    for (const auto& r : rows) total += r.second.first;
+    profile += fmt::format("  GPU time per step by op (DMAT_PROFILE; {:.2f} ms in ops):\n", total / double(opt.steps));
+    for (const auto& r : rows)
+      profile += fmt::format("    {:<22} {:8.3f} ms {:5.1f}%  ({} calls)\n", r.first, r.second.first / double(opt.steps),
+                             100.0 * r.second.first / std::max(total, 1e-9), r.second.second / opt.steps);
+  }
+#endif
   const double dt = std::chrono::duration<double>(Clock::now() - t0).count() / double(opt.steps);
   t_fwd = t_bwd = t_opt = 0;
   const int64_t split_steps = std::max<int64_t>(1, opt.steps / 2);
@@ -133,6 +151,9 @@ void bench_train(const Config& cfg, const TrainBenchOptions& opt, std::ostream& 
     out << fmt::format("  memory: {:.3f} GiB used by the run (device total − free, beyond the CUDA context); "
                        "predicted {:.3f} GiB ({:+.1f}%)\n",
                        gib(peak), gib(est.total()), 100.0 * (double(est.total()) / double(std::max<int64_t>(peak, 1)) - 1));
+#ifdef DMAT_WITH_CUDA
+  out << profile;
+#endif
   nlohmann::json j = {{"bench", "train"},
                       {"config", cfg.run.name},
                       {"device", device == Device::CUDA ? cuda::device_summary(0) : "cpu"},
