@@ -1,5 +1,9 @@
 // Softmax cross-entropy over bf16 logits, fused with its gradient: a block per row, fp32 math.
-// Rows up to 32768 wide stay in registers (packed bf16, 512 threads x up to 8 vectors of 8), so
+// Rows of 4096..57344 (vocabulary sizes of real models) stream through shared memory: 256 threads
+// keep 4 16-byte loads each in flight with an online max/sum, the row is kept in shared memory
+// for the gradient pass, and three or more rows run per SM, so loads overlap the reductions (v2;
+// v1 held the row in the registers of a 512-thread block, one row per SM: 2.4 TB/s). Narrower rows
+// stay in registers (packed bf16, 512 threads x up to 8 vectors of 8), so
 // logits are read once and dlogits written once. Wider (or unaligned / not a multiple of 8) rows
 // take a two-pass path: an online max/sum pass, then the gradient pass re-reading the row (mostly
 // from L2). The target logit is read before the block's first barrier, so dlogits may alias logits.
@@ -88,6 +92,75 @@ __global__ void __launch_bounds__(kRegThreads)
   }
 }
 
+constexpr int kSmemThreads = 256, kSmemUnroll = 4;
+constexpr int64_t kSmemMinV = 4096, kSmemMaxV = 57344;  // 112 KiB of row: still 2 blocks per SM
+
+__global__ void __launch_bounds__(kSmemThreads)
+    xent_smem_kernel(float* loss, nv_bf16* dlogits, const nv_bf16* logits, const int32_t* targets, int64_t V,
+                     float grad_scale) {
+  extern __shared__ uint4 row_smem[];
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  const int32_t t = targets[row];
+  const nv_bf16* x = logits + row * V;
+  if (t < 0) {
+    if (threadIdx.x == 0) loss[row] = 0.f;
+    if (dlogits) zero_row<true>(dlogits + row * V, V);
+    return;
+  }
+  const float xt = ld(x + t);
+  const int nvec = int(V / 8);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  // Pass 1: stream the row into shared memory, online max / sum per thread. Each thread owns the
+  // vectors threadIdx.x + k·256 in both passes, so an in-place gradient never overwrites a value
+  // another thread still has to read.
+  float m = -INFINITY, s = 0.f;
+  for (int v0 = threadIdx.x; v0 < nvec; v0 += kSmemUnroll * kSmemThreads) {
+    uint4 r[kSmemUnroll];
+#pragma unroll
+    for (int k = 0; k < kSmemUnroll; ++k) {
+      const int idx = v0 + k * kSmemThreads;
+      if (idx < nvec) r[k] = xv[idx];
+    }
+#pragma unroll
+    for (int k = 0; k < kSmemUnroll; ++k) {
+      const int idx = v0 + k * kSmemThreads;
+      if (idx < nvec) {
+        row_smem[idx] = r[k];
+        float f[8];
+        unpack8(r[k], f);
+        float lm = f[0];
+#pragma unroll
+        for (int j = 1; j < 8; ++j) lm = fmaxf(lm, f[j]);
+        if (lm > m) {
+          s *= exp_shift(m, lm);
+          m = lm;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s += exp_shift(f[j], m);
+      }
+    }
+  }
+  const float mx = block_max(m, red);
+  s = s > 0.f ? s * exp_shift(m, mx) : 0.f;
+  s = block_sum(s, red);
+  const float lse = mx + logf(s);
+  if (threadIdx.x == 0) loss[row] = lse - xt;
+  if (!dlogits) return;
+  uint4* dv = reinterpret_cast<uint4*>(dlogits + row * V);
+  for (int idx = threadIdx.x; idx < nvec; idx += kSmemThreads) {
+    float f[8];
+    unpack8(row_smem[idx], f);
+    const int64_t c = int64_t(idx) * 8;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float p = exp_shift(f[j], lse);
+      f[j] = grad_scale * (c + j == t ? p - 1.f : p);
+    }
+    dv[idx] = pack8(f);
+  }
+}
+
 template <bool VEC>
 __global__ void __launch_bounds__(kWideThreads)
     xent_wide_kernel(float* loss, nv_bf16* dlogits, const nv_bf16* logits, const int32_t* targets, int64_t V,
@@ -165,8 +238,17 @@ void softmax_xent(float* loss, bf16* dlogits, const bf16* logits, const int32_t*
   const unsigned grid = unsigned(rows);
   auto* d = nv(dlogits);
   auto* x = nv(logits);
-  // 16 vectors per thread would exceed the 128 registers a 512-thread block allows (spills).
-  if (vec && nvec <= int64_t(kRegThreads) * 8) {
+  if (vec && V >= kSmemMinV && V <= kSmemMaxV) {
+    const size_t smem = size_t(V) * sizeof(nv_bf16);
+    static bool attr_set = false;  // one opt-in for the largest row this kernel accepts
+    if (!attr_set) {
+      DMAT_CUDA_CHECK(cudaFuncSetAttribute(xent_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(kSmemMaxV * sizeof(nv_bf16))));
+      attr_set = true;
+    }
+    xent_smem_kernel<<<grid, kSmemThreads, smem, stream()>>>(loss, d, x, targets, V, grad_scale);
+  } else if (vec && nvec <= int64_t(kRegThreads) * 8) {
+    // 16 vectors per thread would exceed the 128 registers a 512-thread block allows (spills).
     const int64_t per = ceil_div(nvec, kRegThreads);
     if (per <= 1) xent_reg_kernel<1><<<grid, kRegThreads, 0, stream()>>>(loss, d, x, targets, V, grad_scale);
     else if (per <= 2) xent_reg_kernel<2><<<grid, kRegThreads, 0, stream()>>>(loss, d, x, targets, V, grad_scale);
