@@ -1174,7 +1174,7 @@ struct WgKvSmem {
   static_assert(kK % 1024 == 0 && kV % 1024 == 0 && kQ % 1024 == 0 && kO % 1024 == 0, "1024-aligned atoms");
 };
 
-template <int DQK, int DV>
+template <int DQK, int DV, bool OVERLAP>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(const BwdParams p) {
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
@@ -1249,30 +1249,24 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
     Acc<DV> dv;
     dk.zero();
     dv.zero();
-    mbar_wait(bar_kv, 0);
+    Acc<BM> sc, dp;  // Sᵀ and dPᵀ (then Pᵀ and dSᵀ): rows keys, columns queries
+    uint32_t pa[BM / 16][4], da[BM / 16][4];  // Pᵀ and dSᵀ as A fragments (bf16)
 
-    for (int n = 0; n < n_items; ++n) {
-      const int st = n % S;
-      mbar_wait(bar_full + 8 * st, uint32_t(n / S) & 1u);
-      const int q0 = (qt_first + n % nq) * BM;
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of the item in stage st issued (one commit group)
+    auto issue_sdp = [&](int st) {
       const uint32_t sq = sQO + uint32_t(st * L::kStage), so = sq + L::kQ;
-      const float* sL = stats + (st * 2) * BM;
-      const float* sD = sL + BM;
-
-      Acc<BM> sc, dp;  // Sᵀ and dPᵀ: rows keys, columns queries
-      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DQK / 16; ++kk)
         wgmma_ss_n64(sc.c, desc_kmajor<BN, DQK>(sK, 64 * cw, kk), desc_kmajor<BM, DQK>(sq, 0, kk), kk > 0);
-      wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < DV / 16; ++kk)
         wgmma_ss_n64(dp.c, desc_kmajor<BN, DV>(sV, 64 * cw, kk), desc_kmajor<BM, DV>(so, 0, kk), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(sc.c);
-      fence_operands(dp.c);
-
+    };
+    // Pᵀ = exp2(Sᵀ·c − lse2) (masked to 0) and dSᵀ = Pᵀ∘(dPᵀ − delta), in place, for item n
+    auto p_ds = [&](int n, int st) {
+      const int q0 = (qt_first + n % nq) * BM;
+      const float* sL = stats + (st * 2) * BM;
+      const float* sD = sL + BM;
       const bool mask = q0 < k0 + BN - 1 || q0 + BM > T || (p.window > 0 && q0 + BM - 1 - p.window >= k0);
 #pragma unroll
       for (int nb = 0; nb < BM / 8; ++nb) {
@@ -1289,7 +1283,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
           }
         }
       }
-      uint32_t pa[BM / 16][4], da[BM / 16][4];
+    };
+    auto make_frags = [&] {
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
         sc.to_a(pa[kk], kk);
@@ -1297,9 +1292,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
         fence_operands(pa[kk]);
         fence_operands(da[kk]);
       }
-      fence_operands(dv.c);
-      fence_operands(dk.c);
-      wgmma_fence();
+    };
+    // dV += Pᵀ·dO and dK += dSᵀ·Q issued (dO and Q N-major)
+    auto issue_grads = [&](int st) {
+      const uint32_t sq = sQO + uint32_t(st * L::kStage), so = sq + L::kQ;
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
@@ -1309,12 +1305,78 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
         for (int pn = 0; pn < DQK / 64; ++pn)
           wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&dk.c[8 * pn]), da[kk], desc_nmajor<BM, DQK>(sq, kk, pn), 1);
       }
+    };
+    auto release = [&](int st) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + 8 * st);
+    };
+    auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
+
+    mbar_wait(bar_kv, 0);
+    if constexpr (!OVERLAP) {
+      for (int n = 0; n < n_items; ++n) {
+        const int st = n % S;
+        wait_full(n);
+        wgmma_fence();
+        issue_sdp(st);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(sc.c);
+        fence_operands(dp.c);
+        p_ds(n, st);
+        make_frags();
+        fence_operands(dv.c);
+        fence_operands(dk.c);
+        wgmma_fence();
+        issue_grads(st);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(dv.c);
+        fence_operands(dk.c);
+        release(st);
+      }
+    } else if (n_items > 0) {
+      // as the forward's pipelined schedule: Sᵀ/dPᵀ of item n + 1 issued before the gradient
+      // MMAs of item n, their elementwise part running while those are in flight
+      wait_full(0);
+      wgmma_fence();
+      issue_sdp(0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(sc.c);
+      fence_operands(dp.c);
+      p_ds(0, 0);
+      make_frags();
+      for (int n = 0; n + 1 < n_items; ++n) {
+        const int st = n % S, st1 = (n + 1) % S;
+        wait_full(n + 1);
+        fence_operands(dv.c);
+        fence_operands(dk.c);
+        wgmma_fence();
+        issue_sdp(st1);
+        wgmma_commit();
+        issue_grads(st);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(sc.c);
+        fence_operands(dp.c);
+        p_ds(n + 1, st1);
+        wgmma_wait<0>();
+        fence_operands(dv.c);
+        fence_operands(dk.c);
+        release(st);
+        make_frags();
+      }
+      const int st = (n_items - 1) % S;
+      fence_operands(dv.c);
+      fence_operands(dk.c);
+      wgmma_fence();
+      issue_grads(st);
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(dv.c);
       fence_operands(dk.c);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty + 8 * st);
+      release(st);
     }
 
 #pragma unroll
@@ -1385,8 +1447,9 @@ void forward_dims(const FwdParams& p, int64_t B) {
   launch_fwd<DQK, DV, Keys, BIAS>(p, B);
 }
 
-// DMAT_ATTN_WG_OVERLAP=0 selects the plain per-tile schedule of the wgmma consumers (1, the
-// default: the software-pipelined one); read once. A switch for measuring both, and a fallback.
+// DMAT_ATTN_WG_OVERLAP=0 selects the plain per-tile schedule of the wgmma forward and (head dim 64)
+// dK/dV consumers (1, the default: the software-pipelined one); read once. A switch for measuring
+// both, and a fallback.
 bool wg_overlap() {
   static const bool on = [] {
     const char* e = std::getenv("DMAT_ATTN_WG_OVERLAP");
@@ -1499,8 +1562,13 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
       // deterministic wgmma dQ pass (also when atomics are allowed: it is the faster dQ on Hopper)
       if constexpr (DQK <= 128) {  // (192, 128): the accumulators need more than 240 registers
         using LK = WgKvSmem<DQK, DV>;
-        auto kdkdv = flash_bwd_dkdv_wgmma_kernel<DQK, DV>;
-        static const bool ready_kv = (prepare(kdkdv, LK::kAlloc), true);
+        // the pipelined schedule holds two items' Sᵀ/dPᵀ state next to dK and dV: it fits the 240
+        // registers for head dim 64 only (at 128 ptxas serialises the MMAs and spills, C7512)
+        constexpr bool kCanOverlap = DQK + DV <= 128;
+        auto kdkdv = flash_bwd_dkdv_wgmma_kernel<DQK, DV, false>;
+        if constexpr (kCanOverlap)
+          if (wg_overlap()) kdkdv = flash_bwd_dkdv_wgmma_kernel<DQK, DV, true>;
+        static const bool ready_kv = (prepare(kdkdv, LK::kAlloc), true);  // the variant is fixed per process
         (void)ready_kv;
         const dim3 wkgrid(unsigned((p.T + kWgKvBN - 1) / kWgKvBN), unsigned(p.Hkv), unsigned(B));
         kdkdv<<<wkgrid, kWgThreads, LK::kAlloc, stream()>>>(p);
