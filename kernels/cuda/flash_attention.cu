@@ -1007,7 +1007,7 @@ struct WgDqSmem {
   static_assert(kQ % 1024 == 0 && kO % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "1024-aligned atoms");
 };
 
-template <int DQK, int DV>
+template <int DQK, int DV, bool OVERLAP>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const BwdParams p) {
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
@@ -1082,28 +1082,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
     }
     Acc<DQK> dq;
     dq.zero();
-    mbar_wait(bar_q, 0);
+    Acc<BN> sc, dp;            // S and dP (then dS) of a key tile
+    uint32_t da[BN / 16][4];  // dS as A fragments (bf16)
 
-    for (int n = 0; n < n_tiles; ++n) {
-      const int st = n % S;
-      mbar_wait(bar_full + 8 * st, uint32_t(n / S) & 1u);
+    auto issue_sdp = [&](int st) {  // S = Q·Kᵀ and dP = dO·Vᵀ (one commit group)
       const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-      Acc<BN> sc, dp;
-      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DQK / 16; ++kk)
         wgmma_ss_n64(sc.c, desc_kmajor<BM, DQK>(sQ, 64 * cw, kk), desc_kmajor<BN, DQK>(sk, 0, kk), kk > 0);
-      wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < DV / 16; ++kk)
         wgmma_ss_n64(dp.c, desc_kmajor<BM, DV>(sO, 64 * cw, kk), desc_kmajor<BN, DV>(sv, 0, kk), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(sc.c);
-      fence_operands(dp.c);
-
+    };
+    auto ds = [&](int n) {  // dS = P∘(dP − delta), P = exp2(S·c − lse2) masked, in dp
       const bool mask = keys.needs_mask(n);
-      uint32_t da[BN / 16][4];
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
@@ -1117,24 +1109,87 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
           }
         }
       }
+    };
+    auto make_frags = [&] {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         dp.to_a(da[kk], kk);
         fence_operands(da[kk]);
       }
-      fence_operands(dq.c);
-      wgmma_fence();
+    };
+    auto issue_dq = [&](int st) {  // dQ += dS·K, K N-major
+      const uint32_t sk = sKV + uint32_t(st * L::kStage);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
         for (int pn = 0; pn < DQK / 64; ++pn)
           wgmma_rs_n64_tb(*reinterpret_cast<float(*)[8][4]>(&dq.c[8 * pn]), da[kk], desc_nmajor<BN, DQK>(sk, kk, pn), 1);
       }
+    };
+    auto release = [&](int st) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + 8 * st);
+    };
+    auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
+
+    mbar_wait(bar_q, 0);
+    if constexpr (!OVERLAP) {
+      for (int n = 0; n < n_tiles; ++n) {
+        const int st = n % S;
+        wait_full(n);
+        wgmma_fence();
+        issue_sdp(st);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(sc.c);
+        fence_operands(dp.c);
+        ds(n);
+        make_frags();
+        fence_operands(dq.c);
+        wgmma_fence();
+        issue_dq(st);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(dq.c);
+        release(st);
+      }
+    } else if (n_tiles > 0) {
+      // pipelined as the forward: S/dP of tile n + 1 issued before dQ += dS·K of tile n
+      wait_full(0);
+      wgmma_fence();
+      issue_sdp(0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(sc.c);
+      fence_operands(dp.c);
+      ds(0);
+      make_frags();
+      for (int n = 0; n + 1 < n_tiles; ++n) {
+        const int st = n % S, st1 = (n + 1) % S;
+        wait_full(n + 1);
+        fence_operands(dq.c);
+        wgmma_fence();
+        issue_sdp(st1);
+        wgmma_commit();
+        issue_dq(st);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(sc.c);
+        fence_operands(dp.c);
+        ds(n + 1);
+        wgmma_wait<0>();
+        fence_operands(dq.c);
+        release(st);
+        make_frags();
+      }
+      const int st = (n_tiles - 1) % S;
+      fence_operands(dq.c);
+      wgmma_fence();
+      issue_dq(st);
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(dq.c);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty + 8 * st);
+      release(st);
     }
 
 #pragma unroll
@@ -1447,8 +1502,8 @@ void forward_dims(const FwdParams& p, int64_t B) {
   launch_fwd<DQK, DV, Keys, BIAS>(p, B);
 }
 
-// DMAT_ATTN_WG_OVERLAP=0 selects the plain per-tile schedule of the wgmma forward and (head dim 64)
-// dK/dV consumers (1, the default: the software-pipelined one); read once. A switch for measuring
+// DMAT_ATTN_WG_OVERLAP=0 selects the plain per-tile schedule of the wgmma forward, dQ and (head
+// dim 64) dK/dV consumers (1, the default: the software-pipelined one); read once. A switch for measuring
 // both, and a fallback.
 bool wg_overlap() {
   static const bool on = [] {
@@ -1583,8 +1638,8 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
         DMAT_CUDA_LAUNCH_CHECK();
       }
       using L = WgDqSmem<DQK, DV>;
-      auto kdq = flash_bwd_dq_wgmma_kernel<DQK, DV>;
-      static const bool ready_q = (prepare(kdq, L::kAlloc), true);
+      auto kdq = wg_overlap() ? flash_bwd_dq_wgmma_kernel<DQK, DV, true> : flash_bwd_dq_wgmma_kernel<DQK, DV, false>;
+      static const bool ready_q = (prepare(kdq, L::kAlloc), true);  // the variant is fixed per process
       (void)ready_q;
       const dim3 qgrid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
       kdq<<<qgrid, kWgThreads, L::kAlloc, stream()>>>(p);
