@@ -134,7 +134,7 @@ TEST(ConfigRoundTrip, ToJsonWritesEveryField) {
   json out = to_json(parse_config(minimal()));
   EXPECT_EQ(out.size(), 4u);
   EXPECT_EQ(out["model"].size(), 14u);  // 13 fields + attention
-  EXPECT_EQ(out["model"]["attention"].size(), 2u);
+  EXPECT_EQ(out["model"]["attention"].size(), 3u);  // type, window, bias_form
   EXPECT_EQ(out["train"].size(), 20u);
   EXPECT_EQ(out["data"].size(), 2u);
   EXPECT_EQ(out["run"].size(), 8u);
@@ -212,8 +212,8 @@ TEST(ConfigErrors, Ranges) {
       {{{"model", {{"rope_theta", 0}}}}, {"model.rope_theta must be > 0 (got 0"}},
       {{{"model", {{"norm_eps", -1e-6}}}}, {"model.norm_eps must be > 0 (got -1e-06)"}},
       {{{"model", {{"init_std", 0.0}}}}, {"model.init_std must be > 0 (got 0.0)"}},
-      {{{"model", {{"attention", {{"type", "dma"}}}}}},
-       {"model.attention.type must be one of mha, swa (got \"dma\"", "dma, mla, nsa"}},
+      {{{"model", {{"attention", {{"type", "mla"}}}}}},
+       {"model.attention.type must be one of mha, swa, dma (got \"mla\"", "mla, nsa are planned"}},
       {{{"model", {{"attention", {{"type", "swa"}}}}}},
        {"model.attention.window must be > 0 for attention type swa", "(got 0)"}},
       {{{"model", {{"attention", {{"type", "swa"}, {"window", -3}}}}}},

@@ -30,13 +30,16 @@ namespace fs = std::filesystem;
 // ---- attention variants: add a variant here (one line) once its layer exists ---------------
 struct AttentionKind {
   const char* name;
-  bool needs_window;  // true: window > 0 required; false: window must be 0 / absent
+  const char* window;  // what window means (then window > 0 is required); nullptr: window must be 0 / absent
+  bool has_bias_form;  // false: bias_form must keep its default
 };
 constexpr std::array kAttentionKinds = {
-    AttentionKind{"mha", false},
-    AttentionKind{"swa", true},
+    AttentionKind{"mha", nullptr, false},
+    AttentionKind{"swa", "keys i-window+1 ... i", false},
+    AttentionKind{"dma", "keys kept per query", true},
 };
-constexpr const char* kAttentionPlanned = "dma, mla, nsa";
+constexpr const char* kAttentionPlanned = "mla, nsa";
+constexpr std::array kDmaBiasForms = {"exp", "linear"};
 
 constexpr std::array kSchedules = {"constant", "cosine", "wsd"};
 constexpr std::array kDevices = {"auto", "cpu", "cuda"};
@@ -59,6 +62,7 @@ struct Field {
 const std::vector<Field<AttentionConfig>> kAttentionFields = {
     {"type", &AttentionConfig::type},
     {"window", &AttentionConfig::window},
+    {"bias_form", &AttentionConfig::bias_form},
 };
 
 const std::vector<Field<ModelConfig>> kModelFields = {
@@ -327,12 +331,18 @@ void validate_model(ModelConfig& m) {
   if (kind == kAttentionKinds.end())
     require_choice(a.type, "model.attention.type", attention_names(),
                    fmt::format("; {} are planned but not implemented yet", kAttentionPlanned));
-  if (kind->needs_window)
+  if (kind->window)
     require(a.window > 0, "model.attention.window", a.window,
-            fmt::format("> 0 for attention type {} (keys i-window+1 ... i)", a.type));
+            fmt::format("> 0 for attention type {} ({})", a.type, kind->window));
   else
     require(a.window == 0, "model.attention.window", a.window,
             fmt::format("0 or absent for attention type {} (it has no window)", a.type));
+  if (kind->has_bias_form)
+    require_choice(a.bias_form, "model.attention.bias_form", {kDmaBiasForms.begin(), kDmaBiasForms.end()});
+  else if (a.bias_form != AttentionConfig{}.bias_form)
+    fail("config: model.attention.bias_form must be \"{}\" or absent for attention type {} (only dma has a "
+         "bias; got {})",
+         AttentionConfig{}.bias_form, a.type, show(json(a.bias_form)));
 }
 
 void validate_train(const TrainConfig& t) {

@@ -20,8 +20,9 @@
 namespace dmat {
 
 struct AttentionConfig {
-  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window); more variants later
-  int64_t window = 0;         // swa: keys i-window+1 … i; must be > 0 for swa
+  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask)
+  int64_t window = 0;         // swa: keys i-window+1 … i; dma: keys kept per query; must be > 0 for both
+  std::string bias_form = "exp";  // dma: bias exp(A·softplus(z)) ("exp") or A·softplus(z) ("linear")
 };
 
 struct ModelConfig {
