@@ -108,4 +108,41 @@ template <class T>
 void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
                 double weight_decay, double bc1, double bc2);
 
+// ---- Dynamic Mask Attention (DMA; ../shared/DESIGN.md "Attention variants") ---------------------
+// Per KV head h a bias per key from the values, a per-query threshold, and attention with that bias:
+//   z[b,h,j]    = Σ_c v[b,j,c] · W_dt[h,c]        (c over Hkv·Dh: the heads of v concatenated;
+//                                                 W_dt [Hkv, Hkv·Dh] as HF Doge's dt_proj.weight)
+//   bias[b,h,j] = exp(A_h · softplus(z))  ("exp", the paper's)  or  A_h · softplus(z)  ("linear")
+//   thr[b,h,i]  = the w-th largest of bias[b,h,0..i], or −inf while i + 1 < w
+//   kept(i, j)  = j <= i  &&  bias[b,h,j] >= thr[b,h,i]
+//   s_ij        = scale · q_i·k_j + bias[b,h,j] on kept keys, −inf elsewhere (h = the query head's KV head)
+// Tie rule (the CUDA kernels must agree): keys whose bias equals the threshold are ALL kept, so a
+// query keeps at least min(i+1, w) keys and more when biases tie at the threshold. With constant
+// biases (A = 0 at initialisation in the "exp" form: every bias is 1) every causal key is kept.
+// Since bias does not depend on the query, thr never decreases with i and the whole mask is the
+// two O(T) vectors bias and thr. The selection is not differentiated.
+// Layouts: v [B,T,Hkv,Dh]; z, bias, thr, dbias [B,Hkv,T]; W_dt [Hkv, Hkv·Dh]; A [Hkv].
+enum class DmaBiasForm { Exp, Linear };
+
+// z, bias overwrite.
+template <class T>
+void dma_bias_forward(T* z, T* bias, const T* v, const T* w_dt, const T* A, int64_t B, int64_t Tn, int64_t Hkv,
+                      int64_t Dh, DmaBiasForm form);
+// From dbias: dv += (the bias path's share), dw_dt += , dA += . z and bias as saved by the forward.
+template <class T>
+void dma_bias_backward(T* dv, T* dw_dt, T* dA, const T* dbias, const T* z, const T* bias, const T* v,
+                       const T* w_dt, const T* A, int64_t B, int64_t Tn, int64_t Hkv, int64_t Dh, DmaBiasForm form);
+// thr overwrite ([B·Hkv rows, Tn]); window w > 0. Exact (a size-w min-heap over the prefix).
+template <class T>
+void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window);
+// As attention_forward, with the mask and bias above (s.window must be 0: the window lives in thr).
+template <class T>
+void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* bias, const T* thr,
+                           const AttnShape& s);
+// dq, dk, dv, dbias overwrite. dbias[b,h,j] = Σ over the query heads of KV head h (ascending), then
+// queries i (ascending), of dS_ij: deterministic, no N×N buffer.
+template <class T>
+void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const T* out, const T* lse, const T* q,
+                            const T* k, const T* v, const T* bias, const T* thr, const AttnShape& s);
+
 }  // namespace dmat::cpu

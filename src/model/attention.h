@@ -39,5 +39,7 @@ class Attention {
 };
 
 std::unique_ptr<Attention> make_attention(const ModelConfig& cfg);
+// The variants in files of their own (make_attention picks by model.attention.type).
+std::unique_ptr<Attention> make_dma_attention(const ModelConfig& cfg);  // attention_dma.cpp
 
 }  // namespace dmat

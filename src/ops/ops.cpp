@@ -492,4 +492,88 @@ void adamw_step(const Tensor& p_, const Tensor& g, const Tensor& m, const Tensor
   });
 }
 
+// ---- Dynamic Mask Attention ----------------------------------------------------------------------
+
+static void no_dma_cuda(const char* op, const Tensor& t) {
+  if (on_cuda(op, t))
+    fail("op {}: DMA has no CUDA kernel yet (model.attention.type \"dma\" trains on run.device=cpu for now)", op);
+}
+
+void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A,
+                      DmaBiasForm form) {
+  DMAT_CHECK(v.shape.n == 4, "dma_bias: v {}", v.shape.str());
+  const int64_t B = v.shape[0], T = v.shape[1], Hkv = v.shape[2], Dh = v.shape[3];
+  DMAT_CHECK(w_dt.shape.n == 2 && w_dt.shape[0] == Hkv && w_dt.shape[1] == Hkv * Dh && A.numel() == Hkv &&
+                 z.numel() == B * Hkv * T && bias.numel() == B * Hkv * T,
+             "dma_bias: v {} w_dt {} A {} z {} bias {}", v.shape.str(), w_dt.shape.str(), A.shape.str(),
+             z.shape.str(), bias.shape.str());
+  no_dma_cuda("dma_bias", v);
+  dispatch("dma_bias", v, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::dma_bias_forward<T_>(p<T_>(z), p<T_>(bias), p<T_>(v), p<T_>(w_dt), p<T_>(A), B, T, Hkv, Dh, form);
+  });
+}
+
+void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, const Tensor& dbias, const Tensor& z,
+                       const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A, DmaBiasForm form) {
+  DMAT_CHECK(v.shape.n == 4, "dma_bias_backward: v {}", v.shape.str());
+  const int64_t B = v.shape[0], T = v.shape[1], Hkv = v.shape[2], Dh = v.shape[3];
+  DMAT_CHECK(w_dt.shape.n == 2 && w_dt.shape[0] == Hkv && w_dt.shape[1] == Hkv * Dh && A.numel() == Hkv &&
+                 z.numel() == B * Hkv * T && bias.numel() == B * Hkv * T && dbias.numel() == B * Hkv * T &&
+                 dv.numel() == v.numel() && dw_dt.shape == w_dt.shape && dA.numel() == Hkv,
+             "dma_bias_backward: v {} dv {} w_dt {} dw_dt {} A {} dA {} dbias {}", v.shape.str(), dv.shape.str(),
+             w_dt.shape.str(), dw_dt.shape.str(), A.shape.str(), dA.shape.str(), dbias.shape.str());
+  no_dma_cuda("dma_bias_backward", v);
+  dispatch("dma_bias_backward", v, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::dma_bias_backward<T_>(p<T_>(dv), p<T_>(dw_dt), p<T_>(dA), p<T_>(dbias), p<T_>(z), p<T_>(bias), p<T_>(v),
+                               p<T_>(w_dt), p<T_>(A), B, T, Hkv, Dh, form);
+  });
+}
+
+void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window) {
+  const int64_t T = last_dim(bias), rows = rows_of(bias);
+  DMAT_CHECK(thr.numel() == bias.numel() && window > 0, "dma_thresholds: bias {} thr {} window {}",
+             bias.shape.str(), thr.shape.str(), window);
+  no_dma_cuda("dma_thresholds", bias);
+  dispatch("dma_thresholds", bias, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::dma_thresholds<T_>(p<T_>(thr), p<T_>(bias), rows, T, window);
+  });
+}
+
+static void check_dma(const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
+                      const Tensor& v, const Tensor& bias, const Tensor& thr, const AttnShape& s) {
+  check_attn(op, out, lse, q, k, v, s);
+  DMAT_CHECK(s.window == 0 && bias.numel() == s.B * s.Hkv * s.T && thr.numel() == s.B * s.Hkv * s.T,
+             "{}: bias {} thr {} window {} (the window lives in thr)", op, bias.shape.str(), thr.shape.str(),
+             s.window);
+}
+
+void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& bias, const Tensor& thr, const AttnShape& s) {
+  check_dma("dma_attention", out, lse, q, k, v, bias, thr, s);
+  no_dma_cuda("dma_attention", q);
+  dispatch("dma_attention", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::dma_attention_forward<T_>(p<T_>(out), p<T_>(lse), p<T_>(q), p<T_>(k), p<T_>(v), p<T_>(bias), p<T_>(thr), s);
+  });
+}
+
+void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dbias,
+                            const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
+                            const Tensor& k, const Tensor& v, const Tensor& bias, const Tensor& thr,
+                            const AttnShape& s) {
+  check_dma("dma_attention_backward", out, lse, q, k, v, bias, thr, s);
+  DMAT_CHECK(dq.numel() == q.numel() && dk.numel() == k.numel() && dv.numel() == v.numel() &&
+                 dout.numel() == out.numel() && dbias.numel() == bias.numel(),
+             "dma_attention_backward: gradient shapes");
+  no_dma_cuda("dma_attention_backward", q);
+  dispatch("dma_attention_backward", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::dma_attention_backward<T_>(p<T_>(dq), p<T_>(dk), p<T_>(dv), p<T_>(dbias), p<T_>(dout), p<T_>(out),
+                                    p<T_>(lse), p<T_>(q), p<T_>(k), p<T_>(v), p<T_>(bias), p<T_>(thr), s);
+  });
+}
+
 }  // namespace dmat::ops

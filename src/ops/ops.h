@@ -66,4 +66,22 @@ double sum_squares(const Tensor& x);
 void adamw_step(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double bc1, double bc2);
 
+// Dynamic Mask Attention (definitions, layouts and the tie rule in kernels/cpu/cpu_ops.h). CPU only
+// for now: CUDA tensors fail with "DMA has no CUDA kernel yet". v [B,T,Hkv,Dh]; z, bias, thr, dbias
+// [B,Hkv,T]; w_dt [Hkv, Hkv·Dh]; A [Hkv].
+using cpu::DmaBiasForm;
+void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A,
+                      DmaBiasForm form);
+// dv, dw_dt, dA: +=
+void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, const Tensor& dbias, const Tensor& z,
+                       const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A, DmaBiasForm form);
+void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window);
+void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& bias, const Tensor& thr, const AttnShape& s);
+// dq, dk, dv, dbias overwrite
+void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dbias,
+                            const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
+                            const Tensor& k, const Tensor& v, const Tensor& bias, const Tensor& thr,
+                            const AttnShape& s);
+
 }  // namespace dmat::ops

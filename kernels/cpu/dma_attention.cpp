@@ -1,0 +1,273 @@
+// Dynamic Mask Attention, CPU reference (definitions and tie rule in cpu_ops.h): the per-key bias
+// from the values and its backward, the per-query thresholds, and masked attention with the bias.
+// Exact and simple, the oracle the CUDA kernels are checked against: attention is O(T²) per head
+// like attention.cpp (a key is tested against the query's threshold, not gathered), and each output
+// element is reduced in a fixed order, so results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <queue>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/cpu/column_chunks.h"
+#include "kernels/cpu/cpu_ops.h"
+
+namespace dmat::cpu {
+namespace {
+
+template <class T>
+T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// softplus(z) = log(1 + e^z) without overflow; its derivative is the logistic sigmoid.
+template <class T>
+T softplus(T z) {
+  return std::max(z, T(0)) + std::log1p(std::exp(-std::abs(z)));
+}
+template <class T>
+T sigmoid(T z) {
+  if (z >= 0) return T(1) / (T(1) + std::exp(-z));
+  const T e = std::exp(z);
+  return e / (T(1) + e);
+}
+
+// Key j is kept by a query whose threshold is t (see the tie rule in cpu_ops.h).
+template <class T>
+bool kept(T bias_j, T t) {
+  return bias_j >= t;
+}
+
+struct Layout {
+  const AttnShape& s;
+  int64_t q(int64_t b, int64_t t, int64_t h) const { return ((b * s.T + t) * s.H + h) * s.Dqk; }
+  int64_t k(int64_t b, int64_t t, int64_t hk) const { return ((b * s.T + t) * s.Hkv + hk) * s.Dqk; }
+  int64_t v(int64_t b, int64_t t, int64_t hk) const { return ((b * s.T + t) * s.Hkv + hk) * s.Dv; }
+  int64_t o(int64_t b, int64_t t, int64_t h) const { return ((b * s.T + t) * s.H + h) * s.Dv; }
+  int64_t stat(int64_t b, int64_t h, int64_t t) const { return (b * s.H + h) * s.T + t; }
+  int64_t key(int64_t b, int64_t hk, int64_t t) const { return (b * s.Hkv + hk) * s.T + t; }  // bias, thr
+};
+
+void check_shape(const AttnShape& s) {
+  DMAT_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, "H={} must be a multiple of Hkv={}", s.H, s.Hkv);
+  DMAT_CHECK(s.window == 0, "dma attention: window={} (the window is in the thresholds)", s.window);
+}
+
+}  // namespace
+
+template <class T>
+void dma_bias_forward(T* z, T* bias, const T* v, const T* w_dt, const T* A, int64_t B, int64_t Tn, int64_t Hkv,
+                      int64_t Dh, DmaBiasForm form) {
+  const int64_t C = Hkv * Dh;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < B * Tn; ++r) {
+    const int64_t b = r / Tn, t = r % Tn;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t at = (b * Hkv + h) * Tn + t;
+      const T zz = dot(v + r * C, w_dt + h * C, C);
+      const T a = A[h] * softplus(zz);
+      z[at] = zz;
+      bias[at] = form == DmaBiasForm::Exp ? std::exp(a) : a;
+    }
+  }
+}
+
+template <class T>
+void dma_bias_backward(T* dv, T* dw_dt, T* dA, const T* dbias, const T* z, const T* bias, const T* v,
+                       const T* w_dt, const T* A, int64_t B, int64_t Tn, int64_t Hkv, int64_t Dh, DmaBiasForm form) {
+  // With a = A·softplus(z): exp form ∂bias/∂a = bias, linear form 1. Then ∂a/∂A = softplus(z),
+  // ∂a/∂z = A·sigmoid(z), and z is linear in v and W_dt.
+  const int64_t C = Hkv * Dh, n = B * Hkv * Tn;
+  std::vector<T> dz(size_t(n), T(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < n; ++x) {
+    const int64_t h = (x / Tn) % Hkv;
+    const T da = form == DmaBiasForm::Exp ? dbias[x] * bias[x] : dbias[x];
+    dz[size_t(x)] = da * A[h] * sigmoid(z[x]);
+  }
+  // dA[h]: (b, t) in increasing order, one head per iteration.
+#pragma omp parallel for schedule(static)
+  for (int64_t h = 0; h < Hkv; ++h) {
+    T acc = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t x = (b * Hkv + h) * Tn + t;
+        const T da = form == DmaBiasForm::Exp ? dbias[x] * bias[x] : dbias[x];
+        acc += da * softplus(z[x]);
+      }
+    dA[h] += acc;
+  }
+  // dv[b,t,:] += Σ_h dz[b,h,t] · W_dt[h,:]   (heads in increasing order)
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < B * Tn; ++r) {
+    const int64_t b = r / Tn, t = r % Tn;
+    T* dvr = dv + r * C;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const T g = dz[size_t((b * Hkv + h) * Tn + t)];
+      const T* wh = w_dt + h * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dvr[c] += g * wh[c];
+    }
+  }
+  // dW_dt[h,:] += Σ_{b,t} dz[b,h,t] · v[b,t,:]   (threads own column chunks, rows in order)
+  parallel_column_chunks(C, [&](int64_t c0, int64_t c1) {
+    for (int64_t h = 0; h < Hkv; ++h) {
+      T* dwh = dw_dt + h * C;
+      for (int64_t r = 0; r < B * Tn; ++r) {
+        const int64_t b = r / Tn, t = r % Tn;
+        const T g = dz[size_t((b * Hkv + h) * Tn + t)];
+        const T* vr = v + r * C;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) dwh[c] += g * vr[c];
+      }
+    }
+  });
+}
+
+template <class T>
+void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window) {
+  DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
+  bool nan = false;
+#pragma omp parallel for schedule(static) reduction(|| : nan)
+  for (int64_t r = 0; r < rows; ++r) {
+    // The w largest biases seen so far, smallest on top: after key i the top is thr_i.
+    std::priority_queue<T, std::vector<T>, std::greater<T>> top;
+    const T* br = bias + r * Tn;
+    T* tr = thr + r * Tn;
+    for (int64_t i = 0; i < Tn; ++i) {
+      nan = nan || std::isnan(br[i]);
+      top.push(br[i]);
+      if (int64_t(top.size()) > window) top.pop();
+      tr[i] = int64_t(top.size()) == window ? top.top() : T(-INFINITY);
+    }
+  }
+  if (nan) fail("dma attention: a key bias is NaN (diverged? see model.attention.bias_form and the A parameters)");
+}
+
+template <class T>
+void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* bias, const T* thr,
+                           const AttnShape& s) {
+  check_shape(s);
+  const Layout L{s};
+  const int64_t group = s.H / s.Hkv;
+  const T scale = T(s.scale);
+#pragma omp parallel
+  {
+    std::vector<T> score(size_t(s.T));
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
+      const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
+      const T* qi = q + L.q(b, i, h);
+      const T* bk = bias + L.key(b, hk, 0);
+      const T t_i = thr[L.key(b, hk, i)];
+      T mx = -INFINITY;
+      for (int64_t j = 0; j <= i; ++j) {
+        if (!kept(bk[j], t_i)) continue;
+        score[size_t(j)] = scale * dot(qi, k + L.k(b, j, hk), s.Dqk) + bk[j];
+        mx = std::max(mx, score[size_t(j)]);
+      }
+      T* oi = out + L.o(b, i, h);
+      std::fill(oi, oi + s.Dv, T(0));
+      T sum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        if (!kept(bk[j], t_i)) continue;
+        const T p = std::exp(score[size_t(j)] - mx);
+        sum += p;
+        const T* vj = v + L.v(b, j, hk);
+#pragma omp simd
+        for (int64_t d = 0; d < s.Dv; ++d) oi[d] += p * vj[d];
+      }
+      // The key with the largest bias among 0..i is always kept, so sum >= 1.
+      const T inv = T(1) / sum;
+#pragma omp simd
+      for (int64_t d = 0; d < s.Dv; ++d) oi[d] *= inv;
+      lse[L.stat(b, h, i)] = mx + std::log(sum);
+    }
+  }
+}
+
+template <class T>
+void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const T* out, const T* lse, const T* q,
+                            const T* k, const T* v, const T* bias, const T* thr, const AttnShape& s) {
+  // As attention_backward (attention.cpp), over kept keys only and with the bias in the scores;
+  // since ∂s_ij/∂bias_j = 1, dbias_j = Σ_i dS_ij, gathered with dk and dv per key row.
+  check_shape(s);
+  const Layout L{s};
+  const int64_t group = s.H / s.Hkv;
+  const T scale = T(s.scale);
+  std::vector<T> Di(size_t(s.B * s.H * s.T));
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
+    const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H);
+    Di[size_t(L.stat(b, h, i))] = dot(dout + L.o(b, i, h), out + L.o(b, i, h), s.Dv);
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
+    const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
+    const T* qi = q + L.q(b, i, h);
+    const T* doi = dout + L.o(b, i, h);
+    const T* bk = bias + L.key(b, hk, 0);
+    const T t_i = thr[L.key(b, hk, i)];
+    const T lse_i = lse[L.stat(b, h, i)], D_i = Di[size_t(L.stat(b, h, i))];
+    T* dqi = dq + L.q(b, i, h);
+    std::fill(dqi, dqi + s.Dqk, T(0));
+    for (int64_t j = 0; j <= i; ++j) {
+      if (!kept(bk[j], t_i)) continue;
+      const T* kj = k + L.k(b, j, hk);
+      const T p = std::exp(scale * dot(qi, kj, s.Dqk) + bk[j] - lse_i);
+      const T ds = p * (dot(doi, v + L.v(b, j, hk), s.Dv) - D_i);
+#pragma omp simd
+      for (int64_t d = 0; d < s.Dqk; ++d) dqi[d] += scale * ds * kj[d];
+    }
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < s.B * s.Hkv * s.T; ++row) {
+    const int64_t j = row % s.T, hk = (row / s.T) % s.Hkv, b = row / (s.T * s.Hkv);
+    const T* kj = k + L.k(b, j, hk);
+    const T* vj = v + L.v(b, j, hk);
+    const T b_j = bias[L.key(b, hk, j)];
+    const T* tk = thr + L.key(b, hk, 0);
+    T* dkj = dk + L.k(b, j, hk);
+    T* dvj = dv + L.v(b, j, hk);
+    std::fill(dkj, dkj + s.Dqk, T(0));
+    std::fill(dvj, dvj + s.Dv, T(0));
+    T db = 0;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t i = j; i < s.T; ++i) {
+        if (!kept(b_j, tk[i])) continue;
+        const T* qi = q + L.q(b, i, h);
+        const T* doi = dout + L.o(b, i, h);
+        const T p = std::exp(scale * dot(qi, kj, s.Dqk) + b_j - lse[L.stat(b, h, i)]);
+        const T ds = p * (dot(doi, vj, s.Dv) - Di[size_t(L.stat(b, h, i))]);
+        db += ds;
+#pragma omp simd
+        for (int64_t d = 0; d < s.Dv; ++d) dvj[d] += p * doi[d];
+#pragma omp simd
+        for (int64_t d = 0; d < s.Dqk; ++d) dkj[d] += scale * ds * qi[d];
+      }
+    }
+    dbias[L.key(b, hk, j)] = db;
+  }
+}
+
+#define DMAT_INSTANTIATE(T)                                                                                      \
+  template void dma_bias_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,    \
+                                    DmaBiasForm);                                                                \
+  template void dma_bias_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, const T*,     \
+                                     int64_t, int64_t, int64_t, int64_t, DmaBiasForm);                           \
+  template void dma_thresholds<T>(T*, const T*, int64_t, int64_t, int64_t);                                      \
+  template void dma_attention_forward<T>(T*, T*, const T*, const T*, const T*, const T*, const T*,               \
+                                         const AttnShape&);                                                      \
+  template void dma_attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, const T*,      \
+                                          const T*, const T*, const T*, const AttnShape&);
+DMAT_INSTANTIATE(float)
+DMAT_INSTANTIATE(double)
+#undef DMAT_INSTANTIATE
+
+}  // namespace dmat::cpu
