@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible).
+"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible; MHA/GQA, SWA, DMA).
 
 Written from the model's definition (not from the C++ code): builds the model in float64 from
 DIR/model.safetensors, runs it on DIR/batch.safetensors, and compares logits, loss and every
@@ -82,13 +82,16 @@ def resolve_model_config(m):
         raise BadInput("config.json: model.attention must be an object")
     c["att"] = att.get("type", "mha")
     c["window"] = 0
-    if c["att"] == "swa":
+    c["bias_form"] = att.get("bias_form", "exp")
+    if c["att"] in ("swa", "dma"):
         w = att.get("window")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w != int(w) or w <= 0:
-            raise BadInput(f"config.json: swa needs model.attention.window > 0 (got {w!r})")
+            raise BadInput(f"config.json: {c['att']} needs model.attention.window > 0 (got {w!r})")
         c["window"] = int(w)
     elif c["att"] != "mha":
-        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa)")
+        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa, dma)")
+    if c["att"] == "dma" and c["bias_form"] not in ("exp", "linear"):
+        raise BadInput(f"config.json: model.attention.bias_form must be exp or linear (got {c['bias_form']!r})")
     return c
 
 
@@ -106,6 +109,9 @@ def param_shapes(c):
             s[p + "self_attn.q_norm.weight"] = (Dh,)
             s[p + "self_attn.k_norm.weight"] = (Dh,)
         s[p + "self_attn.o_proj.weight"] = (D, H * Dh)
+        if c["att"] == "dma":
+            s[p + "self_attn.dt_proj.weight"] = (Hkv, Hkv * Dh)  # nn.Linear(Hkv*Dh -> Hkv), as HF Doge
+            s[p + "self_attn.A"] = (Hkv,)
         if c["residual_scale"]:
             s[p + "input_residual"] = (D,)
             s[p + "post_attention_residual"] = (D,)
@@ -148,6 +154,28 @@ def visible_mask(T, c):
     return m
 
 
+def dma_bias_and_mask(v, P, p, c):
+    """Dynamic Mask Attention (DESIGN.md): per-key bias from the values and the kept-key mask.
+
+    v [B,T,Hkv,Dh] -> bias [B,Hkv,T] (differentiable), mask [B,Hkv,T(query),T(key)] bool (constant).
+    z = concat_heads(v) . W_dt^T; bias = exp(A*softplus(z)) ("exp") or A*softplus(z) ("linear").
+    Query i keeps key j iff j <= i and bias_j >= t_i, t_i the w-th largest bias among keys 0..i
+    (-inf while i+1 < w): keys tied with t_i are all kept. t is found by sorting each prefix.
+    """
+    B, T, Hkv, Dh = v.shape
+    z = v.reshape(B, T, Hkv * Dh) @ P[p + "self_attn.dt_proj.weight"].T       # [B,T,Hkv]
+    a = P[p + "self_attn.A"] * torch.logaddexp(z, torch.zeros_like(z))         # A * softplus(z)
+    bias = (torch.exp(a) if c["bias_form"] == "exp" else a).transpose(1, 2)    # [B,Hkv,T]
+    b = bias.detach()
+    w = c["window"]
+    thr = torch.full((B, Hkv, T), float("-inf"), dtype=b.dtype)
+    for i in range(w - 1, T):
+        thr[:, :, i] = torch.sort(b[:, :, : i + 1], dim=-1, descending=True).values[:, :, w - 1]
+    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]               # [query, key]
+    mask = causal[None, None] & (b[:, :, None, :] >= thr[:, :, :, None])
+    return bias, mask
+
+
 def attention(a, P, p, c):
     B, T, _ = a.shape
     H, Hkv, Dh = c["H"], c["Hkv"], c["Dh"]
@@ -159,12 +187,17 @@ def attention(a, P, p, c):
         k = rms_norm(k, P[p + "self_attn.k_norm.weight"], c["eps"])
     q = rope(q, c["theta"])
     k = rope(k, c["theta"])
+    v_kv = v
     kv_of_head = torch.arange(H) // (H // Hkv)  # query head j reads KV head j // (H/Hkv)
     q = q.transpose(1, 2)                        # [B,H,T,Dh]
     k = k[:, :, kv_of_head].transpose(1, 2)      # [B,H,T,Dh]
     v = v[:, :, kv_of_head].transpose(1, 2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
-    scores = scores.masked_fill(~visible_mask(T, c), float("-inf"))
+    if c["att"] == "dma":
+        bias, mask = dma_bias_and_mask(v_kv, P, p, c)
+        scores = (scores + bias[:, kv_of_head, None, :]).masked_fill(~mask[:, kv_of_head], float("-inf"))
+    else:
+        scores = scores.masked_fill(~visible_mask(T, c), float("-inf"))
     o = torch.softmax(scores, dim=-1) @ v        # [B,H,T,Dh]
     o = o.transpose(1, 2).reshape(B, T, H * Dh)
     return o @ P[p + "self_attn.o_proj.weight"].T
