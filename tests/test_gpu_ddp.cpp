@@ -38,11 +38,8 @@ using test::run;
 std::string bin() { return test::dmatrain_bin(); }
 
 std::string setup(const std::string& dir) {
-  auto r = run(bin() + " data prepare --tokenizer byte --val-fraction 0.03 --out " + dir + "/data " +
-               test::source_dir() + "/data/english");
-  EXPECT_EQ(r.rc, 0) << r.out;
   return test::source_dir() + "/configs/tiny.json --set run.device=cuda --set run.threads=2" +
-         " --set data.train=" + dir + "/data/train --set data.val=" + dir + "/data/val" +
+         test::prepare_bundled_data(dir) +
          " --set train.seq_len=128 --set train.grad_accum=2 --set train.steps=10" +
          " --set run.log_interval=1 --set train.eval_interval=5 --set train.eval_batches=2" +
          " --set train.checkpoint_interval=0 --set run.collective_timeout_s=120";

@@ -173,14 +173,11 @@ TEST(GpuTrain, ResumeIsBitExactOnTheGpu) {
   SKIP_WITHOUT_GPU();
   namespace fs = std::filesystem;
   const std::string dir = test::temp_dir("gpu_resume"), bin = test::dmatrain_bin();
-  auto r = test::run(bin + " data prepare --tokenizer byte --val-fraction 0.03 --out " + dir + "/data " +
-                     test::source_dir() + "/data/english");
-  ASSERT_EQ(r.rc, 0) << r.out;
   const std::string cfg = test::source_dir() + "/configs/tiny.json --set run.device=cuda --set model.head_dim=64" +
                           " --set model.n_heads=2 --set model.n_kv_heads=1 --set train.steps=14" +
                           " --set train.grad_accum=2 --set train.eval_interval=7 --set train.eval_batches=2" +
-                          " --set data.train=" + dir + "/data/train --set data.val=" + dir + "/data/val";
-  r = test::run(bin + " train " + cfg + " --out " + dir + "/a");
+                          test::prepare_bundled_data(dir);
+  auto r = test::run(bin + " train " + cfg + " --out " + dir + "/a");
   ASSERT_EQ(r.rc, 0) << r.out;
   r = test::run(bin + " train " + cfg + " --out " + dir + "/b --stop-at 7");
   ASSERT_EQ(r.rc, 0) << r.out;
@@ -198,12 +195,7 @@ TEST(GpuTrain, ResumeIsBitExactOnTheGpu) {
     return v;
   };
   EXPECT_EQ(losses(dir + "/a/metrics.jsonl"), losses(dir + "/b/metrics.jsonl"));
-  auto bytes = [](const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  };
+  const auto bytes = test::file_bytes;
   const std::string fa = dir + "/a/checkpoints/step_00000014/model.safetensors";
   const std::string fb = dir + "/b/checkpoints/step_00000014/model.safetensors";
   ASSERT_TRUE(fs::exists(fa) && fs::exists(fb)) << fa;

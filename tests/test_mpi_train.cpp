@@ -37,11 +37,8 @@ std::string bin() { return test::dmatrain_bin(); }
 // Prepares the bundled corpus (byte tokenizer) under dir/data; returns a tiny, fast training
 // setup on it: 1 layer, T=64, 10 updates of 2 micro-batches, one thread per rank.
 std::string setup(const std::string& dir) {
-  auto r = run(bin() + " data prepare --tokenizer byte --val-fraction 0.03 --out " + dir + "/data " +
-               test::source_dir() + "/data/english");
-  EXPECT_EQ(r.rc, 0) << r.out;
   return test::source_dir() + "/configs/tiny.json --set run.threads=1 --set run.device=cpu" +
-         " --set data.train=" + dir + "/data/train --set data.val=" + dir + "/data/val" +
+         test::prepare_bundled_data(dir) +
          " --set model.n_layers=1 --set train.seq_len=64 --set train.grad_accum=2 --set train.steps=10" +
          " --set run.log_interval=1 --set train.eval_interval=5 --set train.eval_batches=2" +
          " --set train.checkpoint_interval=0 --set run.collective_timeout_s=60";
@@ -53,14 +50,7 @@ test::CmdResult train(int np, const std::string& args, const std::string& env = 
   return run(launch + bin() + " train " + args);
 }
 
-std::vector<nlohmann::json> read_metrics(const std::string& path) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
+std::vector<nlohmann::json> read_metrics(const std::string& path) { return test::read_jsonl(path); }
 
 std::map<int64_t, double> column(const std::string& run_dir, const char* key) {
   std::map<int64_t, double> m;

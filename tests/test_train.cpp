@@ -26,29 +26,9 @@ std::string bin() { return test::dmatrain_bin(); }
 // run.device=cpu: this is the cpu label, also on a machine with a GPU.
 std::string tiny() { return test::source_dir() + "/configs/tiny.json --set run.threads=2 --set run.device=cpu"; }
 
-// Prepares the bundled corpus (byte tokenizer) under dir/data; returns --set flags pointing at it.
-std::string prepare(const std::string& dir) {
-  auto r = run(bin() + " data prepare --tokenizer byte --val-fraction 0.03 --out " + dir + "/data " +
-               test::source_dir() + "/data/english");
-  EXPECT_EQ(r.rc, 0) << r.out;
-  return " --set data.train=" + dir + "/data/train --set data.val=" + dir + "/data/val";
-}
-
-std::vector<nlohmann::json> read_metrics(const std::string& path) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
-
-std::string file_bytes(const std::string& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string prepare(const std::string& dir) { return test::prepare_bundled_data(dir); }
+using test::file_bytes;
+std::vector<nlohmann::json> read_metrics(const std::string& path) { return test::read_jsonl(path); }
 
 // Entropy (nats) of the validation tokens' unigram distribution: the loss of the best model that
 // ignores context.

@@ -3,7 +3,11 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <sys/wait.h>
+
+#include <gtest/gtest.h>
 
 namespace dmat::test {
 
@@ -35,6 +39,29 @@ CmdResult run(const std::string& cmd) {
 
 std::string mpirun(int np) {
   return "mpirun --allow-run-as-root --oversubscribe --bind-to none -np " + std::to_string(np);
+}
+
+std::string prepare_bundled_data(const std::string& dir) {
+  auto r = run(dmatrain_bin() + " data prepare --tokenizer byte --val-fraction 0.03 --out " + dir + "/data " +
+               source_dir() + "/data/english");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  return " --set data.train=" + dir + "/data/train --set data.val=" + dir + "/data/val";
+}
+
+std::vector<nlohmann::json> read_jsonl(const std::string& path) {
+  std::vector<nlohmann::json> rows;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 }  // namespace dmat::test

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/rng.h"
 
 namespace dmat::test {
@@ -21,6 +23,14 @@ struct CmdResult {
 CmdResult run(const std::string& cmd);
 // "mpirun -np N" with the flags needed here (root allowed, oversubscribe).
 std::string mpirun(int np);
+
+// Prepares the bundled English corpus (byte tokenizer, val fraction 0.03) under dir/data with the
+// built CLI (the test fails if that fails); returns the --set flags pointing a config at it.
+std::string prepare_bundled_data(const std::string& dir);
+// The rows of a JSON-lines file (metrics.jsonl), blank lines skipped.
+std::vector<nlohmann::json> read_jsonl(const std::string& path);
+// A whole file's bytes ("" if it cannot be read).
+std::string file_bytes(const std::string& path);
 
 // Fills with values uniform in [lo, hi) from a fresh seed per call site (seed mixed with a counter).
 template <class T>
