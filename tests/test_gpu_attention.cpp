@@ -251,8 +251,7 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
                                   lse_ref.data(), P.q.d.data(), P.k.d.data(), P.v.d.data(), s);
 
   GpuProblem G(P);
-  // each forward path; the backward below runs on the output of the last one (wgmma where available,
-  // the path training takes)
+  // each forward path; the backward below runs on the output of the last one (wgmma where available)
   std::string err;
   for (const cuda::FlashPath path : forward_paths(s)) {
     G.poison_forward();
@@ -564,13 +563,17 @@ TEST(FlashAttentionWgmma, PathSelection) {
   if (avail) EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::wgmma), cuda::FlashPath::wgmma);
   else EXPECT_THROW(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::wgmma), Error);
   const char* env = std::getenv("DMAT_ATTN_PATH");
-  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty())
-    EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::automatic),
+  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) {
+    // automatic: forward mma.sync, backward wgmma where available (the faster per direction)
+    EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::automatic), cuda::FlashPath::mma);
+    EXPECT_EQ(cuda::flash_attention_backward_path_for(s, cuda::FlashPath::automatic),
               avail ? cuda::FlashPath::wgmma : cuda::FlashPath::mma);
+  }
   // head dim 32 has only the mma.sync kernel
   const cpu::AttnShape s32 = hook_shape(32, 32, 64, 0);
   EXPECT_FALSE(cuda::flash_attention_wgmma_available(s32));
   EXPECT_EQ(cuda::flash_attention_forward_path_for(s32, cuda::FlashPath::automatic), cuda::FlashPath::mma);
+  EXPECT_EQ(cuda::flash_attention_backward_path_for(s32, cuda::FlashPath::automatic), cuda::FlashPath::mma);
 }
 
 // Long sequences (many key tiles: every pipeline stage reused many times, both mbarrier parities)

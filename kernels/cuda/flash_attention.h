@@ -1,7 +1,7 @@
 // Our flash attention (forward and backward) on tensor cores: causal, grouped KV heads, sliding
-// window, d_qk and d_v in {32, 64, 128} plus (192, 128) for MLA. Forward: wgmma kernels on
-// compute capability 9.0 (built for sm_90a; head dims 64, 128, 192/128), mma.sync elsewhere and
-// for head dim 32; the backward follows the same choice (see flash_attention_backward_path).
+// window, d_qk and d_v in {32, 64, 128} plus (192, 128) for MLA. Two kernel families: mma.sync
+// (every GPU, every head dim) and wgmma (compute capability 9.0, built for sm_90a; head dims 64,
+// 128, 192/128); which one runs is chosen per direction (see FlashPath below).
 // Semantics are cpu::attention_* with bf16 q, k, v, out, dq, dk, dv and fp32 lse [B,H,T]
 // (natural log of Σ_j exp(s_ij)).
 // Layout: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv], out [B,T,H,Dv], row-major.
@@ -41,14 +41,16 @@ void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf1
                                  const AttnShape& s, const float* key_bias, const FlashGather* gather);
 
 
-// ---- forward path (tests, benchmarks) ----------------------------------------------------------
-// automatic: wgmma where flash_attention_wgmma_available, else mma; the environment variable
-// DMAT_ATTN_PATH=mma|wgmma|auto (read once per process) overrides automatic (wgmma: an error
-// without an sm_90a-capable device; head dims without a wgmma kernel still use mma). An explicit
-// FlashPath::wgmma fails where no wgmma kernel can run.
+// ---- kernel path (tests, benchmarks) -----------------------------------------------------------
+// automatic: per direction, the path measured faster on Hopper — forward mma.sync, backward wgmma
+// where flash_attention_wgmma_available (else mma). The environment variable
+// DMAT_ATTN_PATH=mma|wgmma|auto (read once per process) overrides automatic for both directions
+// (wgmma: an error without an sm_90a-capable device; head dims without a wgmma kernel still use
+// mma). An explicit FlashPath::wgmma fails where no wgmma kernel can run.
 enum class FlashPath : int { automatic = 0, mma = 1, wgmma = 2 };
 bool flash_attention_wgmma_available(const AttnShape& s);
-FlashPath flash_attention_forward_path_for(const AttnShape& s, FlashPath requested);  // the path a call takes
+FlashPath flash_attention_forward_path_for(const AttnShape& s, FlashPath requested);   // the path a call takes
+FlashPath flash_attention_backward_path_for(const AttnShape& s, FlashPath requested);  // the path a call takes
 void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                   const AttnShape& s, const float* key_bias, const FlashGather* gather,
                                   FlashPath path);

@@ -78,7 +78,8 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   if (o.path == "mma") want = cuda::FlashPath::mma;
   else if (o.path == "wgmma") want = cuda::FlashPath::wgmma;
   else if (o.path != "auto") fail("bench attention: path must be auto, mma or wgmma (got '{}')", o.path);
-  const cuda::FlashPath path = cuda::flash_attention_forward_path_for(s, want);
+  const cuda::FlashPath fpath = cuda::flash_attention_forward_path_for(s, want),
+                        bpath = cuda::flash_attention_backward_path_for(s, want);
   const int64_t nq = s.B * s.T * s.H * s.Dqk, nk = s.B * s.T * s.Hkv * s.Dqk, nv = s.B * s.T * s.Hkv * s.Dv,
                 no = s.B * s.T * s.H * s.Dv, nl = s.B * s.H * s.T;
   DevBuf q(nq * 2), k(nk * 2), v(nv * 2), dout(no * 2), outb(no * 2), dq(nq * 2), dk(nk * 2), dv(nv * 2), lse(nl * 4);
@@ -86,12 +87,12 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   auto B16 = [](DevBuf& d) { return static_cast<bf16*>(d.p); };
   auto fwd = [&] {
     cuda::flash_attention_forward_path(B16(outb), static_cast<float*>(lse.p), B16(q), B16(k), B16(v), s, nullptr,
-                                       nullptr, path);
+                                       nullptr, fpath);
   };
   auto fwdbwd = [&] {
     fwd();
     cuda::flash_attention_backward_path(B16(dq), B16(dk), B16(dv), B16(dout), B16(outb), static_cast<float*>(lse.p),
-                                        B16(q), B16(k), B16(v), s, o.deterministic, path);
+                                        B16(q), B16(k), B16(v), s, o.deterministic, bpath);
   };
   const double fwd_ms = median_ms(fwd, o.iters), fwdbwd_ms = median_ms(fwdbwd, o.iters);
 
@@ -108,10 +109,10 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   }
   const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
   out << fmt::format(
-             "{{\"bench\":\"attention\",\"path\":\"{}\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
+             "{{\"bench\":\"attention\",\"fwd_path\":\"{}\",\"bwd_path\":\"{}\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},\"window\":{},"
              "\"deterministic\":{},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
              "\"fwdbwd_tflops\":{:.1f},\"flops_convention\":\"{}\"}}",
-             path == cuda::FlashPath::wgmma ? "wgmma" : "mma", s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, o.deterministic ? "true" : "false", fwd_ms,
+             fpath == cuda::FlashPath::wgmma ? "wgmma" : "mma", bpath == cuda::FlashPath::wgmma ? "wgmma" : "mma", s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, o.deterministic ? "true" : "false", fwd_ms,
              fwd_flops / fwd_ms / 1e9, fwdbwd_ms, 3.5 * fwd_flops / fwdbwd_ms / 1e9, convention)
       << std::endl;
 }

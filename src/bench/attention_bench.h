@@ -4,7 +4,7 @@
 // 3.5× that; with a window, the visible (query, key) pairs replace N²/2. Without the CUDA backend
 // it throws dmat::Error. The kernel path (mma.sync, or the Hopper wgmma kernels) is `path`, or with
 // "auto" the library's choice (DMAT_ATTN_PATH=mma|wgmma overrides it; `dmatrain bench attention`
-// takes it from there); forward and backward use the same one, and the JSON line names it.
+// takes it from there; "auto" picks per direction), and the JSON line names both.
 #pragma once
 #include <cstdint>
 #include <ostream>
