@@ -205,5 +205,18 @@ TEST(GpuTrain, ResumeIsBitExactOnTheGpu) {
       << "final AdamW moments differ";
 }
 
+// A head size without a CUDA attention kernel is refused before anything is written.
+TEST(GpuTrain, UnsupportedHeadDimIsRefusedUpFront) {
+  SKIP_WITHOUT_GPU();
+  namespace fs = std::filesystem;
+  const std::string dir = test::temp_dir("gpu_bad_head");
+  const std::string cfg = test::source_dir() + "/configs/tiny.json --set run.device=cuda --set model.head_dim=48" +
+                          test::prepare_bundled_data(dir);
+  auto r = test::run(test::dmatrain_bin() + " train " + cfg + " --out " + dir + "/run");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find("model.head_dim 48 has no CUDA attention kernel"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir + "/run")) << "the run directory was created";
+}
+
 }  // namespace
 }  // namespace dmat

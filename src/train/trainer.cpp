@@ -23,6 +23,9 @@
 #include "train/checkpoint.h"
 #include "train/info.h"
 #include "kernels/cuda/device_info.h"
+#ifdef DMAT_WITH_CUDA
+#include "kernels/cuda/flash_attention.h"
+#endif
 
 namespace dmat {
 
@@ -92,7 +95,25 @@ Device pick_device(const std::string& d) {
   return n > 0 ? Device::CUDA : Device::CPU;
 }
 
+void check_device_support(const Config& cfg, Device device) {
+  if (device != Device::CUDA) return;
+#ifdef DMAT_WITH_CUDA
+  const auto& m = cfg.model;
+  cuda::AttnShape s;
+  s.B = 1;
+  s.T = cfg.train.seq_len;
+  s.H = m.n_heads;
+  s.Hkv = m.n_kv_heads;
+  s.Dqk = s.Dv = m.head_dim;
+  if (!cuda::flash_attention_supported(s))
+    fail("config: model.head_dim {} has no CUDA attention kernel (supported: 32, 64, 128); choose one of those or "
+         "run on the CPU with run.device=\"cpu\"",
+         m.head_dim);
+#endif
+}
+
 std::unique_ptr<Model> make_model(const Config& cfg, Device device) {
+  check_device_support(cfg, device);
   auto m = std::make_unique<Model>(cfg.model, device == Device::CUDA ? DType::BF16 : DType::F32, device,
                                    cfg.train.recompute);
   m->set_deterministic(cfg.run.deterministic);
@@ -207,6 +228,7 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
            l->vocab_size(), cfg.model.vocab_size);
   full_val_batches(val_data, tc.batch_size * world, "validation set " + cfg.data.val);
   const Device device = pick_device(cfg.run.device);
+  check_device_support(cfg, device);  // before the run directory exists
 
   // ---- run directory: never overwrite a user's run unless asked to continue it. Rank 0 decides
   // and writes; the others wait, then see the same directory (it must be on a shared filesystem).

@@ -42,6 +42,8 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches);
 
 // run.device: "cpu", "cuda" (an error without a visible GPU), "auto" (CUDA when a GPU is visible).
 Device pick_device(const std::string& device);
+// Refuses, naming the config key, a model the device has no kernels for (CUDA: attention head dims).
+void check_device_support(const Config& cfg, Device device);
 // The model for a run on `device` (CUDA: bf16 with fp32 master weights), with the run's
 // recompute / determinism settings.
 std::unique_ptr<Model> make_model(const Config& cfg, Device device);
