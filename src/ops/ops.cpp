@@ -20,6 +20,7 @@ bool on_cuda(const char* op, const Tensor& t) {
   return true;
 }
 
+#ifdef DMAT_WITH_CUDA
 // Typed device pointers with the precision the CUDA backend expects (cuda_ops.h): activations and
 // weights bf16, parameter gradients and statistics fp32. Undefined tensors give nullptr.
 bf16* bf(const Tensor& t, const char* op) {
@@ -34,6 +35,7 @@ float* f32(const Tensor& t, const char* op) {
              op, dtype_name(t.dtype), device_name(t.device));
   return static_cast<float*>(t.data);
 }
+#endif
 
 // Calls f(T{}) with T the tensor's float type (CPU reference kernels).
 template <class F>
