@@ -555,6 +555,34 @@ TEST(FlashAttentionWgmma, BuildingBlocksMatchCpu) {
         });
 }
 
+// One TMA tile (the DMAT_ATTN_WG_TMA=1 producer's copy) against the source, bit for bit: rows
+// 100 .. 227 of head 1 of a [200][2][128] tensor, so the last 28 rows fall outside and must be zero.
+TEST(FlashAttentionWgmma, TmaTileLoadMatchesSource) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int64_t rows = 200, heads = 2;
+  const int row0 = 100, head = 1;
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  const Input src = random_input(rows * heads * 128, seed, 1.0);
+  Dev<bf16> dsrc(rows * heads * 128), raw(128 * 128);
+  dsrc.upload(src.b);
+  cuda::fill_bf16(raw.p, raw.n, NAN);
+  if (!cuda::testing::flash_tma_selftest(raw.p, dsrc.p, rows, heads, row0, head))
+    GTEST_SKIP() << "the wgmma path is not available on this device/build";
+  cuda::synchronize();
+  const std::vector<bf16> rw = raw.download();
+  for (int p = 0; p < 2; ++p)
+    for (int r = 0; r < 128; ++r)
+      for (int c = 0; c < 8; ++c)
+        for (int e = 0; e < 8; ++e) {
+          const size_t at = size_t(p * 128 * 64 + r * 64 + ((c ^ (r % 8)) * 8) + e);
+          const int64_t row = row0 + r;
+          const uint16_t want =
+              row < rows ? src.b[size_t((row * heads + head) * 128 + 64 * p + 8 * c + e)].bits : uint16_t(0);
+          ASSERT_EQ(rw[at].bits, want) << "TMA tile: panel " << p << " row " << r << " chunk " << c << " element " << e;
+        }
+}
+
 TEST(FlashAttentionWgmma, PathSelection) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   cpu::AttnShape s = hook_shape(128, 128, 64, 0);

@@ -17,6 +17,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
+
 #include "core/error.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/flash_attention.h"
@@ -296,8 +298,15 @@ struct WgSmem {
   static_assert(kQ % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "swizzle atoms stay 1024-aligned");
 };
 
-template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP>
-__global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const FwdParams p) {
+// K and V tensor maps for the TMA producer (dense policy, DMAT_ATTN_WG_TMA=1): see flash_wgmma.cuh.
+struct FwdTma {
+  CUtensorMap k, v;
+};
+
+template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP, bool TMA>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const FwdParams p,
+                                                                         const __grid_constant__ FwdTma tma) {
+  static_assert(!TMA || !Keys::kGathered, "TMA loads tiles of consecutive keys only");
   static_assert(Keys::kBN == WgSmem<DQK, DV>::BN && (Keys::kGathered || !Keys::kGathered),
                 "the key policy walks tiles of the kernel's size");
 #ifdef DMAT_FLASH_SM90A
@@ -323,9 +332,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   if (tid == 0) {
     mbar_init(bar_q, 128);
     for (int st = 0; st < S; ++st) {
-      mbar_init(bar_full + 8 * st, 128);  // every producer thread arrives once per fill
-      mbar_init(bar_empty + 8 * st, 8);   // lane 0 of each consumer warp once per use
+      mbar_init(bar_full + 8 * st, TMA ? 1 : 128);  // TMA: one expect_tx arrive; else each producer thread
+      mbar_init(bar_empty + 8 * st, 8);             // lane 0 of each consumer warp once per use
     }
+    if constexpr (TMA) mbar_init_fence();
   }
   __syncthreads();  // the only block-wide barrier: the producer leaves early
 
@@ -339,34 +349,55 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
       return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
     }, tid);
     cp_async_commit();
-    for (int n = 0; n < n_tiles; ++n) {
-      const int st = n % S;
-      if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
-      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-      // The stage's previous readers of skeys are done: the consumers released it (empty), and
-      // every producer thread issued that tile's copies before arriving on its full barrier.
-      int32_t* sks = skeys + st * BN;
-      for (int r = tid; r < BN; r += 128) {
-        const int j = keys.key(n, r);
-        sks[r] = j >= 0 && j < T ? j : -1;
-      }
-      asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
-      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
-        const int j = sks[r];
-        return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
-      }, tid);
-      load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-        const int j = sks[r];
-        return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
-      }, tid);
-      cp_async_commit();
-      cp_async_wait<1>();  // the group before this one (Q for n == 0, else tile n − 1) has landed
+    if constexpr (TMA) {
+      cp_async_wait<0>();
       fence_proxy_async();
-      mbar_arrive(n == 0 ? bar_q : bar_full + 8 * ((n - 1) % S));
+      mbar_arrive(bar_q);
+      // one thread streams the K/V tiles, S in flight; rows past T belong to the next sequence (or
+      // are zero past B·T): finite values the causal mask gives probability 0
+      if (tid == 0) {
+        for (int n = 0; n < n_tiles; ++n) {
+          const int st = n % S;
+          if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
+          const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK, bar = bar_full + 8 * st;
+          const int row = b * T + keys.key(n, 0);
+          mbar_arrive_expect_tx(bar, uint32_t(L::kStage));
+#pragma unroll
+          for (int pn = 0; pn < DQK / 64; ++pn) tma_load_3d(sk + pn * BN * 128, &tma.k, bar, 64 * pn, hk, row);
+#pragma unroll
+          for (int pn = 0; pn < DV / 64; ++pn) tma_load_3d(sv + pn * BN * 128, &tma.v, bar, 64 * pn, hk, row);
+        }
+      }
+    } else {
+      for (int n = 0; n < n_tiles; ++n) {
+        const int st = n % S;
+        if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
+        const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+        // The stage's previous readers of skeys are done: the consumers released it (empty), and
+        // every producer thread issued that tile's copies before arriving on its full barrier.
+        int32_t* sks = skeys + st * BN;
+        for (int r = tid; r < BN; r += 128) {
+          const int j = keys.key(n, r);
+          sks[r] = j >= 0 && j < T ? j : -1;
+        }
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
+        load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+          const int j = sks[r];
+          return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
+        }, tid);
+        load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+          const int j = sks[r];
+          return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
+        }, tid);
+        cp_async_commit();
+        cp_async_wait<1>();  // the group before this one (Q for n == 0, else tile n − 1) has landed
+        fence_proxy_async();
+        mbar_arrive(n == 0 ? bar_q : bar_full + 8 * ((n - 1) % S));
+      }
+      cp_async_wait<0>();
+      fence_proxy_async();
+      mbar_arrive(n_tiles == 0 ? bar_q : bar_full + 8 * ((n_tiles - 1) % S));
     }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbar_arrive(n_tiles == 0 ? bar_q : bar_full + 8 * ((n_tiles - 1) % S));
   } else {
     setmaxnreg_inc<240>();
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -641,6 +672,32 @@ __global__ void __launch_bounds__(128) flash_wgmma_selftest_kernel(float* s128, 
   wgmma_wait<0>();
   fence_operands(oc.c);
   store(o, 128, oc.c);
+#endif
+}
+
+// One TMA tile through the forward's tensor-map path, for the GPU self-check
+// (testing::flash_tma_selftest): rows row0 .. row0 + 127 of head `head` of a [rows][heads][128]
+// bf16 tensor into a 128B-swizzled Sw128<128, 128> tile, copied out raw.
+__global__ void __launch_bounds__(128) flash_tma_selftest_kernel(nv_bf16* raw, const __grid_constant__ CUtensorMap map,
+                                                                 int row0, int head) {
+#ifdef DMAT_FLASH_SM90A
+  using namespace flash::sm90;
+  using Tile = Sw128<128, 128>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t bar = base + Tile::kBytes;
+  if (threadIdx.x == 0) {
+    mbar_init(bar, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    mbar_arrive_expect_tx(bar, uint32_t(Tile::kBytes));
+    for (int pn = 0; pn < 2; ++pn) tma_load_3d(base + pn * Tile::kPanelBytes, &map, bar, 64 * pn, head, row0);
+  }
+  mbar_wait(bar, 0);
+  const nv_bf16* t = reinterpret_cast<const nv_bf16*>(smem_raw + (base - smem_u32(smem_raw)));
+  for (int x = threadIdx.x; x < 128 * 128; x += 128) raw[x] = t[x];
 #endif
 }
 
@@ -1516,21 +1573,76 @@ bool wg_overlap() {
   return on;
 }
 
-template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP>
+// DMAT_ATTN_WG_TMA=1: the wgmma forward's dense-policy K/V tiles by TMA instead of cp.async
+// (opt-in until measured; read once).
+bool wg_tma() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMAT_ATTN_WG_TMA");
+    if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
+    if (std::strcmp(e, "1") == 0) return true;
+    fail("DMAT_ATTN_WG_TMA must be 0 or 1 (got '{}')", e);
+  }();
+  return on;
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    DMAT_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    DMAT_CHECK(q == cudaDriverEntryPointSuccess && f != nullptr, "flash attention: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// 3-D map over a [rows][heads][D] bf16 tensor: box {64 columns, 1 head, box_rows rows}, 128B swizzle,
+// zero fill outside.
+CUtensorMap make_tmap(const void* base, int64_t D, int64_t heads, int64_t rows, int box_rows) {
+  CUtensorMap m;
+  const cuuint64_t dims[3] = {cuuint64_t(D), cuuint64_t(heads), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(D * 2), cuuint64_t(heads * D * 2)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(base), dims, strides, box,
+                                    estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  DMAT_CHECK(r == CUDA_SUCCESS, "flash attention: cuTensorMapEncodeTiled failed ({}) for D={} heads={} rows={}",
+             int(r), D, heads, rows);
+  return m;
+}
+
+template <int DQK, int DV, class Keys, bool BIAS, bool OVERLAP, bool TMA>
 void launch_fwd_wgmma_variant(const FwdParams& p, int64_t B) {
   using L = WgSmem<DQK, DV>;
-  auto kernel = flash_fwd_wgmma_kernel<DQK, DV, Keys, BIAS, OVERLAP>;
+  auto kernel = flash_fwd_wgmma_kernel<DQK, DV, Keys, BIAS, OVERLAP, TMA>;
   static const bool ready = (prepare(kernel, L::kAlloc), true);
   (void)ready;
+  FwdTma tma{};
+  if constexpr (TMA) {
+    tma.k = make_tmap(p.k, DQK, p.Hkv, B * p.T, L::BN);
+    tma.v = make_tmap(p.v, DV, p.Hkv, B * p.T, L::BN);
+  }
   const dim3 grid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
-  kernel<<<grid, kWgThreads, L::kAlloc, stream()>>>(p);
+  kernel<<<grid, kWgThreads, L::kAlloc, stream()>>>(p, tma);
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
 template <int DQK, int DV, class Keys, bool BIAS>
 void launch_fwd_wgmma(const FwdParams& p, int64_t B) {
-  if (wg_overlap()) launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, true>(p, B);
-  else launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, false>(p, B);
+  if constexpr (!Keys::kGathered) {
+    if (wg_tma() && B * int64_t(p.T) < (int64_t(1) << 31) - 256) {  // TMA coordinates are int32
+      if (wg_overlap()) launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, true, true>(p, B);
+      else launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, false, true>(p, B);
+      return;
+    }
+  }
+  if (wg_overlap()) launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, true, false>(p, B);
+  else launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, false, false>(p, B);
 }
 
 // KeysT: the key-tile policy (DenseKeys or GatherKeys), instantiated at each kernel's key-tile size.
@@ -1778,6 +1890,17 @@ bool flash_wgmma_selftest(float* s128, float* s64, float* o, bf16* raw_a, const 
   static const bool ready = (prepare(flash_wgmma_selftest_kernel, smem), true);
   (void)ready;
   flash_wgmma_selftest_kernel<<<1, 128, smem, stream()>>>(s128, s64, o, nv(raw_a), nv(a), nv(b), nv(v));
+  DMAT_CUDA_LAUNCH_CHECK();
+  return true;
+}
+
+bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads, int row0, int head) {
+  if (!device_runs_sm90a()) return false;
+  const CUtensorMap map = make_tmap(src, 128, heads, rows, 128);
+  constexpr size_t smem = 1024 + size_t(128 * 128) * 2 + 8;
+  static const bool ready = (prepare(flash_tma_selftest_kernel, smem), true);
+  (void)ready;
+  flash_tma_selftest_kernel<<<1, 128, smem, stream()>>>(nv(raw), map, row0, head);
   DMAT_CUDA_LAUNCH_CHECK();
   return true;
 }

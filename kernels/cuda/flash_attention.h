@@ -71,4 +71,8 @@ namespace dmat::cuda::testing {
 // run) where the wgmma path is not available.
 bool flash_wgmma_selftest(float* s128, float* s64, float* o, bf16* raw_a, const bf16* a, const bf16* b,
                           const bf16* v);
+// GPU self-check of the TMA tile load (the forward's DMAT_ATTN_WG_TMA=1 producer): rows row0 ..
+// row0 + 127 of head `head` of src [rows][heads][128] bf16 into raw (128 x 128 bf16, the
+// 128B-swizzled panel-major shared tile; rows past `rows` zero). false where not available.
+bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads, int row0, int head);
 }  // namespace dmat::cuda::testing

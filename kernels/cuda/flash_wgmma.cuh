@@ -177,6 +177,11 @@ __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[8][4], const uint32_t
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
+// After initialising barriers that the copy engine will update (complete_tx): make the inits
+// visible to it, then a block barrier.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+}
 // arrive (release semantics at CTA scope, the default)
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
@@ -196,6 +201,26 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // the async proxy (wgmma operand reads): in each writing thread, before the barrier that hands
 // the data over.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---- TMA (bulk tensor copies) ---------------------------------------------------------------
+// The tensor maps are 3-D {head dim, heads, B·T rows} with a {64, 1, rows} box and the 128B
+// swizzle: one copy writes one Sw128 panel (rows x 128 B, chunk c of row r at c ^ r % 8, given a
+// 1024-aligned destination), exactly the layout above. Completion: the copy engine decrements the
+// mbarrier's transaction count by the bytes written (complete_tx); the thread that issues the copies
+// first arms the barrier with arrive.expect_tx(total bytes). Written through the async proxy and
+// read by wgmma through it: no proxy fence.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// tmap: the generic address of a __grid_constant__ CUtensorMap kernel parameter
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
 
 #ifdef DMAT_FLASH_SM90A
 template <int N>
