@@ -231,7 +231,7 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, co
 #ifdef DMAT_WITH_CUDA
     cuda::ProfileScope prof_("attention");
     if (!cuda::flash_attention_supported(s))
-      fail("attention: head dims (qk {}, v {}) have no CUDA kernel (supported: 64/64, 128/128, 192/128)", s.Dqk, s.Dv);
+      fail("attention: head dims (qk {}, v {}) have no CUDA kernel (supported: 32/32, 64/64, 128/128, 192/128)", s.Dqk, s.Dv);
     cuda::flash_attention_forward(bf(out, "attention"), f32(lse, "attention"), bf(q, "attention"), bf(k, "attention"),
                                   bf(v, "attention"), s);
 #endif
