@@ -1573,13 +1573,15 @@ bool wg_overlap() {
   return on;
 }
 
-// DMAT_ATTN_WG_TMA=1: the wgmma forward's dense-policy K/V tiles by TMA instead of cp.async
-// (opt-in until measured; read once).
+// The wgmma forward's dense-policy K/V tiles by TMA instead of cp.async: on by default since its
+// first H200 measurement (2026-11-29: forward 475 TFLOP/s against 229 with cp.async and 271 for
+// mma.sync at N = 16384, D = 128; the whole attention suite passes with it). DMAT_ATTN_WG_TMA=0
+// turns it off (read once).
 bool wg_tma() {
   static const bool on = [] {
     const char* e = std::getenv("DMAT_ATTN_WG_TMA");
-    if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
-    if (std::strcmp(e, "1") == 0) return true;
+    if (e == nullptr || *e == 0 || std::strcmp(e, "1") == 0) return true;
+    if (std::strcmp(e, "0") == 0) return false;
     fail("DMAT_ATTN_WG_TMA must be 0 or 1 (got '{}')", e);
   }();
   return on;
@@ -1701,13 +1703,14 @@ FlashPath env_path() {
 }
 
 // automatic picks, per direction, the path measured faster on the H200 (docs/perf.md, 2026-11-29,
-// causal N = 16384, H = 16, D = 128): forward mma.sync (271 TFLOP/s against 229 for the wgmma
-// kernel), backward wgmma (10.7 ms against 15.2). DMAT_ATTN_PATH overrides both directions.
+// causal N = 16384, H = 16, D = 128): forward wgmma with the TMA producer (475 TFLOP/s; mma.sync
+// 271, wgmma with cp.async 229, so without TMA the forward stays on mma.sync), backward wgmma
+// (10.7 ms against 15.2). DMAT_ATTN_PATH overrides both directions.
 enum class Direction { forward, backward };
 FlashPath resolve_path(const AttnShape& s, FlashPath requested, Direction dir) {
   const bool explicit_request = requested != FlashPath::automatic;
   FlashPath want = explicit_request ? requested : env_path();
-  if (want == FlashPath::automatic && dir == Direction::forward) want = FlashPath::mma;
+  if (want == FlashPath::automatic && dir == Direction::forward && !wg_tma()) want = FlashPath::mma;
   if (want == FlashPath::mma) return FlashPath::mma;
   const bool ok = wgmma_dims(s) && device_runs_sm90a();
   if (want == FlashPath::wgmma && !device_runs_sm90a())
