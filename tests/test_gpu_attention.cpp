@@ -592,8 +592,12 @@ TEST(FlashAttentionWgmma, PathSelection) {
   else EXPECT_THROW(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::wgmma), Error);
   const char* env = std::getenv("DMAT_ATTN_PATH");
   if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) {
-    // automatic: forward mma.sync, backward wgmma where available (the faster per direction)
-    EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::automatic), cuda::FlashPath::mma);
+    // automatic: the faster per direction — forward wgmma with the TMA producer (on unless
+    // DMAT_ATTN_WG_TMA=0; without it mma.sync is faster), backward wgmma where available
+    const char* tma = std::getenv("DMAT_ATTN_WG_TMA");
+    const bool tma_on = tma == nullptr || *tma == 0 || std::string(tma) == "1";
+    EXPECT_EQ(cuda::flash_attention_forward_path_for(s, cuda::FlashPath::automatic),
+              avail && tma_on ? cuda::FlashPath::wgmma : cuda::FlashPath::mma);
     EXPECT_EQ(cuda::flash_attention_backward_path_for(s, cuda::FlashPath::automatic),
               avail ? cuda::FlashPath::wgmma : cuda::FlashPath::mma);
   }
