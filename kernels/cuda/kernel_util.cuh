@@ -31,16 +31,6 @@ inline unsigned grid_for(int64_t work, int threads, int waves = 32) {
 }
 
 // ---- 8 x bf16 <-> 8 x float through one 16-byte access ----------------------------------------
-__device__ __forceinline__ void load8(const nv_bf16* p, float (&f)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 t = __bfloat1622float2(h[k]);
-    f[2 * k] = t.x;
-    f[2 * k + 1] = t.y;
-  }
-}
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
 #pragma unroll
@@ -49,6 +39,9 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
     f[2 * k] = t.x;
     f[2 * k + 1] = t.y;
   }
+}
+__device__ __forceinline__ void load8(const nv_bf16* p, float (&f)[8]) {
+  unpack8(*reinterpret_cast<const uint4*>(p), f);
 }
 __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   uint4 u;

@@ -32,6 +32,15 @@ __device__ void zero_row(nv_bf16* d, int64_t V) {
   }
 }
 
+// A row with target < 0 is ignored: loss 0 and a zero gradient. Returns true when it was.
+template <bool VEC>
+__device__ bool ignored_row(int32_t t, float* loss, nv_bf16* dlogits, int64_t row, int64_t V) {
+  if (t >= 0) return false;
+  if (threadIdx.x == 0) loss[row] = 0.f;
+  if (dlogits) zero_row<VEC>(dlogits + row * V, V);
+  return true;
+}
+
 template <int VPT>
 __global__ void __launch_bounds__(kRegThreads)
     xent_reg_kernel(float* loss, nv_bf16* dlogits, const nv_bf16* logits, const int32_t* targets, int64_t V,
@@ -40,11 +49,7 @@ __global__ void __launch_bounds__(kRegThreads)
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   const nv_bf16* x = logits + row * V;
-  if (t < 0) {
-    if (threadIdx.x == 0) loss[row] = 0.f;
-    if (dlogits) zero_row<true>(dlogits + row * V, V);
-    return;
-  }
+  if (ignored_row<true>(t, loss, dlogits, row, V)) return;
   const float xt = ld(x + t);
   uint4 raw[VPT];
   float mx = -INFINITY;
@@ -103,11 +108,7 @@ __global__ void __launch_bounds__(kSmemThreads)
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   const nv_bf16* x = logits + row * V;
-  if (t < 0) {
-    if (threadIdx.x == 0) loss[row] = 0.f;
-    if (dlogits) zero_row<true>(dlogits + row * V, V);
-    return;
-  }
+  if (ignored_row<true>(t, loss, dlogits, row, V)) return;
   const float xt = ld(x + t);
   const int nvec = int(V / 8);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
@@ -169,11 +170,7 @@ __global__ void __launch_bounds__(kWideThreads)
   const int64_t row = blockIdx.x;
   const int32_t t = targets[row];
   const nv_bf16* x = logits + row * V;
-  if (t < 0) {
-    if (threadIdx.x == 0) loss[row] = 0.f;
-    if (dlogits) zero_row<VEC>(dlogits + row * V, V);
-    return;
-  }
+  if (ignored_row<VEC>(t, loss, dlogits, row, V)) return;
   const float xt = ld(x + t);
   // Online max / sum per thread, rescaled once per vector.
   float m = -INFINITY, s = 0.f;
