@@ -138,11 +138,6 @@ Model::~Model() = default;
 
 ParamTable Model::declare_params(const ModelConfig& cfg) { return build_layout(cfg).params; }
 
-int64_t Model::activation_elements(const ModelConfig& cfg, int64_t B, int64_t T) {
-  Model m(cfg, NoAlloc{});
-  return m.act_table(B, T).total_elements();
-}
-
 int64_t Model::num_params() const {
   int64_t n = 0;
   for (const auto& p : ptable_.info()) n += p.shape.numel();

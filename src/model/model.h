@@ -64,7 +64,6 @@ class Model {
 
   // Sizes without allocating anything (for `dmatrain info`).
   static ParamTable declare_params(const ModelConfig& cfg);
-  static int64_t activation_elements(const ModelConfig& cfg, int64_t B, int64_t T);
   // Activation arena bytes for a dtype (BF16: statistics in fp32), with or without recomputation.
   static size_t activation_bytes(const ModelConfig& cfg, int64_t B, int64_t T, DType dtype, bool recompute);
   // Rows of the LM head / cross-entropy chunk for N = B·T rows.
