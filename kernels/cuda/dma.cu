@@ -1,0 +1,373 @@
+// Dynamic Mask Attention kernels (declarations and semantics in dma.h): the key bias from the
+// values (forward, backward), the per-query thresholds by sort + monotone scan, and the gathered
+// key lists of the sparse attention forward.
+#include <algorithm>
+#include <cmath>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "core/error.h"
+#include "kernels/cuda/context.h"
+#include "kernels/cuda/dma.h"
+#include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/kernel_util.cuh"
+
+namespace dmat::cuda {
+namespace {
+
+using detail::ceil_div;
+using detail::grid_for;
+using detail::ld;
+using detail::nv;
+using detail::nv_bf16;
+
+// softplus(z) = log(1 + e^z) without overflow (as the CPU reference); its derivative the sigmoid.
+__device__ __forceinline__ float softplus(float z) { return fmaxf(z, 0.f) + log1pf(expf(-fabsf(z))); }
+__device__ __forceinline__ float sigmoid(float z) {
+  if (z >= 0.f) return 1.f / (1.f + expf(-z));
+  const float e = expf(z);
+  return e / (1.f + e);
+}
+
+// ---- bias forward: one warp per (b, t) row of v, heads in turn ---------------------------------
+// VEC: C % 8 == 0 and 16-byte aligned rows, 8 bf16 per lane and load; else one element per lane.
+template <bool VEC>
+__global__ void dma_bias_fwd_kernel(float* __restrict__ z, float* __restrict__ bias, const nv_bf16* __restrict__ v,
+                                    const nv_bf16* __restrict__ w, const nv_bf16* __restrict__ A, int64_t rows,
+                                    int T, int Hkv, int C, bool exp_form) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
+    const int64_t b = r / T, t = r % T;
+    const nv_bf16* vr = v + r * C;
+    for (int h = 0; h < Hkv; ++h) {
+      const nv_bf16* wh = w + int64_t(h) * C;
+      float acc = 0.f;
+      if constexpr (VEC) {
+        for (int c = lane * 8; c < C; c += 256) {
+          float a[8], x[8];
+          detail::load8(vr + c, a);
+          detail::load8(wh + c, x);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) acc = fmaf(a[k], x[k], acc);
+        }
+      } else {
+        for (int c = lane; c < C; c += 32) acc = fmaf(ld(vr + c), ld(wh + c), acc);
+      }
+      acc = detail::group_sum(acc);
+      if (lane == 0) {
+        const int64_t at = (b * Hkv + h) * T + t;
+        const float a = ld(A + h) * softplus(acc);
+        z[at] = acc;
+        bias[at] = exp_form ? expf(a) : a;
+      }
+    }
+  }
+}
+
+// ---- bias backward -------------------------------------------------------------------------------
+// da = ∂L/∂(A·softplus(z)): dbias·bias (exp form) or dbias (linear form).
+__device__ __forceinline__ float dma_da(const float* dbias, const float* bias, int64_t x, bool exp_form) {
+  return exp_form ? dbias[x] * bias[x] : dbias[x];
+}
+
+// dzr[(b·T + t)·Hkv + h] = da·A_h·sigmoid(z)  (row-major per (b, t): what the dv / dW kernels read)
+__global__ void dma_dz_kernel(float* __restrict__ dzr, const float* __restrict__ dbias, const float* __restrict__ z,
+                              const float* __restrict__ bias, const nv_bf16* __restrict__ A, int64_t n, int T,
+                              int Hkv, bool exp_form) {
+  for (int64_t x = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; x < n; x += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = x % T, h = (x / T) % Hkv, b = x / (int64_t(T) * Hkv);
+    dzr[(b * T + t) * Hkv + h] = dma_da(dbias, bias, x, exp_form) * ld(A + h) * sigmoid(z[x]);
+  }
+}
+
+// dA[h] += Σ_{b,t} da·softplus(z): one block per head, fixed thread count and strides, fixed-order
+// block reduction.
+constexpr int kDaThreads = 256;
+__global__ void __launch_bounds__(kDaThreads) dma_da_kernel(float* __restrict__ dA, const float* __restrict__ dbias,
+                                                            const float* __restrict__ z,
+                                                            const float* __restrict__ bias, int B, int T, int Hkv,
+                                                            bool exp_form) {
+  __shared__ float red[32];
+  const int h = blockIdx.x;
+  float acc = 0.f;
+  for (int64_t r = threadIdx.x; r < int64_t(B) * T; r += kDaThreads) {
+    const int64_t b = r / T, t = r % T, x = (b * Hkv + h) * T + t;
+    acc = fmaf(dma_da(dbias, bias, x, exp_form), softplus(z[x]), acc);
+  }
+  acc = detail::block_sum(acc, red);
+  if (threadIdx.x == 0) dA[h] += acc;
+}
+
+// dv[r, c] += Σ_h dzr[r, h]·W_dt[h, c]  (heads in increasing order, one bf16 rounding)
+__global__ void dma_dv_kernel(nv_bf16* __restrict__ dv, const float* __restrict__ dzr, const nv_bf16* __restrict__ w,
+                              int64_t n, int C, int Hkv) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / C, c = e % C;
+    float g = 0.f;
+    for (int h = 0; h < Hkv; ++h) g = fmaf(dzr[r * Hkv + h], ld(w + int64_t(h) * C + c), g);
+    detail::st(dv + e, ld(dv + e) + g);
+  }
+}
+
+// partial[p, h·C + c] = Σ_{r in part p, ascending} dzr[r, h]·v[r, c]; parts of consecutive rows.
+// Heads in groups of kHG per pass over the rows (v read once per group).
+constexpr int kDwThreads = 128, kHG = 8;
+__global__ void __launch_bounds__(kDwThreads) dma_dw_partial_kernel(float* __restrict__ partial,
+                                                                    const float* __restrict__ dzr,
+                                                                    const nv_bf16* __restrict__ v, int64_t rows,
+                                                                    int64_t rows_per_part, int C, int Hkv) {
+  const int64_t p = blockIdx.x, r0 = p * rows_per_part, r1 = min(rows, r0 + rows_per_part);
+  const int64_t D = int64_t(Hkv) * C;
+  for (int c = threadIdx.x; c < C; c += kDwThreads) {
+    for (int h0 = 0; h0 < Hkv; h0 += kHG) {
+      float acc[kHG];
+#pragma unroll
+      for (int k = 0; k < kHG; ++k) acc[k] = 0.f;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float x = ld(v + r * C + c);
+#pragma unroll
+        for (int k = 0; k < kHG; ++k)
+          if (h0 + k < Hkv) acc[k] = fmaf(__ldg(dzr + r * Hkv + h0 + k), x, acc[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < kHG; ++k)
+        if (h0 + k < Hkv) partial[p * D + int64_t(h0 + k) * C + c] = acc[k];
+    }
+  }
+}
+
+// ---- thresholds ------------------------------------------------------------------------------------
+// Order-preserving map of a float to uint32 (−0.0 first made +0.0, so the two tie).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  uint32_t u = __float_as_uint(f);
+  if (u == 0x80000000u) u = 0;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float order_value(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+// keys[r·T + j] = (r << 32) | order_key(bias), idx = j: one radix sort keeps rows apart and, being
+// stable, breaks ties by position.
+__global__ void dma_thr_keys_kernel(uint64_t* __restrict__ keys, int32_t* __restrict__ idx,
+                                    const float* __restrict__ bias, int64_t n, int T) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    keys[e] = (uint64_t(e / T) << 32) | order_key(bias[e]);
+    idx[e] = int32_t(e % T);
+  }
+}
+
+// One block per row. pos[j] = the rank of key j in the sorted row; then thread 0 scans i in
+// order: insert rank(i) into the bitset; with n inserted, the threshold is the rank p of the
+// w-th largest inserted. n == w: p = the smallest inserted rank. n > w: if the new rank is above p,
+// p moves to the next inserted rank above it (w + 1 ranks were >= p); else p stays. The scan runs
+// over chunks of kChunk queries staged in shared memory; the block writes each chunk's values.
+constexpr int kThrThreads = 256, kChunk = 2048;
+__global__ void __launch_bounds__(kThrThreads) dma_thr_scan_kernel(float* __restrict__ thr,
+                                                                   const float* __restrict__ bias,
+                                                                   const uint64_t* __restrict__ sorted_keys,
+                                                                   const int32_t* __restrict__ sorted_idx,
+                                                                   int32_t* __restrict__ pos,
+                                                                   uint32_t* __restrict__ gbits, int T, int window,
+                                                                   bool bits_in_smem) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int32_t* chunk = reinterpret_cast<int32_t*>(smem_raw);  // [kChunk]: ranks in, threshold ranks out
+  const int64_t row = blockIdx.x, base = row * T;
+  const int words = (T + 31) / 32;
+  uint32_t* bits = bits_in_smem ? reinterpret_cast<uint32_t*>(smem_raw + kChunk * sizeof(int32_t))
+                                : gbits + row * int64_t(words);
+  float* tr = thr + base;
+
+  int nan = 0;
+  for (int j = threadIdx.x; j < T; j += kThrThreads) nan |= isnan(bias[base + j]);
+  if (__syncthreads_or(nan)) {
+    for (int j = threadIdx.x; j < T; j += kThrThreads) tr[j] = __int_as_float(0x7fc00000);
+    return;
+  }
+  for (int r = threadIdx.x; r < T; r += kThrThreads) pos[base + sorted_idx[base + r]] = r;
+  for (int k = threadIdx.x; k < words; k += kThrThreads) bits[k] = 0u;
+  __syncthreads();  // pos complete (global writes by this block are visible after the barrier)
+
+  int p = -1;  // the threshold's rank once n >= window (thread 0's state across chunks)
+  for (int c0 = 0; c0 < T; c0 += kChunk) {
+    const int len = min(kChunk, T - c0);
+    for (int k = threadIdx.x; k < len; k += kThrThreads) chunk[k] = pos[base + c0 + k];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < len; ++k) {
+        const int i = c0 + k, r = chunk[k];
+        bits[r >> 5] |= 1u << (r & 31);
+        const int n = i + 1;
+        if (n == window) {  // exactly w inserted: the threshold is the smallest
+          int wd = 0;
+          while (bits[wd] == 0u) ++wd;
+          p = wd * 32 + __ffs(bits[wd]) - 1;
+        } else if (n > window && r > p) {  // the next inserted rank above p
+          int wd = p >> 5;
+          uint32_t m = (p & 31) == 31 ? 0u : bits[wd] & (~0u << ((p & 31) + 1));
+          while (m == 0u) m = bits[++wd];
+          p = wd * 32 + __ffs(m) - 1;
+        }
+        chunk[k] = n >= window ? p : -1;
+      }
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < len; k += kThrThreads) {
+      const int q = chunk[k];
+      tr[c0 + k] = q < 0 ? -INFINITY : order_value(uint32_t(sorted_keys[base + q]));
+    }
+    __syncthreads();  // chunk is rewritten next
+  }
+}
+
+// ---- gathered key lists -----------------------------------------------------------------------------
+// One block per (query tile, row): an order-preserving compaction of the keys j < i1 with
+// bias_j >= thr[i0], kThreads keys per step (warp ballots, then a prefix over the warps).
+constexpr int kGatherThreads = 256;
+__global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __restrict__ keys,
+                                                                    int32_t* __restrict__ count,
+                                                                    int32_t* __restrict__ max_count, int64_t cap,
+                                                                    const float* __restrict__ bias,
+                                                                    const float* __restrict__ thr, int T, int bq) {
+  __shared__ int warp_n[kGatherThreads / 32];
+  const int qt = blockIdx.x, n_tiles = gridDim.x;
+  const int64_t row = blockIdx.y, list = row * n_tiles + qt;
+  const int i0 = qt * bq, i1 = min(i0 + bq, T);
+  const float* br = bias + row * T;
+  const float t0 = thr[row * T + i0];
+  int32_t* out = keys + list * cap;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int total = 0;
+  for (int j0 = 0; j0 < i1; j0 += kGatherThreads) {
+    const int j = j0 + threadIdx.x;
+    const bool keep = j < i1 && br[j] >= t0;
+    const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) warp_n[warp] = __popc(ballot);
+    __syncthreads();
+    int before = total, step = 0;
+#pragma unroll
+    for (int k = 0; k < kGatherThreads / 32; ++k) {
+      before += k < warp ? warp_n[k] : 0;
+      step += warp_n[k];
+    }
+    if (keep) {
+      const int at = before + __popc(ballot & ((1u << lane) - 1u));
+      if (at < cap) out[at] = j;
+    }
+    total += step;
+    __syncthreads();  // warp_n is rewritten next step
+  }
+  if (threadIdx.x == 0) {
+    count[list] = total;
+    if (max_count) atomicMax(max_count, total);
+  }
+}
+
+int as_int(int64_t x, const char* what) {
+  DMAT_CHECK(x >= 0 && x <= INT32_MAX, "dma: {}={} out of int32 range", what, x);
+  return int(x);
+}
+
+}  // namespace
+
+void dma_bias_forward(float* z, float* bias, const bf16* v, const bf16* w_dt, const bf16* A, int64_t B, int64_t T,
+                      int64_t Hkv, int64_t Dh, DmaBiasForm form) {
+  const int64_t rows = B * T, C = Hkv * Dh;
+  if (rows == 0 || Hkv == 0) return;
+  const bool vec = C % 8 == 0 && detail::aligned16(v) && detail::aligned16(w_dt);
+  constexpr int kThreads = 256;
+  const unsigned grid = grid_for(rows, kThreads / 32);
+  const bool ex = form == DmaBiasForm::Exp;
+  if (vec)
+    dma_bias_fwd_kernel<true><<<grid, kThreads, 0, stream()>>>(z, bias, nv(v), nv(w_dt), nv(A), rows,
+                                                               as_int(T, "T"), int(Hkv), as_int(C, "C"), ex);
+  else
+    dma_bias_fwd_kernel<false><<<grid, kThreads, 0, stream()>>>(z, bias, nv(v), nv(w_dt), nv(A), rows,
+                                                                as_int(T, "T"), int(Hkv), as_int(C, "C"), ex);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, const float* z, const float* bias,
+                       const bf16* v, const bf16* w_dt, const bf16* A, int64_t B, int64_t T, int64_t Hkv, int64_t Dh,
+                       DmaBiasForm form) {
+  const int64_t rows = B * T, C = Hkv * Dh, n = rows * Hkv, D = Hkv * C;
+  if (rows == 0 || Hkv == 0) return;
+  const bool ex = form == DmaBiasForm::Exp;
+  const int Ti = as_int(T, "T"), Ci = as_int(C, "C");
+  // Workspace: dzr [rows·Hkv] | partial [parts·D] | column-sum scratch.
+  const int64_t parts = detail::reduction_parts(rows, D, kDwThreads);
+  const int64_t rows_per_part = ceil_div(rows, parts), used_parts = ceil_div(rows, rows_per_part);
+  const int64_t scratch = detail::column_sum_scratch(used_parts, D);
+  float* ws = static_cast<float*>(workspace(size_t(n + used_parts * D + scratch) * sizeof(float)));
+  float* dzr = ws;
+  float* partial = ws + n;
+  float* col_scratch = partial + used_parts * D;
+
+  dma_dz_kernel<<<grid_for(n, 256), 256, 0, stream()>>>(dzr, dbias, z, bias, nv(A), n, Ti, int(Hkv), ex);
+  DMAT_CUDA_LAUNCH_CHECK();
+  dma_da_kernel<<<unsigned(Hkv), kDaThreads, 0, stream()>>>(dA, dbias, z, bias, as_int(B, "B"), Ti, int(Hkv), ex);
+  DMAT_CUDA_LAUNCH_CHECK();
+  dma_dv_kernel<<<grid_for(rows * C, 256), 256, 0, stream()>>>(nv(dv), dzr, nv(w_dt), rows * C, Ci, int(Hkv));
+  DMAT_CUDA_LAUNCH_CHECK();
+  dma_dw_partial_kernel<<<unsigned(used_parts), kDwThreads, 0, stream()>>>(partial, dzr, nv(v), rows, rows_per_part,
+                                                                           Ci, int(Hkv));
+  DMAT_CUDA_LAUNCH_CHECK();
+  detail::column_sum_accumulate(dw_dt, partial, used_parts, D, col_scratch);
+}
+
+void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
+  DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
+  const int64_t n = rows * T;
+  if (n == 0) return;
+  const int Ti = as_int(T, "T");
+  DMAT_CHECK(rows < (int64_t(1) << 31), "dma thresholds: {} rows", rows);
+  const int win = int(std::min<int64_t>(window, int64_t(T) + 1));  // window > T: every threshold is −inf
+  const int row_bits = rows > 1 ? 64 - __builtin_clzll(uint64_t(rows - 1)) : 0;
+
+  size_t cub_bytes = 0;
+  DMAT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const uint64_t*>(nullptr),
+                                                  static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                  static_cast<int32_t*>(nullptr), n, 0, 32 + row_bits, stream()));
+  const int64_t words = ceil_div(T, 32);
+  const size_t smem = kChunk * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
+  const bool bits_in_smem = smem <= max_smem_optin();
+  auto align = [](size_t b) { return (b + 255) & ~size_t(255); };
+  const size_t keys_b = align(size_t(n) * 8), idx_b = align(size_t(n) * 4), cub_b = align(cub_bytes),
+               bits_b = bits_in_smem ? 0 : align(size_t(rows * words) * 4);
+  char* ws = static_cast<char*>(workspace(2 * keys_b + 2 * idx_b + cub_b + bits_b));
+  uint64_t* keys_in = reinterpret_cast<uint64_t*>(ws);
+  uint64_t* keys_out = reinterpret_cast<uint64_t*>(ws + keys_b);
+  int32_t* idx_in = reinterpret_cast<int32_t*>(ws + 2 * keys_b);
+  int32_t* idx_out = reinterpret_cast<int32_t*>(ws + 2 * keys_b + idx_b);
+  void* cub_tmp = ws + 2 * keys_b + 2 * idx_b;
+  uint32_t* gbits = bits_in_smem ? nullptr : reinterpret_cast<uint32_t*>(ws + 2 * keys_b + 2 * idx_b + cub_b);
+
+  dma_thr_keys_kernel<<<grid_for(n, 256), 256, 0, stream()>>>(keys_in, idx_in, bias, n, Ti);
+  DMAT_CUDA_LAUNCH_CHECK();
+  DMAT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(cub_tmp, cub_bytes, keys_in, keys_out, idx_in, idx_out, n, 0,
+                                                  32 + row_bits, stream()));
+  // idx_in is free after the sort: it becomes pos (rank of each key).
+  const size_t launch_smem = bits_in_smem ? smem : kChunk * sizeof(int32_t);
+  if (launch_smem > 48 * 1024)
+    DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(launch_smem)));
+  dma_thr_scan_kernel<<<unsigned(rows), kThrThreads, launch_smem, stream()>>>(thr, bias, keys_out, idx_out, idx_in,
+                                                                              gbits, Ti, win, bits_in_smem);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+int64_t dma_gather_tiles(int64_t T) { return ceil_div(T, flash_attention_block_q()); }
+
+void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
+                     const float* thr, int64_t rows, int64_t T) {
+  DMAT_CHECK(capacity >= 0, "dma gather: capacity={}", capacity);
+  const int64_t tiles = dma_gather_tiles(T);
+  if (rows == 0 || tiles == 0) return;
+  DMAT_CHECK(tiles < (int64_t(1) << 31) && rows < 65536, "dma gather: {} tiles x {} rows", tiles, rows);
+  dma_gather_kernel<<<dim3(unsigned(tiles), unsigned(rows)), kGatherThreads, 0, stream()>>>(
+      keys, count, max_count, capacity, bias, thr, as_int(T, "T"), flash_attention_block_q());
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace dmat::cuda

@@ -1,0 +1,53 @@
+// Dynamic Mask Attention on the GPU, the first pieces (../shared/DESIGN.md "Attention variants",
+// issue 5): the per-key bias from the values and its backward, the per-query thresholds, and the
+// gathered key lists for the sparse flash-attention forward. Semantics, layouts and the tie rule
+// are those of the CPU reference (kernels/cpu/cpu_ops.h, "Dynamic Mask Attention"):
+//   v [B,T,Hkv,Dh] bf16; W_dt [Hkv, Hkv·Dh] bf16; A [Hkv] bf16 (a parameter, like W_dt);
+//   z, bias, thr [B,Hkv,T] fp32; dbias [B,Hkv,T] fp32; dW_dt, dA fp32 (+=); dv bf16 (+=).
+// All run on dmat::cuda::stream(), asynchronously; pointers are device pointers. Every reduction
+// runs in a fixed order (no floating-point atomics): same inputs, same bits.
+#pragma once
+#include <cstdint>
+
+#include "core/bf16.h"
+#include "kernels/cpu/cpu_ops.h"  // DmaBiasForm
+
+namespace dmat::cuda {
+
+using DmaBiasForm = cpu::DmaBiasForm;
+
+// z[b,h,t] = Σ_c v[b,t,c]·W_dt[h,c] (c over Hkv·Dh, fp32 accumulation);
+// bias = exp(A_h·softplus(z)) (Exp) or A_h·softplus(z) (Linear). z, bias overwrite.
+void dma_bias_forward(float* z, float* bias, const bf16* v, const bf16* w_dt, const bf16* A, int64_t B, int64_t T,
+                      int64_t Hkv, int64_t Dh, DmaBiasForm form);
+// From dbias (and z, bias as saved by the forward): dv += the bias path's share (fp32 math, one
+// bf16 rounding per element), dw_dt += Σ_{b,t} dz·v, dA += Σ_{b,t} ∂bias/∂A·dbias (fp32).
+void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, const float* z, const float* bias,
+                       const bf16* v, const bf16* w_dt, const bf16* A, int64_t B, int64_t T, int64_t Hkv, int64_t Dh,
+                       DmaBiasForm form);
+
+// thr[r, i] = the window-th largest of bias[r, 0..i], −inf while i + 1 < window; rows = B·Hkv.
+// Pure selection (values are copied, never computed), so bit-identical to cpu::dma_thresholds,
+// except that −0.0 is returned as +0.0 (the two compare equal; the CPU heap may return either).
+// A row holding a NaN bias gets NaN thresholds (the CPU reference throws instead).
+// Work per row: one stable radix sort of (bias, position) pairs (O(T) per pass), then a scan of
+// i = 0..T−1 keeping the rank p of the current threshold in a bitset of inserted ranks; p only
+// moves up (thresholds never decrease), so the scan is O(T) in total, but it is serial (one thread
+// per row: ~T·40 cycles of shared-memory latency). No T×T buffer; workspace ≈ 20·rows·T bytes.
+void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
+
+// Gathered key lists for flash_attention_forward_ext (flash_attention.h, FlashGather layout):
+// for row r = b·Hkv + hk and query tile q of rows [i0, i1) (i0 = q·flash_attention_block_q(),
+// i1 = min(i0 + block, T)): every key j < i1 with bias[r, j] >= thr[r, i0], in increasing j —
+// the keys some query of the tile may keep (thr never decreases, so a key below thr[i0] is kept by
+// no query of the tile). Without ties at most min(i1, window + block − 1) keys; ties at the
+// threshold add more (all biases equal: every causal key). keys[(r·n_tiles + q)·capacity + n] for
+// n < min(count, capacity); count[r·n_tiles + q] is the true count, which may exceed capacity (the
+// list is then truncated: the caller must check). max_count (nullptr: skipped) receives
+// max(*max_count, every count) (integer atomics); initialise it before the call.
+// Work: O(i1) per tile, O(T²/block) per row (a scan of the bias prefix per tile).
+int64_t dma_gather_tiles(int64_t T);  // n_tiles = ceil(T / flash_attention_block_q())
+void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
+                     const float* thr, int64_t rows, int64_t T);
+
+}  // namespace dmat::cuda
