@@ -3,6 +3,7 @@
 #ifdef DMAT_WITH_CUDA
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/profile.h"
 #endif
@@ -509,7 +510,13 @@ void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, cons
                  z.numel() == B * Hkv * T && bias.numel() == B * Hkv * T,
              "dma_bias: v {} w_dt {} A {} z {} bias {}", v.shape.str(), w_dt.shape.str(), A.shape.str(),
              z.shape.str(), bias.shape.str());
-  no_dma_cuda("dma_bias", v);
+  if (on_cuda("dma_bias", v)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::dma_bias_forward(f32(z, "dma_bias"), f32(bias, "dma_bias"), bf(v, "dma_bias"), bf(w_dt, "dma_bias"),
+                           bf(A, "dma_bias"), B, T, Hkv, Dh, form);
+#endif
+    return;
+  }
   dispatch("dma_bias", v, [&](auto t) {
     using T_ = decltype(t);
     cpu::dma_bias_forward<T_>(p<T_>(z), p<T_>(bias), p<T_>(v), p<T_>(w_dt), p<T_>(A), B, T, Hkv, Dh, form);
@@ -525,7 +532,14 @@ void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, 
                  dv.numel() == v.numel() && dw_dt.shape == w_dt.shape && dA.numel() == Hkv,
              "dma_bias_backward: v {} dv {} w_dt {} dw_dt {} A {} dA {} dbias {}", v.shape.str(), dv.shape.str(),
              w_dt.shape.str(), dw_dt.shape.str(), A.shape.str(), dA.shape.str(), dbias.shape.str());
-  no_dma_cuda("dma_bias_backward", v);
+  if (on_cuda("dma_bias_backward", v)) {
+#ifdef DMAT_WITH_CUDA
+    const char* op = "dma_bias_backward";
+    cuda::dma_bias_backward(bf(dv, op), f32(dw_dt, op), f32(dA, op), f32(dbias, op), f32(z, op), f32(bias, op),
+                            bf(v, op), bf(w_dt, op), bf(A, op), B, T, Hkv, Dh, form);
+#endif
+    return;
+  }
   dispatch("dma_bias_backward", v, [&](auto t) {
     using T_ = decltype(t);
     cpu::dma_bias_backward<T_>(p<T_>(dv), p<T_>(dw_dt), p<T_>(dA), p<T_>(dbias), p<T_>(z), p<T_>(bias), p<T_>(v),
@@ -537,7 +551,12 @@ void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window) {
   const int64_t T = last_dim(bias), rows = rows_of(bias);
   DMAT_CHECK(thr.numel() == bias.numel() && window > 0, "dma_thresholds: bias {} thr {} window {}",
              bias.shape.str(), thr.shape.str(), window);
-  no_dma_cuda("dma_thresholds", bias);
+  if (on_cuda("dma_thresholds", bias)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::dma_thresholds(f32(thr, "dma_thresholds"), f32(bias, "dma_thresholds"), rows, T, window);
+#endif
+    return;
+  }
   dispatch("dma_thresholds", bias, [&](auto t) {
     using T_ = decltype(t);
     cpu::dma_thresholds<T_>(p<T_>(thr), p<T_>(bias), rows, T, window);

@@ -66,8 +66,9 @@ double sum_squares(const Tensor& x);
 void adamw_step(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double bc1, double bc2);
 
-// Dynamic Mask Attention (definitions, layouts and the tie rule in kernels/cpu/cpu_ops.h). CPU only
-// for now: CUDA tensors fail with "DMA has no CUDA kernel yet". v [B,T,Hkv,Dh]; z, bias, thr, dbias
+// Dynamic Mask Attention (definitions, layouts and the tie rule in kernels/cpu/cpu_ops.h). On CUDA
+// (kernels/cuda/dma.h: bf16 v, w_dt, A, dv; fp32 z, bias, thr, dbias, dw_dt, dA) the bias and the
+// thresholds run; the attention ops still fail with "DMA has no CUDA kernel yet". v [B,T,Hkv,Dh]; z, bias, thr, dbias
 // [B,Hkv,T]; w_dt [Hkv, Hkv·Dh]; A [Hkv].
 using cpu::DmaBiasForm;
 void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A,
