@@ -1,0 +1,407 @@
+// CUDA DMA kernels (kernels/cuda/dma.h) against the CPU reference (kernels/cpu/cpu_ops.h):
+//  - key bias forward / backward vs cpu::dma_bias_* in fp64 on the same bf16 inputs, both bias
+//    forms, vector and scalar paths, huge |z| (overflow-safe softplus); tolerances derived below;
+//    the backward's bits identical run to run;
+//  - thresholds bit-identical to cpu::dma_thresholds on adversarial biases (ties, all equal,
+//    increasing, decreasing, random, ±0, ±inf; T below / equal / above w; w = 1; a T large enough
+//    for the bitset to leave shared memory); NaN rows give NaN;
+//  - gathered key lists equal to a brute-force construction, truncation and max_count.
+// Label gpu (file name); every test skips where no CUDA device is visible.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "kernels/cuda/device_info.h"
+
+#ifdef DMAT_WITH_CUDA
+#include "core/bf16.h"
+#include "core/rng.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/dma.h"
+#include "kernels/cuda/flash_attention.h"
+#endif
+
+namespace dmat {
+namespace {
+
+#define REQUIRE_GPU() \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+#ifndef DMAT_WITH_CUDA
+TEST(GpuDma, NeedsCudaBuild) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  GTEST_SKIP() << "built without the CUDA backend (DMAT_CUDA=OFF)";
+}
+#else
+
+using cpu::DmaBiasForm;
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr double kU32 = 1.0 / (1 << 24);  // fp32 unit roundoff
+
+template <class T>
+struct Dev {
+  T* base = nullptr;
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Dev(size_t n_, size_t offset = 0) : n(n_) {
+    base = static_cast<T*>(cuda::device_alloc((n + offset + 1) * sizeof(T)));
+    p = base + offset;
+  }
+  Dev(const std::vector<T>& v, size_t offset = 0) : Dev(v.size(), offset) { up(v); }
+  ~Dev() { cuda::device_free(base); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  void up(const std::vector<T>& v) { cuda::memcpy_h2d(p, v.data(), v.size() * sizeof(T)); }
+  std::vector<T> down() const {
+    std::vector<T> v(n);
+    cuda::memcpy_d2h(v.data(), p, n * sizeof(T));
+    return v;
+  }
+};
+
+// bf16-representable random values: the GPU gets the bf16, the reference the identical double.
+struct BfIn {
+  std::vector<bf16> b;
+  std::vector<double> d;
+};
+BfIn rand_bf(size_t n, uint64_t seed, double lo, double hi) {
+  Rng r(hash64(seed, 0xd3a));
+  BfIn in;
+  for (size_t i = 0; i < n; ++i) {
+    const bf16 x = to_bf16(float(lo + (hi - lo) * r.uniform()));
+    in.b.push_back(x);
+    in.d.push_back(double(to_float(x)));
+  }
+  return in;
+}
+std::vector<float> rand_f(size_t n, uint64_t seed, double lo, double hi) {
+  Rng r(hash64(seed, 0xf32));
+  std::vector<float> v(n);
+  for (auto& x : v) x = float(lo + (hi - lo) * r.uniform());
+  return v;
+}
+
+template <class Tol>
+void check_close(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, Tol tol) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t bad = 0;
+  std::string first;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double t = tol(i);
+    if (!(std::fabs(got[i] - want[i]) <= t)) {
+      if (bad < 8)
+        first += fmt::format("\n  [{}] got {:.9g} want {:.9g} (|diff| {:.3g} > tol {:.3g})", i, got[i], want[i],
+                             std::fabs(got[i] - want[i]), t);
+      ++bad;
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements out of tolerance" << first;
+}
+std::vector<double> to_d(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<double> to_d(const std::vector<bf16>& v) {
+  std::vector<double> o;
+  for (bf16 x : v) o.push_back(double(to_float(x)));
+  return o;
+}
+double sp(double z) { return std::max(z, 0.0) + std::log1p(std::exp(-std::fabs(z))); }
+
+// ---- bias forward / backward ------------------------------------------------------------------------
+struct BiasCase {
+  int64_t B, T, Hkv, Dh;
+  double vscale, ascale;  // v, W_dt in ±vscale; A in ±ascale
+  size_t offset;          // element offset of v (1: unaligned, the scalar path)
+};
+const BiasCase kBiasCases[] = {
+    {2, 37, 3, 64, 1.0, 1.5, 0},   // C = 192: 8-wide loads
+    {1, 50, 2, 12, 1.0, 1.5, 1},   // C = 24, v unaligned: scalar path
+    {1, 17, 1, 5, 1.0, 1.5, 0},    // C = 5: scalar path
+    {1, 33, 4, 32, 8.0, 0.02, 0},  // |z| in the hundreds: softplus must not overflow; exp form stays finite
+    {3, 129, 2, 128, 0.5, 3.0, 0},
+};
+
+TEST(GpuDma, BiasForwardMatchesCpu) {
+  REQUIRE_GPU();
+  uint64_t seed = 100;
+  for (const BiasCase& c : kBiasCases)
+    for (DmaBiasForm form : {DmaBiasForm::Exp, DmaBiasForm::Linear}) {
+      const int64_t C = c.Hkv * c.Dh, nkey = c.B * c.Hkv * c.T;
+      const BfIn v = rand_bf(size_t(c.B * c.T * C), ++seed, -c.vscale, c.vscale);
+      const BfIn w = rand_bf(size_t(c.Hkv * C), ++seed, -c.vscale, c.vscale);
+      const BfIn A = rand_bf(size_t(c.Hkv), ++seed, -c.ascale, c.ascale);
+      std::vector<double> z(static_cast<size_t>(nkey)), bias(static_cast<size_t>(nkey));
+      cpu::dma_bias_forward<double>(z.data(), bias.data(), v.d.data(), w.d.data(), A.d.data(), c.B, c.T, c.Hkv, c.Dh,
+                                    form);
+      // Σ_c |v·w| per (b, h, t): the scale of fp32 accumulation error in z.
+      std::vector<double> zabs(static_cast<size_t>(nkey));
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t t = 0; t < c.T; ++t)
+          for (int64_t h = 0; h < c.Hkv; ++h) {
+            double s = 0;
+            for (int64_t k = 0; k < C; ++k) s += std::fabs(v.d[size_t((b * c.T + t) * C + k)] * w.d[size_t(h * C + k)]);
+            zabs[size_t((b * c.Hkv + h) * c.T + t)] = s;
+          }
+      Dev<bf16> dv(v.b, c.offset), dw(w.b), dA(A.b);
+      Dev<float> dz(static_cast<size_t>(nkey)), db(static_cast<size_t>(nkey));
+      dz.up(std::vector<float>(size_t(nkey), kNaN));
+      db.up(std::vector<float>(size_t(nkey), kNaN));
+      cuda::dma_bias_forward(dz.p, db.p, dv.p, dw.p, dA.p, c.B, c.T, c.Hkv, c.Dh, form);
+      const std::string what = fmt::format("B{} T{} Hkv{} Dh{} {}", c.B, c.T, c.Hkv, c.Dh,
+                                           form == DmaBiasForm::Exp ? "exp" : "linear");
+      // z: C fp32 fmas in some order: |err| ≤ C·u·Σ|v·w| (the γ_C bound), plus a denormal floor.
+      auto tol_z = [&](size_t i) { return double(C) * kU32 * zabs[i] + 1e-30; };
+      check_close(what + " z", to_d(dz.down()), z, tol_z);
+      // bias: a = A·softplus(z) inherits |A|·tol_z (softplus' ≤ 1) plus a few ulps of softplus and
+      // the product (4u·|a|, with log1pf/expf ≤ 2 ulp); exp form: relative error |Δa| + 2u more.
+      auto tol_b = [&](size_t i) {
+        const int64_t h = int64_t(i / size_t(c.T)) % c.Hkv;
+        const double a = A.d[size_t(h)] * sp(z[i]);
+        const double da = std::fabs(A.d[size_t(h)]) * tol_z(i) + 4 * kU32 * (std::fabs(a) + 1e-30) + 1e-37;
+        return form == DmaBiasForm::Exp ? std::fabs(bias[i]) * (da + 2 * kU32) * 1.0001 : da;
+      };
+      check_close(what + " bias", to_d(db.down()), bias, tol_b);
+    }
+}
+
+TEST(GpuDma, BiasBackwardMatchesCpuAndIsDeterministic) {
+  REQUIRE_GPU();
+  uint64_t seed = 200;
+  for (const BiasCase& c : kBiasCases)
+    for (DmaBiasForm form : {DmaBiasForm::Exp, DmaBiasForm::Linear}) {
+      const int64_t C = c.Hkv * c.Dh, nkey = c.B * c.Hkv * c.T, rows = c.B * c.T;
+      const BfIn v = rand_bf(size_t(rows * C), ++seed, -c.vscale, c.vscale);
+      const BfIn w = rand_bf(size_t(c.Hkv * C), ++seed, -c.vscale, c.vscale);
+      const BfIn A = rand_bf(size_t(c.Hkv), ++seed, -c.ascale, c.ascale);
+      // z and bias as a forward would save them (fp32), shared bit for bit by GPU and reference.
+      std::vector<double> zd(static_cast<size_t>(nkey)), bd(static_cast<size_t>(nkey));
+      cpu::dma_bias_forward<double>(zd.data(), bd.data(), v.d.data(), w.d.data(), A.d.data(), c.B, c.T, c.Hkv, c.Dh,
+                                    form);
+      std::vector<float> zf(zd.begin(), zd.end()), bf_(bd.begin(), bd.end());
+      const std::vector<float> dbias = rand_f(size_t(nkey), ++seed, -1, 1);
+      const BfIn dv0 = rand_bf(size_t(rows * C), ++seed, -1, 1);
+      const std::vector<float> dw0 = rand_f(size_t(c.Hkv * C), ++seed, -1, 1), dA0 = rand_f(size_t(c.Hkv), ++seed, -1, 1);
+
+      std::vector<double> dv = dv0.d, dw = to_d(dw0), dA = to_d(dA0);
+      const std::vector<double> z = to_d(zf), bias = to_d(bf_), dbd = to_d(dbias);
+      cpu::dma_bias_backward<double>(dv.data(), dw.data(), dA.data(), dbd.data(), z.data(), bias.data(), v.d.data(),
+                                     w.d.data(), A.d.data(), c.B, c.T, c.Hkv, c.Dh, form);
+      // |dz| per key, for the error scales (dz = da·A·sigmoid(z), da = dbias·bias or dbias).
+      std::vector<double> dz(static_cast<size_t>(nkey)), dterm(static_cast<size_t>(nkey));
+      for (int64_t x = 0; x < nkey; ++x) {
+        const int64_t h = (x / c.T) % c.Hkv;
+        const double da = form == DmaBiasForm::Exp ? dbd[size_t(x)] * bias[size_t(x)] : dbd[size_t(x)];
+        dz[size_t(x)] = da * A.d[size_t(h)] / (1 + std::exp(-z[size_t(x)]));
+        dterm[size_t(x)] = da * sp(z[size_t(x)]);
+      }
+
+      Dev<bf16> gv(v.b, c.offset), gw(w.b), gA(A.b), gdv(dv0.b);
+      Dev<float> gz(zf), gb(bf_), gdb(dbias), gdw(dw0), gdA(dA0);
+      cuda::dma_bias_backward(gdv.p, gdw.p, gdA.p, gdb.p, gz.p, gb.p, gv.p, gw.p, gA.p, c.B, c.T, c.Hkv, c.Dh, form);
+      const std::vector<bf16> got_dv = gdv.down();
+      const std::vector<float> got_dw = gdw.down(), got_dA = gdA.down();
+      const std::string what = fmt::format("B{} T{} Hkv{} Dh{} {}", c.B, c.T, c.Hkv, c.Dh,
+                                           form == DmaBiasForm::Exp ? "exp" : "linear");
+
+      // Each per-term product carries ~4u of relative error from sigmoid/exp/softplus and the
+      // products; a sum of n terms adds n·u·Σ|terms| (γ_n); the fp32 initial value one rounding.
+      // dv: then one bf16 rounding of the result (2^-8 relative, the bf16 half-ulp ×2 for safety).
+      auto tol_dv = [&](size_t e) {
+        const int64_t r = int64_t(e) / C, k = int64_t(e) % C, b = r / c.T, t = r % c.T;
+        double s = 0;
+        for (int64_t h = 0; h < c.Hkv; ++h)
+          s += std::fabs(dz[size_t((b * c.Hkv + h) * c.T + t)] * w.d[size_t(h * C + k)]);
+        return (double(c.Hkv) + 8) * kU32 * s + std::fabs(dv[e]) / 128 + 1e-30;
+      };
+      check_close(what + " dv", to_d(got_dv), dv, tol_dv);
+      auto tol_dw = [&](size_t e) {
+        const int64_t h = int64_t(e) / C, k = int64_t(e) % C;
+        double s = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          s += std::fabs(dz[size_t(((r / c.T) * c.Hkv + h) * c.T + r % c.T)] * v.d[size_t(r * C + k)]);
+        return (double(rows) + 8) * kU32 * s + 2 * kU32 * std::fabs(dw[e]) + 1e-30;
+      };
+      check_close(what + " dW_dt", to_d(got_dw), dw, tol_dw);
+      auto tol_dA = [&](size_t h) {
+        double s = 0;
+        for (int64_t b = 0; b < c.B; ++b)
+          for (int64_t t = 0; t < c.T; ++t) s += std::fabs(dterm[size_t((b * c.Hkv + int64_t(h)) * c.T + t)]);
+        return (double(rows) + 8) * kU32 * s + 2 * kU32 * std::fabs(dA[h]) + 1e-30;
+      };
+      check_close(what + " dA", to_d(got_dA), dA, tol_dA);
+
+      // Deterministic: the same call from the same state gives the same bits.
+      gdv.up(dv0.b), gdw.up(dw0), gdA.up(dA0);
+      cuda::dma_bias_backward(gdv.p, gdw.p, gdA.p, gdb.p, gz.p, gb.p, gv.p, gw.p, gA.p, c.B, c.T, c.Hkv, c.Dh, form);
+      const std::vector<bf16> dv2 = gdv.down();
+      const std::vector<float> dw2 = gdw.down(), dA2 = gdA.down();
+      EXPECT_EQ(0, std::memcmp(dv2.data(), got_dv.data(), dv2.size() * sizeof(bf16))) << what << " dv bits";
+      EXPECT_EQ(0, std::memcmp(dw2.data(), got_dw.data(), dw2.size() * sizeof(float))) << what << " dW bits";
+      EXPECT_EQ(0, std::memcmp(dA2.data(), got_dA.data(), dA2.size() * sizeof(float))) << what << " dA bits";
+    }
+}
+
+// ---- thresholds ----------------------------------------------------------------------------------------
+enum class Pattern { Random, Ties, AllEqual, Increasing, Decreasing, SignedZerosAndInf };
+const char* name(Pattern p) {
+  switch (p) {
+    case Pattern::Random: return "random";
+    case Pattern::Ties: return "ties";
+    case Pattern::AllEqual: return "all-equal";
+    case Pattern::Increasing: return "increasing";
+    case Pattern::Decreasing: return "decreasing";
+    case Pattern::SignedZerosAndInf: return "zeros-inf";
+  }
+  return "?";
+}
+std::vector<float> make_bias(Pattern p, int64_t rows, int64_t T, uint64_t seed) {
+  Rng r(hash64(seed, 0xb1a5));
+  std::vector<float> b(static_cast<size_t>(rows * T));
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < T; ++j) {
+      float& x = b[size_t(row * T + j)];
+      switch (p) {
+        case Pattern::Random: x = float(r.normal() * 3); break;
+        case Pattern::Ties: x = float(r.below(4)) * 0.5f - 0.5f; break;  // {−0.5, 0, 0.5, 1}
+        case Pattern::AllEqual: x = 1.0f; break;
+        case Pattern::Increasing: x = float(j) * 0.25f - float(row); break;
+        case Pattern::Decreasing: x = -float(j) * 0.25f + float(row); break;
+        case Pattern::SignedZerosAndInf: {
+          const float v[] = {0.0f, -0.0f, INFINITY, -INFINITY, 1.0f, -1.0f};
+          x = v[r.below(6)];
+          break;
+        }
+      }
+    }
+  return b;
+}
+// Bit-identical, except that −0.0 and +0.0 are the same threshold (dma.h).
+bool same_threshold(float a, float b) {
+  if (a == 0.0f && b == 0.0f) return true;
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, 4);
+  std::memcpy(&ub, &b, 4);
+  return ua == ub;
+}
+
+void check_thresholds(Pattern p, int64_t rows, int64_t T, int64_t w, uint64_t seed) {
+  const std::vector<float> bias = make_bias(p, rows, T, seed);
+  std::vector<float> want(bias.size());
+  cpu::dma_thresholds<float>(want.data(), bias.data(), rows, T, w);
+  Dev<float> gb(bias), gt(bias.size());
+  gt.up(std::vector<float>(bias.size(), kNaN));
+  cuda::dma_thresholds(gt.p, gb.p, rows, T, w);
+  const std::vector<float> got = gt.down();
+  size_t bad = 0;
+  std::string first;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!same_threshold(got[i], want[i])) {
+      if (bad < 6) first += fmt::format("\n  row {} i {}: got {} want {}", i / size_t(T), i % size_t(T), got[i], want[i]);
+      ++bad;
+    }
+  EXPECT_EQ(bad, 0u) << name(p) << " rows " << rows << " T " << T << " w " << w << first;
+}
+
+TEST(GpuDma, ThresholdsBitIdenticalToCpu) {
+  REQUIRE_GPU();
+  uint64_t seed = 300;
+  for (Pattern p : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing,
+                    Pattern::SignedZerosAndInf})
+    for (int64_t T : {1, 2, 5, 31, 32, 33, 100, 1000, 2049, 5000})
+      for (int64_t w : {int64_t(1), int64_t(2), int64_t(16), int64_t(100), T, T + 1, int64_t(4096)})
+        check_thresholds(p, 3, T, w, ++seed);
+}
+
+TEST(GpuDma, ThresholdsLongRowsAndBitsetOutsideSharedMemory) {
+  REQUIRE_GPU();
+  // T = 2^21: the bitset (256 KiB) exceeds a block's shared memory, so it lives in global memory.
+  check_thresholds(Pattern::Random, 1, int64_t(1) << 21, 2048, 401);
+  check_thresholds(Pattern::Ties, 2, 70000, 1024, 402);
+  check_thresholds(Pattern::Increasing, 2, 70000, 1024, 403);
+}
+
+TEST(GpuDma, ThresholdsNaNRowGivesNaN) {
+  REQUIRE_GPU();
+  const int64_t rows = 3, T = 50;
+  std::vector<float> bias = make_bias(Pattern::Random, rows, T, 500);
+  bias[size_t(1 * T + 17)] = kNaN;
+  Dev<float> gb(bias), gt(bias.size());
+  cuda::dma_thresholds(gt.p, gb.p, rows, T, 8);
+  const std::vector<float> got = gt.down();
+  std::vector<float> want(static_cast<size_t>(T));
+  for (int64_t row : {0, 2}) {
+    cpu::dma_thresholds<float>(want.data(), bias.data() + row * T, 1, T, 8);
+    for (int64_t i = 0; i < T; ++i) EXPECT_TRUE(same_threshold(got[size_t(row * T + i)], want[size_t(i)])) << row << " " << i;
+  }
+  for (int64_t i = 0; i < T; ++i) EXPECT_TRUE(std::isnan(got[size_t(T + i)])) << i;
+}
+
+// ---- gathered key lists --------------------------------------------------------------------------------
+void check_gather(Pattern p, int64_t rows, int64_t T, int64_t w, int64_t capacity, uint64_t seed) {
+  const std::vector<float> bias = make_bias(p, rows, T, seed);
+  std::vector<float> thr(bias.size());
+  cpu::dma_thresholds<float>(thr.data(), bias.data(), rows, T, w);
+  const int64_t bq = cuda::flash_attention_block_q(), tiles = cuda::dma_gather_tiles(T);
+  ASSERT_EQ(tiles, (T + bq - 1) / bq);
+  Dev<float> gb(bias), gt(thr);
+  Dev<int32_t> keys(size_t(std::max<int64_t>(1, rows * tiles * capacity))), count(size_t(rows * tiles)), mx(1);
+  keys.up(std::vector<int32_t>(keys.n, -7));
+  count.up(std::vector<int32_t>(count.n, -7));
+  mx.up({0});
+  cuda::dma_gather_keys(keys.p, count.p, mx.p, capacity, gb.p, gt.p, rows, T);
+  const std::vector<int32_t> got_keys = keys.down(), got_count = count.down(), got_max = mx.down();
+  const std::string what = fmt::format("{} rows {} T {} w {} cap {}", name(p), rows, T, w, capacity);
+  int32_t want_max = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t qt = 0; qt < tiles; ++qt) {
+      const int64_t i0 = qt * bq, i1 = std::min(i0 + bq, T), list = r * tiles + qt;
+      const float* br = bias.data() + r * T;
+      const float t0 = thr[size_t(r * T + i0)];
+      std::vector<int32_t> want;
+      for (int64_t j = 0; j < i1; ++j)
+        if (br[j] >= t0) want.push_back(int32_t(j));
+      // The design's fact: the list holds every key any query of the tile keeps.
+      if (capacity == T) {
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = 0; j <= i; ++j) {
+            if (br[j] >= thr[size_t(r * T + i)]) {
+              ASSERT_TRUE(std::binary_search(want.begin(), want.end(), int32_t(j))) << what << " i " << i << " j " << j;
+            }
+          }
+      }
+      if (p == Pattern::Random || p == Pattern::Increasing || p == Pattern::Decreasing) {  // no ties
+        EXPECT_LE(int64_t(want.size()), std::min(i1, w + bq - 1)) << what << " tile " << qt;
+      }
+      want_max = std::max(want_max, int32_t(want.size()));
+      ASSERT_EQ(got_count[size_t(list)], int32_t(want.size())) << what << " tile " << qt;
+      const int64_t n = std::min<int64_t>(capacity, int64_t(want.size()));
+      for (int64_t k = 0; k < n; ++k)
+        ASSERT_EQ(got_keys[size_t(list * capacity + k)], want[size_t(k)]) << what << " tile " << qt << " slot " << k;
+      for (int64_t k = n; k < capacity; ++k)  // slots past the count are not written
+        ASSERT_EQ(got_keys[size_t(list * capacity + k)], -7) << what << " tile " << qt << " slot " << k;
+    }
+  EXPECT_EQ(got_max[0], want_max) << what;
+}
+
+TEST(GpuDma, GatherListsMatchBruteForce) {
+  REQUIRE_GPU();
+  uint64_t seed = 600;
+  for (Pattern p : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
+    for (int64_t T : {1, 100, 128, 129, 700, 2000})
+      for (int64_t w : {int64_t(1), int64_t(16), int64_t(200), T}) {
+        check_gather(p, 2, T, w, T, ++seed);  // capacity T: never truncated
+        check_gather(p, 2, T, w, std::min<int64_t>(T, w + cuda::flash_attention_block_q() - 1), ++seed);
+        check_gather(p, 1, T, w, 3, ++seed);  // truncated lists: count still the true count
+      }
+}
+
+#endif  // DMAT_WITH_CUDA
+
+}  // namespace
+}  // namespace dmat
