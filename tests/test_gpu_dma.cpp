@@ -401,6 +401,66 @@ TEST(GpuDma, GatherListsMatchBruteForce) {
       }
 }
 
+// ---- the DMA forward end to end: GPU thresholds -> GPU gather lists -> gathered flash forward with
+// the per-query threshold (FlashGather::thr), against cpu::dma_attention_forward in fp64 ----------
+// Tolerances as tests/test_gpu_attention.cpp (the same kernel; why there): inputs exact bf16, the
+// GPU rounds P to bf16 and the result to bf16: ‖got − ref‖∞ ≤ 2e-2·‖ref‖∞, ‖·‖₂ ≤ 1e-2·‖ref‖₂,
+// |Δlse| ≤ 2e-3. The mask is exact (the thresholds are bit-identical and compared as raw fp32), so
+// any masking error shows as an O(1) difference.
+double rel_max(const std::vector<double>& got, const std::vector<double>& ref, double* rel2) {
+  double mx = 0, rmx = 1e-6, e2 = 0, r2 = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::fabs(got[i] - ref[i]);
+    mx = std::isnan(got[i]) ? INFINITY : std::max(mx, d);
+    rmx = std::max(rmx, std::fabs(ref[i]));
+    e2 += d * d, r2 += ref[i] * ref[i];
+  }
+  *rel2 = std::sqrt(e2 / std::max(r2, 1e-30));
+  return mx / rmx;
+}
+
+TEST(GpuDma, ForwardThroughGatheredFlashMatchesCpu) {
+  REQUIRE_GPU();
+  uint64_t seed = 900;
+  const int64_t bq = cuda::flash_attention_block_q();
+  for (const cuda::FlashPath path : {cuda::FlashPath::mma, cuda::FlashPath::wgmma})
+    for (int64_t D : {64, 128})
+      for (int64_t group : {1, 2, 4})
+        for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
+          for (auto [T, w] : {std::pair<int64_t, int64_t>{50, 64}, {64, 64}, {300, 64}, {300, 1}, {2 * bq + 7, 100}}) {
+            cpu::AttnShape s;
+            s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
+            s.scale = 1.0 / std::sqrt(double(D));
+            if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+            const std::string what = fmt::format("path {} D {} group {} {} T {} w {}", int(path), D, group, name(pat), T, w);
+            const BfIn q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+            const BfIn k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+            const BfIn v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+            const std::vector<float> bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
+            std::vector<float> thr(bias.size());
+            cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
+            const std::vector<double> bias_d = to_d(bias), thr_d = to_d(thr);
+            std::vector<double> out_ref(size_t(s.B * T * s.H * D)), lse_ref(size_t(s.B * s.H * T));
+            cpu::dma_attention_forward<double>(out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(), v.d.data(),
+                                               bias_d.data(), thr_d.data(), s);
+
+            Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gout(out_ref.size());
+            Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size());
+            cuda::dma_thresholds(gt.p, gb.p, s.B * s.Hkv, T, w);
+            const int64_t tiles = cuda::dma_gather_tiles(T), cap = T;
+            Dev<int32_t> keys(size_t(s.B * s.Hkv * tiles * cap)), count(size_t(s.B * s.Hkv * tiles));
+            cuda::dma_gather_keys(keys.p, count.p, nullptr, cap, gb.p, gt.p, s.B * s.Hkv, T);
+            cuda::FlashGather fg{keys.p, count.p, cap};
+            fg.thr = gt.p;
+            cuda::flash_attention_forward_path(gout.p, glse.p, gq.p, gk.p, gv.p, s, gb.p, &fg, path);
+            double rel2 = 0;
+            const double relmax = rel_max(to_d(gout.down()), out_ref, &rel2);
+            EXPECT_LE(relmax, 2e-2) << what << " out max";
+            EXPECT_LE(rel2, 1e-2) << what << " out L2";
+            check_close(what + " lse", to_d(glse.down()), lse_ref, [](size_t) { return 2e-3; });
+          }
+}
+
 #endif  // DMAT_WITH_CUDA
 
 }  // namespace

@@ -91,6 +91,7 @@ struct FwdParams {
   nv_bf16* out;
   float* lse;
   const float* bias;  // [B, Hkv, T] or nullptr
+  const float* thr;   // [B, Hkv, T] or nullptr: per-query threshold on the raw key bias (gathered + bias only)
   const int32_t* gkeys;
   const int32_t* gcount;
   int64_t gcap;
@@ -134,6 +135,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
   const nv_bf16* kg = p.k + (int64_t(b) * p.T * p.Hkv + hk) * DQK;
   const nv_bf16* vg = p.v + (int64_t(b) * p.T * p.Hkv + hk) * DV;
   const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * p.T : nullptr;
+  const float* thr = BIAS && p.thr ? p.thr + (int64_t(b) * p.Hkv + hk) * p.T : nullptr;
   const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
   const int T = p.T;
 
@@ -165,6 +167,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
   Acc<DV> o;
   o.zero();
   const int row0 = q0 + warp * 16 + g;  // this thread's rows: row0 (c0,c1) and row0 + 8 (c2,c3)
+  // DMA: a key is masked for row i where its raw bias < thr_i (−inf: no threshold)
+  float thr_r[2] = {-INFINITY, -INFINITY};
+  if (thr) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) thr_r[hf] = row0 + 8 * hf < T ? __ldg(thr + row0 + 8 * hf) : -INFINITY;
+  }
 
   for (int n = 0; n < n_tiles; ++n) {
     const int st = n & 1;
@@ -196,13 +204,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = keys.key(n, nb * 8 + 2 * t + e);
-        float bj = 0.f;
-        if constexpr (BIAS) bj = (j >= 0 && j < T) ? __ldg(bias + j) * kLog2e : 0.f;
+        float braw = 0.f;  // compared with thr_r exactly (both copies of the same fp32 biases)
+        if constexpr (BIAS) braw = (j >= 0 && j < T) ? __ldg(bias + j) : 0.f;
+        const float bj = braw * kLog2e;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
           x = fmaf(x, p.scale_log2, bj);
-          if (mask && !visible(row0 + 8 * hf, j, p.window)) x = -INFINITY;
+          if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = -INFINITY;
         }
       }
     }
@@ -403,6 +412,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * T : nullptr;
     const int row0 = q0 + 64 * cw + 16 * warp + g;  // this thread's rows: row0 (c0,c1), row0 + 8 (c2,c3)
+    // DMA: a key is masked for row i where its raw bias < thr_i (−inf: no threshold)
+    float thr_r[2] = {-INFINITY, -INFINITY};
+    if (BIAS && p.thr) {
+      const float* thr = p.thr + (int64_t(b) * p.Hkv + hk) * T;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) thr_r[hf] = row0 + 8 * hf < T ? __ldg(thr + row0 + 8 * hf) : -INFINITY;
+    }
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // row max (log2 units), partial row sum
     Acc<DV> o;
@@ -441,13 +457,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
         for (int e = 0; e < 2; ++e) {
           const int c = nb * 8 + 2 * t + e;
           const int j = Keys::kGathered ? sks[c] : keys.key(n, c);  // gathered: -1 for padding
-          float bj = 0.f;
-          if constexpr (BIAS) bj = (j >= 0 && j < T) ? __ldg(bias + j) * kLog2e : 0.f;
+          float braw = 0.f;  // compared with thr_r exactly (both copies of the same fp32 biases)
+          if constexpr (BIAS) braw = (j >= 0 && j < T) ? __ldg(bias + j) : 0.f;
+          const float bj = braw * kLog2e;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             float& x = s.c[nb][2 * hf + e];
             x = fmaf(x, p.scale_log2, bj);
-            if (mask && !visible(row0 + 8 * hf, j, p.window)) x = -INFINITY;
+            if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = -INFINITY;
           }
         }
       }
@@ -1832,7 +1849,8 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
   p.scale_log2 = float(s.scale) * kLog2e;
   if (gather) {
     DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
-    p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity;
+    p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity, p.thr = gather->thr;
+    DMAT_CHECK(!gather->thr || key_bias, "flash attention: a gather threshold needs the key bias");
     if (key_bias) forward_dispatch<GatherKeys, true>(p, s, use);
     else forward_dispatch<GatherKeys, false>(p, s, use);
   } else {

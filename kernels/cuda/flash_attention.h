@@ -29,10 +29,14 @@ int flash_attention_block_q();
 // Gathered keys: keys[((b·Hkv + hk)·n_tiles + tile)·capacity + n], n < count[(b·Hkv + hk)·n_tiles
 // + tile], n_tiles = ceil(T / flash_attention_block_q()); key positions, each still masked per
 // element by causality and the window (so a superset of the visible keys is always correct).
+// thr (DMA, nullptr: none; needs key_bias): per-query threshold [B, Hkv, T] fp32; element (i, j)
+// is also masked where key_bias[(b·Hkv + hk)·T + j] < thr[(b·Hkv + hk)·T + i] (raw fp32 values
+// compared exactly: cpu::dma_attention_forward's kept(i, j) with the causal test above).
 struct FlashGather {
   const int32_t* keys = nullptr;
   const int32_t* count = nullptr;
   int64_t capacity = 0;
+  const float* thr = nullptr;
 };
 // flash_attention_forward with an optional per-key additive fp32 bias (s_ij = scale·q_i·k_j +
 // key_bias[(b·Hkv + hk)·T + j], natural-log units, nullptr: none) and an optional gathered key
