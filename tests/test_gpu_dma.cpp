@@ -159,11 +159,12 @@ TEST(GpuDma, BiasForwardMatchesCpu) {
       auto tol_z = [&](size_t i) { return double(C) * kU32 * zabs[i] + 1e-30; };
       check_close(what + " z", to_d(dz.down()), z, tol_z);
       // bias: a = A·softplus(z) inherits |A|·tol_z (softplus' ≤ 1) plus a few ulps of softplus and
-      // the product (4u·|a|, with log1pf/expf ≤ 2 ulp); exp form: relative error |Δa| + 2u more.
+      // the product (≤ 6u·|a| with log1pf ≤ 1 ulp, expf ≤ 2 ulp; 8u allowed); exp form: relative error
+  // |Δa| + 2u more (expf).
       auto tol_b = [&](size_t i) {
         const int64_t h = int64_t(i / size_t(c.T)) % c.Hkv;
         const double a = A.d[size_t(h)] * sp(z[i]);
-        const double da = std::fabs(A.d[size_t(h)]) * tol_z(i) + 4 * kU32 * (std::fabs(a) + 1e-30) + 1e-37;
+        const double da = std::fabs(A.d[size_t(h)]) * tol_z(i) + 8 * kU32 * (std::fabs(a) + 1e-30) + 1e-37;
         return form == DmaBiasForm::Exp ? std::fabs(bias[i]) * (da + 2 * kU32) * 1.0001 : da;
       };
       check_close(what + " bias", to_d(db.down()), bias, tol_b);
@@ -209,15 +210,16 @@ TEST(GpuDma, BiasBackwardMatchesCpuAndIsDeterministic) {
       const std::string what = fmt::format("B{} T{} Hkv{} Dh{} {}", c.B, c.T, c.Hkv, c.Dh,
                                            form == DmaBiasForm::Exp ? "exp" : "linear");
 
-      // Each per-term product carries ~4u of relative error from sigmoid/exp/softplus and the
-      // products; a sum of n terms adds n·u·Σ|terms| (γ_n); the fp32 initial value one rounding.
+      // Each per-term product carries ≤ ~8u of relative error (da, ·A, sigmoid's expf and division,
+      // softplus); a sum of n terms adds ≤ n·u·Σ|terms| (every addition, in any tree order); the
+      // final += one rounding of the result. Allowed: (n + 16)·u·Σ|terms| + 2u·|result|.
       // dv: then one bf16 rounding of the result (2^-8 relative, the bf16 half-ulp ×2 for safety).
       auto tol_dv = [&](size_t e) {
         const int64_t r = int64_t(e) / C, k = int64_t(e) % C, b = r / c.T, t = r % c.T;
         double s = 0;
         for (int64_t h = 0; h < c.Hkv; ++h)
           s += std::fabs(dz[size_t((b * c.Hkv + h) * c.T + t)] * w.d[size_t(h * C + k)]);
-        return (double(c.Hkv) + 8) * kU32 * s + std::fabs(dv[e]) / 128 + 1e-30;
+        return (double(c.Hkv) + 16) * kU32 * s + std::fabs(dv[e]) / 128 + 1e-30;
       };
       check_close(what + " dv", to_d(got_dv), dv, tol_dv);
       auto tol_dw = [&](size_t e) {
@@ -225,14 +227,14 @@ TEST(GpuDma, BiasBackwardMatchesCpuAndIsDeterministic) {
         double s = 0;
         for (int64_t r = 0; r < rows; ++r)
           s += std::fabs(dz[size_t(((r / c.T) * c.Hkv + h) * c.T + r % c.T)] * v.d[size_t(r * C + k)]);
-        return (double(rows) + 8) * kU32 * s + 2 * kU32 * std::fabs(dw[e]) + 1e-30;
+        return (double(rows) + 16) * kU32 * s + 2 * kU32 * std::fabs(dw[e]) + 1e-30;
       };
       check_close(what + " dW_dt", to_d(got_dw), dw, tol_dw);
       auto tol_dA = [&](size_t h) {
         double s = 0;
         for (int64_t b = 0; b < c.B; ++b)
           for (int64_t t = 0; t < c.T; ++t) s += std::fabs(dterm[size_t((b * c.Hkv + int64_t(h)) * c.T + t)]);
-        return (double(rows) + 8) * kU32 * s + 2 * kU32 * std::fabs(dA[h]) + 1e-30;
+        return (double(rows) + 16) * kU32 * s + 2 * kU32 * std::fabs(dA[h]) + 1e-30;
       };
       check_close(what + " dA", to_d(got_dA), dA, tol_dA);
 

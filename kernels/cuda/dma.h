@@ -46,6 +46,12 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
 // list is then truncated: the caller must check). max_count (nullptr: skipped) receives
 // max(*max_count, every count) (integer atomics); initialise it before the call.
 // Work: O(i1) per tile, O(T²/block) per row (a scan of the bias prefix per tile).
+// The DMA forward composes as (tested in tests/test_gpu_dma.cpp against cpu::dma_attention_forward):
+//   dma_thresholds(thr, bias, B·Hkv, T, w); dma_gather_keys(keys, count, ..., cap, bias, thr, B·Hkv, T);
+//   FlashGather g{keys, count, cap}; g.thr = thr;
+//   flash_attention_forward_ext(out, lse, q, k, v, shape, bias, &g);   // masks j > i and bias_j < thr_i
+// Not there yet: the sparse backward (dQ, dK, dV, dbias over the same lists) and a fallback for
+// tiles whose list exceeds the capacity (ties: with A = 0 every bias is 1 and every key is kept).
 int64_t dma_gather_tiles(int64_t T);  // n_tiles = ceil(T / flash_attention_block_q())
 void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
                      const float* thr, int64_t rows, int64_t T);
