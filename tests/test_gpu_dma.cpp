@@ -5,7 +5,10 @@
 //  - thresholds bit-identical to cpu::dma_thresholds on adversarial biases (ties, all equal,
 //    increasing, decreasing, random, ±0, ±inf; T below / equal / above w; w = 1; a T large enough
 //    for the bitset to leave shared memory); NaN rows give NaN;
-//  - gathered key lists equal to a brute-force construction, truncation and max_count.
+//  - gathered key lists equal to a brute-force construction, truncation and max_count;
+//  - the DMA attention ops (forward, sparse backward with dbias) against the CPU reference over
+//    T below / equal / above w, GQA 1, 2, 4, head dims 32, 64, 128 and adversarial biases, bitwise
+//    repeatable; the key groups of the backward against a brute-force cover.
 // Label gpu (file name); every test skips where no CUDA device is visible.
 #include <gtest/gtest.h>
 
@@ -250,7 +253,7 @@ TEST(GpuDma, BiasBackwardMatchesCpuAndIsDeterministic) {
 }
 
 // ---- thresholds ----------------------------------------------------------------------------------------
-enum class Pattern { Random, Ties, AllEqual, Increasing, Decreasing, SignedZerosAndInf };
+enum class Pattern { Random, Ties, AllEqual, Increasing, Decreasing, SignedZerosAndInf, Huge, Tiny };
 const char* name(Pattern p) {
   switch (p) {
     case Pattern::Random: return "random";
@@ -259,6 +262,8 @@ const char* name(Pattern p) {
     case Pattern::Increasing: return "increasing";
     case Pattern::Decreasing: return "decreasing";
     case Pattern::SignedZerosAndInf: return "zeros-inf";
+    case Pattern::Huge: return "huge";
+    case Pattern::Tiny: return "tiny";
   }
   return "?";
 }
@@ -274,6 +279,9 @@ std::vector<float> make_bias(Pattern p, int64_t rows, int64_t T, uint64_t seed) 
         case Pattern::AllEqual: x = 1.0f; break;
         case Pattern::Increasing: x = float(j) * 0.25f - float(row); break;
         case Pattern::Decreasing: x = -float(j) * 0.25f + float(row); break;
+        // huge / tiny A: the bias dominates the scores (±3000), or differs only in the 6th digit
+        case Pattern::Huge: x = float(r.normal() * 1000); break;
+        case Pattern::Tiny: x = 1.0f + float(r.normal() * 1e-6); break;
         case Pattern::SignedZerosAndInf: {
           const float v[] = {0.0f, -0.0f, INFINITY, -INFINITY, 1.0f, -1.0f};
           x = v[r.below(6)];
@@ -461,6 +469,183 @@ TEST(GpuDma, ForwardThroughGatheredFlashMatchesCpu) {
             EXPECT_LE(rel2, 1e-2) << what << " out L2";
             check_close(what + " lse", to_d(glse.down()), lse_ref, [](size_t) { return 2e-3; });
           }
+}
+
+// ---- the DMA ops end to end, forward and backward (cuda::dma_attention_forward / _backward: lists
+// at their real capacity, so tied biases take the dense fallback; key groups; the sparse backward)
+// against cpu::dma_attention_* in fp64 on the same bf16 inputs ---------------------------------------
+// Tolerances as the dense flash attention's (tests/test_gpu_attention.cpp), for the same reasons:
+// P and dS are rounded to bf16 for the tensor cores and dq/dk/dv to bf16 on output, delta comes
+// from the bf16 output: ‖got − ref‖∞ ≤ 2e-2·‖ref‖∞ and relative L2 ≤ 1e-2. dbias (fp32 out) sums
+// the same fp32 dS values as dk over the same queries without the q factor, so the same relative
+// bounds apply. The mask is exact (thresholds bit-identical, raw fp32 comparisons), so a masking
+// or selection error is an O(1) difference. Every output must repeat bit for bit.
+// Cancellation: dS_ij = P_ij·(dP_ij − Δ_i) is ~0 wherever one key takes all of a query's weight
+// (w = 1, huge biases), so dq, dk and dbias can be ~0 while their terms are not. Each term carries a
+// relative error of ≲ 4e-3 (P through the GPU lse, |Δlse| ≤ 2e-3; Δ from the bf16 output, 2^-9),
+// so the errors are bounded by the size of the terms: with Q_i = Σ_j P_ij·(|dP_ij| + |Δ_i|) per
+// query and M_j = Σ_i (the same) per key (over the group's heads),
+//   dbias: |got − ref| ≤ 1e-2·M_j + 1e-9·max M, per key;
+//   dq, dk: the max criterion relative to max(‖ref‖∞, scale·max Q·max|k|) resp. (…·max M·max|q|),
+//   the L2 criterion only where ‖ref‖∞ is not below that floor.
+struct TermSize {
+  std::vector<double> M;  // per key [B, Hkv, T]
+  double q_max = 0;       // max_i Q_i
+};
+TermSize term_size(const cpu::AttnShape& s, const BfIn& q, const BfIn& k, const BfIn& v, const BfIn& dout,
+                   const std::vector<double>& out, const std::vector<double>& lse, const std::vector<float>& bias,
+                   const std::vector<float>& thr) {
+  const int64_t T = s.T, D = s.Dqk, group = s.H / s.Hkv;
+  TermSize r;
+  r.M.assign(bias.size(), 0.0);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t h = 0; h < s.H; ++h) {
+      const int64_t hk = h / group, row = (b * s.Hkv + hk) * T;
+      for (int64_t i = 0; i < T; ++i) {
+        const double* qi = &q.d[size_t(((b * T + i) * s.H + h) * D)];
+        const double* gi = &dout.d[size_t(((b * T + i) * s.H + h) * D)];
+        const double* oi = &out[size_t(((b * T + i) * s.H + h) * D)];
+        double delta = 0, Qi = 0;
+        for (int64_t d = 0; d < D; ++d) delta += gi[d] * oi[d];
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!(bias[size_t(row + j)] >= thr[size_t(row + i)])) continue;
+          const double* kj = &k.d[size_t(((b * T + j) * s.Hkv + hk) * D)];
+          const double* vj = &v.d[size_t(((b * T + j) * s.Hkv + hk) * D)];
+          double qk = 0, dp = 0;
+          for (int64_t d = 0; d < D; ++d) qk += qi[d] * kj[d], dp += gi[d] * vj[d];
+          const double pij = std::exp(qk * s.scale + double(bias[size_t(row + j)]) - lse[size_t((b * s.H + h) * T + i)]);
+          const double term = pij * (std::fabs(dp) + std::fabs(delta));
+          r.M[size_t(row + j)] += term;
+          Qi += term;
+        }
+        r.q_max = std::max(r.q_max, Qi);
+      }
+    }
+  return r;
+}
+double abs_max(const std::vector<double>& x) {
+  double m = 0;
+  for (double v : x) m = std::max(m, std::fabs(v));
+  return m;
+}
+void expect_close(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
+                  double floor = 0) {
+  double e2 = 0, r2 = 0, emax = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::fabs(got[i] - ref[i]);
+    emax = std::isnan(got[i]) ? INFINITY : std::max(emax, d);
+    e2 += d * d, r2 += ref[i] * ref[i];
+  }
+  const double rmax = abs_max(ref);
+  EXPECT_LE(emax / std::max({rmax, floor, 1e-30}), 2e-2) << what << " max (ref max " << rmax << ", floor " << floor << ")";
+  if (rmax >= floor) EXPECT_LE(std::sqrt(e2 / std::max(r2, 1e-300)), 1e-2) << what << " L2";
+}
+
+TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
+  REQUIRE_GPU();
+  uint64_t seed = 5000;
+  const int64_t bq = cuda::flash_attention_block_q();
+  int cases = 0;
+  for (int64_t D : {32, 64, 128})
+    for (int64_t group : {1, 2, 4})
+      for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing,
+                          Pattern::Huge, Pattern::Tiny})
+        for (auto [T, w] : {std::pair<int64_t, int64_t>{50, 64}, {64, 64}, {300, 64}, {300, 1}, {2 * bq + 7, 100},
+                            {1300, 200}}) {
+          // every pattern at D = 64; fewer elsewhere (CPU reference time)
+          const bool few = pat == Pattern::Random || pat == Pattern::Ties || pat == Pattern::Huge;
+          if (D != 64 && (!few || group == 4)) continue;
+          if (T == 1300 && (D != 64 || group == 4 || !few)) continue;  // two key-group regions
+          cpu::AttnShape s;
+          s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
+          s.scale = 1.0 / std::sqrt(double(D));
+          const std::string what = fmt::format("D {} group {} {} T {} w {}", D, group, name(pat), T, w);
+          const BfIn q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+          const BfIn k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+          const BfIn v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+          const BfIn dout = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+          const std::vector<float> bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
+          std::vector<float> thr(bias.size());
+          cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
+          const std::vector<double> bias_d = to_d(bias), thr_d = to_d(thr);
+          std::vector<double> out_ref(size_t(s.B * T * s.H * D)), lse_ref(size_t(s.B * s.H * T));
+          cpu::dma_attention_forward<double>(out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(), v.d.data(),
+                                             bias_d.data(), thr_d.data(), s);
+          std::vector<double> dq_ref(q.d.size()), dk_ref(k.d.size()), dv_ref(v.d.size()), db_ref(bias.size());
+          cpu::dma_attention_backward<double>(dq_ref.data(), dk_ref.data(), dv_ref.data(), db_ref.data(),
+                                              dout.d.data(), out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(),
+                                              v.d.data(), bias_d.data(), thr_d.data(), s);
+
+          Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gdo(dout.b), gout(out_ref.size());
+          Dev<bf16> gdq(q.b.size()), gdk(k.b.size()), gdv(v.b.size());
+          Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size()), gdb(bias.size());
+          cuda::dma_thresholds(gt.p, gb.p, s.B * s.Hkv, T, w);
+          cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w);
+          expect_close(what + " out", to_d(gout.down()), out_ref);
+          check_close(what + " lse", to_d(glse.down()), lse_ref, [](size_t) { return 2e-3; });
+          cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                       gt.p, s, w);
+          const std::vector<bf16> dq1 = gdq.down(), dk1 = gdk.down(), dv1 = gdv.down();
+          const std::vector<float> db1 = gdb.down();
+          const TermSize ts = term_size(s, q, k, v, dout, out_ref, lse_ref, bias, thr);
+          const double m_max = *std::max_element(ts.M.begin(), ts.M.end());
+          expect_close(what + " dq", to_d(dq1), dq_ref, s.scale * ts.q_max * abs_max(k.d));
+          expect_close(what + " dk", to_d(dk1), dk_ref, s.scale * m_max * abs_max(q.d));
+          expect_close(what + " dv", to_d(dv1), dv_ref);
+          check_close(what + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
+          cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                       gt.p, s, w);
+          auto same_bits = [](const auto& a, const auto& b) {
+            return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+          };
+          EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
+                      same_bits(gdb.down(), db1))
+              << what << ": the backward is not bitwise repeatable";
+          if (HasFailure()) return;  // one case's report is enough to act on
+          ++cases;
+        }
+  std::cout << cases << " cases\n";
+}
+
+// Key groups: every key of a row in exactly one group; each group's range covers exactly the queries
+// that keep one of its kept keys (j .. last_j by brute force over thr); empty groups have none.
+TEST(GpuDma, KeyGroupsPartitionTheKeysAndCoverTheirQueries) {
+  REQUIRE_GPU();
+  uint64_t seed = 7000;
+  for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
+    for (auto [T, w] : {std::pair<int64_t, int64_t>{5, 3}, {300, 64}, {1024, 100}, {2500, 300}}) {
+      const int64_t rows = 2, ng = cuda::dma_group_count(T), G = cuda::kFlashGroupKeys;
+      const std::string what = fmt::format("{} T {} w {}", name(pat), T, w);
+      const std::vector<float> bias = make_bias(pat, rows, T, ++seed);
+      std::vector<float> thr(bias.size());
+      cpu::dma_thresholds<float>(thr.data(), bias.data(), rows, T, w);
+      Dev<float> gb(bias), gt(thr);
+      Dev<int32_t> keys(size_t(rows * ng * G)), range(size_t(rows * ng * 2));
+      cuda::dma_key_groups(keys.p, range.p, gb.p, gt.p, rows, T);
+      const std::vector<int32_t> hk = keys.down(), hr = range.down();
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<int> seen(size_t(T), 0);
+        for (int64_t g = 0; g < ng; ++g) {
+          int lo = INT32_MAX, hi = -1;
+          for (int64_t n = 0; n < G; ++n) {
+            const int j = hk[size_t((r * ng + g) * G + n)];
+            if (j < 0) continue;
+            ASSERT_LT(j, T) << what;
+            ++seen[size_t(j)];
+            for (int64_t i = j; i < T; ++i)
+              if (bias[size_t(r * T + j)] >= thr[size_t(r * T + i)]) lo = std::min(lo, int(i)), hi = std::max(hi, int(i));
+          }
+          const int glo = hr[size_t((r * ng + g) * 2)], ghi = hr[size_t((r * ng + g) * 2 + 1)];
+          if (hi < 0) {
+            EXPECT_LT(ghi, glo) << what << " row " << r << " group " << g << ": should be empty";
+          } else {
+            EXPECT_EQ(glo, lo) << what << " row " << r << " group " << g;
+            EXPECT_EQ(ghi, hi) << what << " row " << r << " group " << g;
+          }
+        }
+        for (int64_t j = 0; j < T; ++j) ASSERT_EQ(seen[size_t(j)], 1) << what << " row " << r << " key " << j;
+      }
+    }
 }
 
 #endif  // DMAT_WITH_CUDA

@@ -23,7 +23,7 @@ struct Scratch {
 
 struct Context {
   cudaStream_t stream = nullptr;
-  Scratch ws, ws2;
+  Scratch ws, ws2, ws3;
   int sms = 0;
   size_t smem_optin = 0;
   Context() {
@@ -55,6 +55,8 @@ void throw_cuda_error(cudaError_t e, const char* what, const char* file, int lin
 cudaStream_t stream() { return ctx().stream; }
 void* workspace(size_t bytes) { return ctx().ws.get(bytes); }
 void* workspace2(size_t bytes) { return ctx().ws2.get(bytes); }
+void* workspace3(size_t bytes) { return ctx().ws3.get(bytes); }
+size_t workspace_bytes() { return ctx().ws.bytes + ctx().ws2.bytes + ctx().ws3.bytes; }
 void synchronize() { DMAT_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 int sm_count() { return ctx().sms; }
 size_t max_smem_optin() { return ctx().smem_optin; }

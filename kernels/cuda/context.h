@@ -23,6 +23,10 @@ void* workspace(size_t bytes);
 // Second, independent scratch for callers that hold workspace() while calling a kernel that
 // itself needs scratch (e.g. the flash-attention backward's dQ accumulator while a reduction runs).
 void* workspace2(size_t bytes);
+// Third scratch: structures a composite op builds and then holds across calls into kernels that use
+// workspace() / workspace2() themselves (DMA's gathered key lists and key groups).
+void* workspace3(size_t bytes);
+size_t workspace_bytes();  // the three scratch buffers' current sizes together (benchmarks)
 void synchronize();  // the compute stream
 int sm_count();
 size_t max_smem_optin();  // bytes of shared memory a block may opt into

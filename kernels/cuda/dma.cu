@@ -264,6 +264,88 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
   }
 }
 
+// ---- key groups of the backward's dK/dV pass ---------------------------------------------------------
+// Key j is kept by the queries i in [j, last_j], last_j = (the first i > j with thr_i > bias_j) − 1
+// (thr never decreases), or by none where bias_j < thr_j. One block per (region of kRegion keys,
+// row): last_j by binary search over thr, a bitonic sort of the region by (last desc, j asc), then
+// groups of kFlashGroupKeys consecutive sorted keys. Keys of a group share a start region and have
+// similar ends, so the dense (group × query range) blocks of the dK/dV pass stay mostly kept pairs
+// even where the kept keys of a query are scattered over the whole prefix (random biases).
+constexpr int kRegion = 1024, kGroupThreads = 512, kGroupsPerRegion = kRegion / kFlashGroupKeys;
+static_assert(kRegion % kFlashGroupKeys == 0 && kGroupsPerRegion <= kGroupThreads / 32, "region split");
+
+__global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __restrict__ keys,
+                                                                   int32_t* __restrict__ range,
+                                                                   const float* __restrict__ bias,
+                                                                   const float* __restrict__ thr, int T, int regions) {
+  __shared__ unsigned long long sk[kRegion];
+  constexpr unsigned long long kNone = ~0ull;
+  const int reg = blockIdx.x;
+  const int64_t row = blockIdx.y;
+  const float* br = bias + row * T;
+  const float* tr = thr + row * T;
+  for (int e = threadIdx.x; e < kRegion; e += kGroupThreads) {
+    const int j = reg * kRegion + e;
+    unsigned long long key = kNone;
+    if (j < T) {
+      const float bj = br[j];
+      int last = -1;  // kept by no query (sorts after every kept key)
+      if (bj >= tr[j]) {
+        int lo = j + 1, hi = T;  // the first i in [j + 1, T] with thr_i > bj (T: none)
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (tr[mid] > bj) hi = mid;
+          else lo = mid + 1;
+        }
+        last = lo - 1;
+      }
+      key = (static_cast<unsigned long long>(uint32_t(int64_t(INT32_MAX) - last)) << 32) | uint32_t(j);
+    }
+    sk[e] = key;
+  }
+  __syncthreads();
+  for (int k = 2; k <= kRegion; k <<= 1) {
+    for (int d = k >> 1; d > 0; d >>= 1) {
+      for (int x = threadIdx.x; x < kRegion; x += kGroupThreads) {
+        const int y = x ^ d;
+        if (y > x) {
+          const unsigned long long a = sk[x], c = sk[y];
+          if ((a > c) == ((x & k) == 0)) {
+            sk[x] = c;
+            sk[y] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  const int64_t g0 = (row * regions + reg) * kGroupsPerRegion;
+  for (int e = threadIdx.x; e < kRegion; e += kGroupThreads)
+    keys[g0 * kFlashGroupKeys + e] = sk[e] == kNone ? -1 : int32_t(uint32_t(sk[e]));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < kGroupsPerRegion) {
+    int lo = INT32_MAX, hi = -1;
+    for (int e = lane; e < kFlashGroupKeys; e += 32) {
+      const unsigned long long key = sk[warp * kFlashGroupKeys + e];
+      if (key == kNone) continue;
+      const int j = int(uint32_t(key)), last = int(int64_t(INT32_MAX) - int64_t(key >> 32));
+      if (last >= j) {
+        lo = min(lo, j);
+        hi = max(hi, last);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    if (lane == 0) {
+      range[2 * (g0 + warp)] = hi >= 0 ? lo : 0;
+      range[2 * (g0 + warp) + 1] = hi;
+    }
+  }
+}
+
 int as_int(int64_t x, const char* what) {
   DMAT_CHECK(x >= 0 && x <= INT32_MAX, "dma: {}={} out of int32 range", what, x);
   return int(x);
@@ -368,6 +450,69 @@ void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t 
   dma_gather_kernel<<<dim3(unsigned(tiles), unsigned(rows)), kGatherThreads, 0, stream()>>>(
       keys, count, max_count, capacity, bias, thr, as_int(T, "T"), flash_attention_block_q());
   DMAT_CUDA_LAUNCH_CHECK();
+}
+
+int64_t dma_group_regions(int64_t T) { return ceil_div(T, kRegion); }
+int64_t dma_group_count(int64_t T) { return dma_group_regions(T) * kGroupsPerRegion; }
+
+void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const float* thr, int64_t rows, int64_t T) {
+  const int64_t regions = dma_group_regions(T);
+  if (rows == 0 || regions == 0) return;
+  DMAT_CHECK(rows < 65536, "dma key groups: {} rows", rows);
+  dma_groups_kernel<<<dim3(unsigned(regions), unsigned(rows)), kGroupThreads, 0, stream()>>>(
+      keys, range, bias, thr, as_int(T, "T"), int(regions));
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+int64_t dma_gather_capacity(int64_t T, int64_t window) {
+  return std::max<int64_t>(1, std::min<int64_t>(T, window + flash_attention_block_q() - 1));
+}
+
+namespace {
+// The gathered lists (and for the backward the key groups) in workspace3(), rebuilt per call.
+struct DmaLists {
+  FlashGather gather;
+  FlashKeyGroups groups;
+};
+DmaLists build_lists(const float* bias, const float* thr, const AttnShape& s, int64_t window, bool with_groups) {
+  const int64_t rows = s.B * s.Hkv, tiles = dma_gather_tiles(s.T), cap = dma_gather_capacity(s.T, window);
+  const int64_t ng = with_groups ? dma_group_count(s.T) : 0;
+  auto align = [](int64_t n) { return (n + 63) & ~int64_t(63); };  // int32 elements, 256-byte alignment
+  const int64_t n_keys = align(rows * tiles * cap), n_count = align(rows * tiles);
+  const int64_t n_gkeys = align(rows * ng * kFlashGroupKeys), n_range = align(rows * ng * 2);
+  int32_t* ws = static_cast<int32_t*>(workspace3(size_t(n_keys + n_count + n_gkeys + n_range) * sizeof(int32_t)));
+  DmaLists l;
+  l.gather.keys = ws;
+  l.gather.count = ws + n_keys;
+  l.gather.capacity = cap;
+  l.gather.thr = thr;
+  dma_gather_keys(ws, ws + n_keys, nullptr, cap, bias, thr, rows, s.T);
+  if (with_groups) {
+    int32_t* gk = ws + n_keys + n_count;
+    int32_t* gr = gk + n_gkeys;
+    dma_key_groups(gk, gr, bias, thr, rows, s.T);
+    l.groups.keys = gk;
+    l.groups.range = gr;
+    l.groups.n_groups = ng;
+    l.groups.regions = dma_group_regions(s.T);
+  }
+  return l;
+}
+}  // namespace
+
+void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
+                           const float* thr, const AttnShape& s, int64_t window) {
+  DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
+  const DmaLists l = build_lists(bias, thr, s, window, false);
+  flash_attention_forward_ext(out, lse, q, k, v, s, bias, &l.gather);
+}
+
+void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
+                            const float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
+                            const float* thr, const AttnShape& s, int64_t window) {
+  DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
+  const DmaLists l = build_lists(bias, thr, s, window, true);
+  flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, l.gather, l.groups);
 }
 
 }  // namespace dmat::cuda

@@ -1,6 +1,6 @@
-// Dynamic Mask Attention on the GPU, the first pieces (../shared/DESIGN.md "Attention variants",
-// issue 5): the per-key bias from the values and its backward, the per-query thresholds, and the
-// gathered key lists for the sparse flash-attention forward. Semantics, layouts and the tie rule
+// Dynamic Mask Attention on the GPU (../shared/DESIGN.md "Attention variants", issue 5): the
+// per-key bias from the values and its backward, the per-query thresholds, the gathered key lists
+// and key groups, and the sparse attention forward and backward built on flash_attention.h. Semantics, layouts and the tie rule
 // are those of the CPU reference (kernels/cpu/cpu_ops.h, "Dynamic Mask Attention"):
 //   v [B,T,Hkv,Dh] bf16; W_dt [Hkv, Hkv·Dh] bf16; A [Hkv] bf16 (a parameter, like W_dt);
 //   z, bias, thr [B,Hkv,T] fp32; dbias [B,Hkv,T] fp32; dW_dt, dA fp32 (+=); dv bf16 (+=).
@@ -10,11 +10,12 @@
 #include <cstdint>
 
 #include "core/bf16.h"
-#include "kernels/cpu/cpu_ops.h"  // DmaBiasForm
+#include "kernels/cpu/cpu_ops.h"  // DmaBiasForm, AttnShape
 
 namespace dmat::cuda {
 
 using DmaBiasForm = cpu::DmaBiasForm;
+using AttnShape = cpu::AttnShape;
 
 // z[b,h,t] = Σ_c v[b,t,c]·W_dt[h,c] (c over Hkv·Dh, fp32 accumulation);
 // bias = exp(A_h·softplus(z)) (Exp) or A_h·softplus(z) (Linear). z, bias overwrite.
@@ -46,14 +47,32 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
 // list is then truncated: the caller must check). max_count (nullptr: skipped) receives
 // max(*max_count, every count) (integer atomics); initialise it before the call.
 // Work: O(i1) per tile, O(T²/block) per row (a scan of the bias prefix per tile).
-// The DMA forward composes as (tested in tests/test_gpu_dma.cpp against cpu::dma_attention_forward):
-//   dma_thresholds(thr, bias, B·Hkv, T, w); dma_gather_keys(keys, count, ..., cap, bias, thr, B·Hkv, T);
-//   FlashGather g{keys, count, cap}; g.thr = thr;
-//   flash_attention_forward_ext(out, lse, q, k, v, shape, bias, &g);   // masks j > i and bias_j < thr_i
-// Not there yet: the sparse backward (dQ, dK, dV, dbias over the same lists) and a fallback for
-// tiles whose list exceeds the capacity (ties: with A = 0 every bias is 1 and every key is kept).
 int64_t dma_gather_tiles(int64_t T);  // n_tiles = ceil(T / flash_attention_block_q())
 void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
                      const float* thr, int64_t rows, int64_t T);
+// min(T, window + block − 1): the longest list without ties (the w keys query i0 keeps plus the
+// tile's own). Tiles with more (ties at the threshold) run densely (FlashGather).
+int64_t dma_gather_capacity(int64_t T, int64_t window);
+
+// Key groups of the backward's dK/dV pass (FlashKeyGroups in flash_attention.h): per row, regions of
+// 1024 keys, each sorted by last_j (the last query keeping key j: by monotone thresholds the queries
+// keeping j are exactly j .. last_j) descending, then cut into groups of kFlashGroupKeys; a group's
+// range is [min j, max last_j] over its kept keys. keys [rows][dma_group_count(T)][128],
+// range [rows][dma_group_count(T)][2]. Work O(T log T) per row, no T×T anything.
+int64_t dma_group_regions(int64_t T);
+int64_t dma_group_count(int64_t T);
+void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const float* thr, int64_t rows, int64_t T);
+
+// The DMA attention ops (cpu::dma_attention_forward / _backward semantics; s.window must be 0 and
+// `window` is w, which sizes the gathered lists). bf16 q, k, v, out, dout, dq, dk, dv; fp32 lse
+// [B,H,T], bias, thr, dbias [B,Hkv,T]. The forward: lists (dma_gather_keys), then the gathered flash
+// forward with the bias and threshold mask. The backward: lists and key groups, then
+// flash_attention_backward_dma. Workspace (workspace3): rows·(n_tiles·capacity + T) int32 and a
+// little more; no T×T buffer.
+void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
+                           const float* thr, const AttnShape& s, int64_t window);
+void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
+                            const float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
+                            const float* thr, const AttnShape& s, int64_t window);
 
 }  // namespace dmat::cuda

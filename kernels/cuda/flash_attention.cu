@@ -68,6 +68,8 @@ struct DenseKeys {
   }
 };
 
+// keys == nullptr: the tile's list overflowed its capacity (biases tied at the threshold), so every
+// key 0 .. n_keys − 1 is visited instead (the element mask still applies): slower, never wrong.
 template <int BN>
 struct GatherKeys {
   static constexpr int kBN = BN;
@@ -79,7 +81,8 @@ struct GatherKeys {
   }
   __device__ __forceinline__ int key(int n, int r) const {
     const int idx = n * BN + r;
-    return idx < n_keys ? __ldg(keys + idx) : -1;
+    if (idx >= n_keys) return -1;
+    return keys ? __ldg(keys + idx) : idx;
   }
   __device__ __forceinline__ bool needs_mask(int) const { return true; }
 };
@@ -99,20 +102,25 @@ struct FwdParams {
   float scale_log2;
 };
 
+// The key policy of query tile qt (of bm rows from q0) in a grid of one block per query tile; P:
+// FwdParams or BwdParams (T, Hkv, window and the gather list fields).
 template <class Keys>
 struct MakeKeys;
 template <int BN>
 struct MakeKeys<DenseKeys<BN>> {
-  __device__ static DenseKeys<BN> make(const FwdParams& p, int, int, int, int q0, int bm) {
+  template <class P>
+  __device__ static DenseKeys<BN> make(const P& p, int, int, int, int q0, int bm) {
     return DenseKeys<BN>(q0, bm, p.T, p.window);
   }
 };
 template <int BN>
 struct MakeKeys<GatherKeys<BN>> {
-  __device__ static GatherKeys<BN> make(const FwdParams& p, int b, int hk, int qt, int, int) {
+  template <class P>
+  __device__ static GatherKeys<BN> make(const P& p, int b, int hk, int qt, int q0, int bm) {
     const int64_t n_tiles = gridDim.x;
     const int64_t list = (int64_t(b) * p.Hkv + hk) * n_tiles + qt;
-    const int n = min(int64_t(__ldg(p.gcount + list)), p.gcap);
+    const int n = __ldg(p.gcount + list);
+    if (n > p.gcap) return GatherKeys<BN>(nullptr, min(q0 + bm, p.T));  // overflowed: dense fallback
     return GatherKeys<BN>(p.gkeys + list * p.gcap, max(n, 0));
   }
 };
@@ -732,6 +740,17 @@ struct BwdParams {
   float* dq_acc;       // [B,T,H,DQK] fp32 (non-deterministic path)
   int T, H, Hkv, window;
   float scale_log2, scale;
+  // DMA (flash_attention_backward_dma): the key bias and thresholds [B,Hkv,T], dbias out, the dQ
+  // pass's gathered lists (FlashGather) and the dK/dV pass's key groups (FlashKeyGroups)
+  const float* bias;
+  const float* thr;
+  float* dbias;
+  const int32_t* gkeys;
+  const int32_t* gcount;
+  int64_t gcap;
+  const int32_t* grp_keys;   // [B·Hkv][n_groups][BN] key positions, −1 padding
+  const int32_t* grp_range;  // [B·Hkv][n_groups][2]: first and last query of the group (last < first: none)
+  int n_groups, grp_regions;
 };
 
 // delta = Σ_d dO∘O and lse2 = lse·log2(e), one warp per (b, i, h) row.
@@ -760,8 +779,13 @@ __global__ void __launch_bounds__(256) flash_bwd_pre_kernel(const nv_bf16* out, 
 }
 
 // dK, dV for one key tile (16 keys per warp); optionally dQ += dS·K by fp32 atomics.
-template <int DQK, int DV, int WARPS, int BMQ, bool ATOMIC_DQ>
+// DMA: the block's keys are a key group (p.grp_keys: any BN positions) instead of a consecutive
+// tile, visited by the queries of the group's range only; the key bias joins the scores, the
+// threshold mask (j <= i, bias_j >= thr_i) applies everywhere, and dbias_j = Σ_i dS_ij is summed
+// in registers (heads, then query tiles, in a fixed order: deterministic).
+template <int DQK, int DV, int WARPS, int BMQ, bool ATOMIC_DQ, bool DMA = false>
 __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const BwdParams p) {
+  static_assert(!(DMA && ATOMIC_DQ), "the DMA backward computes dQ in its own pass");
   constexpr int BN = 16 * WARPS, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   nv_bf16* sK = reinterpret_cast<nv_bf16*>(smem_raw);  // [BN][DQK]
@@ -771,24 +795,48 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
   nv_bf16* sdS = sdO + 2 * BMQ * DV;                    // [BN][BMQ]   (ATOMIC_DQ only)
   float* sL = reinterpret_cast<float*>(sdS + (ATOMIC_DQ ? BN * BMQ : 0));  // [2][BMQ] lse2
   float* sD = sL + 2 * BMQ;                                                // [2][BMQ] delta
+  float* sThr = sD + 2 * BMQ;                                              // [2][BMQ] thr (DMA only)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;  // key tile 0 has the most queries
-  const int T = p.T, group = p.H / p.Hkv, k0 = kt * BN;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int T = p.T, group = p.H / p.Hkv;
   const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
   const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
   const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
   const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
+  const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
 
-  // queries that see some key of [k0, k0 + BN): [k0, k0 + BN - 1 + window - 1]
-  const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
-  const int qt_first = k0 / BMQ, nq = i_hi / BMQ + 1 - qt_first, n_items = group * nq;
+  // Key positions of rows r of the tile: consecutive from k0, or the group's list (DMA; groups of
+  // the same size class run together, the longest query ranges first), and the query range.
+  int k0 = 0, qt_first = 0, nq = 0;
+  const int32_t* gk = nullptr;
+  if constexpr (DMA) {
+    const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
+    const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
+    gk = p.grp_keys + gi * BN;
+    const int lo = __ldg(p.grp_range + 2 * gi), hi = __ldg(p.grp_range + 2 * gi + 1);
+    qt_first = lo / BMQ;
+    nq = hi >= lo ? hi / BMQ + 1 - qt_first : 0;
+  } else {
+    // key tile 0 has the most queries; queries that see some key of [k0, k0 + BN): [k0, k0 + BN - 1 + window - 1]
+    k0 = blockIdx.x * BN;
+    const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
+    qt_first = k0 / BMQ;
+    nq = i_hi / BMQ + 1 - qt_first;
+  }
+  auto key_at = [&](int r) -> int {  // −1: padding
+    if constexpr (DMA) return __ldg(gk + r);
+    return k0 + r < T ? k0 + r : -1;
+  };
+  const int n_items = group * nq;
 
   load_tile_async<BN, DQK, THREADS>(sK, kg, [&](int r) -> const nv_bf16* {
-    return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
+    const int j = key_at(r);
+    return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
   });
   load_tile_async<BN, DV, THREADS>(sV, vg, [&](int r) -> const nv_bf16* {
-    return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
+    const int j = key_at(r);
+    return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
   });
   // item n: query head hk·group + n / nq (heads outer: a fixed summation order), tile n % nq
   auto load_q = [&](int n, int stage) {
@@ -806,6 +854,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
       const bool ok = q0 + tid < T;
       sL[stage * BMQ + tid] = ok ? p.lse2[o] : 0.f;
       sD[stage * BMQ + tid] = ok ? p.delta[o] : 0.f;
+      if constexpr (DMA) sThr[stage * BMQ + tid] = ok ? p.thr[brow + q0 + tid] : INFINITY;
     }
   };
   if (n_items > 0) load_q(0, 0);
@@ -815,7 +864,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
   Acc<DV> dv;
   dk.zero();
   dv.zero();
-  const int key0 = k0 + warp * 16 + g;  // this thread's keys: key0 (c0,c1), key0 + 8 (c2,c3)
+  // this thread's keys: rows warp·16 + g (c0,c1) and + 8 (c2,c3) of the tile
+  const int kj[2] = {key_at(warp * 16 + g), key_at(warp * 16 + g + 8)};
+  float kb2[2] = {0.f, 0.f}, kbraw[2] = {0.f, 0.f}, dbias[2] = {0.f, 0.f};  // DMA: bias (log2 units, raw)
+  if constexpr (DMA) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      kbraw[hf] = kj[hf] >= 0 ? __ldg(p.bias + brow + kj[hf]) : 0.f;
+      kb2[hf] = kbraw[hf] * kLog2e;
+    }
+  }
 
   for (int n = 0; n < n_items; ++n) {
     const int st = n & 1;
@@ -828,12 +886,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
     const nv_bf16* sdOs = sdO + st * BMQ * DV;
     const float* sLs = sL + st * BMQ;
     const float* sDs = sD + st * BMQ;
+    const float* sThrs = sThr + st * BMQ;
+    (void)sThrs;
 
     // P^T = exp2(K Q^T · scale·log2e − lse2): rows keys, columns queries
     Acc<BMQ> s;
     s.zero();
     mma_ss_abt<DQK, BMQ, DQK, DQK>(s, sK, warp * 16, sQs, 0, lane);
-    const bool mask = q0 < k0 + BN - 1 || q0 + BMQ > T || (p.window > 0 && q0 + BMQ - 1 - p.window >= k0);
+    const bool mask =
+        DMA || q0 < k0 + BN - 1 || q0 + BMQ > T || (p.window > 0 && q0 + BMQ - 1 - p.window >= k0);
 #pragma unroll
     for (int nb = 0; nb < BMQ / 8; ++nb) {
 #pragma unroll
@@ -843,8 +904,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
-          x = exp2f(fmaf(x, p.scale_log2, -li));
-          if (mask && (i >= T || !visible(i, key0 + 8 * hf, p.window))) x = 0.f;
+          x = exp2f(fmaf(x, p.scale_log2, kb2[hf] - li));
+          if (mask && (i >= T || !visible(i, kj[hf], p.window))) x = 0.f;
+          if constexpr (DMA)
+            if (kbraw[hf] < sThrs[c]) x = 0.f;
         }
       }
     }
@@ -859,6 +922,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
         const float di = sDs[nb * 8 + 2 * t + e];
         ds.c[nb][e] = s.c[nb][e] * (ds.c[nb][e] - di);
         ds.c[nb][2 + e] = s.c[nb][2 + e] * (ds.c[nb][2 + e] - di);
+        if constexpr (DMA) {
+          dbias[0] += ds.c[nb][e];
+          dbias[1] += ds.c[nb][2 + e];
+        }
       }
     }
     // dV += P^T dO, dK += dS^T Q   (k = queries)
@@ -928,8 +995,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
 
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    const int j = key0 + 8 * hf;
-    if (j < T) {
+    if constexpr (DMA) {  // the four lanes of a key row hold disjoint query columns
+      dbias[hf] += __shfl_xor_sync(0xffffffffu, dbias[hf], 1);
+      dbias[hf] += __shfl_xor_sync(0xffffffffu, dbias[hf], 2);
+    }
+    const int j = kj[hf];
+    if (j >= 0) {
+      if (DMA && t == 0) p.dbias[brow + j] = dbias[hf];
       nv_bf16* dkr = p.dk + ((int64_t(b) * T + j) * p.Hkv + hk) * DQK;
       nv_bf16* dvr = p.dv + ((int64_t(b) * T + j) * p.Hkv + hk) * DV;
 #pragma unroll
@@ -944,8 +1016,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
 }
 
 // Deterministic dQ: one block per query tile (16 rows per warp), looping over its key tiles.
-template <int DQK, int DV, int WARPS, int BN>
+// Keys: the key policy (DenseKeys, or GatherKeys over the DMA lists); DMA: the key bias joins the
+// scores and the threshold mask applies (as the forward).
+template <int DQK, int DV, int WARPS, int BN, class Keys = DenseKeys<BN>, bool DMA = false>
 __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdParams p) {
+  static_assert(Keys::kBN == BN, "key tile size");
   constexpr int BM = 16 * WARPS, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   nv_bf16* sQ = reinterpret_cast<nv_bf16*>(smem_raw);  // [BM][DQK]
@@ -963,7 +1038,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
   const nv_bf16* dog = p.dout + (int64_t(b) * T * p.H + h) * DV;
   const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
   const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
-  const DenseKeys<BN> keys(q0, BM, T, p.window);
+  const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
+  const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
 
   load_tile_async<BM, DQK, THREADS>(sQ, qg, [&](int r) -> const nv_bf16* {
     return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
@@ -975,11 +1051,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
   auto load_kv = [&](int n, int stage) {
     load_tile_async<BN, DQK, THREADS>(sK + stage * BN * DQK, kg, [&](int r) -> const nv_bf16* {
       const int j = keys.key(n, r);
-      return j < T ? kg + int64_t(j) * k_stride : nullptr;
+      return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
     });
     load_tile_async<BN, DV, THREADS>(sV + stage * BN * DV, vg, [&](int r) -> const nv_bf16* {
       const int j = keys.key(n, r);
-      return j < T ? vg + int64_t(j) * v_stride : nullptr;
+      return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
     });
   };
   const int n_tiles = keys.count;
@@ -987,13 +1063,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
   cp_async_commit();
 
   const int row0 = q0 + warp * 16 + g;
-  float li[2], di[2];
+  float li[2], di[2], thr_r[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int i = row0 + 8 * hf;
     const int64_t o = (int64_t(b) * p.H + h) * T + i;
     li[hf] = i < T ? p.lse2[o] : 0.f;
     di[hf] = i < T ? p.delta[o] : 0.f;
+    if constexpr (DMA) thr_r[hf] = i < T ? __ldg(p.thr + brow + i) : INFINITY;
   }
   Acc<DQK> dq;
   dq.zero();
@@ -1016,11 +1093,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = keys.key(n, nb * 8 + 2 * t + e);
+        float braw = 0.f;  // compared with thr_r exactly, as the forward
+        if constexpr (DMA) braw = (j >= 0 && j < T) ? __ldg(p.bias + brow + j) : 0.f;
+        const float bj = braw * kLog2e;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
-          x = exp2f(fmaf(x, p.scale_log2, -li[hf]));
-          if (mask && !visible(row0 + 8 * hf, j, p.window)) x = 0.f;
+          x = exp2f(fmaf(x, p.scale_log2, bj - li[hf]));
+          if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = 0.f;
         }
       }
     }
@@ -1817,6 +1897,47 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
   }
 }
 
+// DMA backward: dK/dV/dbias key-major over the key groups, then dQ query-major over the gathered
+// lists (both mma.sync, deterministic).
+template <int D>
+void backward_dma_dims(const BwdParams& p, int64_t B) {
+  constexpr int BMQ = bwd_bmq<D>(), BNK = 16 * kBwdWarps;
+  static_assert(BNK == kFlashGroupKeys, "one key group per dK/dV block");
+  constexpr size_t smem_kv = size_t(BNK * 2 * D + 2 * BMQ * 2 * D) * sizeof(nv_bf16) + 6 * BMQ * sizeof(float);
+  auto kdkdv = flash_bwd_dkdv_kernel<D, D, kBwdWarps, BMQ, false, true>;
+  static const bool ready_kv = (prepare(kdkdv, smem_kv), true);
+  (void)ready_kv;
+  kdkdv<<<dim3(unsigned(p.n_groups), unsigned(p.Hkv), unsigned(B)), kBwdWarps * 32, smem_kv, stream()>>>(p);
+  DMAT_CUDA_LAUNCH_CHECK();
+
+  constexpr int BM = 16 * kBwdWarps, BN = 64;
+  static_assert(BM == kFwdBM, "the dQ pass reads the forward's per-tile lists");
+  constexpr size_t smem_q = size_t(BM * 2 * D + 2 * BN * 2 * D) * sizeof(nv_bf16);
+  auto kdq = flash_bwd_dq_kernel<D, D, kBwdWarps, BN, GatherKeys<BN>, true>;
+  static const bool ready_q = (prepare(kdq, smem_q), true);
+  (void)ready_q;
+  kdq<<<dim3(unsigned((p.T + BM - 1) / BM), unsigned(p.H), unsigned(B)), kBwdWarps * 32, smem_q, stream()>>>(p);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+// delta = Σ dO∘O and lse·log2e into workspace(); fills the common BwdParams fields.
+BwdParams backward_setup(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
+                         const bf16* q, const bf16* k, const bf16* v, const AttnShape& s) {
+  const int64_t rows = s.B * s.T * s.H;
+  float* stats = static_cast<float*>(workspace(size_t(2 * rows) * sizeof(float)));
+  BwdParams p{};
+  p.q = nv(q), p.k = nv(k), p.v = nv(v), p.dout = nv(dout), p.dq = nv(dq), p.dk = nv(dk), p.dv = nv(dv);
+  p.delta = stats, p.lse2 = stats + rows;
+  p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
+  p.scale = float(s.scale), p.scale_log2 = float(s.scale) * kLog2e;
+  const int64_t threads = rows * 32;
+  flash_bwd_pre_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream()>>>(nv(out), nv(dout), lse, stats,
+                                                                               stats + rows, rows, p.T, p.H,
+                                                                               int(s.Dv));
+  DMAT_CUDA_LAUNCH_CHECK();
+  return p;
+}
+
 }  // namespace
 
 bool flash_attention_supported(const AttnShape& s) {
@@ -1879,25 +2000,36 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
                                    FlashPath path) {
   check_args(s, {dq, dk, dv, dout, out, q, k, v});
   const bool wg = resolve_path(s, path, Direction::backward) == FlashPath::wgmma;
-  const int64_t rows = s.B * s.T * s.H;
   // workspace(): delta and lse·log2e; workspace2(): the fp32 dQ accumulator (non-deterministic)
-  float* stats = static_cast<float*>(workspace(size_t(2 * rows) * sizeof(float)));
-  BwdParams p{};
-  p.q = nv(q), p.k = nv(k), p.v = nv(v), p.dout = nv(dout), p.dq = nv(dq), p.dk = nv(dk), p.dv = nv(dv);
-  p.delta = stats, p.lse2 = stats + rows;
+  BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
+  const int64_t rows = s.B * s.T * s.H;
   p.dq_acc = deterministic || wg ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
-  p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
-  p.scale = float(s.scale), p.scale_log2 = float(s.scale) * kLog2e;
-
-  const int64_t threads = rows * 32;
-  flash_bwd_pre_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream()>>>(nv(out), nv(dout), lse, stats,
-                                                                               stats + rows, rows, p.T, p.H,
-                                                                               int(s.Dv));
-  DMAT_CUDA_LAUNCH_CHECK();
   if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false);
   else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg);
   else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg);
   else backward_dims<192, 128>(p, s.B, deterministic, wg);
+}
+
+void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
+                                  const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
+                                  const float* key_bias, const FlashGather& gather, const FlashKeyGroups& groups) {
+  check_args(s, {dq, dk, dv, dout, out, q, k, v});
+  DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && s.window == 0,
+             "flash attention (DMA backward): head dims ({}, {}) window {} (32, 64 or 128, equal; no window)", s.Dqk,
+             s.Dv, s.window);
+  DMAT_CHECK(key_bias && dbias && gather.keys && gather.count && gather.thr && groups.keys && groups.range &&
+                 groups.n_groups > 0 && groups.regions > 0 && groups.n_groups % groups.regions == 0 &&
+                 groups.n_groups * kFlashGroupKeys >= s.T && groups.n_groups < (int64_t(1) << 31),
+             "flash attention (DMA backward): incomplete lists or groups ({} groups in {} regions for T={})",
+             groups.n_groups, groups.regions, s.T);
+  BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
+  p.bias = key_bias, p.thr = gather.thr, p.dbias = dbias;
+  p.gkeys = gather.keys, p.gcount = gather.count, p.gcap = gather.capacity;
+  p.grp_keys = groups.keys, p.grp_range = groups.range;
+  p.n_groups = int(groups.n_groups), p.grp_regions = int(groups.regions);
+  if (s.Dqk == 32) backward_dma_dims<32>(p, s.B);
+  else if (s.Dqk == 64) backward_dma_dims<64>(p, s.B);
+  else backward_dma_dims<128>(p, s.B);
 }
 
 }  // namespace dmat::cuda

@@ -23,7 +23,7 @@ void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k
 void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
                               const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic);
 
-// ---- hooks for the sparse variants (DMA, NSA): forward only for now ----------------------------
+// ---- hooks for the sparse variants (DMA, NSA) ---------------------------------------------------
 // Queries per tile of the forward kernel; a gathered key list is given per tile of this many.
 int flash_attention_block_q();
 // Gathered keys: keys[((b·Hkv + hk)·n_tiles + tile)·capacity + n], n < count[(b·Hkv + hk)·n_tiles
@@ -32,6 +32,8 @@ int flash_attention_block_q();
 // thr (DMA, nullptr: none; needs key_bias): per-query threshold [B, Hkv, T] fp32; element (i, j)
 // is also masked where key_bias[(b·Hkv + hk)·T + j] < thr[(b·Hkv + hk)·T + i] (raw fp32 values
 // compared exactly: cpu::dma_attention_forward's kept(i, j) with the causal test above).
+// A tile whose count exceeds capacity (biases tied at the threshold) visits every key below its
+// last query instead: slower, still exact.
 struct FlashGather {
   const int32_t* keys = nullptr;
   const int32_t* count = nullptr;
@@ -43,6 +45,26 @@ struct FlashGather {
 // list (nullptr: every causal / windowed key).
 void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                  const AttnShape& s, const float* key_bias, const FlashGather* gather);
+
+// The DMA backward's key groups (built by dma_key_groups, kernels/cuda/dma.h): the dK/dV pass runs
+// one block per group of kFlashGroupKeys key positions (any positions: every key of the row in
+// exactly one group), visiting the queries range[0] .. range[1] (range[1] < range[0]: none).
+// keys [B·Hkv][n_groups][kFlashGroupKeys] (−1: padding), range [B·Hkv][n_groups][2]. Groups are
+// numbered region-major (regions × n_groups/regions); blocks run class by class across regions
+// (class 0, the longest ranges, first).
+constexpr int kFlashGroupKeys = 128;
+struct FlashKeyGroups {
+  const int32_t* keys = nullptr;
+  const int32_t* range = nullptr;
+  int64_t n_groups = 0, regions = 1;
+};
+// DMA backward (mma.sync, deterministic, no atomics): dq, dk, dv (bf16) and dbias (fp32 [B,Hkv,T],
+// Σ over the group's query heads and queries of dS_ij) overwrite. dK/dV/dbias key-major over
+// `groups`, dQ query-major over gather (with gather.thr, the forward's lists). Dqk == Dv <= 128,
+// s.window == 0.
+void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
+                                  const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
+                                  const float* key_bias, const FlashGather& gather, const FlashKeyGroups& groups);
 
 
 // ---- kernel path (tests, benchmarks) -----------------------------------------------------------

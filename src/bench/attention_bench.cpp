@@ -17,6 +17,7 @@
 
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
 #endif
 
@@ -63,6 +64,42 @@ double median_ms(Fn fn, int iters) {
   return ts[ts.size() / 2];
 }
 
+void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void* k, void* v, void* dout, void* outb,
+               void* dq, void* dk, void* dv, float* lse, std::ostream& out) {
+  const int64_t rows = s.B * s.Hkv, n = rows * s.T, w = o.dma;
+  std::vector<float> hb(static_cast<size_t>(n));
+  Rng r(5);
+  for (auto& x : hb) x = float(r.normal());
+  DevBuf bias(size_t(n) * 4), thr(size_t(n) * 4), dbias(size_t(n) * 4);
+  cuda::memcpy_h2d(bias.p, hb.data(), size_t(n) * 4);
+  auto F = [](DevBuf& d) { return static_cast<float*>(d.p); };
+  auto B16 = [](void* p) { return static_cast<bf16*>(p); };
+  auto fwd = [&] {
+    cuda::dma_thresholds(F(thr), F(bias), rows, s.T, w);
+    cuda::dma_attention_forward(B16(outb), lse, B16(q), B16(k), B16(v), F(bias), F(thr), s, w);
+  };
+  auto fwdbwd = [&] {
+    fwd();
+    cuda::dma_attention_backward(B16(dq), B16(dk), B16(dv), F(dbias), B16(dout), B16(outb), lse, B16(q), B16(k),
+                                 B16(v), F(bias), F(thr), s, w);
+  };
+  auto thr_only = [&] { cuda::dma_thresholds(F(thr), F(bias), rows, s.T, w); };
+  const double thr_ms = median_ms(thr_only, o.iters), fwd_ms = median_ms(fwd, o.iters),
+               fwdbwd_ms = median_ms(fwdbwd, o.iters);
+  const double wd = double(std::min(w, s.T)), nd = double(s.T);
+  const double pairs = wd * (wd + 1) / 2 + (nd - wd) * wd;  // kept pairs without ties
+  const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
+  out << fmt::format(
+             "{{\"bench\":\"attention\",\"variant\":\"dma\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},"
+             "\"keep\":{},\"thr_ms\":{:.4f},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
+             "\"fwdbwd_tflops\":{:.1f},\"workspace_mib\":{:.1f},\"mask_mib\":{:.1f},"
+             "\"flops_convention\":\"kept pairs: fwd 2*B*H*pairs*(Dqk+Dv), fwd+bwd 3.5x; times include thresholds\"}}",
+             s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, w, thr_ms, fwd_ms, fwd_flops / fwd_ms / 1e9, fwdbwd_ms,
+             3.5 * fwd_flops / fwdbwd_ms / 1e9, double(cuda::workspace_bytes()) / (1 << 20),
+             3.0 * double(n) * 4 / (1 << 20))
+      << std::endl;
+}
+
 }  // namespace
 
 void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
@@ -70,6 +107,8 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   s.B = o.B, s.T = o.T, s.H = o.H, s.Hkv = o.Hkv, s.Dqk = o.D, s.Dv = o.D == 192 ? 128 : o.D, s.window = o.window;
   s.scale = 1.0 / std::sqrt(double(s.Dqk));
   s.deterministic = o.deterministic;
+  if (o.dma > 0 && (s.Dqk != s.Dv || s.Dqk > 128))
+    fail("bench attention: --dma needs head dim 32, 64 or 128 (got {})", o.D);
   if (!cuda::flash_attention_supported(s))
     fail("bench attention: unsupported shape B={} T={} H={} Hkv={} D={} window={} (D in 32, 64, 128, 192; H a "
          "multiple of Hkv)",
@@ -85,6 +124,10 @@ void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   DevBuf q(nq * 2), k(nk * 2), v(nv * 2), dout(no * 2), outb(no * 2), dq(nq * 2), dk(nk * 2), dv(nv * 2), lse(nl * 4);
   upload_random(q.p, nq, 1), upload_random(k.p, nk, 2), upload_random(v.p, nv, 3), upload_random(dout.p, no, 4);
   auto B16 = [](DevBuf& d) { return static_cast<bf16*>(d.p); };
+  if (o.dma > 0) {
+    bench_dma(o, s, q.p, k.p, v.p, dout.p, outb.p, dq.p, dk.p, dv.p, static_cast<float*>(lse.p), out);
+    return;
+  }
   auto fwd = [&] {
     cuda::flash_attention_forward_path(B16(outb), static_cast<float*>(lse.p), B16(q), B16(k), B16(v), s, nullptr,
                                        nullptr, fpath);

@@ -51,14 +51,16 @@ commands:
                            byte-level BPE tokenizers (Hugging Face tokenizer.json)
   bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
                            training-step speed on synthetic tokens: tokens/s, MFU, time split, memory
-  bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W]
-                           our flash-attention kernels, forward and forward+backward (CUDA)
+  bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W]
+                           our flash-attention kernels, forward and forward+backward (CUDA);
+                           --dma W: Dynamic Mask Attention keeping W keys per query (random
+                           biases; times include the thresholds and the key lists)
   bench ops                GEMM, copy bandwidth and the elementwise kernels at model shapes (CUDA)
   devices                  list the CUDA devices this build can see
 )";
 
 const char* kBenchHelp = R"(usage: dmatrain bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
-       dmatrain bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W]
+       dmatrain bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W]
                                 [--nondeterministic] [--iters N]
        dmatrain bench ops
 
@@ -261,12 +263,14 @@ int cmd_bench_kernels(const std::vector<std::string>& a) {
     else if (a[i] == "--dim") o.D = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--batch") o.B = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--window") o.window = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--dma") o.dma = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--iters") o.iters = int(parse_int(a[i], need_value(a, i)));
     else if (a[i] == "--nondeterministic") o.deterministic = false;
     else throw Usage("unknown option " + a[i]);
   }
-  if (o.T < 1 || o.H < 1 || o.Hkv < 1 || o.H % o.Hkv != 0 || o.B < 1 || o.window < 0 || o.iters < 1)
-    throw Usage("bench attention: sizes must be >= 1, --kv-heads must divide --heads, --window >= 0");
+  if (o.T < 1 || o.H < 1 || o.Hkv < 1 || o.H % o.Hkv != 0 || o.B < 1 || o.window < 0 || o.iters < 1 || o.dma < 0)
+    throw Usage("bench attention: sizes must be >= 1, --kv-heads must divide --heads, --window and --dma >= 0");
+  if (o.dma > 0 && o.window > 0) throw Usage("bench attention: --dma W and --window W are different variants; pick one");
   dmat::bench_attention(o, std::cout);
   return 0;
 }

@@ -92,7 +92,7 @@ class DmaAttention final : public Attention {
     ops::rope_forward(k, k, theta_);
     ops::dma_bias_forward(c.A(z_), c.A(bias_), v, c.P(wdt_), c.P(a_), form_);
     ops::dma_thresholds(c.A(thr_), c.A(bias_), window_);
-    ops::dma_attention_forward(c.A(o_), c.A(lse_), q, k, v, c.A(bias_), c.A(thr_), shape(c));
+    ops::dma_attention_forward(c.A(o_), c.A(lse_), q, k, v, c.A(bias_), c.A(thr_), shape(c), window_);
     ops::linear_forward(out, c.A(o_), c.P(wo_));
   }
 
@@ -102,7 +102,7 @@ class DmaAttention final : public Attention {
     Tensor dv = c.A(dv_).view({c.B, c.T, Hkv_, Dh_}), dO = c.A(do_).view({N, H_ * Dh_});
     ops::linear_backward(dO, c.G(wo_), dout, c.A(o_), c.P(wo_), false);
     ops::dma_attention_backward(dq, dk, dv, c.A(dbias_), dO, c.A(o_), c.A(lse_), c.A(q_), c.A(k_), c.A(v_),
-                                c.A(bias_), c.A(thr_), shape(c));
+                                c.A(bias_), c.A(thr_), shape(c), window_);
     // v feeds the bias too: its second share of dv, and dW_dt, dA.
     ops::dma_bias_backward(dv, c.G(wdt_), c.G(a_), c.A(dbias_), c.A(z_), c.A(bias_), c.A(v_), c.P(wdt_), c.P(a_),
                            form_);

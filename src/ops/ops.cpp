@@ -497,11 +497,6 @@ void adamw_step(const Tensor& p_, const Tensor& g, const Tensor& m, const Tensor
 
 // ---- Dynamic Mask Attention ----------------------------------------------------------------------
 
-static void no_dma_cuda(const char* op, const Tensor& t) {
-  if (on_cuda(op, t))
-    fail("op {}: DMA has no CUDA kernel yet (model.attention.type \"dma\" trains on run.device=cpu for now)", op);
-}
-
 void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A,
                       DmaBiasForm form) {
   DMAT_CHECK(v.shape.n == 4, "dma_bias: v {}", v.shape.str());
@@ -512,6 +507,7 @@ void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, cons
              z.shape.str(), bias.shape.str());
   if (on_cuda("dma_bias", v)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("dma_bias");
     cuda::dma_bias_forward(f32(z, "dma_bias"), f32(bias, "dma_bias"), bf(v, "dma_bias"), bf(w_dt, "dma_bias"),
                            bf(A, "dma_bias"), B, T, Hkv, Dh, form);
 #endif
@@ -534,6 +530,7 @@ void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, 
              w_dt.shape.str(), dw_dt.shape.str(), A.shape.str(), dA.shape.str(), dbias.shape.str());
   if (on_cuda("dma_bias_backward", v)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("dma_bias_backward");
     const char* op = "dma_bias_backward";
     cuda::dma_bias_backward(bf(dv, op), f32(dw_dt, op), f32(dA, op), f32(dbias, op), f32(z, op), f32(bias, op),
                             bf(v, op), bf(w_dt, op), bf(A, op), B, T, Hkv, Dh, form);
@@ -553,6 +550,7 @@ void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window) {
              bias.shape.str(), thr.shape.str(), window);
   if (on_cuda("dma_thresholds", bias)) {
 #ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("dma_thresholds");
     cuda::dma_thresholds(f32(thr, "dma_thresholds"), f32(bias, "dma_thresholds"), rows, T, window);
 #endif
     return;
@@ -564,17 +562,27 @@ void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window) {
 }
 
 static void check_dma(const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
-                      const Tensor& v, const Tensor& bias, const Tensor& thr, const AttnShape& s) {
+                      const Tensor& v, const Tensor& bias, const Tensor& thr, const AttnShape& s, int64_t window) {
   check_attn(op, out, lse, q, k, v, s);
-  DMAT_CHECK(s.window == 0 && bias.numel() == s.B * s.Hkv * s.T && thr.numel() == s.B * s.Hkv * s.T,
-             "{}: bias {} thr {} window {} (the window lives in thr)", op, bias.shape.str(), thr.shape.str(),
-             s.window);
+  DMAT_CHECK(s.window == 0 && window > 0 && bias.numel() == s.B * s.Hkv * s.T && thr.numel() == s.B * s.Hkv * s.T,
+             "{}: bias {} thr {} shape window {} window {} (w > 0 is the keys kept; the shape's window must be 0)",
+             op, bias.shape.str(), thr.shape.str(), s.window, window);
 }
 
 void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
-                           const Tensor& bias, const Tensor& thr, const AttnShape& s) {
-  check_dma("dma_attention", out, lse, q, k, v, bias, thr, s);
-  no_dma_cuda("dma_attention", q);
+                           const Tensor& bias, const Tensor& thr, const AttnShape& s, int64_t window) {
+  check_dma("dma_attention", out, lse, q, k, v, bias, thr, s, window);
+  if (on_cuda("dma_attention", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("dma_attention");
+    const char* op = "dma_attention";
+    DMAT_CHECK(s.Dqk == s.Dv && (s.Dqk == 32 || s.Dqk == 64 || s.Dqk == 128),
+               "dma_attention: head dim {} has no CUDA kernel (32, 64 or 128)", s.Dqk);
+    cuda::dma_attention_forward(bf(out, op), f32(lse, op), bf(q, op), bf(k, op), bf(v, op), f32(bias, op),
+                                f32(thr, op), s, window);
+#endif
+    return;
+  }
   dispatch("dma_attention", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::dma_attention_forward<T_>(p<T_>(out), p<T_>(lse), p<T_>(q), p<T_>(k), p<T_>(v), p<T_>(bias), p<T_>(thr), s);
@@ -584,12 +592,21 @@ void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q
 void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dbias,
                             const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
                             const Tensor& k, const Tensor& v, const Tensor& bias, const Tensor& thr,
-                            const AttnShape& s) {
-  check_dma("dma_attention_backward", out, lse, q, k, v, bias, thr, s);
+                            const AttnShape& s, int64_t window) {
+  check_dma("dma_attention_backward", out, lse, q, k, v, bias, thr, s, window);
   DMAT_CHECK(dq.numel() == q.numel() && dk.numel() == k.numel() && dv.numel() == v.numel() &&
                  dout.numel() == out.numel() && dbias.numel() == bias.numel(),
              "dma_attention_backward: gradient shapes");
-  no_dma_cuda("dma_attention_backward", q);
+  if (on_cuda("dma_attention_backward", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("dma_attention_backward");
+    const char* op = "dma_attention_backward";
+    cuda::dma_attention_backward(bf(dq, op), bf(dk, op), bf(dv, op), f32(dbias, op), bf(dout, op), bf(out, op),
+                                 f32(lse, op), bf(q, op), bf(k, op), bf(v, op), f32(bias, op), f32(thr, op), s,
+                                 window);
+#endif
+    return;
+  }
   dispatch("dma_attention_backward", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::dma_attention_backward<T_>(p<T_>(dq), p<T_>(dk), p<T_>(dv), p<T_>(dbias), p<T_>(dout), p<T_>(out),

@@ -67,9 +67,10 @@ void adamw_step(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor&
                 double beta2, double eps, double weight_decay, double bc1, double bc2);
 
 // Dynamic Mask Attention (definitions, layouts and the tie rule in kernels/cpu/cpu_ops.h). On CUDA
-// (kernels/cuda/dma.h: bf16 v, w_dt, A, dv; fp32 z, bias, thr, dbias, dw_dt, dA) the bias and the
-// thresholds run; the attention ops still fail with "DMA has no CUDA kernel yet". v [B,T,Hkv,Dh]; z, bias, thr, dbias
-// [B,Hkv,T]; w_dt [Hkv, Hkv·Dh]; A [Hkv].
+// (kernels/cuda/dma.h: bf16 v, w_dt, A, dv, q, k, out and their gradients; fp32 z, bias, thr, dbias,
+// dw_dt, dA, lse). v [B,T,Hkv,Dh]; z, bias, thr, dbias [B,Hkv,T]; w_dt [Hkv, Hkv·Dh]; A [Hkv].
+// The attention ops take w (`window`, the keys kept per query; s.window stays 0): the CUDA kernels
+// size their gathered key lists by it.
 using cpu::DmaBiasForm;
 void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A,
                       DmaBiasForm form);
@@ -78,11 +79,11 @@ void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, 
                        const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A, DmaBiasForm form);
 void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window);
 void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
-                           const Tensor& bias, const Tensor& thr, const AttnShape& s);
+                           const Tensor& bias, const Tensor& thr, const AttnShape& s, int64_t window);
 // dq, dk, dv, dbias overwrite
 void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dbias,
                             const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
                             const Tensor& k, const Tensor& v, const Tensor& bias, const Tensor& thr,
-                            const AttnShape& s);
+                            const AttnShape& s, int64_t window);
 
 }  // namespace dmat::ops
