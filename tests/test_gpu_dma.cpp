@@ -482,9 +482,10 @@ TEST(GpuDma, ForwardThroughGatheredFlashMatchesCpu) {
 // or selection error is an O(1) difference. Every output must repeat bit for bit.
 // Cancellation: dS_ij = P_ij·(dP_ij − Δ_i) is ~0 wherever one key takes all of a query's weight
 // (w = 1, huge biases), so dq, dk and dbias can be ~0 while their terms are not. Each term carries a
-// relative error of ≲ 4e-3 (P through the GPU lse, |Δlse| ≤ 2e-3; Δ from the bf16 output, 2^-9),
-// so the errors are bounded by the size of the terms: with Q_i = Σ_j P_ij·(|dP_ij| + |Δ_i|) per
-// query and M_j = Σ_i (the same) per key (over the group's heads),
+// relative error of ≲ 4e-3 (P through the GPU lse, |Δlse| ≤ 2e-3; Δ from the bf16 output, 2^-9
+// of Σ|dO∘O|), so the errors are bounded by the size of the terms: with
+// Q_i = Σ_j P_ij·(|dP_ij| + Σ_d|dO_id·O_id|) per query and M_j = Σ_i (the same) per key (over the
+// group's heads),
 //   dbias: |got − ref| ≤ 1e-2·M_j + 1e-9·max M, per key;
 //   dq, dk: the max criterion relative to max(‖ref‖∞, scale·max Q·max|k|) resp. (…·max M·max|q|),
 //   the L2 criterion only where ‖ref‖∞ is not below that floor.
@@ -505,8 +506,8 @@ TermSize term_size(const cpu::AttnShape& s, const BfIn& q, const BfIn& k, const 
         const double* qi = &q.d[size_t(((b * T + i) * s.H + h) * D)];
         const double* gi = &dout.d[size_t(((b * T + i) * s.H + h) * D)];
         const double* oi = &out[size_t(((b * T + i) * s.H + h) * D)];
-        double delta = 0, Qi = 0;
-        for (int64_t d = 0; d < D; ++d) delta += gi[d] * oi[d];
+        double delta = 0, Qi = 0;  // delta: Σ|dO∘O|, the size of Δ's terms (its rounding error scales with that)
+        for (int64_t d = 0; d < D; ++d) delta += std::fabs(gi[d] * oi[d]);
         for (int64_t j = 0; j <= i; ++j) {
           if (!(bias[size_t(row + j)] >= thr[size_t(row + i)])) continue;
           const double* kj = &k.d[size_t(((b * T + j) * s.Hkv + hk) * D)];
@@ -546,6 +547,7 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
   uint64_t seed = 5000;
   const int64_t bq = cuda::flash_attention_block_q();
   int cases = 0;
+  for (const cuda::FlashPath path : {cuda::FlashPath::mma, cuda::FlashPath::wgmma})
   for (int64_t D : {32, 64, 128})
     for (int64_t group : {1, 2, 4})
       for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing,
@@ -559,7 +561,9 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           cpu::AttnShape s;
           s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
           s.scale = 1.0 / std::sqrt(double(D));
-          const std::string what = fmt::format("D {} group {} {} T {} w {}", D, group, name(pat), T, w);
+          if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+          const std::string what =
+              fmt::format("path {} D {} group {} {} T {} w {}", int(path), D, group, name(pat), T, w);
           const BfIn q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
           const BfIn k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
           const BfIn v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
@@ -580,11 +584,11 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           Dev<bf16> gdq(q.b.size()), gdk(k.b.size()), gdv(v.b.size());
           Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size()), gdb(bias.size());
           cuda::dma_thresholds(gt.p, gb.p, s.B * s.Hkv, T, w);
-          cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w);
+          cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
           expect_close(what + " out", to_d(gout.down()), out_ref);
           check_close(what + " lse", to_d(glse.down()), lse_ref, [](size_t) { return 2e-3; });
           cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
-                                       gt.p, s, w);
+                                       gt.p, s, w, path);
           const std::vector<bf16> dq1 = gdq.down(), dk1 = gdk.down(), dv1 = gdv.down();
           const std::vector<float> db1 = gdb.down();
           const TermSize ts = term_size(s, q, k, v, dout, out_ref, lse_ref, bias, thr);
@@ -594,7 +598,7 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           expect_close(what + " dv", to_d(dv1), dv_ref);
           check_close(what + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
           cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
-                                       gt.p, s, w);
+                                       gt.p, s, w, path);
           auto same_bits = [](const auto& a, const auto& b) {
             return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
           };
@@ -613,7 +617,9 @@ TEST(GpuDma, KeyGroupsPartitionTheKeysAndCoverTheirQueries) {
   REQUIRE_GPU();
   uint64_t seed = 7000;
   for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
-    for (auto [T, w] : {std::pair<int64_t, int64_t>{5, 3}, {300, 64}, {1024, 100}, {2500, 300}}) {
+    for (auto [T, w] : {std::pair<int64_t, int64_t>{5, 3}, {300, 64}, {1024, 100}, {2500, 300}, {20000, 2048}}) {
+      // T = 20000: regions of 4096 keys (dma_group_region_size); brute force is O(T²): two patterns
+      if (T == 20000 && pat != Pattern::Random && pat != Pattern::Increasing) continue;
       const int64_t rows = 2, ng = cuda::dma_group_count(T), G = cuda::kFlashGroupKeys;
       const std::string what = fmt::format("{} T {} w {}", name(pat), T, w);
       const std::vector<float> bias = make_bias(pat, rows, T, ++seed);

@@ -221,6 +221,102 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_scan_kernel(float* __rest
   }
 }
 
+// The same scan cut into segments of kSeg queries, one block per (segment, row), all in parallel.
+// The state entering segment [i0, i0 + kSeg) is rebuilt instead of carried: for i0 >= w it is the
+// top-w of the prefix — found by walking the sorted row down from the largest rank and counting
+// keys at positions < i0 until w (p = that rank; only ranks >= p are ever examined again, since p
+// only moves up) — and for i0 < w every prefix rank with p unset. Then thread 0 scans the segment
+// exactly as dma_thr_scan_kernel. Work per segment O(ranks above p + kSeg); the chain of dependent
+// shared-memory steps is kSeg long instead of T.
+constexpr int kSeg = 512;
+// pos[r·T + sorted_idx[r·T + k]] = k (each key's rank in its row); nan_rows[r] |= row r has a NaN.
+__global__ void dma_thr_pos_kernel(int32_t* __restrict__ pos, int32_t* __restrict__ nan_rows,
+                                   const int32_t* __restrict__ sorted_idx, const float* __restrict__ bias, int64_t n,
+                                   int T) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / T, k = e % T;
+    pos[row * T + sorted_idx[e]] = int32_t(k);
+    if (isnan(bias[e])) nan_rows[row] = 1;
+  }
+}
+
+__global__ void __launch_bounds__(kThrThreads) dma_thr_segment_kernel(float* __restrict__ thr,
+                                                                      const uint64_t* __restrict__ sorted_keys,
+                                                                      const int32_t* __restrict__ sorted_idx,
+                                                                      const int32_t* __restrict__ pos,
+                                                                      const int32_t* __restrict__ nan_rows, int T,
+                                                                      int window) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int32_t* chunk = reinterpret_cast<int32_t*>(smem_raw);          // [kSeg]
+  uint32_t* bits = reinterpret_cast<uint32_t*>(chunk + kSeg);     // [words]
+  __shared__ int warp_n[kThrThreads / 32];
+  __shared__ int p_start;
+  const int64_t row = blockIdx.y, base = row * T;
+  const int i0 = blockIdx.x * kSeg, len = min(kSeg, T - i0), words = (T + 31) / 32;
+  float* tr = thr + base;
+  if (nan_rows[row]) {
+    for (int k = threadIdx.x; k < len; k += kThrThreads) tr[i0 + k] = __int_as_float(0x7fc00000);
+    return;
+  }
+  for (int k = threadIdx.x; k < words; k += kThrThreads) bits[k] = 0u;
+  for (int k = threadIdx.x; k < len; k += kThrThreads) chunk[k] = pos[base + i0 + k];
+  if (threadIdx.x == 0) p_start = -1;
+  __syncthreads();
+  if (i0 < window) {  // fewer than w inserted so far: all of them, p unset
+    for (int j = threadIdx.x; j < i0; j += kThrThreads) {
+      const int r = pos[base + j];
+      atomicOr(&bits[r >> 5], 1u << (r & 31));
+    }
+  } else {  // the top-w of the prefix: ranks from the top, counting positions < i0
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int total = 0;
+    for (int hi = T - 1; hi >= 0; hi -= kThrThreads) {
+      const int r = hi - int(threadIdx.x);
+      const bool flag = r >= 0 && sorted_idx[base + r] < i0;
+      const uint32_t ballot = __ballot_sync(0xffffffffu, flag);
+      if (lane == 0) warp_n[warp] = __popc(ballot);
+      __syncthreads();
+      int before = total, step = 0;
+#pragma unroll
+      for (int k = 0; k < kThrThreads / 32; ++k) {
+        before += k < warp ? warp_n[k] : 0;
+        step += warp_n[k];
+      }
+      const int incl = before + __popc(ballot & ((2u << lane) - 1u));
+      if (flag && incl <= window) atomicOr(&bits[r >> 5], 1u << (r & 31));
+      if (flag && incl == window) p_start = r;
+      total += step;
+      __syncthreads();  // warp_n rewritten next; p_start visible
+      if (total >= window) break;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int p = p_start;
+    for (int k = 0; k < len; ++k) {
+      const int i = i0 + k, r = chunk[k];
+      bits[r >> 5] |= 1u << (r & 31);
+      const int n = i + 1;
+      if (n == window) {
+        int wd = 0;
+        while (bits[wd] == 0u) ++wd;
+        p = wd * 32 + __ffs(bits[wd]) - 1;
+      } else if (n > window && r > p) {
+        int wd = p >> 5;
+        uint32_t m = (p & 31) == 31 ? 0u : bits[wd] & (~0u << ((p & 31) + 1));
+        while (m == 0u) m = bits[++wd];
+        p = wd * 32 + __ffs(m) - 1;
+      }
+      chunk[k] = n >= window ? p : -1;
+    }
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < len; k += kThrThreads) {
+    const int q = chunk[k];
+    tr[i0 + k] = q < 0 ? -INFINITY : order_value(uint32_t(sorted_keys[base + q]));
+  }
+}
+
 // ---- gathered key lists -----------------------------------------------------------------------------
 // One block per (query tile, row): an order-preserving compaction of the keys j < i1 with
 // bias_j >= thr[i0], kThreads keys per step (warp ballots, then a prefix over the warps).
@@ -229,10 +325,11 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
                                                                     int32_t* __restrict__ count,
                                                                     int32_t* __restrict__ max_count, int64_t cap,
                                                                     const float* __restrict__ bias,
-                                                                    const float* __restrict__ thr, int T, int bq) {
+                                                                    const float* __restrict__ thr, int T, int bq,
+                                                                    int qt0) {
   __shared__ int warp_n[kGatherThreads / 32];
-  const int qt = blockIdx.x, n_tiles = gridDim.x;
-  const int64_t row = blockIdx.y, list = row * n_tiles + qt;
+  const int qt = qt0 + int(blockIdx.x), n_tiles = gridDim.x;
+  const int64_t row = blockIdx.y, list = row * n_tiles + blockIdx.x;
   const int i0 = qt * bq, i1 = min(i0 + bq, T);
   const float* br = bias + row * T;
   const float t0 = thr[row * T + i0];
@@ -266,26 +363,29 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
 
 // ---- key groups of the backward's dK/dV pass ---------------------------------------------------------
 // Key j is kept by the queries i in [j, last_j], last_j = (the first i > j with thr_i > bias_j) − 1
-// (thr never decreases), or by none where bias_j < thr_j. One block per (region of kRegion keys,
-// row): last_j by binary search over thr, a bitonic sort of the region by (last desc, j asc), then
-// groups of kFlashGroupKeys consecutive sorted keys. Keys of a group share a start region and have
-// similar ends, so the dense (group × query range) blocks of the dK/dV pass stay mostly kept pairs
-// even where the kept keys of a query are scattered over the whole prefix (random biases).
-constexpr int kRegion = 1024, kGroupThreads = 512, kGroupsPerRegion = kRegion / kFlashGroupKeys;
-static_assert(kRegion % kFlashGroupKeys == 0 && kGroupsPerRegion <= kGroupThreads / 32, "region split");
+// (thr never decreases), or by none where bias_j < thr_j. One block per (region of R keys, row):
+// last_j by binary search over thr, a bitonic sort of the region by (last desc, j asc), then groups
+// of kFlashGroupKeys consecutive sorted keys. Keys of a group share a start region and have similar
+// ends, so the dense (group × query range) blocks of the dK/dV pass stay mostly kept pairs even
+// where a query's kept keys are scattered over the whole prefix (random biases). R grows with T
+// (dma_group_region_size): the ends spread as w/u for a key at quantile u of its region, so longer
+// rows need finer quantile classes (simulated on iid normal biases, w = 2048: dK/dV work over kept
+// pairs 1.42 at T = 16K with R = 1024 and 1.34 with 2048; at 128K 4.17 with 1024, 1.38 with 16384).
+constexpr int kGroupThreads = 512;
 
 __global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __restrict__ keys,
                                                                    int32_t* __restrict__ range,
                                                                    const float* __restrict__ bias,
-                                                                   const float* __restrict__ thr, int T, int regions) {
-  __shared__ unsigned long long sk[kRegion];
+                                                                   const float* __restrict__ thr, int T, int regions,
+                                                                   int R) {
+  extern __shared__ __align__(16) unsigned long long sk[];  // [R]
   constexpr unsigned long long kNone = ~0ull;
-  const int reg = blockIdx.x;
+  const int reg = blockIdx.x, per_region = R / kFlashGroupKeys;
   const int64_t row = blockIdx.y;
   const float* br = bias + row * T;
   const float* tr = thr + row * T;
-  for (int e = threadIdx.x; e < kRegion; e += kGroupThreads) {
-    const int j = reg * kRegion + e;
+  for (int e = threadIdx.x; e < R; e += kGroupThreads) {
+    const int j = reg * R + e;
     unsigned long long key = kNone;
     if (j < T) {
       const float bj = br[j];
@@ -304,9 +404,9 @@ __global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __re
     sk[e] = key;
   }
   __syncthreads();
-  for (int k = 2; k <= kRegion; k <<= 1) {
+  for (int k = 2; k <= R; k <<= 1) {
     for (int d = k >> 1; d > 0; d >>= 1) {
-      for (int x = threadIdx.x; x < kRegion; x += kGroupThreads) {
+      for (int x = threadIdx.x; x < R; x += kGroupThreads) {
         const int y = x ^ d;
         if (y > x) {
           const unsigned long long a = sk[x], c = sk[y];
@@ -319,14 +419,14 @@ __global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __re
       __syncthreads();
     }
   }
-  const int64_t g0 = (row * regions + reg) * kGroupsPerRegion;
-  for (int e = threadIdx.x; e < kRegion; e += kGroupThreads)
+  const int64_t g0 = (row * regions + reg) * per_region;
+  for (int e = threadIdx.x; e < R; e += kGroupThreads)
     keys[g0 * kFlashGroupKeys + e] = sk[e] == kNone ? -1 : int32_t(uint32_t(sk[e]));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < kGroupsPerRegion) {
+  for (int gg = warp; gg < per_region; gg += kGroupThreads / 32) {
     int lo = INT32_MAX, hi = -1;
     for (int e = lane; e < kFlashGroupKeys; e += 32) {
-      const unsigned long long key = sk[warp * kFlashGroupKeys + e];
+      const unsigned long long key = sk[gg * kFlashGroupKeys + e];
       if (key == kNone) continue;
       const int j = int(uint32_t(key)), last = int(int64_t(INT32_MAX) - int64_t(key >> 32));
       if (last >= j) {
@@ -340,8 +440,8 @@ __global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __re
       hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     }
     if (lane == 0) {
-      range[2 * (g0 + warp)] = hi >= 0 ? lo : 0;
-      range[2 * (g0 + warp) + 1] = hi;
+      range[2 * (g0 + gg)] = hi >= 0 ? lo : 0;
+      range[2 * (g0 + gg) + 1] = hi;
     }
   }
 }
@@ -398,8 +498,8 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
   detail::column_sum_accumulate(dw_dt, partial, used_parts, D, col_scratch);
 }
 
-void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
-  DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
+namespace {
+void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
   const int64_t n = rows * T;
   if (n == 0) return;
   const int Ti = as_int(T, "T");
@@ -430,6 +530,22 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
   DMAT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(cub_tmp, cub_bytes, keys_in, keys_out, idx_in, idx_out, n, 0,
                                                   32 + row_bits, stream()));
   // idx_in is free after the sort: it becomes pos (rank of each key).
+  const size_t seg_smem = kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
+  if (seg_smem <= max_smem_optin() && rows < 65536) {
+    // after the sort idx_in and keys_in are free: pos over idx_in, the per-row NaN flags in keys_in
+    int32_t* pos = idx_in;
+    int32_t* nan_rows = reinterpret_cast<int32_t*>(keys_in);
+    DMAT_CUDA_CHECK(cudaMemsetAsync(nan_rows, 0, size_t(rows) * sizeof(int32_t), stream()));
+    dma_thr_pos_kernel<<<grid_for(n, 256), 256, 0, stream()>>>(pos, nan_rows, idx_out, bias, n, Ti);
+    DMAT_CUDA_LAUNCH_CHECK();
+    if (seg_smem > 48 * 1024)
+      DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_segment_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(seg_smem)));
+    dma_thr_segment_kernel<<<dim3(unsigned(ceil_div(T, kSeg)), unsigned(rows)), kThrThreads, seg_smem, stream()>>>(
+        thr, keys_out, idx_out, pos, nan_rows, Ti, win);
+    DMAT_CUDA_LAUNCH_CHECK();
+    return;
+  }
   const size_t launch_smem = bits_in_smem ? smem : kChunk * sizeof(int32_t);
   if (launch_smem > 48 * 1024)
     DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -439,28 +555,51 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+// Rows in batches whose sort workspace (~24 B per element) stays within 24 MiB (at least one row).
+void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
+  DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
+  if (rows == 0 || T == 0) return;
+  const int64_t batch = std::clamp<int64_t>((int64_t(24) << 20) / (24 * T), 1, rows);
+  for (int64_t r0 = 0; r0 < rows; r0 += batch)
+    thresholds_rows(thr + r0 * T, bias + r0 * T, std::min(batch, rows - r0), T, window);
+}
+
 int64_t dma_gather_tiles(int64_t T) { return ceil_div(T, flash_attention_block_q()); }
 
 void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
-                     const float* thr, int64_t rows, int64_t T) {
+                     const float* thr, int64_t rows, int64_t T, int64_t tile0, int64_t tiles) {
   DMAT_CHECK(capacity >= 0, "dma gather: capacity={}", capacity);
-  const int64_t tiles = dma_gather_tiles(T);
-  if (rows == 0 || tiles == 0) return;
-  DMAT_CHECK(tiles < (int64_t(1) << 31) && rows < 65536, "dma gather: {} tiles x {} rows", tiles, rows);
-  dma_gather_kernel<<<dim3(unsigned(tiles), unsigned(rows)), kGatherThreads, 0, stream()>>>(
-      keys, count, max_count, capacity, bias, thr, as_int(T, "T"), flash_attention_block_q());
+  const int64_t all = dma_gather_tiles(T), n = tiles < 0 ? all - tile0 : tiles;
+  DMAT_CHECK(tile0 >= 0 && n >= 0 && tile0 + n <= all, "dma gather: tiles {} + {} of {}", tile0, n, all);
+  if (rows == 0 || n == 0) return;
+  DMAT_CHECK(n < (int64_t(1) << 31) && rows < 65536, "dma gather: {} tiles x {} rows", n, rows);
+  dma_gather_kernel<<<dim3(unsigned(n), unsigned(rows)), kGatherThreads, 0, stream()>>>(
+      keys, count, max_count, capacity, bias, thr, as_int(T, "T"), flash_attention_block_q(), int(tile0));
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
-int64_t dma_group_regions(int64_t T) { return ceil_div(T, kRegion); }
-int64_t dma_group_count(int64_t T) { return dma_group_regions(T) * kGroupsPerRegion; }
+int64_t dma_group_region_size(int64_t T) {  // T/8 as a power of two in [1024, 16384]
+  int64_t r = 1024;
+  while (r < 16384 && r * 8 < T) r *= 2;
+  return r;
+}
+int64_t dma_group_regions(int64_t T) { return ceil_div(T, dma_group_region_size(T)); }
+int64_t dma_group_count(int64_t T) { return dma_group_regions(T) * (dma_group_region_size(T) / kFlashGroupKeys); }
 
 void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const float* thr, int64_t rows, int64_t T) {
-  const int64_t regions = dma_group_regions(T);
+  const int64_t regions = dma_group_regions(T), R = dma_group_region_size(T);
   if (rows == 0 || regions == 0) return;
   DMAT_CHECK(rows < 65536, "dma key groups: {} rows", rows);
-  dma_groups_kernel<<<dim3(unsigned(regions), unsigned(rows)), kGroupThreads, 0, stream()>>>(
-      keys, range, bias, thr, as_int(T, "T"), int(regions));
+  const size_t smem = size_t(R) * sizeof(unsigned long long);
+  static const bool ready = [] {
+    DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_groups_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 16384 * 8));
+    return true;
+  }();
+  (void)ready;
+  dma_groups_kernel<<<dim3(unsigned(regions), unsigned(rows)), kGroupThreads, smem, stream()>>>(
+      keys, range, bias, thr, as_int(T, "T"), int(regions), int(R));
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
@@ -469,50 +608,61 @@ int64_t dma_gather_capacity(int64_t T, int64_t window) {
 }
 
 namespace {
-// The gathered lists (and for the backward the key groups) in workspace3(), rebuilt per call.
-struct DmaLists {
-  FlashGather gather;
-  FlashKeyGroups groups;
+// Gathered lists are built in batches of query tiles whose lists fit kListBudget (at least one
+// tile): the workspace stays bounded at any T (N = 128K, 16 KV heads, w = 2048: 5 batches).
+constexpr int64_t kListBudget = int64_t(24) << 20;
+
+// workspace3() layout: key groups (backward) | lists of one batch | their counts.
+struct DmaScratch {
+  int64_t rows, tiles_per_batch, cap, n_groups;
+  int32_t *group_keys, *group_range, *keys, *count;
 };
-DmaLists build_lists(const float* bias, const float* thr, const AttnShape& s, int64_t window, bool with_groups) {
-  const int64_t rows = s.B * s.Hkv, tiles = dma_gather_tiles(s.T), cap = dma_gather_capacity(s.T, window);
-  const int64_t ng = with_groups ? dma_group_count(s.T) : 0;
+DmaScratch dma_scratch(const AttnShape& s, int64_t window) {
+  DmaScratch d{};
+  d.rows = s.B * s.Hkv;
+  d.cap = dma_gather_capacity(s.T, window);
+  const int64_t tiles = dma_gather_tiles(s.T), per_tile = d.rows * d.cap * int64_t(sizeof(int32_t));
+  d.tiles_per_batch = std::clamp<int64_t>(kListBudget / std::max<int64_t>(per_tile, 1), 1, tiles);
+  d.n_groups = dma_group_count(s.T);
   auto align = [](int64_t n) { return (n + 63) & ~int64_t(63); };  // int32 elements, 256-byte alignment
-  const int64_t n_keys = align(rows * tiles * cap), n_count = align(rows * tiles);
-  const int64_t n_gkeys = align(rows * ng * kFlashGroupKeys), n_range = align(rows * ng * 2);
-  int32_t* ws = static_cast<int32_t*>(workspace3(size_t(n_keys + n_count + n_gkeys + n_range) * sizeof(int32_t)));
-  DmaLists l;
-  l.gather.keys = ws;
-  l.gather.count = ws + n_keys;
-  l.gather.capacity = cap;
-  l.gather.thr = thr;
-  dma_gather_keys(ws, ws + n_keys, nullptr, cap, bias, thr, rows, s.T);
-  if (with_groups) {
-    int32_t* gk = ws + n_keys + n_count;
-    int32_t* gr = gk + n_gkeys;
-    dma_key_groups(gk, gr, bias, thr, rows, s.T);
-    l.groups.keys = gk;
-    l.groups.range = gr;
-    l.groups.n_groups = ng;
-    l.groups.regions = dma_group_regions(s.T);
-  }
-  return l;
+  const int64_t n_gk = align(d.rows * d.n_groups * kFlashGroupKeys), n_gr = align(d.rows * d.n_groups * 2);
+  const int64_t n_keys = align(d.rows * d.tiles_per_batch * d.cap), n_count = align(d.rows * d.tiles_per_batch);
+  // one size for forward and backward, so the scratch is allocated once
+  int32_t* ws = static_cast<int32_t*>(workspace3(size_t(n_gk + n_gr + n_keys + n_count) * sizeof(int32_t)));
+  d.group_keys = ws, d.group_range = ws + n_gk, d.keys = ws + n_gk + n_gr, d.count = d.keys + n_keys;
+  return d;
+}
+FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, int64_t T, int64_t tile0,
+                      int64_t tiles) {
+  dma_gather_keys(d.keys, d.count, nullptr, d.cap, bias, thr, d.rows, T, tile0, tiles);
+  FlashGather g;
+  g.keys = d.keys, g.count = d.count, g.capacity = d.cap, g.thr = thr, g.tile0 = tile0, g.tiles = tiles;
+  return g;
 }
 }  // namespace
 
 void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
-                           const float* thr, const AttnShape& s, int64_t window) {
+                           const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
   DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
-  const DmaLists l = build_lists(bias, thr, s, window, false);
-  flash_attention_forward_ext(out, lse, q, k, v, s, bias, &l.gather);
+  const DmaScratch d = dma_scratch(s, window);
+  const int64_t all = dma_gather_tiles(s.T);
+  for (int64_t t0 = 0; t0 < all; t0 += d.tiles_per_batch) {
+    const FlashGather g = dma_lists(d, bias, thr, s.T, t0, std::min(d.tiles_per_batch, all - t0));
+    flash_attention_forward_path(out, lse, q, k, v, s, bias, &g, path);
+  }
 }
 
 void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                             const float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
-                            const float* thr, const AttnShape& s, int64_t window) {
+                            const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
   DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
-  const DmaLists l = build_lists(bias, thr, s, window, true);
-  flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, l.gather, l.groups);
+  const DmaScratch d = dma_scratch(s, window);
+  dma_key_groups(d.group_keys, d.group_range, bias, thr, d.rows, s.T);
+  FlashKeyGroups groups;
+  groups.keys = d.group_keys, groups.range = d.group_range, groups.n_groups = d.n_groups;
+  groups.regions = dma_group_regions(s.T);
+  flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, thr, groups, d.tiles_per_batch,
+                               [&](int64_t t0, int64_t n) { return dma_lists(d, bias, thr, s.T, t0, n); }, path);
 }
 
 }  // namespace dmat::cuda

@@ -11,6 +11,7 @@
 
 #include "core/bf16.h"
 #include "kernels/cpu/cpu_ops.h"  // DmaBiasForm, AttnShape
+#include "kernels/cuda/flash_attention.h"  // FlashPath
 
 namespace dmat::cuda {
 
@@ -31,10 +32,13 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // Pure selection (values are copied, never computed), so bit-identical to cpu::dma_thresholds,
 // except that −0.0 is returned as +0.0 (the two compare equal; the CPU heap may return either).
 // A row holding a NaN bias gets NaN thresholds (the CPU reference throws instead).
-// Work per row: one stable radix sort of (bias, position) pairs (O(T) per pass), then a scan of
-// i = 0..T−1 keeping the rank p of the current threshold in a bitset of inserted ranks; p only
-// moves up (thresholds never decrease), so the scan is O(T) in total, but it is serial (one thread
-// per row: ~T·40 cycles of shared-memory latency). No T×T buffer; workspace ≈ 20·rows·T bytes.
+// Per row: one stable radix sort of (bias, position) pairs, then a scan of i = 0..T−1 keeping the
+// rank p of the current threshold in a bitset of inserted ranks; p only moves up (thresholds
+// never decrease). The scan runs in segments of 512 queries, one block each, all in parallel: a
+// segment rebuilds its entering state (the top-w ranks of its prefix, read off the sorted row)
+// and then steps serially through its 512 queries. Where the T-bit bitset does not fit in shared
+// memory (T beyond ~1.8M) one block per row scans all of T serially, the bitset in global memory.
+// No T×T buffer; workspace ≈ 24·rows·T bytes.
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
 
 // Gathered key lists for flash_attention_forward_ext (flash_attention.h, FlashGather layout):
@@ -48,17 +52,20 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
 // max(*max_count, every count) (integer atomics); initialise it before the call.
 // Work: O(i1) per tile, O(T²/block) per row (a scan of the bias prefix per tile).
 int64_t dma_gather_tiles(int64_t T);  // n_tiles = ceil(T / flash_attention_block_q())
+// tile0 / tiles (tiles < 0: to the end): only those query tiles, laid out with `tiles` per row.
 void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
-                     const float* thr, int64_t rows, int64_t T);
+                     const float* thr, int64_t rows, int64_t T, int64_t tile0 = 0, int64_t tiles = -1);
 // min(T, window + block − 1): the longest list without ties (the w keys query i0 keeps plus the
 // tile's own). Tiles with more (ties at the threshold) run densely (FlashGather).
 int64_t dma_gather_capacity(int64_t T, int64_t window);
 
 // Key groups of the backward's dK/dV pass (FlashKeyGroups in flash_attention.h): per row, regions of
-// 1024 keys, each sorted by last_j (the last query keeping key j: by monotone thresholds the queries
-// keeping j are exactly j .. last_j) descending, then cut into groups of kFlashGroupKeys; a group's
-// range is [min j, max last_j] over its kept keys. keys [rows][dma_group_count(T)][128],
-// range [rows][dma_group_count(T)][2]. Work O(T log T) per row, no T×T anything.
+// R = dma_group_region_size(T) keys (T/8 as a power of two in [1024, 16384]), each sorted by last_j
+// (the last query keeping key j: by monotone thresholds the queries keeping j are exactly
+// j .. last_j) descending, then cut into groups of kFlashGroupKeys; a group's range is
+// [min j, max last_j] over its kept keys. keys [rows][dma_group_count(T)][128],
+// range [rows][dma_group_count(T)][2]. Work O(T log² R) per row, no T×T anything.
+int64_t dma_group_region_size(int64_t T);
 int64_t dma_group_regions(int64_t T);
 int64_t dma_group_count(int64_t T);
 void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const float* thr, int64_t rows, int64_t T);
@@ -67,12 +74,16 @@ void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const floa
 // `window` is w, which sizes the gathered lists). bf16 q, k, v, out, dout, dq, dk, dv; fp32 lse
 // [B,H,T], bias, thr, dbias [B,Hkv,T]. The forward: lists (dma_gather_keys), then the gathered flash
 // forward with the bias and threshold mask. The backward: lists and key groups, then
-// flash_attention_backward_dma. Workspace (workspace3): rows·(n_tiles·capacity + T) int32 and a
-// little more; no T×T buffer.
+// flash_attention_backward_dma. Lists are built per batch of query tiles of at most 24 MiB
+// (the kernels then run on that batch), so the workspace (workspace3: key groups, ~rows·T int32,
+// plus one batch of lists) stays bounded at any T; no T×T buffer.
+// path: the flash kernel family (flash_attention.h; automatic: the library's choice).
 void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
-                           const float* thr, const AttnShape& s, int64_t window);
+                           const float* thr, const AttnShape& s, int64_t window,
+                           FlashPath path = FlashPath::automatic);
 void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                             const float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
-                            const float* thr, const AttnShape& s, int64_t window);
+                            const float* thr, const AttnShape& s, int64_t window,
+                            FlashPath path = FlashPath::automatic);
 
 }  // namespace dmat::cuda

@@ -13,6 +13,7 @@
 // fixed order (deterministic sums), recomputing P^T from lse; with deterministic == false it also
 // adds dS·K into an fp32 dQ accumulator with atomics; (3a) deterministic dQ: one block per query
 // tile looping over key tiles, or (3b) fp32 accumulator -> bf16.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -100,6 +101,8 @@ struct FwdParams {
   int64_t gcap;
   int T, H, Hkv, window;
   float scale_log2;
+  int qt0;      // first query tile of the launch (gathered lists in batches of tiles), else 0
+  int n_tiles;  // gathered: query tiles in the launch
 };
 
 // The key policy of query tile qt (of bm rows from q0) in a grid of one block per query tile; P:
@@ -117,8 +120,8 @@ template <int BN>
 struct MakeKeys<GatherKeys<BN>> {
   template <class P>
   __device__ static GatherKeys<BN> make(const P& p, int b, int hk, int qt, int q0, int bm) {
-    const int64_t n_tiles = gridDim.x;
-    const int64_t list = (int64_t(b) * p.Hkv + hk) * n_tiles + qt;
+    const int64_t n_tiles = gridDim.x;  // the lists cover this launch's tiles qt0 .. qt0 + n_tiles − 1
+    const int64_t list = (int64_t(b) * p.Hkv + hk) * n_tiles + (qt - p.qt0);
     const int n = __ldg(p.gcount + list);
     if (n > p.gcap) return GatherKeys<BN>(nullptr, min(q0 + bm, p.T));  // overflowed: dense fallback
     return GatherKeys<BN>(p.gkeys + list * p.gcap, max(n, 0));
@@ -135,7 +138,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
   nv_bf16* sV = sK + 2 * BN * DQK;                      // [2][BN][DV]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest (latest) causal tiles start first
+  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);  // the longest (latest) causal tiles start first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const int q0 = qt * BM;
   const int64_t q_stride = int64_t(p.H) * DQK, k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
@@ -340,7 +343,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   int32_t* skeys = reinterpret_cast<int32_t*>(smem_raw + (base - smem_u32(smem_raw)) + L::kKeys);
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest (latest) causal tiles start first
+  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);  // the longest (latest) causal tiles start first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const int q0 = qt * BM, T = p.T;
   const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
@@ -751,6 +754,7 @@ struct BwdParams {
   const int32_t* grp_keys;   // [B·Hkv][n_groups][BN] key positions, −1 padding
   const int32_t* grp_range;  // [B·Hkv][n_groups][2]: first and last query of the group (last < first: none)
   int n_groups, grp_regions;
+  int qt0;  // first query tile of a dQ launch over a batch of gathered lists, else 0
 };
 
 // delta = Σ_d dO∘O and lse2 = lse·log2(e), one warp per (b, i, h) row.
@@ -1029,7 +1033,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
   nv_bf16* sV = sK + 2 * BN * DQK;                      // [2][BN][DV]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);
   const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const int T = p.T, q0 = qt * BM;
   const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
@@ -1155,29 +1159,35 @@ struct WgDqSmem {
   static constexpr int kQ = kWgBM * DQK * 2, kO = kWgBM * DV * 2, kK = BN * DQK * 2, kV = BN * DV * 2;
   static constexpr int kStage = kK + kV;
   static constexpr int kStages = (kQ + kO + 3 * kStage) <= 200 * 1024 ? 3 : 2;
-  static constexpr int kBars = kQ + kO + kStages * kStage;
+  static constexpr int kKeys = kQ + kO + kStages * kStage;  // int32 key positions [stage][BN] (gathered)
+  static constexpr int kBars = kKeys + kStages * BN * 4;
   static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;
   static_assert(kQ % 1024 == 0 && kO % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "1024-aligned atoms");
 };
 
-template <int DQK, int DV, bool OVERLAP>
+// Keys: DenseKeys, or GatherKeys over the DMA lists (the producer stages each tile's positions in
+// shared memory, as the forward); DMA: key bias in the scores and the threshold mask.
+template <int DQK, int DV, bool OVERLAP, class Keys = DenseKeys<kWgDqBN>, bool DMA = false>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const BwdParams p) {
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
   using L = WgDqSmem<DQK, DV>;
   constexpr int BM = kWgBM, BN = L::BN, S = L::kStages;
+  static_assert(Keys::kBN == BN, "key tile size");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sO = base + L::kQ, sKV = sO + L::kO;
   const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
+  int32_t* skeys = reinterpret_cast<int32_t*>(smem_raw + (base - smem_u32(smem_raw)) + L::kKeys);
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);
   const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
   const int q0 = qt * BM, T = p.T;
-  const DenseKeys<BN> keys(q0, BM, T, p.window);
+  const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
   const int n_tiles = keys.count;
+  const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
 
   if (tid == 0) {
     mbar_init(bar_q, 128);
@@ -1207,13 +1217,31 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
       const int st = n % S;
       if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
       const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-      const int k0 = keys.key(n, 0);  // dense: rows k0 .. k0 + BN − 1
-      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
-        return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
-      }, tid);
-      load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-        return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
-      }, tid);
+      if constexpr (Keys::kGathered) {
+        // the stage's previous readers of skeys released it (empty) before this point
+        int32_t* sks = skeys + st * BN;
+        for (int r = tid; r < BN; r += 128) {
+          const int j = keys.key(n, r);
+          sks[r] = j >= 0 && j < T ? j : -1;
+        }
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
+        load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+          const int j = sks[r];
+          return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
+        }, tid);
+        load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+          const int j = sks[r];
+          return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
+        }, tid);
+      } else {
+        const int k0 = keys.key(n, 0);  // dense: rows k0 .. k0 + BN − 1
+        load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+          return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
+        }, tid);
+        load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+          return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
+        }, tid);
+      }
       cp_async_commit();
       cp_async_wait<1>();
       fence_proxy_async();
@@ -1226,13 +1254,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
     setmaxnreg_inc<240>();
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int row0 = q0 + 64 * cw + 16 * warp + g;
-    float li[2], di[2];
+    float li[2], di[2], thr_r[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int i = row0 + 8 * hf;
       const int64_t o = (int64_t(b) * p.H + h) * T + i;
       li[hf] = i < T ? p.lse2[o] : 0.f;
       di[hf] = i < T ? p.delta[o] : 0.f;
+      if constexpr (DMA) thr_r[hf] = i < T ? __ldg(p.thr + brow + i) : INFINITY;
     }
     Acc<DQK> dq;
     dq.zero();
@@ -1248,17 +1277,23 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
       for (int kk = 0; kk < DV / 16; ++kk)
         wgmma_ss_n64(dp.c, desc_kmajor<BM, DV>(sO, 64 * cw, kk), desc_kmajor<BN, DV>(sv, 0, kk), kk > 0);
     };
-    auto ds = [&](int n) {  // dS = P∘(dP − delta), P = exp2(S·c − lse2) masked, in dp
+    auto ds = [&](int n, int st) {  // dS = P∘(dP − delta), P = exp2(S·c − lse2) masked, in dp
       const bool mask = keys.needs_mask(n);
+      const int32_t* sks = skeys + st * BN;  // gathered: written before the full barrier's arrive
+      (void)sks;
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int j = keys.key(n, nb * 8 + 2 * t + e);
+          const int c = nb * 8 + 2 * t + e;
+          const int j = Keys::kGathered ? sks[c] : keys.key(n, c);
+          float braw = 0.f;  // compared with thr_r exactly, as the forward
+          if constexpr (DMA) braw = j >= 0 ? __ldg(p.bias + brow + j) : 0.f;
+          const float bj = braw * kLog2e;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, -li[hf]));
-            if (mask && !visible(row0 + 8 * hf, j, p.window)) pv = 0.f;
+            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
+            if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) pv = 0.f;
             dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
           }
         }
@@ -1297,7 +1332,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
         wgmma_wait<0>();
         fence_operands(sc.c);
         fence_operands(dp.c);
-        ds(n);
+        ds(n, st);
         make_frags();
         fence_operands(dq.c);
         wgmma_fence();
@@ -1316,7 +1351,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
       wgmma_wait<0>();
       fence_operands(sc.c);
       fence_operands(dp.c);
-      ds(0);
+      ds(0, 0);
       make_frags();
       for (int n = 0; n + 1 < n_tiles; ++n) {
         const int st = n % S, st1 = (n + 1) % S;
@@ -1330,7 +1365,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
         wgmma_wait<1>();
         fence_operands(sc.c);
         fence_operands(dp.c);
-        ds(n + 1);
+        ds(n + 1, st1);
         wgmma_wait<0>();
         fence_operands(dq.c);
         release(st);
@@ -1376,14 +1411,16 @@ struct WgKvSmem {
   static constexpr int kK = BN * DQK * 2, kV = BN * DV * 2, kQ = BM * DQK * 2, kO = BM * DV * 2;
   static constexpr int kStage = kQ + kO;
   static constexpr int kStages = (kK + kV + 4 * kStage) <= 200 * 1024 ? 4 : 3;
-  static constexpr int kStats = kK + kV + kStages * kStage;  // float lse2[stage][BM], delta[stage][BM]
-  static constexpr int kBars = kStats + kStages * BM * 8;
+  static constexpr int kStats = kK + kV + kStages * kStage;  // float lse2, delta, thr (DMA) [stage][3][BM]
+  static constexpr int kBars = kStats + kStages * BM * 12;
   static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;
   static_assert(kK % 1024 == 0 && kV % 1024 == 0 && kQ % 1024 == 0 && kO % 1024 == 0, "1024-aligned atoms");
 };
 
-template <int DQK, int DV, bool OVERLAP>
+// DMA: the block's keys are a key group (p.grp_keys), its queries the group's range, with the key
+// bias, the threshold mask and dbias_j = Σ_i dS_ij summed in registers (as the mma.sync kernel).
+template <int DQK, int DV, bool OVERLAP, bool DMA = false>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(const BwdParams p) {
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
@@ -1396,11 +1433,31 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
   const uint32_t bar_kv = base + L::kBars, bar_full = bar_kv + 8, bar_empty = bar_full + 8 * S;
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;  // key tile 0 has the most queries
-  const int T = p.T, group = p.H / p.Hkv, k0 = kt * BN;
-  // queries that see some key of [k0, k0 + BN): [k0, k0 + BN − 1 + window − 1]
-  const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
-  const int qt_first = k0 / BM, nq = i_hi / BM + 1 - qt_first, n_items = group * nq;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int T = p.T, group = p.H / p.Hkv;
+  const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
+  int k0 = 0, qt_first = 0, nq = 0;
+  const int32_t* gk = nullptr;
+  if constexpr (DMA) {  // groups of one size class run together, the longest ranges first
+    static_assert(BN == kFlashGroupKeys, "one key group per block");
+    const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
+    const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
+    gk = p.grp_keys + gi * BN;
+    const int lo = __ldg(p.grp_range + 2 * gi), hi = __ldg(p.grp_range + 2 * gi + 1);
+    qt_first = lo / BM;
+    nq = hi >= lo ? hi / BM + 1 - qt_first : 0;
+  } else {
+    // key tile 0 has the most queries; queries that see some key of [k0, k0 + BN): [k0, k0 + BN − 1 + window − 1]
+    k0 = blockIdx.x * BN;
+    const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
+    qt_first = k0 / BM;
+    nq = i_hi / BM + 1 - qt_first;
+  }
+  auto key_at = [&](int r) -> int {  // −1: padding
+    if constexpr (DMA) return __ldg(gk + r);
+    return k0 + r < T ? k0 + r : -1;
+  };
+  const int n_items = group * nq;
 
   if (tid == 0) {
     mbar_init(bar_kv, 128);
@@ -1418,10 +1475,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
     const nv_bf16* kg = p.k + (int64_t(b) * T * p.Hkv + hk) * DQK;
     const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
     load_sw128_async<BN, DQK, 128>(sK, kg, [&](int r) -> const nv_bf16* {
-      return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
+      const int j = key_at(r);
+      return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
     }, tid);
     load_sw128_async<BN, DV, 128>(sV, vg, [&](int r) -> const nv_bf16* {
-      return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
+      const int j = key_at(r);
+      return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
     }, tid);
     cp_async_commit();
     for (int n = 0; n < n_items; ++n) {
@@ -1440,7 +1499,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
       {  // lse2 (threads 0..63) and delta (64..127) of the tile's queries, plain loads and stores
         const int c = tid & (BM - 1), i = q0 + c;
         const int64_t o = (int64_t(b) * p.H + hh) * T + i;
-        stats[(st * 2 + (tid >= BM)) * BM + c] = i < T ? (tid < BM ? p.lse2[o] : p.delta[o]) : 0.f;
+        stats[(st * 3 + (tid >= BM)) * BM + c] = i < T ? (tid < BM ? p.lse2[o] : p.delta[o]) : 0.f;
+        if (DMA && tid < BM) stats[(st * 3 + 2) * BM + c] = i < T ? p.thr[brow + i] : INFINITY;
       }
       cp_async_commit();
       cp_async_wait<1>();
@@ -1453,7 +1513,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
   } else {
     setmaxnreg_inc<240>();
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int key0 = k0 + 64 * cw + 16 * warp + g;  // this thread's keys: key0 (c0,c1), key0 + 8 (c2,c3)
+    // this thread's keys: rows 64cw + 16warp + g (c0,c1) and + 8 (c2,c3) of the tile
+    const int kj[2] = {key_at(64 * cw + 16 * warp + g), key_at(64 * cw + 16 * warp + g + 8)};
+    float kb2[2] = {0.f, 0.f}, kbraw[2] = {0.f, 0.f}, dbias[2] = {0.f, 0.f};  // DMA: bias (log2 units, raw)
+    if constexpr (DMA) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        kbraw[hf] = kj[hf] >= 0 ? __ldg(p.bias + brow + kj[hf]) : 0.f;
+        kb2[hf] = kbraw[hf] * kLog2e;
+      }
+    }
     Acc<DQK> dk;
     Acc<DV> dv;
     dk.zero();
@@ -1474,9 +1543,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
     // Pᵀ = exp2(Sᵀ·c − lse2) (masked to 0) and dSᵀ = Pᵀ∘(dPᵀ − delta), in place, for item n
     auto p_ds = [&](int n, int st) {
       const int q0 = (qt_first + n % nq) * BM;
-      const float* sL = stats + (st * 2) * BM;
+      const float* sL = stats + (st * 3) * BM;
       const float* sD = sL + BM;
-      const bool mask = q0 < k0 + BN - 1 || q0 + BM > T || (p.window > 0 && q0 + BM - 1 - p.window >= k0);
+      const float* sThr = sD + BM;
+      (void)sThr;
+      const bool mask =
+          DMA || q0 < k0 + BN - 1 || q0 + BM > T || (p.window > 0 && q0 + BM - 1 - p.window >= k0);
 #pragma unroll
       for (int nb = 0; nb < BM / 8; ++nb) {
 #pragma unroll
@@ -1485,10 +1557,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
           const float li = sL[c], di = sD[c];
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, -li));
-            if (mask && (i >= T || !visible(i, key0 + 8 * hf, p.window))) pv = 0.f;
+            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
+            if (mask && (i >= T || !visible(i, kj[hf], p.window))) pv = 0.f;
+            if constexpr (DMA)
+              if (kbraw[hf] < sThr[c]) pv = 0.f;
             sc.c[nb][2 * hf + e] = pv;
-            dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di);
+            const float dsv = pv * (dp.c[nb][2 * hf + e] - di);
+            dp.c[nb][2 * hf + e] = dsv;
+            if constexpr (DMA) dbias[hf] += dsv;
           }
         }
       }
@@ -1590,8 +1666,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
 
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int j = key0 + 8 * hf;
-      if (j < T) {
+      if constexpr (DMA) {  // the four lanes of a key row hold disjoint query columns
+        dbias[hf] += __shfl_xor_sync(0xffffffffu, dbias[hf], 1);
+        dbias[hf] += __shfl_xor_sync(0xffffffffu, dbias[hf], 2);
+      }
+      const int j = kj[hf];
+      if (j >= 0) {
+        if (DMA && t == 0) p.dbias[brow + j] = dbias[hf];
         nv_bf16* dkr = p.dk + ((int64_t(b) * T + j) * p.Hkv + hk) * DQK;
         nv_bf16* dvr = p.dv + ((int64_t(b) * T + j) * p.Hkv + hk) * DV;
 #pragma unroll
@@ -1646,7 +1727,7 @@ void launch_fwd(const FwdParams& p, int64_t B) {
   auto kernel = flash_fwd_kernel<DQK, DV, kFwdWarps, kFwdBN, Keys, BIAS>;
   static const bool ready = (prepare(kernel, smem), true);
   (void)ready;
-  const dim3 grid(unsigned((p.T + kFwdBM - 1) / kFwdBM), unsigned(p.H), unsigned(B));
+  const dim3 grid(unsigned(Keys::kGathered ? p.n_tiles : (p.T + kFwdBM - 1) / kFwdBM), unsigned(p.H), unsigned(B));
   kernel<<<grid, kFwdWarps * 32, smem, stream()>>>(p);
   DMAT_CUDA_LAUNCH_CHECK();
 }
@@ -1726,7 +1807,7 @@ void launch_fwd_wgmma_variant(const FwdParams& p, int64_t B) {
     tma.k = make_tmap(p.k, DQK, p.Hkv, B * p.T, L::BN);
     tma.v = make_tmap(p.v, DV, p.Hkv, B * p.T, L::BN);
   }
-  const dim3 grid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
+  const dim3 grid(unsigned(Keys::kGathered ? p.n_tiles : (p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
   kernel<<<grid, kWgThreads, L::kAlloc, stream()>>>(p, tma);
   DMAT_CUDA_LAUNCH_CHECK();
 }
@@ -1897,10 +1978,23 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
   }
 }
 
-// DMA backward: dK/dV/dbias key-major over the key groups, then dQ query-major over the gathered
-// lists (both mma.sync, deterministic).
+// DMA backward: dK/dV/dbias key-major over the key groups (dma_dkdv_dims), then dQ query-major
+// over the gathered lists of tiles qt0 .. qt0 + n_tiles − 1 (dma_dq_dims; wgmma on Hopper for head
+// dims 64 and 128, else mma.sync; deterministic either way).
 template <int D>
-void backward_dma_dims(const BwdParams& p, int64_t B) {
+void dma_dkdv_dims(const BwdParams& p, int64_t B, bool wg) {
+  if constexpr (D == 64 || D == 128) {
+    if (wg) {
+      using LK = WgKvSmem<D, D>;
+      static_assert(LK::BN == kFlashGroupKeys, "one key group per dK/dV block");
+      auto kdkdv = flash_bwd_dkdv_wgmma_kernel<D, D, false, true>;
+      static const bool ready_kv = (prepare(kdkdv, LK::kAlloc), true);
+      (void)ready_kv;
+      kdkdv<<<dim3(unsigned(p.n_groups), unsigned(p.Hkv), unsigned(B)), kWgThreads, LK::kAlloc, stream()>>>(p);
+      DMAT_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
   constexpr int BMQ = bwd_bmq<D>(), BNK = 16 * kBwdWarps;
   static_assert(BNK == kFlashGroupKeys, "one key group per dK/dV block");
   constexpr size_t smem_kv = size_t(BNK * 2 * D + 2 * BMQ * 2 * D) * sizeof(nv_bf16) + 6 * BMQ * sizeof(float);
@@ -1909,14 +2003,29 @@ void backward_dma_dims(const BwdParams& p, int64_t B) {
   (void)ready_kv;
   kdkdv<<<dim3(unsigned(p.n_groups), unsigned(p.Hkv), unsigned(B)), kBwdWarps * 32, smem_kv, stream()>>>(p);
   DMAT_CUDA_LAUNCH_CHECK();
+}
 
+template <int D>
+void dma_dq_dims(const BwdParams& p, int64_t B, bool wg, int n_tiles) {
+  if constexpr (D == 64 || D == 128) {
+    if (wg) {
+      using L = WgDqSmem<D, D>;
+      static_assert(kWgBM == kFwdBM, "the dQ pass reads the forward's per-tile lists");
+      auto kdq = flash_bwd_dq_wgmma_kernel<D, D, false, GatherKeys<kWgDqBN>, true>;
+      static const bool ready_q = (prepare(kdq, L::kAlloc), true);
+      (void)ready_q;
+      kdq<<<dim3(unsigned(n_tiles), unsigned(p.H), unsigned(B)), kWgThreads, L::kAlloc, stream()>>>(p);
+      DMAT_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
   constexpr int BM = 16 * kBwdWarps, BN = 64;
   static_assert(BM == kFwdBM, "the dQ pass reads the forward's per-tile lists");
   constexpr size_t smem_q = size_t(BM * 2 * D + 2 * BN * 2 * D) * sizeof(nv_bf16);
   auto kdq = flash_bwd_dq_kernel<D, D, kBwdWarps, BN, GatherKeys<BN>, true>;
   static const bool ready_q = (prepare(kdq, smem_q), true);
   (void)ready_q;
-  kdq<<<dim3(unsigned((p.T + BM - 1) / BM), unsigned(p.H), unsigned(B)), kBwdWarps * 32, smem_q, stream()>>>(p);
+  kdq<<<dim3(unsigned(n_tiles), unsigned(p.H), unsigned(B)), kBwdWarps * 32, smem_q, stream()>>>(p);
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
@@ -1971,6 +2080,12 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
   if (gather) {
     DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
     p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity, p.thr = gather->thr;
+    const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
+    const int64_t n = gather->tiles < 0 ? all - gather->tile0 : gather->tiles;
+    DMAT_CHECK(gather->tile0 >= 0 && n >= 0 && gather->tile0 + n <= all,
+               "flash attention: gather tiles {} + {} of {}", gather->tile0, n, all);
+    if (n == 0) return;
+    p.qt0 = int(gather->tile0), p.n_tiles = int(n);
     DMAT_CHECK(!gather->thr || key_bias, "flash attention: a gather threshold needs the key bias");
     if (key_bias) forward_dispatch<GatherKeys, true>(p, s, use);
     else forward_dispatch<GatherKeys, false>(p, s, use);
@@ -2012,24 +2127,35 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
 
 void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                                   const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
-                                  const float* key_bias, const FlashGather& gather, const FlashKeyGroups& groups) {
+                                  const float* key_bias, const float* thr, const FlashKeyGroups& groups,
+                                  int64_t tiles_per_batch, const FlashGatherSource& lists, FlashPath path) {
   check_args(s, {dq, dk, dv, dout, out, q, k, v});
+  const bool wg = resolve_path(s, path, Direction::backward) == FlashPath::wgmma;
   DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && s.window == 0,
              "flash attention (DMA backward): head dims ({}, {}) window {} (32, 64 or 128, equal; no window)", s.Dqk,
              s.Dv, s.window);
-  DMAT_CHECK(key_bias && dbias && gather.keys && gather.count && gather.thr && groups.keys && groups.range &&
-                 groups.n_groups > 0 && groups.regions > 0 && groups.n_groups % groups.regions == 0 &&
-                 groups.n_groups * kFlashGroupKeys >= s.T && groups.n_groups < (int64_t(1) << 31),
-             "flash attention (DMA backward): incomplete lists or groups ({} groups in {} regions for T={})",
+  DMAT_CHECK(key_bias && thr && dbias && groups.keys && groups.range && groups.n_groups > 0 && groups.regions > 0 &&
+                 groups.n_groups % groups.regions == 0 && groups.n_groups * kFlashGroupKeys >= s.T &&
+                 groups.n_groups < (int64_t(1) << 31) && tiles_per_batch > 0 && lists,
+             "flash attention (DMA backward): incomplete groups or lists ({} groups in {} regions for T={})",
              groups.n_groups, groups.regions, s.T);
   BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
-  p.bias = key_bias, p.thr = gather.thr, p.dbias = dbias;
-  p.gkeys = gather.keys, p.gcount = gather.count, p.gcap = gather.capacity;
+  p.bias = key_bias, p.thr = thr, p.dbias = dbias;
   p.grp_keys = groups.keys, p.grp_range = groups.range;
   p.n_groups = int(groups.n_groups), p.grp_regions = int(groups.regions);
-  if (s.Dqk == 32) backward_dma_dims<32>(p, s.B);
-  else if (s.Dqk == 64) backward_dma_dims<64>(p, s.B);
-  else backward_dma_dims<128>(p, s.B);
+  if (s.Dqk == 32) dma_dkdv_dims<32>(p, s.B, false);
+  else if (s.Dqk == 64) dma_dkdv_dims<64>(p, s.B, wg);
+  else dma_dkdv_dims<128>(p, s.B, wg);
+  const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
+  for (int64_t t0 = 0; t0 < all; t0 += tiles_per_batch) {
+    const int64_t n = std::min(tiles_per_batch, all - t0);
+    const FlashGather g = lists(t0, n);
+    DMAT_CHECK(g.keys && g.count && g.thr == thr, "flash attention (DMA backward): lists for tiles {} + {}", t0, n);
+    p.gkeys = g.keys, p.gcount = g.count, p.gcap = g.capacity, p.qt0 = int(t0);
+    if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, int(n));
+    else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, int(n));
+    else dma_dq_dims<128>(p, s.B, wg, int(n));
+  }
 }
 
 }  // namespace dmat::cuda

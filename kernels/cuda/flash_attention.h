@@ -7,6 +7,7 @@
 // Layout: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv], out [B,T,H,Dv], row-major.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "core/bf16.h"
 #include "kernels/cpu/cpu_ops.h"  // AttnShape
@@ -34,12 +35,18 @@ int flash_attention_block_q();
 // compared exactly: cpu::dma_attention_forward's kept(i, j) with the causal test above).
 // A tile whose count exceeds capacity (biases tied at the threshold) visits every key below its
 // last query instead: slower, still exact.
+// tile0 / tiles: the lists cover query tiles tile0 .. tile0 + tiles − 1 only (their layout then has
+// `tiles` tiles per row in place of n_tiles) and the call computes those tiles only; tiles < 0:
+// every tile from tile0 on. Lists built in batches of tiles keep their memory bounded.
 struct FlashGather {
   const int32_t* keys = nullptr;
   const int32_t* count = nullptr;
   int64_t capacity = 0;
   const float* thr = nullptr;
+  int64_t tile0 = 0, tiles = -1;
 };
+// Builds (into scratch the caller owns) the gathered lists of query tiles tile0 .. tile0 + tiles − 1.
+using FlashGatherSource = std::function<FlashGather(int64_t tile0, int64_t tiles)>;
 // flash_attention_forward with an optional per-key additive fp32 bias (s_ij = scale·q_i·k_j +
 // key_bias[(b·Hkv + hk)·T + j], natural-log units, nullptr: none) and an optional gathered key
 // list (nullptr: every causal / windowed key).
@@ -58,13 +65,10 @@ struct FlashKeyGroups {
   const int32_t* range = nullptr;
   int64_t n_groups = 0, regions = 1;
 };
-// DMA backward (mma.sync, deterministic, no atomics): dq, dk, dv (bf16) and dbias (fp32 [B,Hkv,T],
-// Σ over the group's query heads and queries of dS_ij) overwrite. dK/dV/dbias key-major over
-// `groups`, dQ query-major over gather (with gather.thr, the forward's lists). Dqk == Dv <= 128,
-// s.window == 0.
-void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
-                                  const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
-                                  const float* key_bias, const FlashGather& gather, const FlashKeyGroups& groups);
+// DMA backward (flash_attention_backward_dma below; deterministic, no atomics): dq, dk, dv (bf16)
+// and dbias (fp32 [B,Hkv,T], Σ over the group's query heads and queries of dS_ij) overwrite.
+// dK/dV/dbias key-major over `groups`, dQ query-major over gather (with gather.thr, the forward's
+// lists). Dqk == Dv <= 128, s.window == 0.
 
 
 // ---- kernel path (tests, benchmarks) -----------------------------------------------------------
@@ -86,6 +90,15 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
 void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
                                    const bf16* q, const bf16* k, const bf16* v, const AttnShape& s, bool deterministic,
                                    FlashPath path);
+// The DMA backward described above (FlashKeyGroups): wgmma kernels for head dims 64 and 128 where
+// the path resolves to wgmma, mma.sync otherwise; deterministic on both. The dQ pass runs in
+// batches of tiles_per_batch query tiles, each over lists(tile0, tiles) (with thr = this thr),
+// built just before it runs.
+void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
+                                  const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
+                                  const float* key_bias, const float* thr, const FlashKeyGroups& groups,
+                                  int64_t tiles_per_batch, const FlashGatherSource& lists,
+                                  FlashPath path = FlashPath::automatic);
 
 }  // namespace dmat::cuda
 

@@ -86,15 +86,25 @@ void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void
   auto thr_only = [&] { cuda::dma_thresholds(F(thr), F(bias), rows, s.T, w); };
   const double thr_ms = median_ms(thr_only, o.iters), fwd_ms = median_ms(fwd, o.iters),
                fwdbwd_ms = median_ms(fwdbwd, o.iters);
+  // the mask structures alone (thr as left by the runs above)
+  const int64_t tiles = cuda::dma_gather_tiles(s.T), cap = cuda::dma_gather_capacity(s.T, w),
+                ng = cuda::dma_group_count(s.T);
+  DevBuf lk(size_t(rows * tiles * cap) * 4), lc(size_t(rows * tiles) * 4), gk(size_t(rows * ng) * 128 * 4),
+      gr(size_t(rows * ng) * 2 * 4);
+  auto I = [](DevBuf& d) { return static_cast<int32_t*>(d.p); };
+  const double lists_ms = median_ms(
+      [&] { cuda::dma_gather_keys(I(lk), I(lc), nullptr, cap, F(bias), F(thr), rows, s.T); }, o.iters);
+  const double groups_ms =
+      median_ms([&] { cuda::dma_key_groups(I(gk), I(gr), F(bias), F(thr), rows, s.T); }, o.iters);
   const double wd = double(std::min(w, s.T)), nd = double(s.T);
   const double pairs = wd * (wd + 1) / 2 + (nd - wd) * wd;  // kept pairs without ties
   const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
   out << fmt::format(
              "{{\"bench\":\"attention\",\"variant\":\"dma\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},"
-             "\"keep\":{},\"thr_ms\":{:.4f},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
+             "\"keep\":{},\"thr_ms\":{:.4f},\"lists_ms\":{:.4f},\"groups_ms\":{:.4f},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
              "\"fwdbwd_tflops\":{:.1f},\"workspace_mib\":{:.1f},\"mask_mib\":{:.1f},"
              "\"flops_convention\":\"kept pairs: fwd 2*B*H*pairs*(Dqk+Dv), fwd+bwd 3.5x; times include thresholds\"}}",
-             s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, w, thr_ms, fwd_ms, fwd_flops / fwd_ms / 1e9, fwdbwd_ms,
+             s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, w, thr_ms, lists_ms, groups_ms, fwd_ms, fwd_flops / fwd_ms / 1e9, fwdbwd_ms,
              3.5 * fwd_flops / fwdbwd_ms / 1e9, double(cuda::workspace_bytes()) / (1 << 20),
              3.0 * double(n) * 4 / (1 << 20))
       << std::endl;
