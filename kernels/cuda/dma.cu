@@ -557,11 +557,12 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
 
 }  // namespace
 
-// Rows in batches whose sort workspace (~24 B per element) stays within 24 MiB (at least one row).
+// Rows in batches whose sort workspace (~36 B per element: keys and indices in and out, and CUB's
+// alternate buffers) stays within 16 MiB (at least one row).
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
   DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
   if (rows == 0 || T == 0) return;
-  const int64_t batch = std::clamp<int64_t>((int64_t(24) << 20) / (24 * T), 1, rows);
+  const int64_t batch = std::clamp<int64_t>((int64_t(16) << 20) / (36 * T), 1, rows);
   for (int64_t r0 = 0; r0 < rows; r0 += batch)
     thresholds_rows(thr + r0 * T, bias + r0 * T, std::min(batch, rows - r0), T, window);
 }

@@ -38,7 +38,7 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // segment rebuilds its entering state (the top-w ranks of its prefix, read off the sorted row)
 // and then steps serially through its 512 queries. Where the T-bit bitset does not fit in shared
 // memory (T beyond ~1.8M) one block per row scans all of T serially, the bitset in global memory.
-// No T×T buffer; workspace ≈ 24·rows·T bytes.
+// No T×T buffer; workspace ≈ 36 bytes per element, rows taken in batches of at most 16 MiB.
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
 
 // Gathered key lists for flash_attention_forward_ext (flash_attention.h, FlashGather layout):
