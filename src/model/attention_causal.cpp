@@ -1,8 +1,8 @@
 // Causal softmax attention with grouped KV heads (MHA/GQA), RoPE, optional per-head QK RMSNorm,
-// and optional sliding window (type "swa": query i sees keys i-w+1 … i).
-#include <cmath>
-
+// and optional sliding window (type "swa": query i sees keys i-w+1 … i). The projections around
+// the softmax are attention_qkv.h's.
 #include "model/attention.h"
+#include "model/attention_qkv.h"
 #include "ops/ops.h"
 
 namespace dmat {
@@ -11,92 +11,35 @@ namespace {
 class CausalAttention final : public Attention {
  public:
   explicit CausalAttention(const ModelConfig& c)
-      : D_(c.d_model), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), theta_(c.rope_theta),
-        eps_(c.norm_eps), qk_norm_(c.qk_norm), window_(c.attention.type == "swa" ? c.attention.window : 0),
-        std_(c.init_std), out_std_(c.init_std / std::sqrt(2.0 * double(c.n_layers))) {}
+      : qkv_(c), H_(c.n_heads), Dh_(c.head_dim), window_(c.attention.type == "swa" ? c.attention.window : 0) {}
 
-  void declare_params(ParamTable& t, const std::string& p) override {
-    wq_ = t.add({p + "q_proj.weight", {H_ * Dh_, D_}, "attention", Init::Normal, std_, true});
-    wk_ = t.add({p + "k_proj.weight", {Hkv_ * Dh_, D_}, "attention", Init::Normal, std_, true});
-    wv_ = t.add({p + "v_proj.weight", {Hkv_ * Dh_, D_}, "attention", Init::Normal, std_, true});
-    wo_ = t.add({p + "o_proj.weight", {D_, H_ * Dh_}, "attention", Init::Normal, out_std_, true});
-    if (qk_norm_) {
-      gq_ = t.add({p + "q_norm.weight", {Dh_}, "norm", Init::Ones, 0, false});
-      gk_ = t.add({p + "k_norm.weight", {Dh_}, "norm", Init::Ones, 0, false});
-    }
-  }
+  void declare_params(ParamTable& t, const std::string& p) override { qkv_.declare_params(t, p); }
 
   void declare_acts(TensorTable& t, const std::string& p, int64_t B, int64_t T) override {
-    const int64_t N = B * T;
-    q_ = t.add(p + "q", {B, T, H_, Dh_});     // after QK-norm and RoPE: what attention read
-    k_ = t.add(p + "k", {B, T, Hkv_, Dh_});
-    v_ = t.add(p + "v", {B, T, Hkv_, Dh_});
-    o_ = t.add(p + "o", {N, H_ * Dh_});       // attention output before o_proj
+    qkv_.declare_acts(t, p, B, T);
     lse_ = t.add_stat(p + "lse", {B, H_, T});
-    if (qk_norm_) {
-      qpre_ = t.add(p + "q_pre", {B, T, H_, Dh_});
-      kpre_ = t.add(p + "k_pre", {B, T, Hkv_, Dh_});
-      rq_ = t.add_stat(p + "q_rstd", {N * H_});
-      rk_ = t.add_stat(p + "k_rstd", {N * Hkv_});
-    }
-    // scratch shared by all layers (backward runs one layer at a time)
-    dq_ = t.add_shared("scratch.attn.dq", {B, T, H_, Dh_});
-    dk_ = t.add_shared("scratch.attn.dk", {B, T, Hkv_, Dh_});
-    dv_ = t.add_shared("scratch.attn.dv", {B, T, Hkv_, Dh_});
-    do_ = t.add_shared("scratch.attn.do", {N, H_ * Dh_});
-    if (qk_norm_) {
-      dqn_ = t.add_shared("scratch.attn.dq_pre", {B, T, H_, Dh_});
-      dkn_ = t.add_shared("scratch.attn.dk_pre", {B, T, Hkv_, Dh_});
-    }
+    qkv_.declare_norm_and_scratch(t, p, B, T);
   }
 
   cpu::AttnShape shape(const LayerCtx& c) const {
-    cpu::AttnShape s;
-    s.B = c.B; s.T = c.T; s.H = H_; s.Hkv = Hkv_; s.Dqk = Dh_; s.Dv = Dh_;
-    s.scale = 1.0 / std::sqrt(double(Dh_));
+    cpu::AttnShape s = qkv_.shape(c);
     s.window = window_;
-    s.deterministic = c.deterministic;
     return s;
   }
 
   void forward(const LayerCtx& c, const Tensor& x, const Tensor& out) override {
-    Tensor q = c.A(q_), k = c.A(k_), v = c.A(v_);
-    if (qk_norm_) {
-      Tensor qp = c.A(qpre_), kp = c.A(kpre_);
-      ops::linear_forward(qp, x, c.P(wq_));
-      ops::linear_forward(kp, x, c.P(wk_));
-      ops::rmsnorm_forward(q, c.A(rq_), qp, c.P(gq_), eps_);
-      ops::rmsnorm_forward(k, c.A(rk_), kp, c.P(gk_), eps_);
-    } else {
-      ops::linear_forward(q, x, c.P(wq_));
-      ops::linear_forward(k, x, c.P(wk_));
-    }
-    ops::linear_forward(v, x, c.P(wv_));
-    ops::rope_forward(q, q, theta_);
-    ops::rope_forward(k, k, theta_);
-    ops::attention_forward(c.A(o_), c.A(lse_), q, k, v, shape(c));
-    ops::linear_forward(out, c.A(o_), c.P(wo_));
+    qkv_.forward_qkv(c, x);
+    const auto [q, k, v, o] = qkv_.saved(c);
+    ops::attention_forward(o, c.A(lse_), q, k, v, shape(c));
+    qkv_.forward_out(c, out);
   }
 
   void backward(const LayerCtx& c, const Tensor& x, const Tensor& dout, const Tensor& dx) override {
-    const int64_t N = c.B * c.T;
-    Tensor dq = c.A(dq_).view({c.B, c.T, H_, Dh_}), dk = c.A(dk_).view({c.B, c.T, Hkv_, Dh_});
-    Tensor dv = c.A(dv_).view({c.B, c.T, Hkv_, Dh_}), dO = c.A(do_).view({N, H_ * Dh_});
-    ops::linear_backward(dO, c.G(wo_), dout, c.A(o_), c.P(wo_), false);
-    ops::attention_backward(dq, dk, dv, dO, c.A(o_), c.A(lse_), c.A(q_), c.A(k_), c.A(v_), shape(c));
-    ops::rope_backward(dq, dq, theta_);
-    ops::rope_backward(dk, dk, theta_);
-    Tensor dqp = dq, dkp = dk;
-    if (qk_norm_) {
-      // q = RMSNorm(q_pre) before RoPE; the rotation was undone above, so dq is ∂/∂RMSNorm(q_pre).
-      dqp = c.A(dqn_).view({c.B, c.T, H_, Dh_});
-      dkp = c.A(dkn_).view({c.B, c.T, Hkv_, Dh_});
-      ops::rmsnorm_backward(dqp, c.G(gq_), dq, c.A(qpre_), c.P(gq_), c.A(rq_), false);
-      ops::rmsnorm_backward(dkp, c.G(gk_), dk, c.A(kpre_), c.P(gk_), c.A(rk_), false);
-    }
-    ops::linear_backward(dx, c.G(wq_), dqp.view({N, H_ * Dh_}), x, c.P(wq_), false);
-    ops::linear_backward(dx, c.G(wk_), dkp.view({N, Hkv_ * Dh_}), x, c.P(wk_), true);
-    ops::linear_backward(dx, c.G(wv_), dv.view({N, Hkv_ * Dh_}), x, c.P(wv_), true);
+    const auto [q, k, v, o] = qkv_.saved(c);
+    const auto [dq, dk, dv, dO] = qkv_.grads(c);
+    qkv_.backward_out(c, dout);
+    ops::attention_backward(dq, dk, dv, dO, o, c.A(lse_), q, k, v, shape(c));
+    qkv_.backward_qkv(c, x, dx);
   }
 
   double core_flops_per_token(int64_t T) const override {
@@ -111,14 +54,10 @@ class CausalAttention final : public Attention {
   }
 
  private:
-  int64_t D_, H_, Hkv_, Dh_;
-  double theta_, eps_;
-  bool qk_norm_;
+  QkvBlock qkv_;
+  int64_t H_, Dh_;
   int64_t window_;
-  double std_, out_std_;
-  int wq_ = -1, wk_ = -1, wv_ = -1, wo_ = -1, gq_ = -1, gk_ = -1;
-  int q_ = -1, k_ = -1, v_ = -1, o_ = -1, lse_ = -1, qpre_ = -1, kpre_ = -1, rq_ = -1, rk_ = -1;
-  int dq_ = -1, dk_ = -1, dv_ = -1, do_ = -1, dqn_ = -1, dkn_ = -1;
+  int lse_ = -1;
 };
 
 }  // namespace
