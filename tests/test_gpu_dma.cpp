@@ -397,13 +397,28 @@ void check_gather(Pattern p, int64_t rows, int64_t T, int64_t w, int64_t capacit
         ASSERT_EQ(got_keys[size_t(list * capacity + k)], -7) << what << " tile " << qt << " slot " << k;
     }
   EXPECT_EQ(got_max[0], want_max) << what;
+  // A batch of tiles (as the DMA ops build them): tiles t0 .. t0 + n − 1, laid out n per row,
+  // equal to the same tiles of the full call.
+  const int64_t t0 = tiles / 3, n = std::max<int64_t>(1, std::min(tiles - t0, (tiles + 1) / 2));
+  Dev<int32_t> bkeys(size_t(std::max<int64_t>(1, rows * n * capacity))), bcount(size_t(rows * n));
+  bkeys.up(std::vector<int32_t>(bkeys.n, -7));
+  cuda::dma_gather_keys(bkeys.p, bcount.p, nullptr, capacity, gb.p, gt.p, rows, T, t0, n);
+  const std::vector<int32_t> bk = bkeys.down(), bc = bcount.down();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t lt = 0; lt < n; ++lt) {
+      const int64_t full = r * tiles + t0 + lt, part = r * n + lt;
+      ASSERT_EQ(bc[size_t(part)], got_count[size_t(full)]) << what << " batch tile " << t0 + lt;
+      for (int64_t k = 0; k < capacity; ++k)
+        ASSERT_EQ(bk[size_t(part * capacity + k)], got_keys[size_t(full * capacity + k)])
+            << what << " batch tile " << t0 + lt << " slot " << k;
+    }
 }
 
 TEST(GpuDma, GatherListsMatchBruteForce) {
   REQUIRE_GPU();
   uint64_t seed = 600;
   for (Pattern p : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
-    for (int64_t T : {1, 100, 128, 129, 700, 2000})
+    for (int64_t T : {1, 100, 128, 129, 700, 2000, 5000})  // 5000: 40 tiles, three segments of the update chain
       for (int64_t w : {int64_t(1), int64_t(16), int64_t(200), T}) {
         check_gather(p, 2, T, w, T, ++seed);  // capacity T: never truncated
         check_gather(p, 2, T, w, std::min<int64_t>(T, w + cuda::flash_attention_block_q() - 1), ++seed);

@@ -318,35 +318,32 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_kernel(float* __r
 }
 
 // ---- gathered key lists -----------------------------------------------------------------------------
-// One block per (query tile, row): an order-preserving compaction of the keys j < i1 with
-// bias_j >= thr[i0], kThreads keys per step (warp ballots, then a prefix over the warps).
-constexpr int kGatherThreads = 256;
-__global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __restrict__ keys,
-                                                                    int32_t* __restrict__ count,
-                                                                    int32_t* __restrict__ max_count, int64_t cap,
-                                                                    const float* __restrict__ bias,
-                                                                    const float* __restrict__ thr, int T, int bq,
-                                                                    int qt0) {
-  __shared__ int warp_n[kGatherThreads / 32];
-  const int qt = qt0 + int(blockIdx.x), n_tiles = gridDim.x;
-  const int64_t row = blockIdx.y, list = row * n_tiles + blockIdx.x;
-  const int i0 = qt * bq, i1 = min(i0 + bq, T);
-  const float* br = bias + row * T;
-  const float t0 = thr[row * T + i0];
-  int32_t* out = keys + list * cap;
+// list(q) = the keys j < i1(q) with bias_j >= thr[i0(q)], in increasing j. Since thr never
+// decreases, list(q + 1) = the keys of list(q) still >= thr[i0(q + 1)], then those of tile q's own
+// range [i1(q), i1(q + 1)) that are: O(capacity + block) from the previous list instead of a scan of
+// the whole prefix. One block per segment of kGatherSeg consecutive tiles of a row: the first tile
+// of a segment (and any tile after an overflowed list) scans its prefix, the others update. Work
+// per row O(T²/(block·kGatherSeg) + T·(w + block)/block) instead of O(T²/block).
+constexpr int kGatherThreads = 256, kGatherSeg = 16;
+
+// Appends, in order, the candidates cand(0 .. n−1) (key positions, −1: none) whose bias >= t0 to
+// out[total ...] (slots past cap dropped, total still counts them). All threads of the block call it.
+template <class Cand>
+__device__ void gather_append(int n, Cand cand, float t0, const float* __restrict__ br, int32_t* __restrict__ out,
+                              int64_t cap, int& total, int* warp_n) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int total = 0;
-  for (int j0 = 0; j0 < i1; j0 += kGatherThreads) {
-    const int j = j0 + threadIdx.x;
-    const bool keep = j < i1 && br[j] >= t0;
+  for (int k0 = 0; k0 < n; k0 += kGatherThreads) {
+    const int k = k0 + int(threadIdx.x);
+    const int j = k < n ? cand(k) : -1;
+    const bool keep = j >= 0 && br[j] >= t0;
     const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
     if (lane == 0) warp_n[warp] = __popc(ballot);
     __syncthreads();
     int before = total, step = 0;
 #pragma unroll
-    for (int k = 0; k < kGatherThreads / 32; ++k) {
-      before += k < warp ? warp_n[k] : 0;
-      step += warp_n[k];
+    for (int w = 0; w < kGatherThreads / 32; ++w) {
+      before += w < warp ? warp_n[w] : 0;
+      step += warp_n[w];
     }
     if (keep) {
       const int at = before + __popc(ballot & ((1u << lane) - 1u));
@@ -355,9 +352,40 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
     total += step;
     __syncthreads();  // warp_n is rewritten next step
   }
-  if (threadIdx.x == 0) {
-    count[list] = total;
-    if (max_count) atomicMax(max_count, total);
+}
+
+__global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __restrict__ keys,
+                                                                    int32_t* __restrict__ count,
+                                                                    int32_t* __restrict__ max_count, int64_t cap,
+                                                                    const float* __restrict__ bias,
+                                                                    const float* __restrict__ thr, int T, int bq,
+                                                                    int qt0, int n_tiles) {
+  __shared__ int warp_n[kGatherThreads / 32];
+  const int64_t row = blockIdx.y;
+  const float* br = bias + row * T;
+  int prev_total = 0, prev_i1 = 0;
+  for (int s = 0; s < kGatherSeg; ++s) {
+    const int lt = int(blockIdx.x) * kGatherSeg + s;  // tile within this launch
+    if (lt >= n_tiles) break;
+    const int64_t list = row * n_tiles + lt;
+    const int i0 = (qt0 + lt) * bq, i1 = min(i0 + bq, T);
+    const float t0 = thr[row * T + i0];
+    int32_t* out = keys + list * cap;
+    int total = 0;
+    if (s == 0 || prev_total > cap) {  // no complete previous list: scan the prefix
+      gather_append(i1, [](int k) { return k; }, t0, br, out, cap, total, warp_n);
+    } else {
+      const int32_t* prev = keys + (list - 1) * cap;  // written by this block, visible after its barriers
+      gather_append(prev_total, [&](int k) { return int(prev[k]); }, t0, br, out, cap, total, warp_n);
+      gather_append(i1 - prev_i1, [&](int k) { return prev_i1 + k; }, t0, br, out, cap, total, warp_n);
+    }
+    if (threadIdx.x == 0) {
+      count[list] = total;
+      if (max_count) atomicMax(max_count, total);
+    }
+    prev_total = total;
+    prev_i1 = i1;
+    __syncthreads();  // this list is complete before the next tile reads it
   }
 }
 
@@ -576,8 +604,8 @@ void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t 
   DMAT_CHECK(tile0 >= 0 && n >= 0 && tile0 + n <= all, "dma gather: tiles {} + {} of {}", tile0, n, all);
   if (rows == 0 || n == 0) return;
   DMAT_CHECK(n < (int64_t(1) << 31) && rows < 65536, "dma gather: {} tiles x {} rows", n, rows);
-  dma_gather_kernel<<<dim3(unsigned(n), unsigned(rows)), kGatherThreads, 0, stream()>>>(
-      keys, count, max_count, capacity, bias, thr, as_int(T, "T"), flash_attention_block_q(), int(tile0));
+  dma_gather_kernel<<<dim3(unsigned(ceil_div(n, kGatherSeg)), unsigned(rows)), kGatherThreads, 0, stream()>>>(
+      keys, count, max_count, capacity, bias, thr, as_int(T, "T"), flash_attention_block_q(), int(tile0), int(n));
   DMAT_CUDA_LAUNCH_CHECK();
 }
 

@@ -50,7 +50,9 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
 // n < min(count, capacity); count[r·n_tiles + q] is the true count, which may exceed capacity (the
 // list is then truncated: the caller must check). max_count (nullptr: skipped) receives
 // max(*max_count, every count) (integer atomics); initialise it before the call.
-// Work: O(i1) per tile, O(T²/block) per row (a scan of the bias prefix per tile).
+// Work: tile q + 1's list is tile q's filtered by the new threshold plus the keys of tile q's own
+// range, O(w + block) per tile; every 16th tile (and one after an overflowed list) scans its
+// prefix, O(i1): per row O(T·w/block + T²/(16·block)).
 int64_t dma_gather_tiles(int64_t T);  // n_tiles = ceil(T / flash_attention_block_q())
 // tile0 / tiles (tiles < 0: to the end): only those query tiles, laid out with `tiles` per row.
 void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
