@@ -19,70 +19,33 @@
 #include "model/attention.h"
 #include "model/model.h"
 #include "ops/ops.h"
+#include "test_gradcheck.h"
 #include "test_util.h"
 
 namespace dmat {
 namespace {
 
-using Vec = std::vector<double>;
 using cpu::AttnShape;
 using cpu::DmaBiasForm;
+using test::norm;
+using test::numeric_grad;
+using test::rnd;
+using test::ThreadCountGuard;
+using test::Vec;
+using test::weighted_sum;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-Vec rnd(size_t n, uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  Vec v(n);
-  test::random_fill(v, seed, lo, hi);
-  return v;
-}
-
-double norm(const Vec& a) {
-  double s = 0;
-  for (double x : a) s += x * x;
-  return std::sqrt(s);
-}
-
+// Unlike test::rel_err, an exact-zero reference passes when the result is zero too (1e-300 floor).
 double rel_err(const Vec& a, const Vec& b) {
   Vec d(a.size());
   for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
   return norm(d) / std::max(norm(b), 1e-300);
 }
 
-double weighted_sum(const Vec& w, const Vec& y) {
-  double s = 0;
-  for (size_t i = 0; i < y.size(); ++i) s += w[i] * y[i];
-  return s;
-}
-
-struct ThreadCountGuard {
-  int saved = omp_get_max_threads();
-  ~ThreadCountGuard() { omp_set_num_threads(saved); }
-};
-
-// Central differences of loss() with respect to every element of x.
-Vec numeric_grad(Vec& x, const std::function<double()>& loss) {
-  ThreadCountGuard guard;
-  omp_set_num_threads(1);
-  Vec g(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    const double xi = x[i], h = 1e-6 * std::max(1.0, std::abs(xi));
-    x[i] = xi + h;
-    const double lp = loss();
-    x[i] = xi - h;
-    const double lm = loss();
-    g[i] = (lp - lm) / ((xi + h) - (xi - h));
-    x[i] = xi;
-  }
-  return g;
-}
-
-// Relative error of the analytic gradient against finite differences: < 1e-6, printed for the record.
+// The shared finite-difference check, with the relative error printed for the record.
 void expect_grad(const Vec& analytic, const Vec& fd, const std::string& what) {
-  ASSERT_EQ(analytic.size(), fd.size()) << what;
-  ASSERT_GT(norm(fd), 0.0) << what << ": gradient is zero, the check would be vacuous";
-  const double r = rel_err(analytic, fd);
-  std::printf("[fd] %-60s rel %.2e\n", what.c_str(), r);
-  EXPECT_LT(r, 1e-6) << what;
+  test::expect_grad(analytic, fd, what, /*print_margin=*/true);
 }
 
 // ---- references written from the definition ------------------------------------------------------

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -15,16 +14,8 @@
 namespace dmat {
 namespace {
 
+using test::read_jsonl;
 using test::run;
-
-std::vector<nlohmann::json> read_metrics(const std::string& path) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
 
 TEST(DmaTrain, TinyDmaModelLearnsOnCpu) {
   const std::string dir = test::temp_dir("dma_train");
@@ -45,7 +36,7 @@ TEST(DmaTrain, TinyDmaModelLearnsOnCpu) {
 
   std::vector<double> loss;
   double val = -1;
-  for (auto& row : read_metrics(dir + "/run/metrics.jsonl")) {
+  for (auto& row : read_jsonl(dir + "/run/metrics.jsonl")) {
     if (row.contains("loss")) loss.push_back(row["loss"].get<double>());
     if (row.contains("val_loss")) val = row["val_loss"].get<double>();
   }

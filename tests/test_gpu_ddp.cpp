@@ -15,10 +15,7 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <map>
-
-#include <nlohmann/json.hpp>
 
 #include "io/safetensors.h"
 #include "kernels/cuda/device_info.h"
@@ -28,6 +25,7 @@ namespace dmat {
 namespace {
 
 namespace fs = std::filesystem;
+using test::metric_column;
 using test::run;
 
 #define SKIP_UNLESS_2_GPUS()                                                               \
@@ -49,18 +47,6 @@ test::CmdResult train(int np, const std::string& args) {
   return run((np == 0 ? "" : test::mpirun(np) + " ") + bin() + " train " + args);
 }
 
-std::map<int64_t, double> column(const std::string& run_dir, const char* key) {
-  std::map<int64_t, double> m;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    auto r = nlohmann::json::parse(line);
-    if (r.contains(key)) m[r["step"].get<int64_t>()] = r[key].get<double>();
-  }
-  return m;
-}
-
 double max_abs_diff(const std::string& a, const std::string& b) {
   SafetensorsFile fa(a), fb(b);
   EXPECT_EQ(fa.names(), fb.names());
@@ -78,7 +64,7 @@ void expect_same_run(const std::string& a, const std::string& b, double weight_t
   const double dw = max_abs_diff(ca + "/model.safetensors", cb + "/model.safetensors");
   std::cout << what << ": max |Δmaster weight| " << dw << "\n";
   EXPECT_LT(dw, weight_tol) << what;
-  auto la = column(a, "loss"), lb = column(b, "loss");
+  auto la = metric_column(a, "loss"), lb = metric_column(b, "loss");
   ASSERT_EQ(la.size(), 10u);
   ASSERT_EQ(lb.size(), 10u);
   double worst = 0;
@@ -87,7 +73,7 @@ void expect_same_run(const std::string& a, const std::string& b, double weight_t
   EXPECT_LT(worst, loss_rel) << what;
   // AdamW hardly sees the gradient's scale; the global gradient norm does (a missing average, a
   // bucket reduced twice)
-  auto na = column(a, "grad_norm"), nb = column(b, "grad_norm");
+  auto na = metric_column(a, "grad_norm"), nb = metric_column(b, "grad_norm");
   for (auto& [s, n] : na) EXPECT_NEAR(nb[s], n, 10 * loss_rel * n) << what << ", grad norm at step " << s;
 }
 

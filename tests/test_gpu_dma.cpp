@@ -30,6 +30,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
+#include "test_gpu_util.h"
 #endif
 
 namespace dmat {
@@ -46,74 +47,22 @@ TEST(GpuDma, NeedsCudaBuild) {
 #else
 
 using cpu::DmaBiasForm;
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
+using test::BfInput;
+using test::check_close;
+using test::Dev;
+using test::kNaN;
+using test::to_d;
 constexpr double kU32 = 1.0 / (1 << 24);  // fp32 unit roundoff
 
-template <class T>
-struct Dev {
-  T* base = nullptr;
-  T* p = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t n_, size_t offset = 0) : n(n_) {
-    base = static_cast<T*>(cuda::device_alloc((n + offset + 1) * sizeof(T)));
-    p = base + offset;
-  }
-  Dev(const std::vector<T>& v, size_t offset = 0) : Dev(v.size(), offset) { up(v); }
-  ~Dev() { cuda::device_free(base); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  void up(const std::vector<T>& v) { cuda::memcpy_h2d(p, v.data(), v.size() * sizeof(T)); }
-  std::vector<T> down() const {
-    std::vector<T> v(n);
-    cuda::memcpy_d2h(v.data(), p, n * sizeof(T));
-    return v;
-  }
-};
-
-// bf16-representable random values: the GPU gets the bf16, the reference the identical double.
-struct BfIn {
-  std::vector<bf16> b;
-  std::vector<double> d;
-};
-BfIn rand_bf(size_t n, uint64_t seed, double lo, double hi) {
-  Rng r(hash64(seed, 0xd3a));
-  BfIn in;
-  for (size_t i = 0; i < n; ++i) {
-    const bf16 x = to_bf16(float(lo + (hi - lo) * r.uniform()));
-    in.b.push_back(x);
-    in.d.push_back(double(to_float(x)));
-  }
-  return in;
+// This suite's input streams: bf16 seeds salted with 0xd3a, float seeds with 0xf32, as when the
+// tolerances below were set.
+BfInput rand_bf(size_t n, uint64_t seed, double lo, double hi) {
+  return test::uniform_bf(n, hash64(seed, 0xd3a), lo, hi);
 }
 std::vector<float> rand_f(size_t n, uint64_t seed, double lo, double hi) {
-  Rng r(hash64(seed, 0xf32));
-  std::vector<float> v(n);
-  for (auto& x : v) x = float(lo + (hi - lo) * r.uniform());
-  return v;
+  return test::uniform_floats(n, hash64(seed, 0xf32), lo, hi);
 }
 
-template <class Tol>
-void check_close(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, Tol tol) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  size_t bad = 0;
-  std::string first;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double t = tol(i);
-    if (!(std::fabs(got[i] - want[i]) <= t)) {
-      if (bad < 8)
-        first += fmt::format("\n  [{}] got {:.9g} want {:.9g} (|diff| {:.3g} > tol {:.3g})", i, got[i], want[i],
-                             std::fabs(got[i] - want[i]), t);
-      ++bad;
-    }
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements out of tolerance" << first;
-}
-std::vector<double> to_d(const std::vector<float>& v) { return {v.begin(), v.end()}; }
-std::vector<double> to_d(const std::vector<bf16>& v) {
-  std::vector<double> o;
-  for (bf16 x : v) o.push_back(double(to_float(x)));
-  return o;
-}
 double sp(double z) { return std::max(z, 0.0) + std::log1p(std::exp(-std::fabs(z))); }
 
 // ---- bias forward / backward ------------------------------------------------------------------------
@@ -136,9 +85,9 @@ TEST(GpuDma, BiasForwardMatchesCpu) {
   for (const BiasCase& c : kBiasCases)
     for (DmaBiasForm form : {DmaBiasForm::Exp, DmaBiasForm::Linear}) {
       const int64_t C = c.Hkv * c.Dh, nkey = c.B * c.Hkv * c.T;
-      const BfIn v = rand_bf(size_t(c.B * c.T * C), ++seed, -c.vscale, c.vscale);
-      const BfIn w = rand_bf(size_t(c.Hkv * C), ++seed, -c.vscale, c.vscale);
-      const BfIn A = rand_bf(size_t(c.Hkv), ++seed, -c.ascale, c.ascale);
+      const BfInput v = rand_bf(size_t(c.B * c.T * C), ++seed, -c.vscale, c.vscale);
+      const BfInput w = rand_bf(size_t(c.Hkv * C), ++seed, -c.vscale, c.vscale);
+      const BfInput A = rand_bf(size_t(c.Hkv), ++seed, -c.ascale, c.ascale);
       std::vector<double> z(static_cast<size_t>(nkey)), bias(static_cast<size_t>(nkey));
       cpu::dma_bias_forward<double>(z.data(), bias.data(), v.d.data(), w.d.data(), A.d.data(), c.B, c.T, c.Hkv, c.Dh,
                                     form);
@@ -180,16 +129,16 @@ TEST(GpuDma, BiasBackwardMatchesCpuAndIsDeterministic) {
   for (const BiasCase& c : kBiasCases)
     for (DmaBiasForm form : {DmaBiasForm::Exp, DmaBiasForm::Linear}) {
       const int64_t C = c.Hkv * c.Dh, nkey = c.B * c.Hkv * c.T, rows = c.B * c.T;
-      const BfIn v = rand_bf(size_t(rows * C), ++seed, -c.vscale, c.vscale);
-      const BfIn w = rand_bf(size_t(c.Hkv * C), ++seed, -c.vscale, c.vscale);
-      const BfIn A = rand_bf(size_t(c.Hkv), ++seed, -c.ascale, c.ascale);
+      const BfInput v = rand_bf(size_t(rows * C), ++seed, -c.vscale, c.vscale);
+      const BfInput w = rand_bf(size_t(c.Hkv * C), ++seed, -c.vscale, c.vscale);
+      const BfInput A = rand_bf(size_t(c.Hkv), ++seed, -c.ascale, c.ascale);
       // z and bias as a forward would save them (fp32), shared bit for bit by GPU and reference.
       std::vector<double> zd(static_cast<size_t>(nkey)), bd(static_cast<size_t>(nkey));
       cpu::dma_bias_forward<double>(zd.data(), bd.data(), v.d.data(), w.d.data(), A.d.data(), c.B, c.T, c.Hkv, c.Dh,
                                     form);
       std::vector<float> zf(zd.begin(), zd.end()), bf_(bd.begin(), bd.end());
       const std::vector<float> dbias = rand_f(size_t(nkey), ++seed, -1, 1);
-      const BfIn dv0 = rand_bf(size_t(rows * C), ++seed, -1, 1);
+      const BfInput dv0 = rand_bf(size_t(rows * C), ++seed, -1, 1);
       const std::vector<float> dw0 = rand_f(size_t(c.Hkv * C), ++seed, -1, 1), dA0 = rand_f(size_t(c.Hkv), ++seed, -1, 1);
 
       std::vector<double> dv = dv0.d, dw = to_d(dw0), dA = to_d(dA0);
@@ -458,9 +407,9 @@ TEST(GpuDma, ForwardThroughGatheredFlashMatchesCpu) {
             s.scale = 1.0 / std::sqrt(double(D));
             if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
             const std::string what = fmt::format("path {} D {} group {} {} T {} w {}", int(path), D, group, name(pat), T, w);
-            const BfIn q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
-            const BfIn k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-            const BfIn v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+            const BfInput q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+            const BfInput k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+            const BfInput v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
             const std::vector<float> bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
             std::vector<float> thr(bias.size());
             cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
@@ -508,7 +457,7 @@ struct TermSize {
   std::vector<double> M;  // per key [B, Hkv, T]
   double q_max = 0;       // max_i Q_i
 };
-TermSize term_size(const cpu::AttnShape& s, const BfIn& q, const BfIn& k, const BfIn& v, const BfIn& dout,
+TermSize term_size(const cpu::AttnShape& s, const BfInput& q, const BfInput& k, const BfInput& v, const BfInput& dout,
                    const std::vector<double>& out, const std::vector<double>& lse, const std::vector<float>& bias,
                    const std::vector<float>& thr) {
   const int64_t T = s.T, D = s.Dqk, group = s.H / s.Hkv;
@@ -579,10 +528,10 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
           const std::string what =
               fmt::format("path {} D {} group {} {} T {} w {}", int(path), D, group, name(pat), T, w);
-          const BfIn q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
-          const BfIn k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-          const BfIn v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-          const BfIn dout = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+          const BfInput q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+          const BfInput k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+          const BfInput v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+          const BfInput dout = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
           const std::vector<float> bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
           std::vector<float> thr(bias.size());
           cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);

@@ -22,6 +22,7 @@
 #include "core/rng.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "test_gpu_util.h"
 #endif
 
 namespace dmat {
@@ -38,94 +39,28 @@ TEST(GpuOps, NeedsCudaBuild) {
 #else
 
 // ---- host helpers ------------------------------------------------------------------------------
+using test::BfInput;
+using test::check_close;
+using test::Dev;
+using test::from_bf;
+using test::kNaN;
+using test::to_bf;
+using test::to_d;
+
 constexpr double kBf16Half = 1.0 / 256;  // bf16 has 8 significant bits: rounding error ≤ 2^-8 relative
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// This suite's input stream: every seed is salted with 0x5eed (floats and bf16 alike), as when the
+// tolerances below were set.
 std::vector<float> rand_floats(size_t n, uint64_t seed, double lo = -1, double hi = 1) {
-  Rng r(hash64(seed, 0x5eed));
-  std::vector<float> v(n);
-  for (auto& x : v) x = float(lo + (hi - lo) * r.uniform());
-  return v;
+  return test::uniform_floats(n, hash64(seed, 0x5eed), lo, hi);
 }
-std::vector<bf16> to_bf(const std::vector<float>& v) {
-  std::vector<bf16> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) o[i] = to_bf16(v[i]);
-  return o;
-}
-std::vector<float> from_bf(const std::vector<bf16>& v) {
-  std::vector<float> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) o[i] = to_float(v[i]);
-  return o;
-}
-std::vector<double> to_d(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
-// bf16-representable random values: the GPU gets the bf16, the reference the identical value.
-struct BfInput {
-  std::vector<bf16> b;
-  std::vector<double> d;
-};
 BfInput rand_bf(size_t n, uint64_t seed, double lo = -1, double hi = 1) {
-  BfInput in;
-  in.b = to_bf(rand_floats(n, seed, lo, hi));
-  in.d = to_d(from_bf(in.b));
-  return in;
+  return test::uniform_bf(n, hash64(seed, 0x5eed), lo, hi);
 }
-
-// Device buffer with an element offset (offset > 0 tests the unaligned paths).
-template <class T>
-struct Dev {
-  T* base = nullptr;
-  T* p = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t n_, size_t offset = 0) : n(n_) {
-    base = static_cast<T*>(cuda::device_alloc((n + offset + 1) * sizeof(T)));
-    p = base + offset;
-  }
-  Dev(const std::vector<T>& v, size_t offset = 0) : Dev(v.size(), offset) { up(v); }
-  ~Dev() { cuda::device_free(base); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  void up(const std::vector<T>& v) {
-    ASSERT_EQ(v.size(), n);
-    cuda::memcpy_h2d(p, v.data(), n * sizeof(T));
-  }
-  std::vector<T> down() const {
-    std::vector<T> v(n);
-    cuda::memcpy_d2h(v.data(), p, n * sizeof(T));
-    return v;
-  }
-  void poison() {
-    std::vector<T> v(n);
-    if constexpr (std::is_same_v<T, bf16>) {
-      for (auto& x : v) x = bf16{0x7fc0};
-    } else if constexpr (std::is_floating_point_v<T>) {
-      for (auto& x : v) x = T(kNaN);
-    } else {
-      for (auto& x : v) x = T(-12345);
-    }
-    up(v);
-  }
-};
 
 std::vector<double> got_d(const Dev<bf16>& d) { return to_d(from_bf(d.down())); }
 std::vector<double> got_d(const Dev<float>& d) { return to_d(d.down()); }
 
-// Element i passes when |got − want| ≤ tol(i); NaN never passes. Prints the first failures with
-// index, got, want and tolerance.
-template <class Tol>
-void check_close(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, Tol tol) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  size_t bad = 0;
-  std::string first;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double t = tol(i);
-    if (!(std::fabs(got[i] - want[i]) <= t)) {
-      if (bad < 8) first += fmt::format("\n  [{}] got {:.9g} want {:.9g} (|diff| {:.3g} > tol {:.3g})", i, got[i],
-                                        want[i], std::fabs(got[i] - want[i]), t);
-      ++bad;
-    }
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements out of tolerance" << first;
-}
 void check_bf16_rel(const std::string& what, const std::vector<double>& got, const std::vector<double>& want,
                     double extra_rel, double atol) {
   check_close(what, got, want, [&](size_t i) { return (kBf16Half + extra_rel) * std::fabs(want[i]) + atol; });

@@ -30,6 +30,7 @@ namespace dmat {
 namespace {
 
 namespace fs = std::filesystem;
+using test::metric_column;
 using test::run;
 
 std::string bin() { return test::dmatrain_bin(); }
@@ -48,15 +49,6 @@ std::string setup(const std::string& dir) {
 test::CmdResult train(int np, const std::string& args, const std::string& env = "") {
   const std::string launch = np == 0 ? "" : test::mpirun(np) + " " + env + " ";
   return run(launch + bin() + " train " + args);
-}
-
-std::vector<nlohmann::json> read_metrics(const std::string& path) { return test::read_jsonl(path); }
-
-std::map<int64_t, double> column(const std::string& run_dir, const char* key) {
-  std::map<int64_t, double> m;
-  for (auto& r : read_metrics(run_dir + "/metrics.jsonl"))
-    if (r.contains(key)) m[r["step"].get<int64_t>()] = r[key].get<double>();
-  return m;
 }
 
 // Largest |a - b| over every tensor of two safetensors files (same names and shapes required).
@@ -83,11 +75,11 @@ void expect_same_run(const std::string& a, const std::string& b, double weight_t
   // AdamW's update is nearly invariant to the gradient's scale, so the weights alone would not see
   // gradients summed twice or not averaged; the moments would (measured ~1e-8 for 2 vs 1 rank).
   EXPECT_LT(dm, weight_tol / 10) << what;
-  auto la = column(a, "loss"), lb = column(b, "loss");
+  auto la = metric_column(a, "loss"), lb = metric_column(b, "loss");
   ASSERT_EQ(la.size(), 10u) << a;
   ASSERT_EQ(lb.size(), 10u) << b << " (rank 0 alone writes metrics rows)";
   for (auto& [s, l] : la) EXPECT_NEAR(lb[s], l, 1e-5 * std::abs(l)) << what << ", loss at step " << s;
-  auto va = column(a, "val_loss"), vb = column(b, "val_loss");
+  auto va = metric_column(a, "val_loss"), vb = metric_column(b, "val_loss");
   ASSERT_EQ(va.size(), 2u);
   for (auto& [s, l] : va) EXPECT_NEAR(vb[s], l, 1e-5 * std::abs(l)) << what << ", val loss at step " << s;
 }
@@ -107,7 +99,7 @@ TEST(MpiTrain, TwoRanksWithBatchBMatchOneRankWith2B) {
   EXPECT_FALSE(fs::exists(final_ckpt(dir + "/one") + "/state_rank1.json"));
   expect_same_run(dir + "/one", dir + "/two", 2e-5, "2 ranks × b vs 1 rank × 2b");
   // the grad norm is a global quantity: the same on both
-  auto na = column(dir + "/one", "grad_norm"), nb = column(dir + "/two", "grad_norm");
+  auto na = metric_column(dir + "/one", "grad_norm"), nb = metric_column(dir + "/two", "grad_norm");
   for (auto& [s, n] : na) EXPECT_NEAR(nb[s], n, 1e-5 * n) << "grad norm at step " << s;
 }
 

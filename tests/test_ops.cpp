@@ -12,71 +12,20 @@
 
 #include "core/error.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "test_gradcheck.h"
 #include "test_util.h"
 
 namespace dmat {
 namespace {
 
-using Vec = std::vector<double>;
-
-// Fresh uniform values in [lo, hi); each call site passes its own seed.
-template <class T = double>
-std::vector<T> rnd(size_t n, uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  std::vector<T> v(n);
-  test::random_fill(v, seed, lo, hi);
-  return v;
-}
-
-double norm(const Vec& a) {
-  double s = 0;
-  for (double x : a) s += x * x;
-  return std::sqrt(s);
-}
-
-// ‖a − b‖ / ‖b‖
-double rel_err(const Vec& a, const Vec& b) {
-  Vec d(a.size());
-  for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
-  return norm(d) / norm(b);
-}
-
-double weighted_sum(const Vec& w, const Vec& y) {
-  double s = 0;
-  for (size_t i = 0; i < y.size(); ++i) s += w[i] * y[i];
-  return s;
-}
-
-// Restores the OpenMP thread count when a test ends.
-struct ThreadCountGuard {
-  int saved = omp_get_max_threads();
-  ~ThreadCountGuard() { omp_set_num_threads(saved); }
-};
-
-// Central differences of loss() with respect to every element of x (loss reads x). One thread:
-// thousands of tiny kernel calls, which a second, busy core would only slow down; the analytic
-// side still runs with the default thread count.
-Vec numeric_grad(Vec& x, const std::function<double()>& loss) {
-  ThreadCountGuard guard;
-  omp_set_num_threads(1);
-  Vec g(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    const double xi = x[i], h = 1e-6 * std::max(1.0, std::abs(xi));
-    x[i] = xi + h;
-    const double lp = loss();
-    x[i] = xi - h;
-    const double lm = loss();
-    g[i] = (lp - lm) / ((xi + h) - (xi - h));
-    x[i] = xi;
-  }
-  return g;
-}
-
-// The analytic gradient matches finite differences to 1e-6 in relative norm.
-void expect_grad(const Vec& analytic, const Vec& fd, const std::string& what) {
-  ASSERT_EQ(analytic.size(), fd.size()) << what;
-  ASSERT_GT(norm(fd), 0.0) << what << ": gradient is zero, the check would be vacuous";
-  EXPECT_LT(rel_err(analytic, fd), 1e-6) << what;
-}
+using test::expect_grad;
+using test::norm;
+using test::numeric_grad;
+using test::rel_err;
+using test::rnd;
+using test::ThreadCountGuard;
+using test::Vec;
+using test::weighted_sum;
 
 Vec minus(const Vec& a, const Vec& b) {
   Vec d(a.size());

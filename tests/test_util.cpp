@@ -57,6 +57,13 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
   return rows;
 }
 
+std::map<int64_t, double> metric_column(const std::string& run_dir, const char* key) {
+  std::map<int64_t, double> m;
+  for (auto& r : read_jsonl(run_dir + "/metrics.jsonl"))
+    if (r.contains(key)) m[r["step"].get<int64_t>()] = r[key].get<double>();
+  return m;
+}
+
 std::string file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::stringstream ss;

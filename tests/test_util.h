@@ -1,6 +1,7 @@
 // Helpers shared by the test suites: temp folders, running the CLI, random inputs.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,8 @@ std::string mpirun(int np);
 std::string prepare_bundled_data(const std::string& dir);
 // The rows of a JSON-lines file (metrics.jsonl), blank lines skipped.
 std::vector<nlohmann::json> read_jsonl(const std::string& path);
+// One metric of a training run by step: key's value in every row of run_dir/metrics.jsonl that has it.
+std::map<int64_t, double> metric_column(const std::string& run_dir, const char* key);
 // A whole file's bytes ("" if it cannot be read).
 std::string file_bytes(const std::string& path);
 
