@@ -249,22 +249,26 @@ bool same_threshold(float a, float b) {
   return ua == ub;
 }
 
+// Every scan variant (dma.h), each against the CPU heap.
 void check_thresholds(Pattern p, int64_t rows, int64_t T, int64_t w, uint64_t seed) {
   const std::vector<float> bias = make_bias(p, rows, T, seed);
   std::vector<float> want(bias.size());
   cpu::dma_thresholds<float>(want.data(), bias.data(), rows, T, w);
   Dev<float> gb(bias), gt(bias.size());
-  gt.up(std::vector<float>(bias.size(), kNaN));
-  cuda::dma_thresholds(gt.p, gb.p, rows, T, w);
-  const std::vector<float> got = gt.down();
-  size_t bad = 0;
-  std::string first;
-  for (size_t i = 0; i < got.size(); ++i)
-    if (!same_threshold(got[i], want[i])) {
-      if (bad < 6) first += fmt::format("\n  row {} i {}: got {} want {}", i / size_t(T), i % size_t(T), got[i], want[i]);
-      ++bad;
-    }
-  EXPECT_EQ(bad, 0u) << name(p) << " rows " << rows << " T " << T << " w " << w << first;
+  for (const auto scan : {cuda::DmaThresholdScan::walk, cuda::DmaThresholdScan::bounds, cuda::DmaThresholdScan::serial}) {
+    gt.up(std::vector<float>(bias.size(), kNaN));
+    cuda::dma_thresholds_scan(gt.p, gb.p, rows, T, w, scan);
+    const std::vector<float> got = gt.down();
+    size_t bad = 0;
+    std::string first;
+    for (size_t i = 0; i < got.size(); ++i)
+      if (!same_threshold(got[i], want[i])) {
+        if (bad < 6) first += fmt::format("\n  row {} i {}: got {} want {}", i / size_t(T), i % size_t(T), got[i], want[i]);
+        ++bad;
+      }
+    EXPECT_EQ(bad, 0u) << "scan " << int(scan) << " " << name(p) << " rows " << rows << " T " << T << " w " << w
+                       << first;
+  }
 }
 
 TEST(GpuDma, ThresholdsBitIdenticalToCpu) {
@@ -291,14 +295,17 @@ TEST(GpuDma, ThresholdsNaNRowGivesNaN) {
   std::vector<float> bias = make_bias(Pattern::Random, rows, T, 500);
   bias[size_t(1 * T + 17)] = kNaN;
   Dev<float> gb(bias), gt(bias.size());
-  cuda::dma_thresholds(gt.p, gb.p, rows, T, 8);
-  const std::vector<float> got = gt.down();
-  std::vector<float> want(static_cast<size_t>(T));
-  for (int64_t row : {0, 2}) {
-    cpu::dma_thresholds<float>(want.data(), bias.data() + row * T, 1, T, 8);
-    for (int64_t i = 0; i < T; ++i) EXPECT_TRUE(same_threshold(got[size_t(row * T + i)], want[size_t(i)])) << row << " " << i;
+  for (const auto scan : {cuda::DmaThresholdScan::walk, cuda::DmaThresholdScan::bounds, cuda::DmaThresholdScan::serial}) {
+    cuda::dma_thresholds_scan(gt.p, gb.p, rows, T, 8, scan);
+    const std::vector<float> got = gt.down();
+    std::vector<float> want(static_cast<size_t>(T));
+    for (int64_t row : {0, 2}) {
+      cpu::dma_thresholds<float>(want.data(), bias.data() + row * T, 1, T, 8);
+      for (int64_t i = 0; i < T; ++i)
+        EXPECT_TRUE(same_threshold(got[size_t(row * T + i)], want[size_t(i)])) << int(scan) << " " << row << " " << i;
+    }
+    for (int64_t i = 0; i < T; ++i) EXPECT_TRUE(std::isnan(got[size_t(T + i)])) << int(scan) << " " << i;
   }
-  for (int64_t i = 0; i < T; ++i) EXPECT_TRUE(std::isnan(got[size_t(T + i)])) << i;
 }
 
 // ---- gathered key lists --------------------------------------------------------------------------------

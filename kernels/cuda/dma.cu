@@ -3,6 +3,8 @@
 // key lists of the sparse attention forward.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include <cub/device/device_radix_sort.cuh>
 
@@ -158,6 +160,33 @@ __global__ void dma_thr_keys_kernel(uint64_t* __restrict__ keys, int32_t* __rest
   }
 }
 
+// One step of the monotone scan: rank r was just inserted (its bit set) as the n-th key; p is the
+// threshold's rank. n == w: p = the smallest inserted rank; n > w: if r is above p, p moves to the
+// next inserted rank above it (w + 1 ranks were >= p), else stays. Returns the threshold rank after
+// the step, −1 while n < w.
+__device__ __forceinline__ int thr_scan_step(const uint32_t* bits, int& p, int r, int n, int window) {
+  if (n == window) {
+    int wd = 0;
+    while (bits[wd] == 0u) ++wd;
+    p = wd * 32 + __ffs(bits[wd]) - 1;
+  } else if (n > window && r > p) {
+    int wd = p >> 5;
+    uint32_t m = (p & 31) == 31 ? 0u : bits[wd] & (~0u << ((p & 31) + 1));
+    while (m == 0u) m = bits[++wd];
+    p = wd * 32 + __ffs(m) - 1;
+  }
+  return n >= window ? p : -1;
+}
+
+// tr[k] = the bias at threshold rank chunk[k] (−inf where −1), for k < len; the whole block.
+__device__ __forceinline__ void write_thresholds(float* tr, const int32_t* chunk, int len,
+                                                 const uint64_t* sorted_keys) {
+  for (int k = threadIdx.x; k < len; k += blockDim.x) {
+    const int q = chunk[k];
+    tr[k] = q < 0 ? -INFINITY : order_value(uint32_t(sorted_keys[q]));
+  }
+}
+
 // One block per row. pos[j] = the rank of key j in the sorted row; then thread 0 scans i in
 // order: insert rank(i) into the bitset; with n inserted, the threshold is the rank p of the
 // w-th largest inserted. n == w: p = the smallest inserted rank. n > w: if the new rank is above p,
@@ -198,25 +227,11 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_scan_kernel(float* __rest
       for (int k = 0; k < len; ++k) {
         const int i = c0 + k, r = chunk[k];
         bits[r >> 5] |= 1u << (r & 31);
-        const int n = i + 1;
-        if (n == window) {  // exactly w inserted: the threshold is the smallest
-          int wd = 0;
-          while (bits[wd] == 0u) ++wd;
-          p = wd * 32 + __ffs(bits[wd]) - 1;
-        } else if (n > window && r > p) {  // the next inserted rank above p
-          int wd = p >> 5;
-          uint32_t m = (p & 31) == 31 ? 0u : bits[wd] & (~0u << ((p & 31) + 1));
-          while (m == 0u) m = bits[++wd];
-          p = wd * 32 + __ffs(m) - 1;
-        }
-        chunk[k] = n >= window ? p : -1;
+        chunk[k] = thr_scan_step(bits, p, r, i + 1, window);
       }
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < len; k += kThrThreads) {
-      const int q = chunk[k];
-      tr[c0 + k] = q < 0 ? -INFINITY : order_value(uint32_t(sorted_keys[base + q]));
-    }
+    write_thresholds(tr + c0, chunk, len, sorted_keys + base);
     __syncthreads();  // chunk is rewritten next
   }
 }
@@ -296,25 +311,126 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_kernel(float* __r
     for (int k = 0; k < len; ++k) {
       const int i = i0 + k, r = chunk[k];
       bits[r >> 5] |= 1u << (r & 31);
-      const int n = i + 1;
-      if (n == window) {
-        int wd = 0;
-        while (bits[wd] == 0u) ++wd;
-        p = wd * 32 + __ffs(bits[wd]) - 1;
-      } else if (n > window && r > p) {
-        int wd = p >> 5;
-        uint32_t m = (p & 31) == 31 ? 0u : bits[wd] & (~0u << ((p & 31) + 1));
-        while (m == 0u) m = bits[++wd];
-        p = wd * 32 + __ffs(m) - 1;
-      }
-      chunk[k] = n >= window ? p : -1;
+      chunk[k] = thr_scan_step(bits, p, r, i + 1, window);
     }
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < len; k += kThrThreads) {
-    const int q = chunk[k];
-    tr[i0 + k] = q < 0 ? -INFINITY : order_value(uint32_t(sorted_keys[base + q]));
+  write_thresholds(tr + i0, chunk, len, sorted_keys + base);
+}
+
+// Variant "bounds": the same segments, their entering and leaving threshold ranks P[s] = p after
+// inserting positions < min(s·kSeg, T) found first for every boundary s by rank searches, so a
+// segment only needs the bits of ranks in [P[s], P[s + 1]] (p moves only up, and never past
+// P[s + 1]). These windows of consecutive segments meet only at their ends, so all segments'
+// walks together visit O(T + S) ranks. The searches: hp[c][s] = the ranks of descending chunk c
+// (kSeg ranks) whose position lies below s·kSeg (a histogram over segments, prefix-summed), then
+// per boundary a scan over the chunks and one chunk's ranks: O(S·T/kSeg + T) per row. With the
+// sort, O(T log T + T²/2^18) per row: no worst case the walk variant has (biases increasing with
+// position make every walk cross all later keys, O(T²/kSeg)).
+__global__ void __launch_bounds__(kSeg) dma_thr_hist_kernel(int32_t* __restrict__ hp,
+                                                            const int32_t* __restrict__ sorted_idx, int T, int S) {
+  extern __shared__ int h[];  // [S + 1]
+  const int c = blockIdx.x;
+  const int64_t row = blockIdx.y, base = row * T;
+  for (int x = threadIdx.x; x <= S; x += kSeg) h[x] = 0;
+  __syncthreads();
+  const int d = c * kSeg + int(threadIdx.x);  // descending rank d: ascending rank T − 1 − d
+  if (d < T) atomicAdd(&h[sorted_idx[base + (T - 1 - d)] / kSeg], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {  // exclusive prefix: h[s] = ranks of this chunk at positions < s·kSeg
+    int run = 0;
+    for (int x = 0; x <= S; ++x) {
+      const int v = h[x];
+      h[x] = run;
+      run += v;
+    }
   }
+  __syncthreads();
+  int32_t* out = hp + (row * int64_t(gridDim.x) + c) * (S + 1);
+  for (int x = threadIdx.x; x <= S; x += kSeg) out[x] = h[x];
+}
+
+// P[row][s] for s = 0 .. S: the ascending rank of the w-th largest key at a position below
+// min(s·kSeg, T), or −1 where there are fewer than w such keys.
+__global__ void __launch_bounds__(kSeg) dma_thr_bounds_kernel(int32_t* __restrict__ P, const int32_t* __restrict__ hp,
+                                                              const int32_t* __restrict__ sorted_idx, int T, int S,
+                                                              int n_chunks, int window) {
+  __shared__ int s_chunk, s_before;
+  __shared__ int warp_n[kSeg / 32];
+  const int s = blockIdx.x;
+  const int64_t row = blockIdx.y, base = row * T;
+  const int i0 = min(s * kSeg, T);
+  if (threadIdx.x == 0) {
+    const int32_t* h = hp + row * int64_t(n_chunks) * (S + 1) + s;
+    int cum = 0, c = 0;
+    for (; c < n_chunks; ++c) {
+      const int v = h[int64_t(c) * (S + 1)];
+      if (cum + v >= window) break;
+      cum += v;
+    }
+    s_chunk = c;
+    s_before = cum;
+  }
+  __syncthreads();
+  const int c = s_chunk;
+  if (c >= n_chunks) {
+    if (threadIdx.x == 0) P[row * (S + 1) + s] = -1;
+    return;
+  }
+  const int d = c * kSeg + int(threadIdx.x), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool flag = d < T && sorted_idx[base + (T - 1 - d)] < i0;
+  const uint32_t ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_n[warp] = __popc(ballot);
+  __syncthreads();
+  int incl = s_before + __popc(ballot & ((2u << lane) - 1u));
+  for (int k = 0; k < warp; ++k) incl += warp_n[k];
+  if (flag && incl == window) P[row * (S + 1) + s] = T - 1 - d;
+}
+
+__global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
+    float* __restrict__ thr, const uint64_t* __restrict__ sorted_keys, const int32_t* __restrict__ sorted_idx,
+    const int32_t* __restrict__ pos, const int32_t* __restrict__ nan_rows, const int32_t* __restrict__ P, int T,
+    int S, int window) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int32_t* chunk = reinterpret_cast<int32_t*>(smem_raw);       // [kSeg]
+  uint32_t* bits = reinterpret_cast<uint32_t*>(chunk + kSeg);  // [words], only [lo, hi] used
+  const int s = blockIdx.x;
+  const int64_t row = blockIdx.y, base = row * T;
+  const int i0 = s * kSeg, len = min(kSeg, T - i0);
+  float* tr = thr + base;
+  if (nan_rows[row]) {
+    for (int k = threadIdx.x; k < len; k += kThrThreads) tr[i0 + k] = __int_as_float(0x7fc00000);
+    return;
+  }
+  const int p0 = P[row * (S + 1) + s], p1 = P[row * (S + 1) + s + 1];
+  if (p1 < 0) {  // fewer than w keys even after the segment
+    for (int k = threadIdx.x; k < len; k += kThrThreads) tr[i0 + k] = -INFINITY;
+    return;
+  }
+  const int lo = max(p0, 0), hi = p1;
+  for (int k = threadIdx.x; k < len; k += kThrThreads) chunk[k] = pos[base + i0 + k];
+  for (int x = (lo >> 5) + int(threadIdx.x); x <= (hi >> 5); x += kThrThreads) bits[x] = 0u;
+  __syncthreads();
+  if (p0 < 0) {  // fewer than w inserted so far: every prefix rank up to hi
+    for (int j = threadIdx.x; j < i0; j += kThrThreads) {
+      const int r = pos[base + j];
+      if (r <= hi) atomicOr(&bits[r >> 5], 1u << (r & 31));
+    }
+  } else {  // the inserted ranks in [p0, p1]
+    for (int r = lo + int(threadIdx.x); r <= hi; r += kThrThreads)
+      if (sorted_idx[base + r] < i0) atomicOr(&bits[r >> 5], 1u << (r & 31));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int p = p0;
+    for (int k = 0; k < len; ++k) {
+      const int i = i0 + k, r = chunk[k];
+      if (r >= lo && r <= hi) bits[r >> 5] |= 1u << (r & 31);
+      chunk[k] = thr_scan_step(bits, p, r, i + 1, window);
+    }
+  }
+  __syncthreads();
+  write_thresholds(tr + i0, chunk, len, sorted_keys + base);
 }
 
 // ---- gathered key lists -----------------------------------------------------------------------------
@@ -527,7 +643,7 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 }
 
 namespace {
-void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
+void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window, DmaThresholdScan scan) {
   const int64_t n = rows * T;
   if (n == 0) return;
   const int Ti = as_int(T, "T");
@@ -543,9 +659,14 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   const size_t smem = kChunk * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
   const bool bits_in_smem = smem <= max_smem_optin();
   auto align = [](size_t b) { return (b + 255) & ~size_t(255); };
+  const size_t seg_smem = kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
+  const bool segmented = scan != DmaThresholdScan::serial && seg_smem <= max_smem_optin() && rows < 65536;
+  const bool bounds = segmented && scan == DmaThresholdScan::bounds;
+  const int64_t S = ceil_div(T, kSeg);  // segments, and chunks of kSeg descending ranks
   const size_t keys_b = align(size_t(n) * 8), idx_b = align(size_t(n) * 4), cub_b = align(cub_bytes),
-               bits_b = bits_in_smem ? 0 : align(size_t(rows * words) * 4);
-  char* ws = static_cast<char*>(workspace(2 * keys_b + 2 * idx_b + cub_b + bits_b));
+               bits_b = bits_in_smem ? 0 : align(size_t(rows * words) * 4),
+               hp_b = bounds ? align(size_t(rows * (S + 1) * (S + 1)) * 4) : 0;
+  char* ws = static_cast<char*>(workspace(2 * keys_b + 2 * idx_b + cub_b + bits_b + hp_b));
   uint64_t* keys_in = reinterpret_cast<uint64_t*>(ws);
   uint64_t* keys_out = reinterpret_cast<uint64_t*>(ws + keys_b);
   int32_t* idx_in = reinterpret_cast<int32_t*>(ws + 2 * keys_b);
@@ -558,18 +679,42 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   DMAT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(cub_tmp, cub_bytes, keys_in, keys_out, idx_in, idx_out, n, 0,
                                                   32 + row_bits, stream()));
   // idx_in is free after the sort: it becomes pos (rank of each key).
-  const size_t seg_smem = kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
-  if (seg_smem <= max_smem_optin() && rows < 65536) {
-    // after the sort idx_in and keys_in are free: pos over idx_in, the per-row NaN flags in keys_in
+  if (segmented) {
+    // after the sort idx_in and keys_in are free: pos over idx_in, the per-row NaN flags (and for
+    // the bounds variant the boundary ranks) in keys_in
     int32_t* pos = idx_in;
     int32_t* nan_rows = reinterpret_cast<int32_t*>(keys_in);
     DMAT_CUDA_CHECK(cudaMemsetAsync(nan_rows, 0, size_t(rows) * sizeof(int32_t), stream()));
     dma_thr_pos_kernel<<<grid_for(n, 256), 256, 0, stream()>>>(pos, nan_rows, idx_out, bias, n, Ti);
     DMAT_CUDA_LAUNCH_CHECK();
+    if (bounds) {
+      // P [rows][S + 1] after the flags (rows + rows·(S + 1) ints fit in keys_in's 2·rows·T);
+      // hp [rows][S chunks][S + 1] in its own slice
+      int32_t* P = nan_rows + rows;
+      int32_t* hp = reinterpret_cast<int32_t*>(ws + 2 * keys_b + 2 * idx_b + cub_b + bits_b);
+      const int Si = int(S);
+      const size_t hist_smem = size_t(S + 1) * sizeof(int);
+      DMAT_CHECK(hist_smem <= max_smem_optin(), "dma thresholds: {} segments", S);
+      if (hist_smem > 48 * 1024)
+        DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_hist_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             int(hist_smem)));
+      dma_thr_hist_kernel<<<dim3(unsigned(S), unsigned(rows)), kSeg, hist_smem, stream()>>>(hp, idx_out, Ti, Si);
+      DMAT_CUDA_LAUNCH_CHECK();
+      dma_thr_bounds_kernel<<<dim3(unsigned(S + 1), unsigned(rows)), kSeg, 0, stream()>>>(P, hp, idx_out, Ti, Si,
+                                                                                          Si, win);
+      DMAT_CUDA_LAUNCH_CHECK();
+      if (seg_smem > 48 * 1024)
+        DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_segment_bounds_kernel,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, int(seg_smem)));
+      dma_thr_segment_bounds_kernel<<<dim3(unsigned(S), unsigned(rows)), kThrThreads, seg_smem, stream()>>>(
+          thr, keys_out, idx_out, pos, nan_rows, P, Ti, Si, win);
+      DMAT_CUDA_LAUNCH_CHECK();
+      return;
+    }
     if (seg_smem > 48 * 1024)
       DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_segment_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(seg_smem)));
-    dma_thr_segment_kernel<<<dim3(unsigned(ceil_div(T, kSeg)), unsigned(rows)), kThrThreads, seg_smem, stream()>>>(
+    dma_thr_segment_kernel<<<dim3(unsigned(S), unsigned(rows)), kThrThreads, seg_smem, stream()>>>(
         thr, keys_out, idx_out, pos, nan_rows, Ti, win);
     DMAT_CUDA_LAUNCH_CHECK();
     return;
@@ -583,16 +728,33 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
+// DMAT_DMA_THRESHOLDS=walk|bounds|serial (read once; default walk, the variant measured so far).
+DmaThresholdScan env_threshold_scan() {
+  static const DmaThresholdScan v = [] {
+    const char* e = std::getenv("DMAT_DMA_THRESHOLDS");
+    if (e == nullptr || *e == 0 || std::strcmp(e, "walk") == 0) return DmaThresholdScan::walk;
+    if (std::strcmp(e, "bounds") == 0) return DmaThresholdScan::bounds;
+    if (std::strcmp(e, "serial") == 0) return DmaThresholdScan::serial;
+    fail("DMAT_DMA_THRESHOLDS must be walk, bounds or serial (got '{}')", e);
+  }();
+  return v;
+}
+
 }  // namespace
 
 // Rows in batches whose sort workspace (~36 B per element: keys and indices in and out, and CUB's
 // alternate buffers) stays within 16 MiB (at least one row).
-void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
+void dma_thresholds_scan(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window,
+                         DmaThresholdScan scan) {
   DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
   if (rows == 0 || T == 0) return;
   const int64_t batch = std::clamp<int64_t>((int64_t(16) << 20) / (36 * T), 1, rows);
   for (int64_t r0 = 0; r0 < rows; r0 += batch)
-    thresholds_rows(thr + r0 * T, bias + r0 * T, std::min(batch, rows - r0), T, window);
+    thresholds_rows(thr + r0 * T, bias + r0 * T, std::min(batch, rows - r0), T, window, scan);
+}
+
+void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
+  dma_thresholds_scan(thr, bias, rows, T, window, env_threshold_scan());
 }
 
 int64_t dma_gather_tiles(int64_t T) { return ceil_div(T, flash_attention_block_q()); }

@@ -40,6 +40,16 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // memory (T beyond ~1.8M) one block per row scans all of T serially, the bitset in global memory.
 // No T×T buffer; workspace ≈ 36 bytes per element, rows taken in batches of at most 16 MiB.
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
+// The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default walk):
+// walk — segments rebuild their entering state by walking the sorted row down from the top
+// (measured; O(T²/512) per row when biases increase with position); bounds — every segment's
+// entering and leaving threshold rank first, by rank searches over per-chunk histograms, then each
+// segment walks only the ranks between the two (O(T log T + T²/2^18) per row; added 2026-11-29
+// after the last GPU call of the session: compiled, NOT yet run on a GPU — the thresholds tests
+// run all three variants); serial — one block per row. Same results bit for bit.
+enum class DmaThresholdScan { walk, bounds, serial };
+void dma_thresholds_scan(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window,
+                         DmaThresholdScan scan);
 
 // Gathered key lists for flash_attention_forward_ext (flash_attention.h, FlashGather layout):
 // for row r = b·Hkv + hk and query tile q of rows [i0, i1) (i0 = q·flash_attention_block_q(),
