@@ -757,6 +757,36 @@ struct BwdParams {
   int qt0;  // first query tile of a dQ launch over a batch of gathered lists, else 0
 };
 
+// The keys of a dK/dV block and the query tiles (of bmq rows) that visit them: dense, the
+// consecutive tile blockIdx.x·BN .. + BN − 1 and the queries up to the window's reach (key tile 0
+// has the most); DMA, key group blockIdx.x (groups of one size class run together, the longest
+// query ranges first) and its range. key(r): the position of row r of the block, −1 for padding.
+template <int BN, bool DMA>
+struct KvBlock {
+  int k0 = 0, qt_first = 0, nq = 0;
+  const int32_t* gk = nullptr;
+  __device__ KvBlock(const BwdParams& p, int b, int hk, int bmq) {
+    if constexpr (DMA) {
+      static_assert(BN == kFlashGroupKeys, "one key group per block");
+      const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
+      const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
+      gk = p.grp_keys + gi * BN;
+      const int lo = __ldg(p.grp_range + 2 * gi), hi = __ldg(p.grp_range + 2 * gi + 1);
+      qt_first = lo / bmq;
+      nq = hi >= lo ? hi / bmq + 1 - qt_first : 0;
+    } else {  // queries that see some key of [k0, k0 + BN): [k0, k0 + BN − 1 + window − 1]
+      k0 = int(blockIdx.x) * BN;
+      const int i_hi = p.window > 0 ? min(p.T - 1, k0 + BN - 1 + p.window - 1) : p.T - 1;
+      qt_first = k0 / bmq;
+      nq = i_hi / bmq + 1 - qt_first;
+    }
+  }
+  __device__ __forceinline__ int key(int r, int T) const {
+    if constexpr (DMA) return __ldg(gk + r);
+    return k0 + r < T ? k0 + r : -1;
+  }
+};
+
 // delta = Σ_d dO∘O and lse2 = lse·log2(e), one warp per (b, i, h) row.
 __global__ void __launch_bounds__(256) flash_bwd_pre_kernel(const nv_bf16* out, const nv_bf16* dout,
                                                             const float* lse, float* delta, float* lse2,
@@ -810,28 +840,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
   const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
   const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
 
-  // Key positions of rows r of the tile: consecutive from k0, or the group's list (DMA; groups of
-  // the same size class run together, the longest query ranges first), and the query range.
-  int k0 = 0, qt_first = 0, nq = 0;
-  const int32_t* gk = nullptr;
-  if constexpr (DMA) {
-    const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
-    const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
-    gk = p.grp_keys + gi * BN;
-    const int lo = __ldg(p.grp_range + 2 * gi), hi = __ldg(p.grp_range + 2 * gi + 1);
-    qt_first = lo / BMQ;
-    nq = hi >= lo ? hi / BMQ + 1 - qt_first : 0;
-  } else {
-    // key tile 0 has the most queries; queries that see some key of [k0, k0 + BN): [k0, k0 + BN - 1 + window - 1]
-    k0 = blockIdx.x * BN;
-    const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
-    qt_first = k0 / BMQ;
-    nq = i_hi / BMQ + 1 - qt_first;
-  }
-  auto key_at = [&](int r) -> int {  // −1: padding
-    if constexpr (DMA) return __ldg(gk + r);
-    return k0 + r < T ? k0 + r : -1;
-  };
+  const KvBlock<BN, DMA> kv(p, b, hk, BMQ);
+  const int k0 = kv.k0, qt_first = kv.qt_first, nq = kv.nq;
+  auto key_at = [&](int r) { return kv.key(r, T); };
   const int n_items = group * nq;
 
   load_tile_async<BN, DQK, THREADS>(sK, kg, [&](int r) -> const nv_bf16* {
@@ -1436,27 +1447,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
   const int hk = blockIdx.y, b = blockIdx.z;
   const int T = p.T, group = p.H / p.Hkv;
   const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
-  int k0 = 0, qt_first = 0, nq = 0;
-  const int32_t* gk = nullptr;
-  if constexpr (DMA) {  // groups of one size class run together, the longest ranges first
-    static_assert(BN == kFlashGroupKeys, "one key group per block");
-    const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
-    const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
-    gk = p.grp_keys + gi * BN;
-    const int lo = __ldg(p.grp_range + 2 * gi), hi = __ldg(p.grp_range + 2 * gi + 1);
-    qt_first = lo / BM;
-    nq = hi >= lo ? hi / BM + 1 - qt_first : 0;
-  } else {
-    // key tile 0 has the most queries; queries that see some key of [k0, k0 + BN): [k0, k0 + BN − 1 + window − 1]
-    k0 = blockIdx.x * BN;
-    const int i_hi = p.window > 0 ? min(T - 1, k0 + BN - 1 + p.window - 1) : T - 1;
-    qt_first = k0 / BM;
-    nq = i_hi / BM + 1 - qt_first;
-  }
-  auto key_at = [&](int r) -> int {  // −1: padding
-    if constexpr (DMA) return __ldg(gk + r);
-    return k0 + r < T ? k0 + r : -1;
-  };
+  const KvBlock<BN, DMA> kv(p, b, hk, BM);
+  const int k0 = kv.k0, qt_first = kv.qt_first, nq = kv.nq;
+  auto key_at = [&](int r) { return kv.key(r, T); };
   const int n_items = group * nq;
 
   if (tid == 0) {
