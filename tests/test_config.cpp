@@ -4,6 +4,7 @@
 #include <fstream>
 #include <functional>
 
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -493,6 +494,26 @@ TEST(ConfigShipped, ShapesMatchThePaper) {
   EXPECT_EQ(m20.model.ffn_dim, 768);
   EXPECT_EQ(m20.train.batch_size, 64);
   EXPECT_EQ(m20.train.seq_len, 2048);
+
+  // The attention variants of the paper's shapes change model.attention and the run name only.
+  for (const char* size : {"80m", "200m"}) {
+    const Config mha = load_config((dir / fmt::format("paper-{}.json", size)).string());
+    for (const char* variant : {"dma", "swa"}) {
+      const std::string name = fmt::format("paper-{}-{}", size, variant);
+      const Config c = load_config((dir / (name + ".json")).string());
+      EXPECT_EQ(c.model.attention.type, variant) << name;
+      EXPECT_EQ(c.model.attention.window, 1024) << name;
+      EXPECT_EQ(c.run.name, name);
+      nlohmann::json a = c.resolved, b = mha.resolved;
+      for (auto* j : {&a, &b}) {
+        (*j)["model"].erase("attention");
+        (*j)["run"].erase("name");
+        (*j)["run"].erase("dir");  // follows the name
+        (*j).erase("comment");
+      }
+      EXPECT_EQ(a, b) << name << " differs from paper-" << size << " outside model.attention";
+    }
+  }
 }
 
 }  // namespace
