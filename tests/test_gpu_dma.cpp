@@ -287,6 +287,8 @@ TEST(GpuDma, ThresholdsLongRowsAndBitsetOutsideSharedMemory) {
   check_thresholds(Pattern::Random, 1, int64_t(1) << 21, 2048, 401);
   check_thresholds(Pattern::Ties, 2, 70000, 1024, 402);
   check_thresholds(Pattern::Increasing, 2, 70000, 1024, 403);
+  // 8 rows of 70000: two batches of rows (16 MiB of sort scratch each, dma.h)
+  check_thresholds(Pattern::Random, 8, 70000, 1024, 404);
 }
 
 TEST(GpuDma, ThresholdsNaNRowGivesNaN) {
@@ -576,6 +578,19 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
                       same_bits(gdb.down(), db1))
               << what << ": the backward is not bitwise repeatable";
+          if (T > bq) {
+            // lists in batches of one query tile (as at long T): the same bits
+            const std::vector<bf16> out1 = gout.down();
+            const std::vector<float> lse1 = glse.down();
+            const int64_t old = cuda::testing::set_dma_list_budget(1);
+            cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
+            cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                         gt.p, s, w, path);
+            cuda::testing::set_dma_list_budget(old);
+            EXPECT_TRUE(same_bits(gout.down(), out1) && same_bits(glse.down(), lse1) && same_bits(gdq.down(), dq1) &&
+                        same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) && same_bits(gdb.down(), db1))
+                << what << ": lists built one tile per batch change the results";
+          }
           if (HasFailure()) return;  // one case's report is enough to act on
           ++cases;
         }

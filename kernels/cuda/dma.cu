@@ -802,6 +802,7 @@ namespace {
 // Gathered lists are built in batches of query tiles whose lists fit kListBudget (at least one
 // tile): the workspace stays bounded at any T (N = 128K, 16 KV heads, w = 2048: 5 batches).
 constexpr int64_t kListBudget = int64_t(24) << 20;
+int64_t g_list_budget = kListBudget;  // testing::set_dma_list_budget
 
 // workspace3() layout: key groups (backward) | lists of one batch | their counts.
 struct DmaScratch {
@@ -813,7 +814,7 @@ DmaScratch dma_scratch(const AttnShape& s, int64_t window) {
   d.rows = s.B * s.Hkv;
   d.cap = dma_gather_capacity(s.T, window);
   const int64_t tiles = dma_gather_tiles(s.T), per_tile = d.rows * d.cap * int64_t(sizeof(int32_t));
-  d.tiles_per_batch = std::clamp<int64_t>(kListBudget / std::max<int64_t>(per_tile, 1), 1, tiles);
+  d.tiles_per_batch = std::clamp<int64_t>(g_list_budget / std::max<int64_t>(per_tile, 1), 1, tiles);
   d.n_groups = dma_group_count(s.T);
   auto align = [](int64_t n) { return (n + 63) & ~int64_t(63); };  // int32 elements, 256-byte alignment
   const int64_t n_gk = align(d.rows * d.n_groups * kFlashGroupKeys), n_gr = align(d.rows * d.n_groups * 2);
@@ -857,3 +858,11 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
 }
 
 }  // namespace dmat::cuda
+
+namespace dmat::cuda::testing {
+int64_t set_dma_list_budget(int64_t bytes) {
+  const int64_t old = g_list_budget;
+  g_list_budget = bytes > 0 ? bytes : kListBudget;
+  return old;
+}
+}  // namespace dmat::cuda::testing

@@ -99,3 +99,9 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
                             FlashPath path = FlashPath::automatic);
 
 }  // namespace dmat::cuda
+
+namespace dmat::cuda::testing {
+// The byte budget of one batch of gathered lists (default 24 MiB; <= 0 restores it). Returns the
+// previous budget. Tests shrink it to force many batches: results must not change by a bit.
+int64_t set_dma_list_budget(int64_t bytes);
+}  // namespace dmat::cuda::testing
