@@ -771,9 +771,11 @@ void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t 
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
-int64_t dma_group_region_size(int64_t T) {  // T/8 as a power of two in [1024, 16384]
+int64_t dma_group_region_size(int64_t T) {  // T/8 as a power of two in [1024, 16384], within shared memory
+  int64_t cap = 16384;
+  while (cap > 1024 && size_t(cap) * sizeof(unsigned long long) > max_smem_optin()) cap /= 2;
   int64_t r = 1024;
-  while (r < 16384 && r * 8 < T) r *= 2;
+  while (r < cap && r * 8 < T) r *= 2;
   return r;
 }
 int64_t dma_group_regions(int64_t T) { return ceil_div(T, dma_group_region_size(T)); }
@@ -784,11 +786,8 @@ void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const floa
   if (rows == 0 || regions == 0) return;
   DMAT_CHECK(rows < 65536, "dma key groups: {} rows", rows);
   const size_t smem = size_t(R) * sizeof(unsigned long long);
-  static const bool ready = [] {
-    DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_groups_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 16384 * 8));
-    return true;
-  }();
-  (void)ready;
+  if (smem > 48 * 1024)
+    DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_groups_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   dma_groups_kernel<<<dim3(unsigned(regions), unsigned(rows)), kGroupThreads, smem, stream()>>>(
       keys, range, bias, thr, as_int(T, "T"), int(regions), int(R));
   DMAT_CUDA_LAUNCH_CHECK();

@@ -72,7 +72,8 @@ void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t 
 int64_t dma_gather_capacity(int64_t T, int64_t window);
 
 // Key groups of the backward's dK/dV pass (FlashKeyGroups in flash_attention.h): per row, regions of
-// R = dma_group_region_size(T) keys (T/8 as a power of two in [1024, 16384]), each sorted by last_j
+// R = dma_group_region_size(T) keys (T/8 as a power of two in [1024, 16384], and R·8 bytes within
+// the device's shared memory per block), each sorted by last_j
 // (the last query keeping key j: by monotone thresholds the queries keeping j are exactly
 // j .. last_j) descending, then cut into groups of kFlashGroupKeys; a group's range is
 // [min j, max last_j] over its kept keys. keys [rows][dma_group_count(T)][128],
