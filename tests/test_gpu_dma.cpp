@@ -402,6 +402,31 @@ double rel_max(const std::vector<double>& got, const std::vector<double>& ref, d
   return mx / rmx;
 }
 
+// One DMA attention case: shape, bf16 inputs (the GPU gets the bf16, the reference the same
+// values in fp64), key biases of a pattern, their CPU thresholds, and the fp64 reference forward.
+// Inputs are drawn in the order q, k, v, (dout), bias from ++seed.
+struct DmaCase {
+  cpu::AttnShape s;
+  BfInput q, k, v, dout;
+  std::vector<float> bias, thr;
+  std::vector<double> bias_d, thr_d, out_ref, lse_ref;
+  DmaCase(int64_t D, int64_t group, Pattern pat, int64_t T, int64_t w, uint64_t& seed, bool with_dout) {
+    s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
+    s.scale = 1.0 / std::sqrt(double(D));
+    q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+    k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+    v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
+    if (with_dout) dout = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
+    bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
+    thr.resize(bias.size());
+    cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
+    bias_d = to_d(bias), thr_d = to_d(thr);
+    out_ref.resize(size_t(s.B * T * s.H * D)), lse_ref.resize(size_t(s.B * s.H * T));
+    cpu::dma_attention_forward<double>(out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(), v.d.data(),
+                                       bias_d.data(), thr_d.data(), s);
+  }
+};
+
 TEST(GpuDma, ForwardThroughGatheredFlashMatchesCpu) {
   REQUIRE_GPU();
   uint64_t seed = 900;
@@ -411,21 +436,15 @@ TEST(GpuDma, ForwardThroughGatheredFlashMatchesCpu) {
       for (int64_t group : {1, 2, 4})
         for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
           for (auto [T, w] : {std::pair<int64_t, int64_t>{50, 64}, {64, 64}, {300, 64}, {300, 1}, {2 * bq + 7, 100}}) {
-            cpu::AttnShape s;
-            s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
-            s.scale = 1.0 / std::sqrt(double(D));
-            if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+            cpu::AttnShape probe;
+            probe.Dqk = probe.Dv = D;
+            if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(probe)) continue;
             const std::string what = fmt::format("path {} D {} group {} {} T {} w {}", int(path), D, group, name(pat), T, w);
-            const BfInput q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
-            const BfInput k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-            const BfInput v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-            const std::vector<float> bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
-            std::vector<float> thr(bias.size());
-            cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
-            const std::vector<double> bias_d = to_d(bias), thr_d = to_d(thr);
-            std::vector<double> out_ref(size_t(s.B * T * s.H * D)), lse_ref(size_t(s.B * s.H * T));
-            cpu::dma_attention_forward<double>(out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(), v.d.data(),
-                                               bias_d.data(), thr_d.data(), s);
+            const DmaCase c(D, group, pat, T, w, seed, false);
+            const cpu::AttnShape& s = c.s;
+            const BfInput &q = c.q, &k = c.k, &v = c.v;
+            const std::vector<float>& bias = c.bias;
+            const std::vector<double> &out_ref = c.out_ref, &lse_ref = c.lse_ref;
 
             Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gout(out_ref.size());
             Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size());
@@ -531,23 +550,16 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           const bool few = pat == Pattern::Random || pat == Pattern::Ties || pat == Pattern::Huge;
           if (D != 64 && (!few || group == 4)) continue;
           if (T == 1300 && (D != 64 || group == 4 || !few)) continue;  // two key-group regions
-          cpu::AttnShape s;
-          s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
-          s.scale = 1.0 / std::sqrt(double(D));
-          if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(s)) continue;
+          cpu::AttnShape probe;
+          probe.Dqk = probe.Dv = D;
+          if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(probe)) continue;
           const std::string what =
               fmt::format("path {} D {} group {} {} T {} w {}", int(path), D, group, name(pat), T, w);
-          const BfInput q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
-          const BfInput k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-          const BfInput v = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
-          const BfInput dout = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
-          const std::vector<float> bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
-          std::vector<float> thr(bias.size());
-          cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
-          const std::vector<double> bias_d = to_d(bias), thr_d = to_d(thr);
-          std::vector<double> out_ref(size_t(s.B * T * s.H * D)), lse_ref(size_t(s.B * s.H * T));
-          cpu::dma_attention_forward<double>(out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(), v.d.data(),
-                                             bias_d.data(), thr_d.data(), s);
+          const DmaCase c(D, group, pat, T, w, seed, true);
+          const cpu::AttnShape& s = c.s;
+          const BfInput &q = c.q, &k = c.k, &v = c.v, &dout = c.dout;
+          const std::vector<float> &bias = c.bias, &thr = c.thr;
+          const std::vector<double> &bias_d = c.bias_d, &thr_d = c.thr_d, &out_ref = c.out_ref, &lse_ref = c.lse_ref;
           std::vector<double> dq_ref(q.d.size()), dk_ref(k.d.size()), dv_ref(v.d.size()), db_ref(bias.size());
           cpu::dma_attention_backward<double>(dq_ref.data(), dk_ref.data(), dv_ref.data(), db_ref.data(),
                                               dout.d.data(), out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(),
