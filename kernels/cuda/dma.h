@@ -1,7 +1,8 @@
 // Dynamic Mask Attention on the GPU (../shared/DESIGN.md "Attention variants", issue 5): the
 // per-key bias from the values and its backward, the per-query thresholds, the gathered key lists
-// and key groups, and the sparse attention forward and backward built on flash_attention.h. Semantics, layouts and the tie rule
-// are those of the CPU reference (kernels/cpu/cpu_ops.h, "Dynamic Mask Attention"):
+// and key groups, and the sparse attention forward and backward built on flash_attention.h.
+// Semantics, layouts and the tie rule are those of the CPU reference (kernels/cpu/cpu_ops.h,
+// "Dynamic Mask Attention"):
 //   v [B,T,Hkv,Dh] bf16; W_dt [Hkv, Hkv·Dh] bf16; A [Hkv] bf16 (a parameter, like W_dt);
 //   z, bias, thr [B,Hkv,T] fp32; dbias [B,Hkv,T] fp32; dW_dt, dA fp32 (+=); dv bf16 (+=).
 // All run on dmat::cuda::stream(), asynchronously; pointers are device pointers. Every reduction
