@@ -69,7 +69,14 @@ void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void
   const int64_t rows = s.B * s.Hkv, n = rows * s.T, w = o.dma;
   std::vector<float> hb(static_cast<size_t>(n));
   Rng r(5);
-  for (auto& x : hb) x = float(r.normal());
+  for (int64_t i = 0; i < n; ++i) {
+    const float pos = float(i % s.T) / float(s.T);
+    if (o.dma_bias == "normal") hb[size_t(i)] = float(r.normal());
+    else if (o.dma_bias == "increasing") hb[size_t(i)] = pos;
+    else if (o.dma_bias == "decreasing") hb[size_t(i)] = -pos;
+    else if (o.dma_bias == "tied") hb[size_t(i)] = 1.f;
+    else fail("bench attention: --dma-bias must be normal, increasing, decreasing or tied (got '{}')", o.dma_bias);
+  }
   DevBuf bias(size_t(n) * 4), thr(size_t(n) * 4), dbias(size_t(n) * 4);
   cuda::memcpy_h2d(bias.p, hb.data(), size_t(n) * 4);
   auto F = [](DevBuf& d) { return static_cast<float*>(d.p); };
@@ -100,11 +107,11 @@ void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void
   const double pairs = wd * (wd + 1) / 2 + (nd - wd) * wd;  // kept pairs without ties
   const double fwd_flops = 2.0 * double(s.B * s.H) * pairs * double(s.Dqk + s.Dv);
   out << fmt::format(
-             "{{\"bench\":\"attention\",\"variant\":\"dma\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},"
+             "{{\"bench\":\"attention\",\"variant\":\"dma\",\"bias\":\"{}\",\"B\":{},\"T\":{},\"H\":{},\"Hkv\":{},\"Dqk\":{},\"Dv\":{},"
              "\"keep\":{},\"thr_ms\":{:.4f},\"lists_ms\":{:.4f},\"groups_ms\":{:.4f},\"fwd_ms\":{:.4f},\"fwd_tflops\":{:.1f},\"fwdbwd_ms\":{:.4f},"
              "\"fwdbwd_tflops\":{:.1f},\"workspace_mib\":{:.1f},\"mask_mib\":{:.1f},"
              "\"flops_convention\":\"kept pairs: fwd 2*B*H*pairs*(Dqk+Dv), fwd+bwd 3.5x; times include thresholds\"}}",
-             s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, w, thr_ms, lists_ms, groups_ms, fwd_ms, fwd_flops / fwd_ms / 1e9, fwdbwd_ms,
+             o.dma_bias, s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, w, thr_ms, lists_ms, groups_ms, fwd_ms, fwd_flops / fwd_ms / 1e9, fwdbwd_ms,
              3.5 * fwd_flops / fwdbwd_ms / 1e9, double(cuda::workspace_bytes()) / (1 << 20),
              3.0 * double(n) * 4 / (1 << 20))
       << std::endl;

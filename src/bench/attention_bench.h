@@ -6,7 +6,7 @@
 // "auto" the library's choice (DMAT_ATTN_PATH=mma|wgmma overrides it; `dmatrain bench attention`
 // takes it from there; "auto" picks per direction), and the JSON line names both.
 // With dma = w: the DMA ops (kernels/cuda/dma.h) on iid normal key biases per (b, KV head), as the
-// FlexAttention anchor builds them; forward = thresholds + lists + sparse forward, forward +
+// FlexAttention anchor builds them (or the pattern dma_bias names); forward = thresholds + lists + sparse forward, forward +
 // backward adds lists, key groups and the sparse backward. Flops count the kept pairs (w per query
 // from query w − 1 on), and the line reports the process's scratch workspace after the run.
 #pragma once
@@ -19,6 +19,9 @@ namespace dmat {
 struct AttnBenchOptions {
   int64_t B = 1, H = 16, Hkv = 16, T = 16384, D = 128, window = 0;  // D = 192 means (Dqk, Dv) = (192, 128); 32, 64, 128 square
   int64_t dma = 0;  // > 0: Dynamic Mask Attention keeping this many keys per query (window must be 0)
+  // DMA key biases: "normal" (iid N(0, 1), the anchor's), "increasing" / "decreasing" with position
+  // (the thresholds' adversarial orders), "tied" (all equal: every tile takes the dense fallback)
+  std::string dma_bias = "normal";
   bool deterministic = true;
   int iters = 10;
   std::string path = "auto";  // kernel path: auto, mma, wgmma

@@ -54,14 +54,15 @@ commands:
   bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W]
                            our flash-attention kernels, forward and forward+backward (CUDA);
                            --dma W: Dynamic Mask Attention keeping W keys per query (random
-                           biases; times include the thresholds and the key lists)
+                           biases; times include the thresholds and the key lists);
+                           --dma-bias normal|increasing|decreasing|tied picks the key biases
   bench ops                GEMM, copy bandwidth and the elementwise kernels at model shapes (CUDA)
   devices                  list the CUDA devices this build can see
 )";
 
 const char* kBenchHelp = R"(usage: dmatrain bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
        dmatrain bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W]
-                                [--nondeterministic] [--iters N]
+                                [--dma-bias normal|increasing|decreasing|tied] [--nondeterministic] [--iters N]
        dmatrain bench ops
 
 bench CONFIG runs N optimizer steps (default 10, after 3 warm-up steps) of the config's model on
@@ -264,6 +265,7 @@ int cmd_bench_kernels(const std::vector<std::string>& a) {
     else if (a[i] == "--batch") o.B = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--window") o.window = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--dma") o.dma = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--dma-bias") o.dma_bias = need_value(a, i);
     else if (a[i] == "--iters") o.iters = int(parse_int(a[i], need_value(a, i)));
     else if (a[i] == "--nondeterministic") o.deterministic = false;
     else throw Usage("unknown option " + a[i]);
