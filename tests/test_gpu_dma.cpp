@@ -311,26 +311,34 @@ TEST(GpuDma, ThresholdsNaNRowGivesNaN) {
 }
 
 // ---- gathered key lists --------------------------------------------------------------------------------
-void check_gather(Pattern p, int64_t rows, int64_t T, int64_t w, int64_t capacity, uint64_t seed) {
+// partitioned: the lists with clean counts (dma_gather_keys' clean / work): each list's keys kept
+// by every query of the tile first, then the others, each part in increasing j.
+void check_gather(Pattern p, int64_t rows, int64_t T, int64_t w, int64_t capacity, uint64_t seed, bool partitioned) {
   const std::vector<float> bias = make_bias(p, rows, T, seed);
   std::vector<float> thr(bias.size());
   cpu::dma_thresholds<float>(thr.data(), bias.data(), rows, T, w);
   const int64_t bq = cuda::flash_attention_block_q(), tiles = cuda::dma_gather_tiles(T);
   ASSERT_EQ(tiles, (T + bq - 1) / bq);
   Dev<float> gb(bias), gt(thr);
-  Dev<int32_t> keys(size_t(std::max<int64_t>(1, rows * tiles * capacity))), count(size_t(rows * tiles)), mx(1);
+  Dev<int32_t> keys(size_t(std::max<int64_t>(1, rows * tiles * capacity))), count(size_t(rows * tiles)), mx(1),
+      clean(size_t(rows * tiles)), work(size_t(std::max<int64_t>(1, cuda::dma_gather_work_ints(rows, T, capacity, -1))));
   keys.up(std::vector<int32_t>(keys.n, -7));
   count.up(std::vector<int32_t>(count.n, -7));
+  clean.up(std::vector<int32_t>(clean.n, -7));
   mx.up({0});
-  cuda::dma_gather_keys(keys.p, count.p, mx.p, capacity, gb.p, gt.p, rows, T);
-  const std::vector<int32_t> got_keys = keys.down(), got_count = count.down(), got_max = mx.down();
-  const std::string what = fmt::format("{} rows {} T {} w {} cap {}", name(p), rows, T, w, capacity);
+  int32_t* cl = partitioned ? clean.p : nullptr;
+  int32_t* wk = partitioned ? work.p : nullptr;
+  cuda::dma_gather_keys(keys.p, count.p, mx.p, capacity, gb.p, gt.p, rows, T, 0, -1, cl, wk);
+  const std::vector<int32_t> got_keys = keys.down(), got_count = count.down(), got_max = mx.down(),
+                             got_clean = clean.down();
+  const std::string what =
+      fmt::format("{} rows {} T {} w {} cap {} partitioned {}", name(p), rows, T, w, capacity, partitioned);
   int32_t want_max = 0;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t qt = 0; qt < tiles; ++qt) {
       const int64_t i0 = qt * bq, i1 = std::min(i0 + bq, T), list = r * tiles + qt;
       const float* br = bias.data() + r * T;
-      const float t0 = thr[size_t(r * T + i0)];
+      const float t0 = thr[size_t(r * T + i0)], tl = thr[size_t(r * T + i1 - 1)];
       std::vector<int32_t> want;
       for (int64_t j = 0; j < i1; ++j)
         if (br[j] >= t0) want.push_back(int32_t(j));
@@ -348,24 +356,43 @@ void check_gather(Pattern p, int64_t rows, int64_t T, int64_t w, int64_t capacit
       }
       want_max = std::max(want_max, int32_t(want.size()));
       ASSERT_EQ(got_count[size_t(list)], int32_t(want.size())) << what << " tile " << qt;
-      const int64_t n = std::min<int64_t>(capacity, int64_t(want.size()));
+      const bool fits = int64_t(want.size()) <= capacity;
+      if (partitioned && fits) {
+        std::vector<int32_t> all_keep, rest;
+        for (int32_t j : want) (j < i0 && br[j] >= tl ? all_keep : rest).push_back(j);
+        // every query of the tile keeps the clean keys (the kernels skip their element mask)
+        for (int32_t j : all_keep)
+          for (int64_t i = i0; i < i1; ++i) ASSERT_GE(br[j], thr[size_t(r * T + i)]) << what << " j " << j;
+        ASSERT_EQ(got_clean[size_t(list)], int32_t(all_keep.size())) << what << " tile " << qt;
+        want = all_keep;
+        want.insert(want.end(), rest.begin(), rest.end());
+      } else if (partitioned) {
+        ASSERT_EQ(got_clean[size_t(list)], 0) << what << " overflowed tile " << qt;
+      }
+      // an overflowed partitioned list's slots are unspecified (the kernels never read them)
+      const int64_t n = partitioned && !fits ? 0 : std::min<int64_t>(capacity, int64_t(want.size()));
       for (int64_t k = 0; k < n; ++k)
         ASSERT_EQ(got_keys[size_t(list * capacity + k)], want[size_t(k)]) << what << " tile " << qt << " slot " << k;
-      for (int64_t k = n; k < capacity; ++k)  // slots past the count are not written
-        ASSERT_EQ(got_keys[size_t(list * capacity + k)], -7) << what << " tile " << qt << " slot " << k;
+      if (fits)
+        for (int64_t k = n; k < capacity; ++k)  // slots past the count are not written
+          ASSERT_EQ(got_keys[size_t(list * capacity + k)], -7) << what << " tile " << qt << " slot " << k;
     }
   EXPECT_EQ(got_max[0], want_max) << what;
   // A batch of tiles (as the DMA ops build them): tiles t0 .. t0 + n − 1, laid out n per row,
   // equal to the same tiles of the full call.
   const int64_t t0 = tiles / 3, n = std::max<int64_t>(1, std::min(tiles - t0, (tiles + 1) / 2));
-  Dev<int32_t> bkeys(size_t(std::max<int64_t>(1, rows * n * capacity))), bcount(size_t(rows * n));
+  Dev<int32_t> bkeys(size_t(std::max<int64_t>(1, rows * n * capacity))), bcount(size_t(rows * n)),
+      bclean(size_t(rows * n));
   bkeys.up(std::vector<int32_t>(bkeys.n, -7));
-  cuda::dma_gather_keys(bkeys.p, bcount.p, nullptr, capacity, gb.p, gt.p, rows, T, t0, n);
-  const std::vector<int32_t> bk = bkeys.down(), bc = bcount.down();
+  cuda::dma_gather_keys(bkeys.p, bcount.p, nullptr, capacity, gb.p, gt.p, rows, T, t0, n,
+                        partitioned ? bclean.p : nullptr, wk);
+  const std::vector<int32_t> bk = bkeys.down(), bc = bcount.down(), bcl = bclean.down();
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t lt = 0; lt < n; ++lt) {
       const int64_t full = r * tiles + t0 + lt, part = r * n + lt;
       ASSERT_EQ(bc[size_t(part)], got_count[size_t(full)]) << what << " batch tile " << t0 + lt;
+      if (partitioned) ASSERT_EQ(bcl[size_t(part)], got_clean[size_t(full)]) << what << " batch tile " << t0 + lt;
+      if (partitioned && got_count[size_t(full)] > capacity) continue;
       for (int64_t k = 0; k < capacity; ++k)
         ASSERT_EQ(bk[size_t(part * capacity + k)], got_keys[size_t(full * capacity + k)])
             << what << " batch tile " << t0 + lt << " slot " << k;
@@ -378,9 +405,11 @@ TEST(GpuDma, GatherListsMatchBruteForce) {
   for (Pattern p : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
     for (int64_t T : {1, 100, 128, 129, 700, 2000, 5000})  // 5000: 40 tiles, three segments of the update chain
       for (int64_t w : {int64_t(1), int64_t(16), int64_t(200), T}) {
-        check_gather(p, 2, T, w, T, ++seed);  // capacity T: never truncated
-        check_gather(p, 2, T, w, std::min<int64_t>(T, w + cuda::flash_attention_block_q() - 1), ++seed);
-        check_gather(p, 1, T, w, 3, ++seed);  // truncated lists: count still the true count
+        for (bool part : {false, true}) {
+          check_gather(p, 2, T, w, T, ++seed, part);  // capacity T: never truncated
+          check_gather(p, 2, T, w, std::min<int64_t>(T, w + cuda::flash_attention_block_q() - 1), ++seed, part);
+          check_gather(p, 1, T, w, 3, ++seed, part);  // truncated lists: count still the true count
+        }
       }
 }
 

@@ -41,13 +41,13 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // memory (T beyond ~1.8M) one block per row scans all of T serially, the bitset in global memory.
 // No T×T buffer; workspace ≈ 36 bytes per element, rows taken in batches of at most 16 MiB.
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
-// The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default walk):
+// The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default bounds):
+// bounds — every segment's entering and leaving threshold rank first, by rank searches over
+// per-chunk histograms, then each segment walks only the ranks between the two (O(T log T +
+// T²/2^18) per row; measured the fastest on the H200 for random and position-ordered biases);
 // walk — segments rebuild their entering state by walking the sorted row down from the top
-// (measured; O(T²/512) per row when biases increase with position); bounds — every segment's
-// entering and leaving threshold rank first, by rank searches over per-chunk histograms, then each
-// segment walks only the ranks between the two (O(T log T + T²/2^18) per row; added 2026-11-29
-// after the last GPU call of the session: compiled, NOT yet run on a GPU — the thresholds tests
-// run all three variants); serial — one block per row. Same results bit for bit.
+// (O(T²/512) per row when biases increase with position); serial — one block per row. Same
+// results bit for bit (the thresholds tests run all three).
 enum class DmaThresholdScan { walk, bounds, serial };
 void dma_thresholds_scan(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window,
                          DmaThresholdScan scan);
@@ -66,8 +66,14 @@ void dma_thresholds_scan(float* thr, const float* bias, int64_t rows, int64_t T,
 // prefix, O(i1): per row O(T·w/block + T²/(16·block)).
 int64_t dma_gather_tiles(int64_t T);  // n_tiles = ceil(T / flash_attention_block_q())
 // tile0 / tiles (tiles < 0: to the end): only those query tiles, laid out with `tiles` per row.
+// clean (nullptr: lists in increasing j): each list stably partitioned, first the keys every query
+// of the tile keeps (j < i0, bias_j >= thr[i1 − 1]), then the others, each part in increasing j;
+// clean[r·n_tiles + q] counts the first part (0 where the list overflows). It needs `work`,
+// dma_gather_work_ints(rows, T, capacity, tiles) int32 of scratch.
 void dma_gather_keys(int32_t* keys, int32_t* count, int32_t* max_count, int64_t capacity, const float* bias,
-                     const float* thr, int64_t rows, int64_t T, int64_t tile0 = 0, int64_t tiles = -1);
+                     const float* thr, int64_t rows, int64_t T, int64_t tile0 = 0, int64_t tiles = -1,
+                     int32_t* clean = nullptr, int32_t* work = nullptr);
+int64_t dma_gather_work_ints(int64_t rows, int64_t T, int64_t capacity, int64_t tiles);
 // min(T, window + block − 1): the longest list without ties (the w keys query i0 keeps plus the
 // tile's own). Tiles with more (ties at the threshold) run densely (FlashGather).
 int64_t dma_gather_capacity(int64_t T, int64_t window);

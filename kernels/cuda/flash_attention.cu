@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 
@@ -71,21 +72,24 @@ struct DenseKeys {
 
 // keys == nullptr: the tile's list overflowed its capacity (biases tied at the threshold), so every
 // key 0 .. n_keys − 1 is visited instead (the element mask still applies): slower, never wrong.
+// The first n_clean keys of a list are kept by every query of the tile (FlashGather::clean), so
+// the key tiles made only of them need no element mask.
 template <int BN>
 struct GatherKeys {
   static constexpr int kBN = BN;
   static constexpr bool kGathered = true;
   const int32_t* keys = nullptr;
-  int n_keys = 0, count = 0;
-  __device__ GatherKeys(const int32_t* keys_, int n_keys_) : keys(keys_), n_keys(n_keys_) {
+  int n_keys = 0, count = 0, clean_tiles = 0;
+  __device__ GatherKeys(const int32_t* keys_, int n_keys_, int n_clean) : keys(keys_), n_keys(n_keys_) {
     count = (n_keys + BN - 1) / BN;
+    clean_tiles = keys ? min(n_clean, n_keys) / BN : 0;
   }
   __device__ __forceinline__ int key(int n, int r) const {
     const int idx = n * BN + r;
     if (idx >= n_keys) return -1;
     return keys ? __ldg(keys + idx) : idx;
   }
-  __device__ __forceinline__ bool needs_mask(int) const { return true; }
+  __device__ __forceinline__ bool needs_mask(int n) const { return n >= clean_tiles; }
 };
 
 struct FwdParams {
@@ -98,6 +102,7 @@ struct FwdParams {
   const float* thr;   // [B, Hkv, T] or nullptr: per-query threshold on the raw key bias (gathered + bias only)
   const int32_t* gkeys;
   const int32_t* gcount;
+  const int32_t* gclean;  // nullptr: no clean prefixes
   int64_t gcap;
   int T, H, Hkv, window;
   float scale_log2;
@@ -123,8 +128,8 @@ struct MakeKeys<GatherKeys<BN>> {
     const int64_t n_tiles = gridDim.x;  // the lists cover this launch's tiles qt0 .. qt0 + n_tiles − 1
     const int64_t list = (int64_t(b) * p.Hkv + hk) * n_tiles + (qt - p.qt0);
     const int n = __ldg(p.gcount + list);
-    if (n > p.gcap) return GatherKeys<BN>(nullptr, min(q0 + bm, p.T));  // overflowed: dense fallback
-    return GatherKeys<BN>(p.gkeys + list * p.gcap, max(n, 0));
+    if (n > p.gcap) return GatherKeys<BN>(nullptr, min(q0 + bm, p.T), 0);  // overflowed: dense fallback
+    return GatherKeys<BN>(p.gkeys + list * p.gcap, max(n, 0), p.gclean ? __ldg(p.gclean + list) : 0);
   }
 };
 
@@ -311,8 +316,8 @@ template <int DQK, int DV>
 struct WgSmem {
   static constexpr int BN = wg_bn<DQK>();
   static constexpr int kQ = kWgBM * DQK * 2, kK = BN * DQK * 2, kV = BN * DV * 2, kStage = kK + kV;
-  static constexpr int kKeys = kQ + kWgStages * kStage;      // int32 key positions [stage][BN]
-  static constexpr int kBars = kKeys + kWgStages * BN * 4;  // byte offset of the mbarriers
+  static constexpr int kBias = kQ + kWgStages * kStage;     // fp32 key bias [stage][BN] (gathered)
+  static constexpr int kBars = kBias + kWgStages * BN * 4;  // byte offset of the mbarriers
   static constexpr int kBytes = kBars + (2 * kWgStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;  // slack to align the base to 1024 B
   static_assert(kQ % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "swizzle atoms stay 1024-aligned");
@@ -337,10 +342,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sKV = base + L::kQ;  // stage st: K at sKV + st·kStage, V at + kK
   const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
-  // key position of each row of each stage (-1: padding), written by the producer with the tile:
-  // one policy lookup per row instead of one per 16-byte chunk (a gathered lookup is a dependent
-  // global load), and the gathered consumers' mask / bias read it from here
-  int32_t* skeys = reinterpret_cast<int32_t*>(smem_raw + (base - smem_u32(smem_raw)) + L::kKeys);
+  // gathered with a bias: the raw key bias of each row of each stage (−inf: padding), written by
+  // the producer with the tile, so the consumers' softmax reads it from here instead of a global
+  // load that depends on the key position (read only where the tile needs the mask)
+  float* sbias = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kBias);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);  // the longest (latest) causal tiles start first
@@ -393,21 +398,22 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
         const int st = n % S;
         if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
         const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-        // The stage's previous readers of skeys are done: the consumers released it (empty), and
-        // every producer thread issued that tile's copies before arriving on its full barrier.
-        int32_t* sks = skeys + st * BN;
-        for (int r = tid; r < BN; r += 128) {
-          const int j = keys.key(n, r);
-          sks[r] = j >= 0 && j < T ? j : -1;
+        // The stage's previous readers of sbias are done: the consumers released it (empty).
+        if constexpr (Keys::kGathered && BIAS) {
+          const float* bias = p.bias + (int64_t(b) * p.Hkv + hk) * T;
+          for (int r = tid; r < BN; r += 128) {
+            const int j = keys.key(n, r);
+            sbias[st * BN + r] = j >= 0 && j < T ? __ldg(bias + j) : -INFINITY;
+          }
         }
-        asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
+        // gathered: each row's position is a global load (L1), repeated per 16-byte chunk column
         load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
-          const int j = sks[r];
-          return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
+          const int j = keys.key(n, r);
+          return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
         }, tid);
         load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-          const int j = sks[r];
-          return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
+          const int j = keys.key(n, r);
+          return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
         }, tid);
         cp_async_commit();
         cp_async_wait<1>();  // the group before this one (Q for n == 0, else tile n − 1) has landed
@@ -460,22 +466,40 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
     // Scale, bias, mask and exponentiate the scores of tile n in s (log2 domain), updating the
     // running max m and sum l; alpha = exp2(m_old − m_new), by which O must still be rescaled.
     auto softmax = [&](int n, int st, float (&alpha)[2]) {
-      const bool mask = keys.needs_mask(n);
-      const int32_t* sks = skeys + st * BN;  // written before the full barrier's arrive
+      const float* sb = sbias + st * BN;  // written before the full barrier's arrive
+      (void)sb;
+      // the raw bias of column c (compared with thr_r exactly: copies of the same fp32 biases)
+      auto bias_at = [&](int c, int j) -> float {
+        if constexpr (!BIAS) return 0.f;
+        else if constexpr (Keys::kGathered) return sb[c];  // −inf for padding
+        else return j >= 0 && j < T ? __ldg(bias + j) : 0.f;
+      };
+      if (keys.needs_mask(n)) {
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) {
+        for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = nb * 8 + 2 * t + e;
-          const int j = Keys::kGathered ? sks[c] : keys.key(n, c);  // gathered: -1 for padding
-          float braw = 0.f;  // compared with thr_r exactly (both copies of the same fp32 biases)
-          if constexpr (BIAS) braw = (j >= 0 && j < T) ? __ldg(bias + j) : 0.f;
-          const float bj = braw * kLog2e;
+          for (int e = 0; e < 2; ++e) {
+            const int c = nb * 8 + 2 * t + e;
+            const int j = keys.key(n, c);  // gathered: -1 for padding
+            const float braw = bias_at(c, j);
+            const float bj = braw * kLog2e;
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float& x = s.c[nb][2 * hf + e];
-            x = fmaf(x, p.scale_log2, bj);
-            if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = -INFINITY;
+            for (int hf = 0; hf < 2; ++hf) {
+              float& x = s.c[nb][2 * hf + e];
+              x = fmaf(x, p.scale_log2, bj);
+              if (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf]) x = -INFINITY;
+            }
+          }
+        }
+      } else {  // every (row, key) of the tile visible and kept
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int c = nb * 8 + 2 * t + e;
+            const float bj = bias_at(c, Keys::kGathered ? 0 : keys.key(n, c)) * kLog2e;
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) s.c[nb][2 * hf + e] = fmaf(s.c[nb][2 * hf + e], p.scale_log2, bj);
           }
         }
       }
@@ -750,6 +774,7 @@ struct BwdParams {
   float* dbias;
   const int32_t* gkeys;
   const int32_t* gcount;
+  const int32_t* gclean;
   int64_t gcap;
   const int32_t* grp_keys;   // [B·Hkv][n_groups][BN] key positions, −1 padding
   const int32_t* grp_range;  // [B·Hkv][n_groups][2]: first and last query of the group (last < first: none)
@@ -1171,14 +1196,15 @@ struct WgDqSmem {
   static constexpr int kStage = kK + kV;
   static constexpr int kStages = (kQ + kO + 3 * kStage) <= 200 * 1024 ? 3 : 2;
   static constexpr int kKeys = kQ + kO + kStages * kStage;  // int32 key positions [stage][BN] (gathered)
-  static constexpr int kBars = kKeys + kStages * BN * 4;
+  static constexpr int kBias = kKeys + kStages * BN * 4;     // fp32 raw key bias [stage][BN] (DMA)
+  static constexpr int kBars = kBias + kStages * BN * 4;
   static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;
   static_assert(kQ % 1024 == 0 && kO % 1024 == 0 && kK % 1024 == 0 && kV % 1024 == 0, "1024-aligned atoms");
 };
 
-// Keys: DenseKeys, or GatherKeys over the DMA lists (the producer stages each tile's positions in
-// shared memory, as the forward); DMA: key bias in the scores and the threshold mask.
+// Keys: DenseKeys, or GatherKeys over the DMA lists (the producer stages each tile's positions and,
+// with DMA, raw key biases in shared memory); DMA: key bias in the scores and the threshold mask.
 template <int DQK, int DV, bool OVERLAP, class Keys = DenseKeys<kWgDqBN>, bool DMA = false>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const BwdParams p) {
 #ifdef DMAT_FLASH_SM90A
@@ -1191,6 +1217,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
   const uint32_t sQ = base, sO = base + L::kQ, sKV = sO + L::kO;
   const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
   int32_t* skeys = reinterpret_cast<int32_t*>(smem_raw + (base - smem_u32(smem_raw)) + L::kKeys);
+  float* sbias = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kBias);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);
@@ -1233,7 +1260,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
         int32_t* sks = skeys + st * BN;
         for (int r = tid; r < BN; r += 128) {
           const int j = keys.key(n, r);
-          sks[r] = j >= 0 && j < T ? j : -1;
+          const bool ok = j >= 0 && j < T;
+          sks[r] = ok ? j : -1;
+          if constexpr (DMA) sbias[st * BN + r] = ok ? __ldg(p.bias + brow + j) : -INFINITY;
         }
         asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
         load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
@@ -1289,26 +1318,34 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
         wgmma_ss_n64(dp.c, desc_kmajor<BM, DV>(sO, 64 * cw, kk), desc_kmajor<BN, DV>(sv, 0, kk), kk > 0);
     };
     auto ds = [&](int n, int st) {  // dS = P∘(dP − delta), P = exp2(S·c − lse2) masked, in dp
-      const bool mask = keys.needs_mask(n);
       const int32_t* sks = skeys + st * BN;  // gathered: written before the full barrier's arrive
-      (void)sks;
+      const float* sb = sbias + st * BN;
+      (void)sks, (void)sb;
+      auto bias_at = [&](int c, int j) -> float {  // raw: compared with thr_r exactly, as the forward
+        if constexpr (!DMA) return 0.f;
+        else if constexpr (Keys::kGathered) return sb[c];  // −inf for padding
+        else return j >= 0 ? __ldg(p.bias + brow + j) : 0.f;
+      };
+      auto tile = [&](auto masked) {
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) {
+        for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = nb * 8 + 2 * t + e;
-          const int j = Keys::kGathered ? sks[c] : keys.key(n, c);
-          float braw = 0.f;  // compared with thr_r exactly, as the forward
-          if constexpr (DMA) braw = j >= 0 ? __ldg(p.bias + brow + j) : 0.f;
-          const float bj = braw * kLog2e;
+          for (int e = 0; e < 2; ++e) {
+            const int c = nb * 8 + 2 * t + e;
+            const int j = Keys::kGathered ? (masked ? sks[c] : 0) : keys.key(n, c);
+            const float braw = bias_at(c, j);
+            const float bj = braw * kLog2e;
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
-            if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) pv = 0.f;
-            dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
+            for (int hf = 0; hf < 2; ++hf) {
+              float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
+              if (masked && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) pv = 0.f;
+              dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
+            }
           }
         }
-      }
+      };
+      if (keys.needs_mask(n)) tile(std::true_type{});
+      else tile(std::false_type{});  // every (row, key) of the tile visible and kept
     };
     auto make_frags = [&] {
 #pragma unroll
@@ -2073,6 +2110,7 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
   if (gather) {
     DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
     p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity, p.thr = gather->thr;
+    p.gclean = gather->clean;
     const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
     const int64_t n = gather->tiles < 0 ? all - gather->tile0 : gather->tiles;
     DMAT_CHECK(gather->tile0 >= 0 && n >= 0 && gather->tile0 + n <= all,
@@ -2144,7 +2182,7 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
     const int64_t n = std::min(tiles_per_batch, all - t0);
     const FlashGather g = lists(t0, n);
     DMAT_CHECK(g.keys && g.count && g.thr == thr, "flash attention (DMA backward): lists for tiles {} + {}", t0, n);
-    p.gkeys = g.keys, p.gcount = g.count, p.gcap = g.capacity, p.qt0 = int(t0);
+    p.gkeys = g.keys, p.gcount = g.count, p.gcap = g.capacity, p.gclean = g.clean, p.qt0 = int(t0);
     if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, int(n));
     else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, int(n));
     else dma_dq_dims<128>(p, s.B, wg, int(n));

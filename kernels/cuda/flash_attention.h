@@ -38,12 +38,16 @@ int flash_attention_block_q();
 // tile0 / tiles: the lists cover query tiles tile0 .. tile0 + tiles − 1 only (their layout then has
 // `tiles` tiles per row in place of n_tiles) and the call computes those tiles only; tiles < 0:
 // every tile from tile0 on. Lists built in batches of tiles keep their memory bounded.
+// clean (nullptr: none): per list, how many of its first keys every query of the tile keeps
+// (dma_gather_keys' partitioned lists); the kernels skip the element mask on key tiles made only of
+// those.
 struct FlashGather {
   const int32_t* keys = nullptr;
   const int32_t* count = nullptr;
   int64_t capacity = 0;
   const float* thr = nullptr;
   int64_t tile0 = 0, tiles = -1;
+  const int32_t* clean = nullptr;
 };
 // Builds (into scratch the caller owns) the gathered lists of query tiles tile0 .. tile0 + tiles − 1.
 using FlashGatherSource = std::function<FlashGather(int64_t tile0, int64_t tiles)>;

@@ -61,18 +61,33 @@ __device__ __forceinline__ void cp_async16_u32(uint32_t dst, const void* src, bo
 // (tid in [0, THREADS)). row_src(r): the global address of row r, nullptr for a zero row (`base`,
 // any valid global address, is then handed to cp.async but not read). Consecutive threads take
 // consecutive 16-byte chunks of a row: coalesced reads, and the 8 chunks of a 128-byte line land
-// on 8 distinct positions of it (no bank conflicts). Not unrolled: the producer warpgroup runs
-// with few registers (setmaxnreg.dec), and issuing cp.async one after another costs nothing.
+// on 8 distinct positions of it (no bank conflicts).
+// Where THREADS is a multiple of 8 rows' chunks (COLS 64 and 128 with 128 threads), each thread
+// keeps one chunk column and rows r0, r0 + step, ... with step a multiple of 8, so its swizzled
+// position is one constant plus step·128 per row: per chunk one row lookup, one multiply-add and
+// the cp.async (the producer warpgroup's issue rate bounds the gathered tiles). Otherwise ((192,
+// 128) head dims) the plain loop, not unrolled: the producer runs with few registers.
 template <int ROWS, int COLS, int THREADS, class RowSrc>
 __device__ __forceinline__ void load_sw128_async(uint32_t s, const __nv_bfloat16* base, RowSrc row_src, int tid) {
   constexpr int kChunks = COLS / 8, kTotal = ROWS * kChunks;
+  if constexpr (THREADS % kChunks == 0 && (THREADS / kChunks) % 8 == 0 && ROWS % (THREADS / kChunks) == 0) {
+    constexpr int kStep = THREADS / kChunks;  // rows per pass
+    const int cc = tid % kChunks, r0 = tid / kChunks;
+    const uint32_t s0 = s + Sw128<ROWS, COLS>::chunk(r0, cc);  // row r0 + k·kStep: s0 + k·kStep·128
+#pragma unroll 4
+    for (int k = 0; k < ROWS / kStep; ++k) {
+      const __nv_bfloat16* g = row_src(r0 + k * kStep);
+      cp_async16_u32(s0 + uint32_t(k * kStep * 128), g ? g + cc * 8 : base, g != nullptr);
+    }
+  } else {
 #pragma unroll 1
-  for (int it = 0; it < (kTotal + THREADS - 1) / THREADS; ++it) {
-    const int idx = it * THREADS + tid;
-    if (kTotal % THREADS == 0 || idx < kTotal) {
-      const int r = idx / kChunks, cc = idx % kChunks;
-      const __nv_bfloat16* g = row_src(r);
-      cp_async16_u32(s + Sw128<ROWS, COLS>::chunk(r, cc), g ? g + cc * 8 : base, g != nullptr);
+    for (int it = 0; it < (kTotal + THREADS - 1) / THREADS; ++it) {
+      const int idx = it * THREADS + tid;
+      if (kTotal % THREADS == 0 || idx < kTotal) {
+        const int r = idx / kChunks, cc = idx % kChunks;
+        const __nv_bfloat16* g = row_src(r);
+        cp_async16_u32(s + Sw128<ROWS, COLS>::chunk(r, cc), g ? g + cc * 8 : base, g != nullptr);
+      }
     }
   }
 }

@@ -96,11 +96,13 @@ void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void
   // the mask structures alone (thr as left by the runs above)
   const int64_t tiles = cuda::dma_gather_tiles(s.T), cap = cuda::dma_gather_capacity(s.T, w),
                 ng = cuda::dma_group_count(s.T);
-  DevBuf lk(size_t(rows * tiles * cap) * 4), lc(size_t(rows * tiles) * 4), gk(size_t(rows * ng) * 128 * 4),
+  DevBuf lk(size_t(rows * tiles * cap) * 4), lc(size_t(rows * tiles) * 4), lcl(size_t(rows * tiles) * 4),
+      lw(size_t(cuda::dma_gather_work_ints(rows, s.T, cap, tiles)) * 4), gk(size_t(rows * ng) * 128 * 4),
       gr(size_t(rows * ng) * 2 * 4);
   auto I = [](DevBuf& d) { return static_cast<int32_t*>(d.p); };
   const double lists_ms = median_ms(
-      [&] { cuda::dma_gather_keys(I(lk), I(lc), nullptr, cap, F(bias), F(thr), rows, s.T); }, o.iters);
+      [&] { cuda::dma_gather_keys(I(lk), I(lc), nullptr, cap, F(bias), F(thr), rows, s.T, 0, -1, I(lcl), I(lw)); },
+      o.iters);
   const double groups_ms =
       median_ms([&] { cuda::dma_key_groups(I(gk), I(gr), F(bias), F(thr), rows, s.T); }, o.iters);
   const double wd = double(std::min(w, s.T)), nd = double(s.T);
