@@ -444,35 +444,71 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
 // keeps (j < i0 and bias_j >= thr[i1 − 1]: below the tile, above its highest threshold), then the
 // rest, each part in increasing j; clean[list] counts the first part. The flash kernels run the
 // key tiles made only of such keys without the element mask. asc(q) then lives in `work` (one
-// list per block), updated in place: filtering moves a key only to a lower slot.
+// list per block), updated in place (filtering moves a key only to a lower slot), each entry
+// flagged in bit 31 as it is written where every query of the tile keeps it; one more pass over
+// it writes the partitioned list.
 constexpr int kGatherThreads = 256, kGatherSeg = 16;
 
 // Appends, in order, the candidates cand(0 .. n−1) (key positions, −1: none) for which keep(j)
-// holds to out[total ...] (slots past cap dropped, total still counts them). All threads of the
-// block call it. out may be the candidates' own array (in-place filtering): every candidate is
-// read before the block's first barrier and written to a slot no higher than its own.
-template <class Cand, class Keep>
-__device__ void gather_append(int n, Cand cand, Keep keep_fn, int32_t* out, int64_t cap, int& total, int* warp_n) {
+// holds to out[total ...] as tag(j) (slots past cap dropped, total still counts them); flagged
+// counts those with flag(j). All threads of the block call it. out may be the candidates' own
+// array (in-place filtering): every candidate is read before the block's first barrier and
+// written to a slot no higher than its own.
+template <class Cand, class Keep, class Flag>
+__device__ void gather_append(int n, Cand cand, Keep keep_fn, Flag flag_fn, int32_t* out, int64_t cap, int& total,
+                              int& flagged, int* warp_n) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int k0 = 0; k0 < n; k0 += kGatherThreads) {
     const int k = k0 + int(threadIdx.x);
     const int j = k < n ? cand(k) : -1;
-    const bool keep = j >= 0 && keep_fn(j);
-    const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
-    if (lane == 0) warp_n[warp] = __popc(ballot);
+    const bool keep = j >= 0 && keep_fn(j), flag = keep && flag_fn(j);
+    const uint32_t ballot = __ballot_sync(0xffffffffu, keep), fb = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) warp_n[warp] = __popc(ballot) | (__popc(fb) << 16);
     __syncthreads();
-    int before = total, step = 0;
+    int before = total, step = 0, fstep = 0;
 #pragma unroll
     for (int w = 0; w < kGatherThreads / 32; ++w) {
-      before += w < warp ? warp_n[w] : 0;
-      step += warp_n[w];
+      before += w < warp ? warp_n[w] & 0xffff : 0;
+      step += warp_n[w] & 0xffff;
+      fstep += warp_n[w] >> 16;
     }
     if (keep) {
       const int at = before + __popc(ballot & ((1u << lane) - 1u));
-      if (at < cap) out[at] = j;
+      if (at < cap) out[at] = flag ? int32_t(uint32_t(j) | 0x80000000u) : j;
     }
     total += step;
+    flagged += fstep;
     __syncthreads();  // warp_n is rewritten next step
+  }
+}
+
+// Writes the n entries of asc (key positions, bit 31 set on those kept by every query of the
+// tile) stably partitioned: the flagged ones to out[0 ..], the others to out[n_first ..].
+__device__ void gather_partition(const int32_t* __restrict__ asc, int n, int n_first, int32_t* __restrict__ out,
+                                 int* warp_n) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int first = 0, rest = 0;
+  for (int k0 = 0; k0 < n; k0 += kGatherThreads) {
+    const int k = k0 + int(threadIdx.x);
+    const int32_t v = k < n ? asc[k] : 0;
+    const bool in = k < n, f = in && v < 0;
+    const uint32_t fb = __ballot_sync(0xffffffffu, f), rb = __ballot_sync(0xffffffffu, in && !f);
+    if (lane == 0) warp_n[warp] = __popc(fb) | (__popc(rb) << 16);
+    __syncthreads();
+    int fb4 = first, rb4 = rest, fs = 0, rs = 0;
+#pragma unroll
+    for (int w = 0; w < kGatherThreads / 32; ++w) {
+      fb4 += w < warp ? warp_n[w] & 0xffff : 0;
+      rb4 += w < warp ? warp_n[w] >> 16 : 0;
+      fs += warp_n[w] & 0xffff;
+      rs += warp_n[w] >> 16;
+    }
+    const uint32_t below = (1u << lane) - 1u;
+    if (f) out[fb4 + __popc(fb & below)] = v & 0x7fffffff;
+    else if (in) out[n_first + rb4 + __popc(rb & below)] = v;
+    first += fs;
+    rest += rs;
+    __syncthreads();
   }
 }
 
@@ -488,6 +524,7 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
   const int64_t row = blockIdx.y;
   const float* br = bias + row * T;
   // the ascending list: in place of the output without partition, else this block's work list
+  // (bit 31 set on the keys every query of the tile keeps)
   int32_t* asc = clean ? work + (row * gridDim.x + blockIdx.x) * cap : nullptr;
   int prev_total = 0, prev_i1 = 0;
   for (int s = 0; s < kGatherSeg; ++s) {
@@ -495,29 +532,26 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
     if (lt >= n_tiles) break;
     const int64_t list = row * n_tiles + lt;
     const int i0 = (qt0 + lt) * bq, i1 = min(i0 + bq, T);
-    const float t0 = thr[row * T + i0];
+    const float t0 = thr[row * T + i0], tl = thr[row * T + i1 - 1];
     auto above = [&](int j) { return br[j] >= t0; };
+    auto all_keep = [&](int j) { return clean && j < i0 && br[j] >= tl; };
     int32_t* out = keys + list * cap;
     int32_t* dst = clean ? asc : out;
-    int total = 0;
+    int total = 0, n_clean = 0;
     if (s == 0 || prev_total > cap) {  // no complete previous list: scan the prefix
-      gather_append(i1, [](int k) { return k; }, above, dst, cap, total, warp_n);
+      gather_append(i1, [](int k) { return k; }, above, all_keep, dst, cap, total, n_clean, warp_n);
     } else {
       // the previous ascending list: this block's work list, or the previous output (written by
       // this block, visible after its barriers)
       const int32_t* prev = clean ? asc : keys + (list - 1) * cap;
-      gather_append(prev_total, [&](int k) { return int(prev[k]); }, above, dst, cap, total, warp_n);
-      gather_append(i1 - prev_i1, [&](int k) { return prev_i1 + k; }, above, dst, cap, total, warp_n);
+      gather_append(prev_total, [&](int k) { return int(prev[k] & 0x7fffffff); }, above, all_keep, dst, cap, total,
+                    n_clean, warp_n);
+      gather_append(i1 - prev_i1, [&](int k) { return prev_i1 + k; }, above, all_keep, dst, cap, total, n_clean,
+                    warp_n);
     }
     if (clean) {
-      int n_clean = 0, n_rest = 0;
-      if (total <= cap) {
-        const float tl = thr[row * T + i1 - 1];
-        auto kept_by_all = [&](int j) { return j < i0 && br[j] >= tl; };
-        gather_append(total, [&](int k) { return int(asc[k]); }, kept_by_all, out, cap, n_clean, warp_n);
-        gather_append(total, [&](int k) { return int(asc[k]); }, [&](int j) { return !kept_by_all(j); }, out + n_clean,
-                      cap - n_clean, n_rest, warp_n);
-      }
+      if (total <= cap) gather_partition(asc, total, n_clean, out, warp_n);
+      else n_clean = 0;
       if (threadIdx.x == 0) clean[list] = n_clean;
     }
     if (threadIdx.x == 0) {

@@ -1546,12 +1546,30 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
     // this thread's keys: rows 64cw + 16warp + g (c0,c1) and + 8 (c2,c3) of the tile
     const int kj[2] = {key_at(64 * cw + 16 * warp + g), key_at(64 * cw + 16 * warp + g + 8)};
     float kb2[2] = {0.f, 0.f}, kbraw[2] = {0.f, 0.f}, dbias[2] = {0.f, 0.f};  // DMA: bias (log2 units, raw)
+    // DMA: the block's last key position and smallest raw key bias (over its real keys): a query
+    // tile q0 .. q0 + BM − 1 (all < T) with q0 >= kmax and thr[q0 + BM − 1] <= kbmin keeps every
+    // key of the block for every query (thresholds never decrease), so it runs without the mask
+    int kmax = -1;
+    float kbmin = INFINITY;
     if constexpr (DMA) {
+      __shared__ int red_k[8];
+      __shared__ float red_b[8];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         kbraw[hf] = kj[hf] >= 0 ? __ldg(p.bias + brow + kj[hf]) : 0.f;
         kb2[hf] = kbraw[hf] * kLog2e;
+        kmax = max(kmax, kj[hf]);
+        if (kj[hf] >= 0) kbmin = fminf(kbmin, kbraw[hf]);
       }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
+        kbmin = fminf(kbmin, __shfl_xor_sync(0xffffffffu, kbmin, o));
+      }
+      if (lane == 0) red_k[4 * cw + warp] = kmax, red_b[4 * cw + warp] = kbmin;
+      asm volatile("bar.sync 2, 256;\n" ::: "memory");  // the two consumer warpgroups
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) kmax = max(kmax, red_k[w8]), kbmin = fminf(kbmin, red_b[w8]);
     }
     Acc<DQK> dk;
     Acc<DV> dv;
@@ -1577,27 +1595,29 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
       const float* sD = sL + BM;
       const float* sThr = sD + BM;
       (void)sThr;
-      const bool mask =
-          DMA || q0 < k0 + BN - 1 || q0 + BM > T || (p.window > 0 && q0 + BM - 1 - p.window >= k0);
+      const bool mask = DMA ? !(q0 >= kmax && q0 + BM <= T && sThr[BM - 1] <= kbmin)
+                            : q0 < k0 + BN - 1 || q0 + BM > T || (p.window > 0 && q0 + BM - 1 - p.window >= k0);
+      auto item = [&](auto masked) {
 #pragma unroll
-      for (int nb = 0; nb < BM / 8; ++nb) {
+        for (int nb = 0; nb < BM / 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = nb * 8 + 2 * t + e, i = q0 + c;
-          const float li = sL[c], di = sD[c];
+          for (int e = 0; e < 2; ++e) {
+            const int c = nb * 8 + 2 * t + e, i = q0 + c;
+            const float li = sL[c], di = sD[c];
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
-            if (mask && (i >= T || !visible(i, kj[hf], p.window))) pv = 0.f;
-            if constexpr (DMA)
-              if (kbraw[hf] < sThr[c]) pv = 0.f;
-            sc.c[nb][2 * hf + e] = pv;
-            const float dsv = pv * (dp.c[nb][2 * hf + e] - di);
-            dp.c[nb][2 * hf + e] = dsv;
-            if constexpr (DMA) dbias[hf] += dsv;
+            for (int hf = 0; hf < 2; ++hf) {
+              float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
+              if (masked && (i >= T || !visible(i, kj[hf], p.window) || (DMA && kbraw[hf] < sThr[c]))) pv = 0.f;
+              sc.c[nb][2 * hf + e] = pv;
+              const float dsv = pv * (dp.c[nb][2 * hf + e] - di);
+              dp.c[nb][2 * hf + e] = dsv;
+              if constexpr (DMA) dbias[hf] += dsv;
+            }
           }
         }
-      }
+      };
+      if (mask) item(std::true_type{});
+      else item(std::false_type{});
     };
     auto make_frags = [&] {
 #pragma unroll
