@@ -594,45 +594,51 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
                                               dout.d.data(), out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(),
                                               v.d.data(), bias_d.data(), thr_d.data(), s);
 
-          Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gdo(dout.b), gout(out_ref.size());
-          Dev<bf16> gdq(q.b.size()), gdk(k.b.size()), gdv(v.b.size());
-          Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size()), gdb(bias.size());
-          cuda::dma_thresholds(gt.p, gb.p, s.B * s.Hkv, T, w);
-          cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
-          expect_close(what + " out", to_d(gout.down()), out_ref);
-          check_close(what + " lse", to_d(glse.down()), lse_ref, [](size_t) { return 2e-3; });
-          cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
-                                       gt.p, s, w, path);
-          const std::vector<bf16> dq1 = gdq.down(), dk1 = gdk.down(), dv1 = gdv.down();
-          const std::vector<float> db1 = gdb.down();
           const TermSize ts = term_size(s, q, k, v, dout, out_ref, lse_ref, bias, thr);
           const double m_max = *std::max_element(ts.M.begin(), ts.M.end());
-          expect_close(what + " dq", to_d(dq1), dq_ref, s.scale * ts.q_max * abs_max(k.d));
-          expect_close(what + " dk", to_d(dk1), dk_ref, s.scale * m_max * abs_max(q.d));
-          expect_close(what + " dv", to_d(dv1), dv_ref);
-          check_close(what + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
-          cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
-                                       gt.p, s, w, path);
-          auto same_bits = [](const auto& a, const auto& b) {
-            return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
-          };
-          EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
-                      same_bits(gdb.down(), db1))
-              << what << ": the backward is not bitwise repeatable";
-          if (T > bq) {
-            // lists in batches of one query tile (as at long T): the same bits
-            const std::vector<bf16> out1 = gout.down();
-            const std::vector<float> lse1 = glse.down();
-            const int64_t old = cuda::testing::set_dma_list_budget(1);
+          // both modes of the ops: gathered (lists, key groups) and dense (every causal pair, masked)
+          for (const int mode : {0, 1}) {
+            const int old_mode = cuda::testing::set_dma_dense(mode);
+            const std::string wm = what + (mode ? " dense" : " gathered");
+            Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gdo(dout.b), gout(out_ref.size());
+            Dev<bf16> gdq(q.b.size()), gdk(k.b.size()), gdv(v.b.size());
+            Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size()), gdb(bias.size());
+            cuda::dma_thresholds(gt.p, gb.p, s.B * s.Hkv, T, w);
             cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
+            expect_close(wm + " out", to_d(gout.down()), out_ref);
+            check_close(wm + " lse", to_d(glse.down()), lse_ref, [](size_t) { return 2e-3; });
             cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
                                          gt.p, s, w, path);
-            cuda::testing::set_dma_list_budget(old);
-            EXPECT_TRUE(same_bits(gout.down(), out1) && same_bits(glse.down(), lse1) && same_bits(gdq.down(), dq1) &&
-                        same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) && same_bits(gdb.down(), db1))
-                << what << ": lists built one tile per batch change the results";
+            const std::vector<bf16> dq1 = gdq.down(), dk1 = gdk.down(), dv1 = gdv.down();
+            const std::vector<float> db1 = gdb.down();
+            expect_close(wm + " dq", to_d(dq1), dq_ref, s.scale * ts.q_max * abs_max(k.d));
+            expect_close(wm + " dk", to_d(dk1), dk_ref, s.scale * m_max * abs_max(q.d));
+            expect_close(wm + " dv", to_d(dv1), dv_ref);
+            check_close(wm + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
+            cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                         gt.p, s, w, path);
+            auto same_bits = [](const auto& a, const auto& b) {
+              return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+            };
+            EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
+                        same_bits(gdb.down(), db1))
+                << wm << ": the backward is not bitwise repeatable";
+            if (T > bq && mode == 0) {
+              // lists in batches of one query tile (as at long T): the same bits
+              const std::vector<bf16> out1 = gout.down();
+              const std::vector<float> lse1 = glse.down();
+              const int64_t old = cuda::testing::set_dma_list_budget(1);
+              cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
+              cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                           gt.p, s, w, path);
+              cuda::testing::set_dma_list_budget(old);
+              EXPECT_TRUE(same_bits(gout.down(), out1) && same_bits(glse.down(), lse1) && same_bits(gdq.down(), dq1) &&
+                          same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) && same_bits(gdb.down(), db1))
+                  << wm << ": lists built one tile per batch change the results";
+            }
+            cuda::testing::set_dma_dense(old_mode);
+            if (HasFailure()) return;  // one case's report is enough to act on
           }
-          if (HasFailure()) return;  // one case's report is enough to act on
           ++cases;
         }
   std::cout << cases << " cases\n";

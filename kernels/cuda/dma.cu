@@ -906,10 +906,36 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 }
 }  // namespace
 
+// Dense DMA (no lists, no key groups: every causal pair visited, the mask per element) where w
+// keeps at least half the causal pairs: the gathered kernels cost about twice the dense ones per
+// pair visited (H200, 2026-11-29: forward 1.04 against 0.44 ms per 10^9 pairs and GEMM, backward
+// ~2x), so below half the pairs gathering no longer pays. DMAT_DMA_DENSE=auto|0|1 (read once) or
+// testing::set_dma_dense overrides.
+int g_dense_mode = -2;  // −2: from the environment; −1 auto; 0 never; 1 always
+bool dma_dense(const AttnShape& s, int64_t window) {
+  if (g_dense_mode == -2) {
+    const char* e = std::getenv("DMAT_DMA_DENSE");
+    if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) g_dense_mode = -1;
+    else if (std::strcmp(e, "0") == 0) g_dense_mode = 0;
+    else if (std::strcmp(e, "1") == 0) g_dense_mode = 1;
+    else fail("DMAT_DMA_DENSE must be auto, 0 or 1 (got '{}')", e);
+  }
+  if (g_dense_mode >= 0) return g_dense_mode == 1;
+  const double T = double(s.T), w = double(std::min(window, s.T));
+  const double kept = w * (w + 1) / 2 + (T - w) * w, causal = T * (T + 1) / 2;
+  return kept >= 0.5 * causal;
+}
+
 void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
                            const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
   DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
-  const DmaScratch d = dma_scratch(s, window);
+  const DmaScratch d = dma_scratch(s, window);  // allocated in either mode: one workspace size
+  if (dma_dense(s, window)) {
+    FlashGather g;
+    g.thr = thr;
+    flash_attention_forward_path(out, lse, q, k, v, s, bias, &g, path);
+    return;
+  }
   const int64_t all = dma_gather_tiles(s.T);
   for (int64_t t0 = 0; t0 < all; t0 += d.tiles_per_batch) {
     const FlashGather g = dma_lists(d, bias, thr, s.T, t0, std::min(d.tiles_per_batch, all - t0));
@@ -922,6 +948,11 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
                             const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
   DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
   const DmaScratch d = dma_scratch(s, window);
+  if (dma_dense(s, window)) {
+    flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, thr, FlashKeyGroups{}, 0,
+                                 FlashGatherSource{}, path);
+    return;
+  }
   dma_key_groups(d.group_keys, d.group_range, bias, thr, d.rows, s.T);
   FlashKeyGroups groups;
   groups.keys = d.group_keys, groups.range = d.group_range, groups.n_groups = d.n_groups;
@@ -933,6 +964,11 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
 }  // namespace dmat::cuda
 
 namespace dmat::cuda::testing {
+int set_dma_dense(int mode) {
+  const int old = g_dense_mode;
+  g_dense_mode = mode;
+  return old;
+}
 int64_t set_dma_list_budget(int64_t bytes) {
   const int64_t old = g_list_budget;
   g_list_budget = bytes > 0 ? bytes : kListBudget;

@@ -54,7 +54,8 @@ struct DenseKeys {
   static constexpr int kBN = BN;
   static constexpr bool kGathered = false;
   int first = 0, count = 0, q_lo = 0, q_hi = 0, window = 0;
-  __device__ DenseKeys(int q0, int bm, int T, int window_) : window(window_) {
+  bool all = false;  // every tile masked (DMA without lists: the threshold mask applies anywhere)
+  __device__ DenseKeys(int q0, int bm, int T, int window_, bool all_ = false) : window(window_), all(all_) {
     q_lo = q0;
     q_hi = min(q0 + bm, T) - 1;
     const int lo = window > 0 ? max(0, q_lo - window + 1) : 0;
@@ -66,7 +67,7 @@ struct DenseKeys {
   // keys >= T), or a key older than the window for the newest query of the tile.
   __device__ __forceinline__ bool needs_mask(int n) const {
     const int k0 = (first + n) * BN;
-    return k0 + BN - 1 > q_lo || (window > 0 && k0 <= q_hi - window);
+    return all || k0 + BN - 1 > q_lo || (window > 0 && k0 <= q_hi - window);
   }
 };
 
@@ -118,7 +119,7 @@ template <int BN>
 struct MakeKeys<DenseKeys<BN>> {
   template <class P>
   __device__ static DenseKeys<BN> make(const P& p, int, int, int, int q0, int bm) {
-    return DenseKeys<BN>(q0, bm, p.T, p.window);
+    return DenseKeys<BN>(q0, bm, p.T, p.window, p.thr != nullptr);
   }
 };
 template <int BN>
@@ -127,6 +128,7 @@ struct MakeKeys<GatherKeys<BN>> {
   __device__ static GatherKeys<BN> make(const P& p, int b, int hk, int qt, int q0, int bm) {
     const int64_t n_tiles = gridDim.x;  // the lists cover this launch's tiles qt0 .. qt0 + n_tiles − 1
     const int64_t list = (int64_t(b) * p.Hkv + hk) * n_tiles + (qt - p.qt0);
+    if (p.gkeys == nullptr) return GatherKeys<BN>(nullptr, min(q0 + bm, p.T), 0);  // no lists (dense DMA)
     const int n = __ldg(p.gcount + list);
     if (n > p.gcap) return GatherKeys<BN>(nullptr, min(q0 + bm, p.T), 0);  // overflowed: dense fallback
     return GatherKeys<BN>(p.gkeys + list * p.gcap, max(n, 0), p.gclean ? __ldg(p.gclean + list) : 0);
@@ -785,14 +787,15 @@ struct BwdParams {
 // The keys of a dK/dV block and the query tiles (of bmq rows) that visit them: dense, the
 // consecutive tile blockIdx.x·BN .. + BN − 1 and the queries up to the window's reach (key tile 0
 // has the most); DMA, key group blockIdx.x (groups of one size class run together, the longest
-// query ranges first) and its range. key(r): the position of row r of the block, −1 for padding.
+// query ranges first) and its range, or without key groups (dense DMA) the dense blocks.
+// key(r): the position of row r of the block, −1 for padding.
 template <int BN, bool DMA>
 struct KvBlock {
   int k0 = 0, qt_first = 0, nq = 0;
   const int32_t* gk = nullptr;
   __device__ KvBlock(const BwdParams& p, int b, int hk, int bmq) {
-    if constexpr (DMA) {
-      static_assert(BN == kFlashGroupKeys, "one key group per block");
+    static_assert(!DMA || BN == kFlashGroupKeys, "one key group per block");
+    if (DMA && p.grp_keys) {  // DMA without key groups (dense DMA): the dense blocks below
       const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
       const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
       gk = p.grp_keys + gi * BN;
@@ -807,7 +810,7 @@ struct KvBlock {
     }
   }
   __device__ __forceinline__ int key(int r, int T) const {
-    if constexpr (DMA) return __ldg(gk + r);
+    if (DMA && gk) return __ldg(gk + r);
     return k0 + r < T ? k0 + r : -1;
   }
 };
@@ -2127,7 +2130,12 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
   p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse, p.bias = key_bias;
   p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
   p.scale_log2 = float(s.scale) * kLog2e;
-  if (gather) {
+  if (gather && !gather->keys) {  // dense DMA: every causal key, the threshold mask on every tile
+    DMAT_CHECK(gather->thr && key_bias && gather->tile0 == 0 && gather->tiles < 0,
+               "flash attention: a gather without lists (dense DMA) needs thresholds, the key bias and all tiles");
+    p.thr = gather->thr;
+    forward_dispatch<DenseKeys, true>(p, s, use);
+  } else if (gather) {
     DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
     p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity, p.thr = gather->thr;
     p.gclean = gather->clean;
@@ -2185,19 +2193,30 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
   DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && s.window == 0,
              "flash attention (DMA backward): head dims ({}, {}) window {} (32, 64 or 128, equal; no window)", s.Dqk,
              s.Dv, s.window);
-  DMAT_CHECK(key_bias && thr && dbias && groups.keys && groups.range && groups.n_groups > 0 && groups.regions > 0 &&
-                 groups.n_groups % groups.regions == 0 && groups.n_groups * kFlashGroupKeys >= s.T &&
-                 groups.n_groups < (int64_t(1) << 31) && tiles_per_batch > 0 && lists,
+  const bool dense = !groups.keys && !lists;  // dense DMA: no key groups, no lists
+  DMAT_CHECK(key_bias && thr && dbias &&
+                 (dense || (groups.keys && groups.range && groups.n_groups > 0 && groups.regions > 0 &&
+                            groups.n_groups % groups.regions == 0 && groups.n_groups * kFlashGroupKeys >= s.T &&
+                            groups.n_groups < (int64_t(1) << 31) && tiles_per_batch > 0 && lists)),
              "flash attention (DMA backward): incomplete groups or lists ({} groups in {} regions for T={})",
              groups.n_groups, groups.regions, s.T);
   BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
   p.bias = key_bias, p.thr = thr, p.dbias = dbias;
   p.grp_keys = groups.keys, p.grp_range = groups.range;
-  p.n_groups = int(groups.n_groups), p.grp_regions = int(groups.regions);
+  // dense: one block per 128 consecutive keys (KvBlock without groups)
+  p.n_groups = dense ? int((s.T + kFlashGroupKeys - 1) / kFlashGroupKeys) : int(groups.n_groups);
+  p.grp_regions = dense ? 1 : int(groups.regions);
   if (s.Dqk == 32) dma_dkdv_dims<32>(p, s.B, false);
   else if (s.Dqk == 64) dma_dkdv_dims<64>(p, s.B, wg);
   else dma_dkdv_dims<128>(p, s.B, wg);
   const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
+  if (dense) {  // dQ over every causal key (GatherKeys without lists), the mask on every tile
+    p.gkeys = nullptr, p.gcount = nullptr, p.gclean = nullptr, p.gcap = 0, p.qt0 = 0;
+    if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, int(all));
+    else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, int(all));
+    else dma_dq_dims<128>(p, s.B, wg, int(all));
+    return;
+  }
   for (int64_t t0 = 0; t0 < all; t0 += tiles_per_batch) {
     const int64_t n = std::min(tiles_per_batch, all - t0);
     const FlashGather g = lists(t0, n);

@@ -38,6 +38,8 @@ int flash_attention_block_q();
 // tile0 / tiles: the lists cover query tiles tile0 .. tile0 + tiles − 1 only (their layout then has
 // `tiles` tiles per row in place of n_tiles) and the call computes those tiles only; tiles < 0:
 // every tile from tile0 on. Lists built in batches of tiles keep their memory bounded.
+// keys == nullptr (with thr and the key bias, all tiles): no lists — dense DMA, every causal key
+// visited with the threshold mask on every tile (the faster choice where most causal pairs are kept).
 // clean (nullptr: none): per list, how many of its first keys every query of the tile keeps
 // (dma_gather_keys' partitioned lists); the kernels skip the element mask on key tiles made only of
 // those.
@@ -97,7 +99,9 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
 // The DMA backward described above (FlashKeyGroups): wgmma kernels for head dims 64 and 128 where
 // the path resolves to wgmma, mma.sync otherwise; deterministic on both. The dQ pass runs in
 // batches of tiles_per_batch query tiles, each over lists(tile0, tiles) (with thr = this thr),
-// built just before it runs.
+// built just before it runs. groups.keys == nullptr with an empty `lists`: dense DMA — dK/dV
+// over blocks of 128 consecutive keys and dQ over every causal key, the threshold mask applied
+// per element wherever a tile may hold a dropped pair.
 void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                                   const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
                                   const float* key_bias, const float* thr, const FlashKeyGroups& groups,
