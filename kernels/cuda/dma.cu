@@ -906,13 +906,16 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 }
 }  // namespace
 
-// Dense DMA (no lists, no key groups: every causal pair visited, the mask per element) where w
-// keeps at least half the causal pairs: the gathered kernels cost about twice the dense ones per
-// pair visited (H200, 2026-11-29: forward 1.04 against 0.44 ms per 10^9 pairs and GEMM, backward
-// ~2x), so below half the pairs gathering no longer pays. DMAT_DMA_DENSE=auto|0|1 (read once) or
-// testing::set_dma_dense overrides.
+// Dense DMA (no lists, no key groups: every causal pair visited, the mask per element). The forward
+// runs dense where w keeps at least half the causal pairs: the gathered forward costs about twice
+// the dense one per pair visited (H200, 2026-11-29: 16K, w = 2048, 1.04 against 0.44 ms per 10^9
+// pairs and GEMM), so below half the pairs gathering no longer pays (T = 2048, w = 1024, B = 32,
+// 6/3 heads: forward 0.88 ms dense against 1.04 gathered). The backward stays gathered there: dense
+// its mask runs on every tile (a block of 128 consecutive keys almost never has every key kept by
+// a whole query tile) and it measured slower (2.67 against 2.45 ms). DMAT_DMA_DENSE=auto|0|1 (read
+// once) or testing::set_dma_dense forces one mode for both directions.
 int g_dense_mode = -2;  // −2: from the environment; −1 auto; 0 never; 1 always
-bool dma_dense(const AttnShape& s, int64_t window) {
+bool dma_dense(const AttnShape& s, int64_t window, bool forward) {
   if (g_dense_mode == -2) {
     const char* e = std::getenv("DMAT_DMA_DENSE");
     if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) g_dense_mode = -1;
@@ -921,6 +924,7 @@ bool dma_dense(const AttnShape& s, int64_t window) {
     else fail("DMAT_DMA_DENSE must be auto, 0 or 1 (got '{}')", e);
   }
   if (g_dense_mode >= 0) return g_dense_mode == 1;
+  if (!forward) return false;
   const double T = double(s.T), w = double(std::min(window, s.T));
   const double kept = w * (w + 1) / 2 + (T - w) * w, causal = T * (T + 1) / 2;
   return kept >= 0.5 * causal;
@@ -930,7 +934,7 @@ void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
   DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
   const DmaScratch d = dma_scratch(s, window);  // allocated in either mode: one workspace size
-  if (dma_dense(s, window)) {
+  if (dma_dense(s, window, true)) {
     FlashGather g;
     g.thr = thr;
     flash_attention_forward_path(out, lse, q, k, v, s, bias, &g, path);
@@ -948,7 +952,7 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
                             const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
   DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
   const DmaScratch d = dma_scratch(s, window);
-  if (dma_dense(s, window)) {
+  if (dma_dense(s, window, false)) {
     flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, thr, FlashKeyGroups{}, 0,
                                  FlashGatherSource{}, path);
     return;
