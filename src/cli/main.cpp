@@ -273,6 +273,8 @@ int cmd_bench_kernels(const std::vector<std::string>& a) {
   if (o.T < 1 || o.H < 1 || o.Hkv < 1 || o.H % o.Hkv != 0 || o.B < 1 || o.window < 0 || o.iters < 1 || o.dma < 0)
     throw Usage("bench attention: sizes must be >= 1, --kv-heads must divide --heads, --window and --dma >= 0");
   if (o.dma > 0 && o.window > 0) throw Usage("bench attention: --dma W and --window W are different variants; pick one");
+  if (o.dma_bias != "normal" && o.dma_bias != "increasing" && o.dma_bias != "decreasing" && o.dma_bias != "tied")
+    throw Usage("bench attention: --dma-bias must be normal, increasing, decreasing or tied (got '" + o.dma_bias + "')");
   dmat::bench_attention(o, std::cout);
   return 0;
 }
