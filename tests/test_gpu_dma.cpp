@@ -596,10 +596,11 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
 
           const TermSize ts = term_size(s, q, k, v, dout, out_ref, lse_ref, bias, thr);
           const double m_max = *std::max_element(ts.M.begin(), ts.M.end());
-          // both modes of the ops: gathered (lists, key groups) and dense (every causal pair, masked)
-          for (const int mode : {0, 1}) {
+          // the modes of the ops: gathered (lists, key groups), dense (every causal pair, masked) and
+          // auto (dense forward + gathered backward where w keeps half the causal pairs: T = 50, 64, 263)
+          for (const int mode : {0, 1, -1}) {
             const int old_mode = cuda::testing::set_dma_dense(mode);
-            const std::string wm = what + (mode ? " dense" : " gathered");
+            const std::string wm = what + (mode == 1 ? " dense" : mode == 0 ? " gathered" : " auto");
             Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gdo(dout.b), gout(out_ref.size());
             Dev<bf16> gdq(q.b.size()), gdk(k.b.size()), gdv(v.b.size());
             Dev<float> gb(bias), gt(bias.size()), glse(lse_ref.size()), gdb(bias.size());
