@@ -450,8 +450,8 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
 constexpr int kGatherThreads = 256, kGatherSeg = 16;
 
 // Appends, in order, the candidates cand(0 .. n−1) (key positions, −1: none) for which keep(j)
-// holds to out[total ...] as tag(j) (slots past cap dropped, total still counts them); flagged
-// counts those with flag(j). All threads of the block call it. out may be the candidates' own
+// holds to out[total ...] (slots past cap dropped, total still counts them), bit 31 set on those
+// with flag(j), which flagged counts. All threads of the block call it. out may be the candidates' own
 // array (in-place filtering): every candidate is read before the block's first barrier and
 // written to a slot no higher than its own.
 template <class Cand, class Keep, class Flag>
@@ -910,8 +910,8 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 // runs dense where w keeps at least half the causal pairs: the gathered forward costs about twice
 // the dense one per pair visited (H200, 2026-11-29: 16K, w = 2048, 1.04 against 0.44 ms per 10^9
 // pairs and GEMM), so below half the pairs gathering no longer pays (T = 2048, w = 1024, B = 32,
-// 6/3 heads: forward 0.88 ms dense against 1.04 gathered). The backward stays gathered there: dense
-// its mask runs on every tile (a block of 128 consecutive keys almost never has every key kept by
+// 6/3 heads: forward 0.88 ms dense against 1.04 gathered). The backward stays gathered there: run
+// dense, its mask runs on every tile (a block of 128 consecutive keys almost never has every key kept by
 // a whole query tile) and it measured slower (2.67 against 2.45 ms). DMAT_DMA_DENSE=auto|0|1 (read
 // once) or testing::set_dma_dense forces one mode for both directions.
 int g_dense_mode = -2;  // −2: from the environment; −1 auto; 0 never; 1 always
