@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include "core/error.h"
@@ -67,6 +69,62 @@ __global__ void dma_bias_fwd_kernel(float* __restrict__ z, float* __restrict__ b
   }
 }
 
+// VEC with HK = Hkv ≤ 8 (known at compile time): every head in one pass over the row, so v is
+// read once and the HK warp sums are independent (the per-head loop above reloads v and waits on
+// each head's shuffle reduction in turn). The same per-lane order per head, so the same bits.
+template <int HK>
+__global__ void dma_bias_fwd_heads_kernel(float* __restrict__ z, float* __restrict__ bias,
+                                          const nv_bf16* __restrict__ v, const nv_bf16* __restrict__ w,
+                                          const nv_bf16* __restrict__ A, int64_t rows, int T, int C, bool exp_form) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
+    const int64_t b = r / T, t = r % T;
+    const nv_bf16* vr = v + r * C;
+    float acc[HK];
+#pragma unroll
+    for (int h = 0; h < HK; ++h) acc[h] = 0.f;
+    for (int c = lane * 8; c < C; c += 256) {
+      float a[8];
+      detail::load8(vr + c, a);
+#pragma unroll
+      for (int h = 0; h < HK; ++h) {
+        float x[8];
+        detail::load8(w + int64_t(h) * C + c, x);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[h] = fmaf(a[k], x[k], acc[h]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < HK; ++h) acc[h] = detail::group_sum(acc[h]);
+    if (lane < HK) {
+      float zh = acc[0];
+#pragma unroll
+      for (int h = 1; h < HK; ++h) zh = lane == h ? acc[h] : zh;
+      const int64_t at = (b * HK + lane) * T + t;
+      const float a = ld(A + lane) * softplus(zh);
+      z[at] = zh;
+      bias[at] = exp_form ? expf(a) : a;
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, Hkv>) for Hkv in 1..8; false (f not called) otherwise.
+template <class F>
+bool with_heads(int64_t Hkv, F&& f) {
+  switch (Hkv) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 7: f(std::integral_constant<int, 7>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
 // ---- bias backward -------------------------------------------------------------------------------
 // da = ∂L/∂(A·softplus(z)): dbias·bias (exp form) or dbias (linear form).
 __device__ __forceinline__ float dma_da(const float* dbias, const float* bias, int64_t x, bool exp_form) {
@@ -99,6 +157,114 @@ __global__ void __launch_bounds__(kDaThreads) dma_da_kernel(float* __restrict__ 
   }
   acc = detail::block_sum(acc, red);
   if (threadIdx.x == 0) dA[h] += acc;
+}
+
+// The fused backward (dma_bias_backward where the rows are 16-byte vectors and Hkv ≤ 8):
+// dzr as dma_dz_kernel, and per block of 256 positions of one (b, h) row its Σ da·softplus(z)
+// (fixed-order block sum) in dapart[(b·Hkv + h)·gridDim.x + blockIdx.x]: no division per element,
+// and dA's sum spread over the whole grid instead of Hkv blocks.
+constexpr int kDzThreads = 256;
+__global__ void __launch_bounds__(kDzThreads) dma_dz_da_kernel(float* __restrict__ dzr, float* __restrict__ dapart,
+                                                               const float* __restrict__ dbias,
+                                                               const float* __restrict__ z,
+                                                               const float* __restrict__ bias,
+                                                               const nv_bf16* __restrict__ A, int64_t BH, int T,
+                                                               int Hkv, bool exp_form) {
+  __shared__ float red[32];
+  const int t = int(blockIdx.x) * kDzThreads + int(threadIdx.x);
+  for (int64_t bh = blockIdx.y; bh < BH; bh += gridDim.y) {
+    const int64_t b = bh / Hkv;
+    const int h = int(bh % Hkv);
+    float term = 0.f;
+    if (t < T) {
+      const int64_t x = bh * T + t;
+      const float da = dma_da(dbias, bias, x, exp_form);
+      dzr[(b * T + t) * Hkv + h] = da * ld(A + h) * sigmoid(z[x]);
+      term = da * softplus(z[x]);
+    }
+    term = detail::block_sum(term, red);
+    if (threadIdx.x == 0) dapart[bh * gridDim.x + blockIdx.x] = term;
+  }
+}
+
+// dA[h] += Σ_{b, block} dapart: one block per head, fixed thread count and strides, fixed-order sum.
+__global__ void __launch_bounds__(kDaThreads) dma_da_sum_kernel(float* __restrict__ dA,
+                                                                const float* __restrict__ dapart, int64_t B, int Hkv,
+                                                                int nt) {
+  __shared__ float red[32];
+  const int h = blockIdx.x;
+  float acc = 0.f;
+  for (int64_t e = threadIdx.x; e < B * nt; e += kDaThreads) {
+    const int64_t b = e / nt, k = e % nt;
+    acc += dapart[(b * Hkv + h) * nt + k];
+  }
+  acc = detail::block_sum(acc, red);
+  if (threadIdx.x == 0) dA[h] += acc;
+}
+
+// One pass over v and dv for both dv's share and dW's partial sums. A block per part of
+// consecutive rows; thread (rl, cc): columns 8·cc .. 8·cc + 7 (cc = tid % NC, NC = C/8), rows
+// r0 + rl, r0 + rl + RS, ... (RS = kDvThreads / NC). Per row: dv += Σ_h dzr[r, h]·W_dt[h, ·] (heads
+// in increasing order, one bf16 rounding: as dma_dv_kernel) and acc[h][k] += dzr[r, h]·v[r, ·];
+// then the RS row lanes' sums added in lane order through shared memory into
+// partial[p·HK·C + h·C + c]. Shape-only part sizes, fixed orders: deterministic.
+constexpr int kDvThreads = 256;
+template <int HK>
+__global__ void __launch_bounds__(kDvThreads) dma_dv_dw_kernel(nv_bf16* __restrict__ dv, float* __restrict__ partial,
+                                                               const float* __restrict__ dzr,
+                                                               const nv_bf16* __restrict__ v,
+                                                               const nv_bf16* __restrict__ w, int64_t rows,
+                                                               int64_t rows_per_part, int C) {
+  extern __shared__ float lane_sum[];  // [HK·C]
+  const int NC = C / 8, RS = kDvThreads / NC, tid = int(threadIdx.x), cc = tid % NC, rl = tid / NC;
+  const int64_t r0 = int64_t(blockIdx.x) * rows_per_part, r1 = min(rows, r0 + rows_per_part);
+  float wv[HK][8], acc[HK][8];
+#pragma unroll
+  for (int h = 0; h < HK; ++h) {
+    if (rl < RS) detail::load8(w + int64_t(h) * C + 8 * cc, wv[h]);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[h][k] = 0.f;
+  }
+  if (rl < RS) {
+#pragma unroll 2
+    for (int64_t r = r0 + rl; r < r1; r += RS) {
+      float dz[HK], x[8], g[8];
+#pragma unroll
+      for (int h = 0; h < HK; ++h) dz[h] = __ldg(dzr + r * HK + h);
+      detail::load8(v + r * C + 8 * cc, x);
+      detail::load8(dv + r * C + 8 * cc, g);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float s = 0.f;
+#pragma unroll
+        for (int h = 0; h < HK; ++h) {
+          s = fmaf(dz[h], wv[h][k], s);
+          acc[h][k] = fmaf(dz[h], x[k], acc[h][k]);
+        }
+        g[k] += s;
+      }
+      detail::store8(dv + r * C + 8 * cc, g);
+    }
+  }
+  for (int l = 1; l < RS; ++l) {
+    if (rl == l)
+#pragma unroll
+      for (int h = 0; h < HK; ++h) detail::store8f(lane_sum + h * C + 8 * cc, acc[h]);
+    __syncthreads();
+    if (rl == 0) {
+#pragma unroll
+      for (int h = 0; h < HK; ++h) {
+        float y[8];
+        detail::load8f(lane_sum + h * C + 8 * cc, y);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[h][k] += y[k];
+      }
+    }
+    __syncthreads();
+  }
+  if (rl == 0)
+#pragma unroll
+    for (int h = 0; h < HK; ++h) detail::store8f(partial + (int64_t(blockIdx.x) * HK + h) * C + 8 * cc, acc[h]);
 }
 
 // dv[r, c] += Σ_h dzr[r, h]·W_dt[h, c]  (heads in increasing order, one bf16 rounding)
@@ -433,6 +599,132 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
   write_thresholds(tr + i0, chunk, len, sorted_keys + base);
 }
 
+// Variant "bounds" for short rows (T ≤ kShortMax): the whole computation in one block per row and
+// shared memory, one launch instead of ~12 (at 96 rows × 2048 the global sort's passes and the
+// 512-query serial segments cost ~0.16 ms; this is the model-scale case). A block radix sort of
+// the unique keys order_key(bias) << 12 | position (the stable order without relying on the sort
+// being stable), the ranks, then the bounds variant's boundary ranks P[s] and segment scans with
+// segments of 32 queries, one warp each: h[c][s] counts the descending chunk c's ranks whose
+// position lies below 32·s (one ballot each), thread s finds P[s] from them, and each warp builds
+// its segment's bits of [P[s], P[s + 1]] a word per ballot before lane 0 steps through the
+// segment (thr_scan_step). Work per row O(T log T + T²/1024).
+constexpr int kShortThreads = 512, kShortWarps = kShortThreads / 32, kShortMax = 4096;
+template <int ITEMS>
+struct ShortThrSmem {
+  static constexpr int N = kShortThreads * ITEMS, C = N / 32, S1 = N / 32 + 1;
+  static_assert(N <= kShortMax, "positions take 12 bits of the sort key");
+  using Sort = cub::BlockRadixSort<unsigned long long, kShortThreads, ITEMS>;
+  static constexpr size_t kHist = size_t(C) * S1 * 2, kBits = size_t(kShortWarps) * C * 4;
+  // the sort's storage, then (after it) the histogram and the warps' bitsets
+  static constexpr size_t kR0 = std::max(sizeof(typename Sort::TempStorage), kHist + kBits);
+  static constexpr size_t kOkey = (kR0 + 15) & ~size_t(15), kSidx = kOkey + N * 4, kPos = kSidx + N * 4,
+                          kP = kPos + N * 4, kRes = kP + S1 * 4, kBytes = kRes + kShortThreads * 4;
+};
+
+template <int ITEMS>
+__global__ void __launch_bounds__(kShortThreads) dma_thr_short_kernel(float* __restrict__ thr,
+                                                                      const float* __restrict__ bias, int T,
+                                                                      int window) {
+  using L = ShortThrSmem<ITEMS>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sort_tmp = *reinterpret_cast<typename L::Sort::TempStorage*>(smem_raw);
+  uint16_t* h = reinterpret_cast<uint16_t*>(smem_raw);                  // [C][S1], after the sort
+  uint32_t* bits_all = reinterpret_cast<uint32_t*>(smem_raw + L::kHist);  // [warps][C], after the sort
+  uint32_t* okey = reinterpret_cast<uint32_t*>(smem_raw + L::kOkey);      // [N]: order key at ascending rank
+  int32_t* sidx = reinterpret_cast<int32_t*>(smem_raw + L::kSidx);        // [N]: position at ascending rank
+  int32_t* pos = reinterpret_cast<int32_t*>(smem_raw + L::kPos);          // [N]: rank of position
+  int32_t* P = reinterpret_cast<int32_t*>(smem_raw + L::kP);              // [S + 1]
+  int32_t* res = reinterpret_cast<int32_t*>(smem_raw + L::kRes);          // [warps][32]
+  const int64_t row = blockIdx.x;
+  const float* br = bias + row * T;
+  float* tr = thr + row * T;
+  const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31, S = (T + 31) / 32;
+
+  unsigned long long keys[ITEMS];
+  int nan = 0;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int e = tid * ITEMS + k;  // blocked arrangement
+    if (e < T) {
+      const float f = br[e];
+      nan |= isnan(f);
+      keys[k] = (static_cast<unsigned long long>(order_key(f)) << 12) | unsigned(e);
+    } else {
+      keys[k] = ~0ull;  // after every real key (order keys of non-NaN floats stay below 2^32 − 1)
+    }
+  }
+  if (__syncthreads_or(nan)) {
+    for (int i = tid; i < T; i += kShortThreads) tr[i] = __int_as_float(0x7fc00000);
+    return;
+  }
+  typename L::Sort(sort_tmp).Sort(keys, 0, 44);
+  __syncthreads();  // the sort's storage becomes h and the bitsets
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int r = tid * ITEMS + k;
+    if (r < T) {
+      const int j = int(keys[k] & 0xfffu);
+      okey[r] = uint32_t(keys[k] >> 12);
+      sidx[r] = j;
+      pos[j] = r;
+    }
+  }
+  __syncthreads();
+  for (int c = warp; c < S; c += kShortWarps) {  // h[c][s]: descending ranks 32c .. 32c + 31
+    const int d = 32 * c + lane;
+    const int seg = d < T ? sidx[T - 1 - d] / 32 : INT_MAX;
+    for (int s = 0; s <= S; ++s) {
+      const uint32_t b = __ballot_sync(0xffffffffu, seg < s);
+      if (lane == (s & 31)) h[c * L::S1 + s] = uint16_t(__popc(b));
+    }
+  }
+  __syncthreads();
+  for (int s = tid; s <= S; s += kShortThreads) {  // P[s] as dma_thr_bounds_kernel
+    const int i0 = min(32 * s, T);
+    int found = -1;
+    if (i0 >= window) {
+      int cum = 0, c = 0;
+      for (; c < S; ++c) {
+        const int v = h[c * L::S1 + s];
+        if (cum + v >= window) break;
+        cum += v;
+      }
+      for (int k = 0; k < 32 && found < 0; ++k) {
+        const int d = 32 * c + k;
+        if (d < T && sidx[T - 1 - d] < i0 && ++cum == window) found = T - 1 - d;
+      }
+    }
+    P[s] = found;
+  }
+  __syncthreads();
+  uint32_t* bits = bits_all + warp * L::C;
+  for (int s = warp; s < S; s += kShortWarps) {
+    const int i0 = 32 * s, len = min(32, T - i0), p0 = P[s], p1 = P[s + 1];
+    int q = -1;
+    if (p1 >= 0) {  // else fewer than w keys even after the segment: −inf throughout
+      const int lo = max(p0, 0), hi = p1;
+      for (int x = lo >> 5; x <= (hi >> 5); ++x) {  // the ranks in [lo, hi] at positions < i0
+        const int r = 32 * x + lane;
+        const uint32_t word = __ballot_sync(0xffffffffu, r >= lo && r <= hi && sidx[r] < i0);
+        if (lane == 0) bits[x] = word;
+      }
+      __syncwarp();
+      if (lane == 0) {
+        int p = p0;
+        for (int k = 0; k < len; ++k) {
+          const int i = i0 + k, r = pos[i];
+          if (r >= lo && r <= hi) bits[r >> 5] |= 1u << (r & 31);
+          res[warp * 32 + k] = thr_scan_step(bits, p, r, i + 1, window);
+        }
+      }
+      __syncwarp();
+      q = res[warp * 32 + lane];
+      __syncwarp();  // res is rewritten by the next segment
+    }
+    if (lane < len) tr[i0 + lane] = q < 0 ? -INFINITY : order_value(okey[q]);
+  }
+}
+
 // ---- gathered key lists -----------------------------------------------------------------------------
 // asc(q) = the keys j < i1(q) with bias_j >= thr[i0(q)], in increasing j. Since thr never
 // decreases, asc(q + 1) = the keys of asc(q) still >= thr[i0(q + 1)], then those of tile q's own
@@ -664,10 +956,14 @@ void dma_bias_forward(float* z, float* bias, const bf16* v, const bf16* w_dt, co
   constexpr int kThreads = 256;
   const unsigned grid = grid_for(rows, kThreads / 32);
   const bool ex = form == DmaBiasForm::Exp;
-  if (vec)
+  const bool heads = vec && with_heads(Hkv, [&](auto hk) {
+    dma_bias_fwd_heads_kernel<decltype(hk)::value><<<grid, kThreads, 0, stream()>>>(
+        z, bias, nv(v), nv(w_dt), nv(A), rows, as_int(T, "T"), as_int(C, "C"), ex);
+  });
+  if (!heads && vec)
     dma_bias_fwd_kernel<true><<<grid, kThreads, 0, stream()>>>(z, bias, nv(v), nv(w_dt), nv(A), rows,
                                                                as_int(T, "T"), int(Hkv), as_int(C, "C"), ex);
-  else
+  else if (!heads)
     dma_bias_fwd_kernel<false><<<grid, kThreads, 0, stream()>>>(z, bias, nv(v), nv(w_dt), nv(A), rows,
                                                                 as_int(T, "T"), int(Hkv), as_int(C, "C"), ex);
   DMAT_CUDA_LAUNCH_CHECK();
@@ -680,6 +976,42 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
   if (rows == 0 || Hkv == 0) return;
   const bool ex = form == DmaBiasForm::Exp;
   const int Ti = as_int(T, "T"), Ci = as_int(C, "C");
+  if (C % 8 == 0 && C / 8 <= kDvThreads && detail::aligned16(v) && detail::aligned16(dv) &&
+      detail::aligned16(w_dt)) {
+    // Fused: dzr + dA's partials (one pass over the keys), dv + dW's partials (one pass over v, dv).
+    // Workspace: dzr [rows·Hkv] | dapart [B·Hkv·nt] | partial [parts·D] | column-sum scratch, each
+    // slice 32-byte aligned. Parts of ~128 rows (fp32 partials ≤ 32 MiB), a function of the shape.
+    const int64_t nt = ceil_div(T, kDzThreads), BH = B * Hkv;
+    const int64_t parts = std::clamp<int64_t>(ceil_div(rows, 128), 1, std::max<int64_t>(1, (int64_t(8) << 20) / D));
+    const int64_t rows_per_part = ceil_div(rows, parts), used_parts = ceil_div(rows, rows_per_part);
+    const int64_t scratch = detail::column_sum_scratch(used_parts, D);
+    auto up8 = [](int64_t x) { return (x + 7) & ~int64_t(7); };
+    const int64_t n_dz = up8(n), n_da = up8(BH * nt), n_part = up8(used_parts * D);
+    float* ws = static_cast<float*>(workspace(size_t(n_dz + n_da + n_part + scratch) * sizeof(float)));
+    float* dzr = ws;
+    float* dapart = ws + n_dz;
+    float* partial = dapart + n_da;
+    float* col_scratch = partial + n_part;
+    const bool fused = with_heads(Hkv, [&](auto hk) {
+      constexpr int HK = decltype(hk)::value;
+      const dim3 zgrid(unsigned(nt), unsigned(std::min<int64_t>(BH, 65535)));
+      dma_dz_da_kernel<<<zgrid, kDzThreads, 0, stream()>>>(dzr, dapart, dbias, z, bias, nv(A), BH, Ti, HK, ex);
+      DMAT_CUDA_LAUNCH_CHECK();
+      dma_da_sum_kernel<<<unsigned(HK), kDaThreads, 0, stream()>>>(dA, dapart, B, HK, int(nt));
+      DMAT_CUDA_LAUNCH_CHECK();
+      const size_t smem = size_t(HK) * size_t(C) * sizeof(float);
+      auto kern = dma_dv_dw_kernel<HK>;
+      if (smem > 48 * 1024)
+        DMAT_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kern<<<unsigned(used_parts), kDvThreads, smem, stream()>>>(nv(dv), partial, dzr, nv(v), nv(w_dt), rows,
+                                                                 rows_per_part, Ci);
+      DMAT_CUDA_LAUNCH_CHECK();
+    });
+    if (fused) {
+      detail::column_sum_accumulate(dw_dt, partial, used_parts, D, col_scratch);
+      return;
+    }
+  }
   // Workspace: dzr [rows·Hkv] | partial [parts·D] | column-sum scratch.
   const int64_t parts = detail::reduction_parts(rows, D, kDwThreads);
   const int64_t rows_per_part = ceil_div(rows, parts), used_parts = ceil_div(rows, rows_per_part);
@@ -809,6 +1141,19 @@ void dma_thresholds_scan(float* thr, const float* bias, int64_t rows, int64_t T,
                          DmaThresholdScan scan) {
   DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
   if (rows == 0 || T == 0) return;
+  if (scan == DmaThresholdScan::bounds && T <= kShortMax && rows < (int64_t(1) << 31)) {
+    const int win = int(std::min<int64_t>(window, T + 1));  // window > T: every threshold is −inf
+    auto launch = [&](auto kern, size_t smem) {
+      DMAT_CHECK(smem <= max_smem_optin(), "dma thresholds: {} B of shared memory", smem);
+      if (smem > 48 * 1024)
+        DMAT_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      kern<<<unsigned(rows), kShortThreads, smem, stream()>>>(thr, bias, int(T), win);
+      DMAT_CUDA_LAUNCH_CHECK();
+    };
+    if (T <= kShortMax / 2) launch(dma_thr_short_kernel<kShortMax / 2 / kShortThreads>, ShortThrSmem<4>::kBytes);
+    else launch(dma_thr_short_kernel<kShortMax / kShortThreads>, ShortThrSmem<8>::kBytes);
+    return;
+  }
   const int64_t batch = std::clamp<int64_t>((int64_t(16) << 20) / (36 * T), 1, rows);
   for (int64_t r0 = 0; r0 < rows; r0 += batch)
     thresholds_rows(thr + r0 * T, bias + r0 * T, std::min(batch, rows - r0), T, window, scan);

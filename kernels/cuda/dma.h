@@ -44,7 +44,9 @@ void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int6
 // The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default bounds):
 // bounds — every segment's entering and leaving threshold rank first, by rank searches over
 // per-chunk histograms, then each segment walks only the ranks between the two (O(T log T +
-// T²/2^18) per row; measured the fastest on the H200 for random and position-ordered biases);
+// T²/2^18) per row; measured the fastest on the H200 for random and position-ordered biases;
+// rows of T ≤ 4096 run it in one block each, sort included, with 32-query segments: one launch,
+// no workspace);
 // walk — segments rebuild their entering state by walking the sorted row down from the top
 // (O(T²/512) per row when biases increase with position); serial — one block per row. Same
 // results bit for bit (the thresholds tests run all three).

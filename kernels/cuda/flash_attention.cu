@@ -65,10 +65,11 @@ struct DenseKeys {
   __device__ __forceinline__ int key(int n, int r) const { return (first + n) * BN + r; }
   // Mask only where some (i, j) of the tile is invisible: the causal diagonal (which also covers
   // keys >= T), or a key older than the window for the newest query of the tile.
-  __device__ __forceinline__ bool needs_mask(int n) const {
+  __device__ __forceinline__ bool needs_causal_mask(int n) const {
     const int k0 = (first + n) * BN;
-    return all || k0 + BN - 1 > q_lo || (window > 0 && k0 <= q_hi - window);
+    return k0 + BN - 1 > q_lo || (window > 0 && k0 <= q_hi - window);
   }
+  __device__ __forceinline__ bool needs_mask(int n) const { return all || needs_causal_mask(n); }
 };
 
 // keys == nullptr: the tile's list overflowed its capacity (biases tied at the threshold), so every
@@ -318,7 +319,7 @@ template <int DQK, int DV>
 struct WgSmem {
   static constexpr int BN = wg_bn<DQK>();
   static constexpr int kQ = kWgBM * DQK * 2, kK = BN * DQK * 2, kV = BN * DV * 2, kStage = kK + kV;
-  static constexpr int kBias = kQ + kWgStages * kStage;     // fp32 key bias [stage][BN] (gathered)
+  static constexpr int kBias = kQ + kWgStages * kStage;     // fp32 key bias [stage][BN] (with a bias)
   static constexpr int kBars = kBias + kWgStages * BN * 4;  // byte offset of the mbarriers
   static constexpr int kBytes = kBars + (2 * kWgStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;  // slack to align the base to 1024 B
@@ -344,9 +345,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sKV = base + L::kQ;  // stage st: K at sKV + st·kStage, V at + kK
   const uint32_t bar_q = base + L::kBars, bar_full = bar_q + 8, bar_empty = bar_full + 8 * S;
-  // gathered with a bias: the raw key bias of each row of each stage (−inf: padding), written by
-  // the producer with the tile, so the consumers' softmax reads it from here instead of a global
-  // load that depends on the key position (read only where the tile needs the mask)
+  // with a bias: the raw key bias of each row of each stage, written by the producer with the tile
+  // (cp.async producer: −inf for padding; TMA: a bulk copy of the tile's keys below T, the rest
+  // stale — read only in the causal diagonal's masked columns), so the consumers' softmax reads
+  // it from here instead of a global load per column and tile
   float* sbias = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kBias);
 
   const int tid = threadIdx.x, wg = tid >> 7;
@@ -388,7 +390,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
           if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
           const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK, bar = bar_full + 8 * st;
           const int row = b * T + keys.key(n, 0);
-          mbar_arrive_expect_tx(bar, uint32_t(L::kStage));
+          if constexpr (BIAS) {  // T % 4 == 0 and a 16-byte aligned bias (launch_fwd_wgmma)
+            const int k0 = keys.key(n, 0), nb = min(BN, T - k0);
+            mbar_arrive_expect_tx(bar, uint32_t(L::kStage + 4 * nb));
+            bulk_load(smem_u32(sbias + st * BN), p.bias + (int64_t(b) * p.Hkv + hk) * T + k0, uint32_t(4 * nb), bar);
+          } else {
+            mbar_arrive_expect_tx(bar, uint32_t(L::kStage));
+          }
 #pragma unroll
           for (int pn = 0; pn < DQK / 64; ++pn) tma_load_3d(sk + pn * BN * 128, &tma.k, bar, 64 * pn, hk, row);
 #pragma unroll
@@ -401,7 +409,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
         if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
         const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
         // The stage's previous readers of sbias are done: the consumers released it (empty).
-        if constexpr (Keys::kGathered && BIAS) {
+        if constexpr (BIAS) {
           const float* bias = p.bias + (int64_t(b) * p.Hkv + hk) * T;
           for (int r = tid; r < BN; r += 128) {
             const int j = keys.key(n, r);
@@ -429,7 +437,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   } else {
     setmaxnreg_inc<240>();
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * T : nullptr;
     const int row0 = q0 + 64 * cw + 16 * warp + g;  // this thread's rows: row0 (c0,c1), row0 + 8 (c2,c3)
     // DMA: a key is masked for row i where its raw bias < thr_i (−inf: no threshold)
     float thr_r[2] = {-INFINITY, -INFINITY};
@@ -438,6 +445,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) thr_r[hf] = row0 + 8 * hf < T ? __ldg(thr + row0 + 8 * hf) : -INFINITY;
     }
+    // dense DMA (every tile would take the threshold mask): a warp whose 16 rows all have the
+    // threshold −inf (queries i < w − 1: every causal key kept) masks only the causal diagonal
+    bool thr_live = false;
+    if constexpr (BIAS && !Keys::kGathered) {
+      float tw = fmaxf(thr_r[0], thr_r[1]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) tw = fmaxf(tw, __shfl_xor_sync(0xffffffffu, tw, o));
+      thr_live = keys.all && tw > -INFINITY;
+    }
+    (void)thr_live;
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // row max (log2 units), partial row sum
     Acc<DV> o;
@@ -468,22 +485,24 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
     // Scale, bias, mask and exponentiate the scores of tile n in s (log2 domain), updating the
     // running max m and sum l; alpha = exp2(m_old − m_new), by which O must still be rescaled.
     auto softmax = [&](int n, int st, float (&alpha)[2]) {
-      const float* sb = sbias + st * BN;  // written before the full barrier's arrive
+      const float* sb = sbias + st * BN;  // complete once the full barrier's phase is
       (void)sb;
       // the raw bias of column c (compared with thr_r exactly: copies of the same fp32 biases)
-      auto bias_at = [&](int c, int j) -> float {
+      auto bias_at = [&](int c) -> float {
         if constexpr (!BIAS) return 0.f;
-        else if constexpr (Keys::kGathered) return sb[c];  // −inf for padding
-        else return j >= 0 && j < T ? __ldg(bias + j) : 0.f;
+        else return sb[c];
       };
-      if (keys.needs_mask(n)) {
+      bool masked;
+      if constexpr (Keys::kGathered) masked = keys.needs_mask(n);
+      else masked = keys.needs_causal_mask(n) || thr_live;
+      if (masked) {
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int c = nb * 8 + 2 * t + e;
             const int j = keys.key(n, c);  // gathered: -1 for padding
-            const float braw = bias_at(c, j);
+            const float braw = bias_at(c);
             const float bj = braw * kLog2e;
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
@@ -499,7 +518,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int c = nb * 8 + 2 * t + e;
-            const float bj = bias_at(c, Keys::kGathered ? 0 : keys.key(n, c)) * kLog2e;
+            const float bj = bias_at(c) * kLog2e;
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) s.c[nb][2 * hf + e] = fmaf(s.c[nb][2 * hf + e], p.scale_log2, bj);
           }
@@ -1868,7 +1887,10 @@ void launch_fwd_wgmma_variant(const FwdParams& p, int64_t B) {
 template <int DQK, int DV, class Keys, bool BIAS>
 void launch_fwd_wgmma(const FwdParams& p, int64_t B) {
   if constexpr (!Keys::kGathered) {
-    if (wg_tma() && B * int64_t(p.T) < (int64_t(1) << 31) - 256) {  // TMA coordinates are int32
+    // TMA coordinates are int32; a bias comes by bulk copies of 16-byte multiples from 16-byte
+    // aligned rows (else the cp.async producer stages it)
+    const bool bias_ok = !BIAS || (p.T % 4 == 0 && detail::aligned16(p.bias));
+    if (wg_tma() && bias_ok && B * int64_t(p.T) < (int64_t(1) << 31) - 256) {
       if (wg_overlap()) launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, true, true>(p, B);
       else launch_fwd_wgmma_variant<DQK, DV, Keys, BIAS, false, true>(p, B);
       return;
