@@ -3,12 +3,14 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <stdlib.h>
 
 #include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "config/config.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "test_util.h"
 
@@ -514,6 +516,37 @@ TEST(ConfigShipped, ShapesMatchThePaper) {
       EXPECT_EQ(a, b) << name << " differs from paper-" << size << " outside model.attention";
     }
   }
+}
+
+}  // namespace
+}  // namespace dmat
+
+// ---- environment switches (core/env.h) ------------------------------------------------------------
+namespace dmat {
+namespace {
+
+TEST(EnvChoice, UnsetOrEmptyGivesTheFallbackAndValuesTheirIndex) {
+  const char* name = "DMAT_TEST_ENV_CHOICE";
+  ::unsetenv(name);
+  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 0), 0);
+  ::setenv(name, "", 1);
+  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 2), 2);
+  ::setenv(name, "1", 1);
+  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 0), 2);
+  ::setenv(name, "auto", 1);
+  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 1), 0);
+  ::unsetenv(name);
+}
+
+TEST(EnvChoice, AnyOtherValueIsAnErrorNamingVariableValueAndChoices) {
+  const char* name = "DMAT_TEST_ENV_CHOICE";
+  for (const char* bad : {"2", "Auto", " 1", "wgmma "}) {
+    ::setenv(name, bad, 1);
+    const std::string msg = error_of([&] { env_choice(name, {"auto", "mma", "wgmma"}, 0); });
+    EXPECT_THAT(msg, HasSubstr("DMAT_TEST_ENV_CHOICE must be one of auto, mma, wgmma"));
+    EXPECT_THAT(msg, HasSubstr(fmt::format("(got '{}')", bad)));
+  }
+  ::unsetenv(name);
 }
 
 }  // namespace

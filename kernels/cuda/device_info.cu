@@ -3,8 +3,11 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <string>
+
+#include "core/error.h"
 
 namespace dmat::cuda {
 
@@ -32,7 +35,13 @@ namespace dmat::cuda {
 bool cuda_built() { return true; }
 
 double peak_bf16_flops(int id) {
-  if (const char* e = std::getenv("DMAT_PEAK_TFLOPS")) return std::atof(e) * 1e12;
+  if (const char* e = std::getenv("DMAT_PEAK_TFLOPS"); e && *e) {
+    char* end = nullptr;
+    const double v = std::strtod(e, &end);
+    if (end == e || *end != 0 || !(v > 0) || !std::isfinite(v))
+      fail("DMAT_PEAK_TFLOPS must be a positive number of TFLOP/s (got '{}')", e);
+    return v * 1e12;
+  }
   cudaDeviceProp p{};
   if (cudaGetDeviceProperties(&p, id) != cudaSuccess) return 0.0;
   const std::string n = p.name;

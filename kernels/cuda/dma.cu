@@ -10,6 +10,7 @@
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
+#include "core/env.h"
 #include "core/error.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/dma.h"
@@ -1124,11 +1125,11 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
 // 2.21 ms, 128K with biases increasing in position: 1.33 against 2.38 ms — and O(T log T) per row).
 DmaThresholdScan env_threshold_scan() {
   static const DmaThresholdScan v = [] {
-    const char* e = std::getenv("DMAT_DMA_THRESHOLDS");
-    if (e == nullptr || *e == 0 || std::strcmp(e, "bounds") == 0) return DmaThresholdScan::bounds;
-    if (std::strcmp(e, "walk") == 0) return DmaThresholdScan::walk;
-    if (std::strcmp(e, "serial") == 0) return DmaThresholdScan::serial;
-    fail("DMAT_DMA_THRESHOLDS must be walk, bounds or serial (got '{}')", e);
+    switch (env_choice("DMAT_DMA_THRESHOLDS", {"bounds", "walk", "serial"}, 0)) {
+      case 1: return DmaThresholdScan::walk;
+      case 2: return DmaThresholdScan::serial;
+      default: return DmaThresholdScan::bounds;
+    }
   }();
   return v;
 }
@@ -1261,13 +1262,7 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 // once) or testing::set_dma_dense forces one mode for both directions.
 int g_dense_mode = -2;  // −2: from the environment; −1 auto; 0 never; 1 always
 bool dma_dense(const AttnShape& s, int64_t window, bool forward) {
-  if (g_dense_mode == -2) {
-    const char* e = std::getenv("DMAT_DMA_DENSE");
-    if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) g_dense_mode = -1;
-    else if (std::strcmp(e, "0") == 0) g_dense_mode = 0;
-    else if (std::strcmp(e, "1") == 0) g_dense_mode = 1;
-    else fail("DMAT_DMA_DENSE must be auto, 0 or 1 (got '{}')", e);
-  }
+  if (g_dense_mode == -2) g_dense_mode = env_choice("DMAT_DMA_DENSE", {"auto", "0", "1"}, 0) - 1;
   if (g_dense_mode >= 0) return g_dense_mode == 1;
   if (!forward) return false;
   const double T = double(s.T), w = double(std::min(window, s.T));

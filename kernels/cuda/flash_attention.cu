@@ -21,6 +21,7 @@
 
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 
+#include "core/env.h"
 #include "core/error.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/flash_attention.h"
@@ -1817,13 +1818,7 @@ void forward_dims(const FwdParams& p, int64_t B) {
 // dim 64) dK/dV consumers; 0, the default, the plain per-tile one (measured faster on the H200:
 // forward 229 against 210 TFLOP/s, forward + backward 249 against 216). Read once.
 bool wg_overlap() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMAT_ATTN_WG_OVERLAP");
-    if (e == nullptr || *e == 0) return false;
-    if (std::strcmp(e, "0") == 0) return false;
-    if (std::strcmp(e, "1") == 0) return true;
-    fail("DMAT_ATTN_WG_OVERLAP must be 0 or 1 (got '{}')", e);
-  }();
+  static const bool on = env_choice("DMAT_ATTN_WG_OVERLAP", {"0", "1"}, 0) == 1;
   return on;
 }
 
@@ -1832,12 +1827,7 @@ bool wg_overlap() {
 // mma.sync at N = 16384, D = 128; the whole attention suite passes with it). DMAT_ATTN_WG_TMA=0
 // turns it off (read once).
 bool wg_tma() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMAT_ATTN_WG_TMA");
-    if (e == nullptr || *e == 0 || std::strcmp(e, "1") == 0) return true;
-    if (std::strcmp(e, "0") == 0) return false;
-    fail("DMAT_ATTN_WG_TMA must be 0 or 1 (got '{}')", e);
-  }();
+  static const bool on = env_choice("DMAT_ATTN_WG_TMA", {"0", "1"}, 1) == 1;
   return on;
 }
 
@@ -1950,11 +1940,11 @@ bool wgmma_dims(const AttnShape& s) {
 // DMAT_ATTN_PATH=mma|wgmma, read once; anything else is an error a user can act on.
 FlashPath env_path() {
   static const FlashPath p = [] {
-    const char* e = std::getenv("DMAT_ATTN_PATH");
-    if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return FlashPath::automatic;
-    if (std::strcmp(e, "mma") == 0) return FlashPath::mma;
-    if (std::strcmp(e, "wgmma") == 0) return FlashPath::wgmma;
-    fail("DMAT_ATTN_PATH must be mma, wgmma or auto (got '{}')", e);
+    switch (env_choice("DMAT_ATTN_PATH", {"auto", "mma", "wgmma"}, 0)) {
+      case 1: return FlashPath::mma;
+      case 2: return FlashPath::wgmma;
+      default: return FlashPath::automatic;
+    }
   }();
   return p;
 }
