@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
     // Scale, bias, mask and exponentiate the scores of tile n in s (log2 domain), updating the
     // running max m and sum l; alpha = exp2(m_old − m_new), by which O must still be rescaled.
     auto softmax = [&](int n, int st, float (&alpha)[2]) {
-      const float* sb = sbias + st * BN;  // complete once the full barrier's phase is
+      const float* sb = sbias + st * BN;  // in place once the full barrier's phase completes
       (void)sb;
       // the raw bias of column c (compared with thr_r exactly: copies of the same fp32 biases)
       auto bias_at = [&](int c) -> float {
