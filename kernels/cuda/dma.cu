@@ -977,7 +977,7 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
   if (rows == 0 || Hkv == 0) return;
   const bool ex = form == DmaBiasForm::Exp;
   const int Ti = as_int(T, "T"), Ci = as_int(C, "C");
-  if (C % 8 == 0 && C / 8 <= kDvThreads && detail::aligned16(v) && detail::aligned16(dv) &&
+  if (Hkv <= 8 && C % 8 == 0 && C / 8 <= kDvThreads && detail::aligned16(v) && detail::aligned16(dv) &&
       detail::aligned16(w_dt)) {
     // Fused: dzr + dA's partials (one pass over the keys), dv + dW's partials (one pass over v, dv).
     // Workspace: dzr [rows·Hkv] | dapart [B·Hkv·nt] | partial [parts·D] | column-sum scratch, each
@@ -993,7 +993,7 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
     float* dapart = ws + n_dz;
     float* partial = dapart + n_da;
     float* col_scratch = partial + n_part;
-    const bool fused = with_heads(Hkv, [&](auto hk) {
+    const bool launched = with_heads(Hkv, [&](auto hk) {
       constexpr int HK = decltype(hk)::value;
       const dim3 zgrid(unsigned(nt), unsigned(std::min<int64_t>(BH, 65535)));
       dma_dz_da_kernel<<<zgrid, kDzThreads, 0, stream()>>>(dzr, dapart, dbias, z, bias, nv(A), BH, Ti, HK, ex);
@@ -1008,10 +1008,9 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
                                                                  rows_per_part, Ci);
       DMAT_CUDA_LAUNCH_CHECK();
     });
-    if (fused) {
-      detail::column_sum_accumulate(dw_dt, partial, used_parts, D, col_scratch);
-      return;
-    }
+    DMAT_CHECK(launched, "dma bias backward: Hkv={}", Hkv);
+    detail::column_sum_accumulate(dw_dt, partial, used_parts, D, col_scratch);
+    return;
   }
   // Workspace: dzr [rows·Hkv] | partial [parts·D] | column-sum scratch.
   const int64_t parts = detail::reduction_parts(rows, D, kDwThreads);
