@@ -12,8 +12,10 @@
 
 #include <fmt/format.h>
 
+#include "core/env.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/kernel_util.cuh"
+#include "kernels/cuda/profile.h"
 
 namespace dmat::cuda {
 namespace {
@@ -59,7 +61,24 @@ struct Plan {
   cublasLtMatmulAlgo_t algo{};
 };
 
-const Plan& plan(const Key& key) {
+// DMAT_GEMM_ALGO=tuned: time the heuristic's first candidates once per plan, on the call's own
+// operands, and keep the fastest (D goes to a scratch buffer, so C is read but not changed). The
+// choice can differ between runs, and with it the rounding: for measurements, not for runs that
+// must reproduce bit for bit. The default keeps the heuristic's first choice.
+bool tuning() {
+  static const bool on = env_choice("DMAT_GEMM_ALGO", {"heuristic", "tuned"}, 0) == 1;
+  return on;
+}
+
+struct Operands {
+  const void *A, *B, *C;
+  float alpha, beta;
+};
+
+int pick_fastest(const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int found, const Operands& o,
+                 size_t c_bytes);
+
+const Plan& plan(const Key& key, const Operands& o) {
   static std::mutex mu;
   static std::map<Key, Plan>* cache = new std::map<Key, Plan>();
   std::lock_guard<std::mutex> lock(mu);
@@ -96,18 +115,47 @@ const Plan& plan(const Key& key) {
                                                          sizeof(al_c)));
   DMAT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
                                                          sizeof(al_c)));
-  cublasLtMatmulHeuristicResult_t res{};
+  constexpr int kCandidates = 8;
+  cublasLtMatmulHeuristicResult_t res[kCandidates]{};
   int found = 0;
-  const cublasStatus_t st =
-      cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref,
+                                                           tuning() ? kCandidates : 1, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
     throw Error(fmt::format("gemm: cuBLASLt has no algorithm for M={} N={} K={} trans_a={} trans_b={} C={} "
                             "(alignments A {} B {} C {} bytes): {}",
                             M, N, K, trans_a, trans_b, c_f32 ? "fp32" : "bf16", al_a, al_b, al_c,
                             cublasLtGetStatusString(st)));
-  p.algo = res.algo;
+  p.algo = res[tuning() ? pick_fastest(p, res, found, o, size_t(M * N) * (c_f32 ? 4 : 2)) : 0].algo;
   return cache->emplace(key, p).first->second;
+}
+
+int pick_fastest(const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int found, const Operands& o,
+                 size_t c_bytes) {
+  void* D = device_alloc(c_bytes);
+  cudaEvent_t e0, e1;
+  DMAT_CUDA_CHECK(cudaEventCreate(&e0));
+  DMAT_CUDA_CHECK(cudaEventCreate(&e1));
+  int best = 0;
+  float best_ms = 1e30f;
+  for (int i = 0; i < found; ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(lt().handle, p.op, &o.alpha, o.B, p.a, o.A, p.b, &o.beta, o.C, p.c, D, p.c, &res[i].algo,
+                            lt().ws, kWorkspaceBytes, stream());
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;
+    DMAT_CUDA_CHECK(cudaEventRecord(e0, stream()));
+    for (int r = 0; r < 3; ++r) DMAT_CUBLAS_CHECK(run());
+    DMAT_CUDA_CHECK(cudaEventRecord(e1, stream()));
+    DMAT_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    DMAT_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (ms < best_ms) best_ms = ms, best = i;
+  }
+  DMAT_CUDA_CHECK(cudaEventDestroy(e0));
+  DMAT_CUDA_CHECK(cudaEventDestroy(e1));
+  device_free(D);
+  return best;
 }
 
 }  // namespace
@@ -122,10 +170,16 @@ void gemm(void* C, bool c_f32, const bf16* A, const bf16* B, int64_t M, int64_t 
     return;
   }
   const Key key{M, N, K, trans_a, trans_b, c_f32, alignment(A), alignment(B), alignment(C)};
-  const Plan& p = plan(key);
+  const Plan& p = plan(key, Operands{A, B, C, alpha, beta});
   Lt& l = lt();
+  const bool prof = profiling_gemms();
+  if (prof)
+    profile_detail_begin(fmt::format("gemm {}×{}×{} {}{} {}", M, N, K, trans_a ? 'T' : 'N', trans_b ? 'T' : 'N',
+                                     c_f32 ? "f32" : "bf16"),
+                         2.0 * double(M) * double(N) * double(K));
   DMAT_CUBLAS_CHECK(cublasLtMatmul(l.handle, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo, l.ws,
                                    kWorkspaceBytes, stream()));
+  if (prof) profile_detail_end();
 }
 
 }  // namespace dmat::cuda

@@ -1,22 +1,22 @@
 #include "kernels/cuda/profile.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 
+#include "core/env.h"
 #include "kernels/cuda/context.h"
 
 namespace dmat::cuda {
 namespace {
 
 struct Record {
-  const char* name;
+  std::string name;
   cudaEvent_t start, stop;
+  double flops = 0;
 };
 
 struct Profiler {
-  std::vector<Record> records, open;
+  std::vector<Record> records, open, details, open_details;
   std::vector<cudaEvent_t> pool;
   cudaEvent_t event() {
     if (!pool.empty()) {
@@ -35,15 +35,35 @@ Profiler& prof() {
   return *p;
 }
 
+int level() {
+  static const int l = env_choice("DMAT_PROFILE", {"0", "1", "gemm"}, 0);
+  return l;
+}
+
+std::vector<ProfileRow> summed(Profiler& p, const std::vector<Record>& recs, bool detail) {
+  std::map<std::string, ProfileRow> sum;
+  for (const Record& r : recs) {
+    float ms = 0;
+    DMAT_CUDA_CHECK(cudaEventElapsedTime(&ms, r.start, r.stop));
+    ProfileRow& s = sum[r.name];
+    s.name = r.name;
+    s.ms += ms;
+    s.calls += 1;
+    s.flops += r.flops;
+    s.detail = detail;
+    p.pool.push_back(r.start);
+    p.pool.push_back(r.stop);
+  }
+  std::vector<ProfileRow> out;
+  for (auto& [name, row] : sum) out.push_back(row);
+  std::sort(out.begin(), out.end(), [](const ProfileRow& a, const ProfileRow& b) { return a.ms > b.ms; });
+  return out;
+}
+
 }  // namespace
 
-bool profiling() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMAT_PROFILE");
-    return e && *e && std::strcmp(e, "0") != 0;
-  }();
-  return on;
-}
+bool profiling() { return level() >= 1; }
+bool profiling_gemms() { return level() == 2; }
 
 void profile_begin(const char* name) {
   Profiler& p = prof();
@@ -62,22 +82,30 @@ void profile_end() {
   else p.pool.push_back(r.start), p.pool.push_back(r.stop);
 }
 
-std::vector<std::pair<std::string, std::pair<double, long>>> profile_report() {
+void profile_detail_begin(std::string name, double flops) {
+  Profiler& p = prof();
+  Record r{std::move(name), p.event(), p.event(), flops};
+  DMAT_CUDA_CHECK(cudaEventRecord(r.start, stream()));
+  p.open_details.push_back(r);
+}
+
+void profile_detail_end() {
+  Profiler& p = prof();
+  if (p.open_details.empty()) return;
+  Record r = p.open_details.back();
+  p.open_details.pop_back();
+  DMAT_CUDA_CHECK(cudaEventRecord(r.stop, stream()));
+  p.details.push_back(r);
+}
+
+std::vector<ProfileRow> profile_report() {
   Profiler& p = prof();
   DMAT_CUDA_CHECK(cudaStreamSynchronize(stream()));
-  std::map<std::string, std::pair<double, long>> sum;
-  for (const Record& r : p.records) {
-    float ms = 0;
-    DMAT_CUDA_CHECK(cudaEventElapsedTime(&ms, r.start, r.stop));
-    auto& s = sum[r.name];
-    s.first += ms;
-    s.second += 1;
-    p.pool.push_back(r.start);
-    p.pool.push_back(r.stop);
-  }
+  std::vector<ProfileRow> out = summed(p, p.records, false);
+  std::vector<ProfileRow> det = summed(p, p.details, true);
+  out.insert(out.end(), det.begin(), det.end());
   p.records.clear();
-  std::vector<std::pair<std::string, std::pair<double, long>>> out(sum.begin(), sum.end());
-  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  p.details.clear();
   return out;
 }
 

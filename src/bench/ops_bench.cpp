@@ -104,14 +104,25 @@ void bench_ops(std::ostream& out) {
   }
   const int64_t M = 65536, d = 768, ffn = 2304, V = 32768, H = 6, Hkv = 3, Dh = 128;
   {
+    // The model's GEMMs as it runs them today (one per projection; the LM head per chunk of 4096 rows
+    // = 2^27 logits, Model::head_chunk_rows) and as they could be fused (q/k/v, gate/up, bigger chunks).
     struct Lin {
       const char* name;
-      int64_t in, out;
+      int64_t in, out, rows;
     };
-    const Lin lins[] = {{"qkv", d, (H + 2 * Hkv) * Dh}, {"attn_out", H * Dh, d}, {"ffn_gate_up", d, 2 * ffn},
-                        {"ffn_down", ffn, d},           {"lm_head", d, V}};
+    const Lin lins[] = {{"q", d, H * Dh, M},
+                        {"k_or_v", d, Hkv * Dh, M},
+                        {"qkv", d, (H + 2 * Hkv) * Dh, M},
+                        {"attn_out", H * Dh, d, M},
+                        {"ffn_gate_or_up", d, ffn, M},
+                        {"ffn_gate_up", d, 2 * ffn, M},
+                        {"ffn_down", ffn, d, M},
+                        {"lm_head_chunk4096", d, V, 4096},
+                        {"lm_head_chunk8192", d, V, 8192},
+                        {"lm_head_chunk16384", d, V, 16384}};
     int64_t max_io = 0, max_w = 0;
-    for (const Lin& l : lins) max_io = std::max({max_io, M * l.in, M * l.out}), max_w = std::max(max_w, l.in * l.out);
+    for (const Lin& l : lins)
+      max_io = std::max({max_io, l.rows * l.in, l.rows * l.out}), max_w = std::max(max_w, l.in * l.out);
     Buf x(size_t(max_io) * 2), y(size_t(max_io) * 2), w(size_t(max_w) * 2), dw(size_t(max_w) * 4);
     cuda::fill_bf16(x.h(), max_io, 0.01f);
     cuda::fill_bf16(y.h(), max_io, 0.01f);
@@ -119,9 +130,9 @@ void bench_ops(std::ostream& out) {
     cuda::fill_f32(dw.f(), max_w, 0.f);
     for (const Lin& l : lins) {
       // y[M,out] = x[M,in] · W[out,in]^T;  dx[M,in] = dy · W;  dW[out,in] += dy^T · x (fp32, beta 1).
-      gemm_line(out, l.name, "fwd", M, l.out, l.in, false, true, false, 0.f, x.h(), w.h(), y.p);
-      gemm_line(out, l.name, "bwd_dx", M, l.in, l.out, false, false, false, 0.f, y.h(), w.h(), x.p);
-      gemm_line(out, l.name, "bwd_dw", l.out, l.in, M, true, false, true, 1.f, y.h(), x.h(), dw.p);
+      gemm_line(out, l.name, "fwd", l.rows, l.out, l.in, false, true, false, 0.f, x.h(), w.h(), y.p);
+      gemm_line(out, l.name, "bwd_dx", l.rows, l.in, l.out, false, false, false, 0.f, y.h(), w.h(), x.p);
+      gemm_line(out, l.name, "bwd_dw", l.out, l.in, l.rows, true, false, true, 1.f, y.h(), x.h(), dw.p);
     }
   }
 

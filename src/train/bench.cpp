@@ -116,11 +116,20 @@ void bench_train(const Config& cfg, const TrainBenchOptions& opt, std::ostream& 
   if (prof) {
     double total = 0;
     const auto rows = cuda::profile_report();
-    for (const auto& r : rows) total += r.second.first;
+    for (const auto& r : rows) total += r.detail ? 0.0 : r.ms;
     profile += fmt::format("  GPU time per step by op (DMAT_PROFILE; {:.2f} ms in ops):\n", total / double(opt.steps));
-    for (const auto& r : rows)
-      profile += fmt::format("    {:<22} {:8.3f} ms {:5.1f}%  ({} calls)\n", r.first, r.second.first / double(opt.steps),
-                             100.0 * r.second.first / std::max(total, 1e-9), r.second.second / opt.steps);
+    bool header = false;
+    for (const auto& r : rows) {
+      if (r.detail && !header) {
+        profile += "  of which GEMMs by shape (M×N×K, transposes, C type; DMAT_PROFILE=gemm):\n";
+        header = true;
+      }
+      const double ms = r.ms / double(opt.steps);
+      profile += fmt::format("    {:<22} {:8.3f} ms {:5.1f}%  ({} calls)", r.name, ms, 100.0 * r.ms / std::max(total, 1e-9),
+                             r.calls / opt.steps);
+      if (r.flops > 0) profile += fmt::format("  {:.0f} TFLOP/s", r.flops / (r.ms * 1e-3) / 1e12);
+      profile += "\n";
+    }
   }
 #endif
   const double dt = std::chrono::duration<double>(Clock::now() - t0).count() / double(opt.steps);
