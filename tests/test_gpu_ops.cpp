@@ -467,7 +467,83 @@ TEST(GpuOps, RopeForwardBackward) {
       }
 }
 
+// Packed q/k/v (one GEMM's output): the same bits as rope_forward / rope_backward on the unpacked
+// tensors (the same kernel with strided rows) and an exact copy of v.
+TEST(GpuOps, RopePackedQkvMatchesUnpacked) {
+  REQUIRE_GPU();
+  struct S {
+    int64_t B, T, H, Hkv, Dh;
+  };
+  for (S s : {S{1, 3, 2, 1, 6}, S{2, 33, 4, 2, 64}, S{2, 64, 6, 3, 128}, S{1, 5, 1, 1, 32}}) {
+    const std::string shape = fmt::format("B={} T={} H={} Hkv={} Dh={}", s.B, s.T, s.H, s.Hkv, s.Dh);
+    const int64_t N = s.B * s.T, W = (s.H + 2 * s.Hkv) * s.Dh, nq = N * s.H * s.Dh, nk = N * s.Hkv * s.Dh;
+    const auto qkv = rand_bf(size_t(N * W), 150 + s.Dh + s.T);
+    std::vector<bf16> q0(static_cast<size_t>(nq)), k0(static_cast<size_t>(nk)), v0(static_cast<size_t>(nk));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t i = 0; i < s.H * s.Dh; ++i) q0[size_t(n * s.H * s.Dh + i)] = qkv.b[size_t(n * W + i)];
+      for (int64_t i = 0; i < s.Hkv * s.Dh; ++i) {
+        k0[size_t(n * s.Hkv * s.Dh + i)] = qkv.b[size_t(n * W + s.H * s.Dh + i)];
+        v0[size_t(n * s.Hkv * s.Dh + i)] = qkv.b[size_t(n * W + (s.H + s.Hkv) * s.Dh + i)];
+      }
+    }
+    const double theta = 10000.0;
+    Dev<bf16> pd(qkv.b), qd(static_cast<size_t>(nq)), kd(static_cast<size_t>(nk)), vd(static_cast<size_t>(nk)), q0d(q0),
+        k0d(k0);
+    qd.poison(), kd.poison(), vd.poison();
+    cuda::rope_unpack_qkv(qd.p, kd.p, vd.p, pd.p, s.B, s.T, s.H, s.Hkv, s.Dh, theta);
+    cuda::rope_forward(q0d.p, q0d.p, s.B, s.T, s.H, s.Dh, theta);
+    cuda::rope_forward(k0d.p, k0d.p, s.B, s.T, s.Hkv, s.Dh, theta);
+    check_bitwise("packed rope q " + shape, qd.down(), q0d.down());
+    check_bitwise("packed rope k " + shape, kd.down(), k0d.down());
+    check_bitwise("packed v " + shape, vd.down(), v0);
+    // backward: dq = q, dk = k, dv = v as gradients, packed into dqkv
+    Dev<bf16> dpd(static_cast<size_t>(N * W));
+    dpd.poison();
+    cuda::rope_pack_qkv_backward(dpd.p, qd.p, kd.p, vd.p, s.B, s.T, s.H, s.Hkv, s.Dh, theta);
+    cuda::rope_backward(q0d.p, qd.p, s.B, s.T, s.H, s.Dh, theta);
+    cuda::rope_backward(k0d.p, kd.p, s.B, s.T, s.Hkv, s.Dh, theta);
+    const auto got = dpd.down(), gq = q0d.down(), gk = k0d.down(), gv = vd.down();
+    std::vector<bf16> want(got.size());
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t i = 0; i < s.H * s.Dh; ++i) want[size_t(n * W + i)] = gq[size_t(n * s.H * s.Dh + i)];
+      for (int64_t i = 0; i < s.Hkv * s.Dh; ++i) {
+        want[size_t(n * W + s.H * s.Dh + i)] = gk[size_t(n * s.Hkv * s.Dh + i)];
+        want[size_t(n * W + (s.H + s.Hkv) * s.Dh + i)] = gv[size_t(n * s.Hkv * s.Dh + i)];
+      }
+    }
+    check_bitwise("packed rope backward " + shape, got, want);
+  }
+}
+
 // ---- SwiGLU -------------------------------------------------------------------------------------
+// Packed gate/up rows ([rows, 2F]: g, then u): the same bits as the plain kernel on the halves.
+TEST(GpuOps, SwigluPackedRowsMatchPlain) {
+  REQUIRE_GPU();
+  for (int64_t R : {1, 5, 33})
+    for (int64_t F : {1, 7, 8, 96}) {
+      const std::string shape = fmt::format("rows={} F={}", R, F);
+      const size_t n = size_t(R * F);
+      const auto gu = rand_bf(2 * n, 160 + n, -6, 6), dout = rand_bf(n, 161 + n);
+      std::vector<bf16> g(n), u(n);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < F; ++c)
+          g[size_t(r * F + c)] = gu.b[size_t(r * 2 * F + c)], u[size_t(r * F + c)] = gu.b[size_t(r * 2 * F + F + c)];
+      Dev<bf16> gud(gu.b), gd(g), ud(u), od(n), o0(n), dod(dout.b), dgud(2 * n), dgd(n), dud(n);
+      od.poison(), dgud.poison();
+      cuda::swiglu_forward(od.p, gud.p, gud.p + F, R, F, 2 * F);
+      cuda::swiglu_forward(o0.p, gd.p, ud.p, int64_t(n));
+      check_bitwise("packed swiglu out " + shape, od.down(), o0.down());
+      cuda::swiglu_backward(dgud.p, dgud.p + F, dod.p, gud.p, gud.p + F, R, F, 2 * F);
+      cuda::swiglu_backward(dgd.p, dud.p, dod.p, gd.p, ud.p, int64_t(n));
+      const auto got = dgud.down(), wg = dgd.down(), wu = dud.down();
+      std::vector<bf16> want(2 * n);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < F; ++c)
+          want[size_t(r * 2 * F + c)] = wg[size_t(r * F + c)], want[size_t(r * 2 * F + F + c)] = wu[size_t(r * F + c)];
+      check_bitwise("packed swiglu backward " + shape, got, want);
+    }
+}
+
 TEST(GpuOps, SwigluForwardBackward) {
   REQUIRE_GPU();
   for (size_t n : {size_t(1), size_t(7), size_t(8), size_t(1000), size_t(100003)})

@@ -111,6 +111,17 @@ TEST(Model, GradientCheckTiedMhaPlain) {
   check_model_gradient(c, 202);
 }
 
+// One GEMM per projection: F·d = 288 and Hkv·Dh·d = 96 are not multiples of the arena's
+// alignment, so gate/up and q/k/v are not adjacent and take the unpacked path (the other checks,
+// with F·d = 320 and H·Dh·d = 384 and without QK-norm, take the packed one).
+TEST(Model, GradientCheckUnpackedProjections) {
+  ModelConfig c = tiny_model();
+  c.ffn_dim = 18;
+  c.qk_norm = false;
+  c.n_kv_heads = 1;
+  check_model_gradient(c, 250);
+}
+
 TEST(Model, GradientCheckSlidingWindow) {
   ModelConfig c = tiny_model();
   c.attention.type = "swa";

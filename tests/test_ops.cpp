@@ -413,6 +413,37 @@ TEST(OpsAttention, BackwardMatchesFiniteDifferences) {
   }
 }
 
+// The packed output of one q/k/v GEMM: unpacking rotates q and k exactly as rope_forward does on
+// the unpacked tensors and copies v; packing the gradients is its transpose, the same values as
+// rope_backward of dq and dk beside dv.
+TEST(OpsRope, PackedQkvMatchesUnpacked) {
+  const int64_t B = 2, Tn = 5, H = 4, Hkv = 2, Dh = 6, W = (H + 2 * Hkv) * Dh;
+  const double theta = 500.0;
+  Vec qkv = rnd(B * Tn * W, 1300), q(B * Tn * H * Dh, NAN), k(B * Tn * Hkv * Dh, NAN), v(k.size(), NAN);
+  cpu::rope_unpack_qkv<double>(q.data(), k.data(), v.data(), qkv.data(), B, Tn, H, Hkv, Dh, theta);
+  Vec q0(q.size()), k0(k.size()), v0(v.size());
+  for (int64_t n = 0; n < B * Tn; ++n) {
+    for (int64_t i = 0; i < H * Dh; ++i) q0[n * H * Dh + i] = qkv[n * W + i];
+    for (int64_t i = 0; i < Hkv * Dh; ++i) k0[n * Hkv * Dh + i] = qkv[n * W + H * Dh + i];
+    for (int64_t i = 0; i < Hkv * Dh; ++i) v0[n * Hkv * Dh + i] = qkv[n * W + (H + Hkv) * Dh + i];
+  }
+  cpu::rope_forward<double>(q0.data(), q0.data(), B, Tn, H, Dh, theta);
+  cpu::rope_forward<double>(k0.data(), k0.data(), B, Tn, Hkv, Dh, theta);
+  EXPECT_EQ(q, q0);
+  EXPECT_EQ(k, k0);
+  EXPECT_EQ(v, v0);
+  // backward: pack (dq, dk, dv) and compare with rope_backward of each, placed by hand
+  Vec dqkv(qkv.size(), NAN);
+  cpu::rope_pack_qkv_backward<double>(dqkv.data(), q.data(), k.data(), v.data(), B, Tn, H, Hkv, Dh, theta);
+  cpu::rope_backward<double>(q0.data(), q.data(), B, Tn, H, Dh, theta);
+  cpu::rope_backward<double>(k0.data(), k.data(), B, Tn, Hkv, Dh, theta);
+  for (int64_t n = 0; n < B * Tn; ++n) {
+    for (int64_t i = 0; i < H * Dh; ++i) EXPECT_EQ(dqkv[n * W + i], q0[n * H * Dh + i]);
+    for (int64_t i = 0; i < Hkv * Dh; ++i) EXPECT_EQ(dqkv[n * W + H * Dh + i], k0[n * Hkv * Dh + i]);
+    for (int64_t i = 0; i < Hkv * Dh; ++i) EXPECT_EQ(dqkv[n * W + (H + Hkv) * Dh + i], v[n * Hkv * Dh + i]);
+  }
+}
+
 // ---- swiglu, residual ----------------------------------------------------------------------------
 
 TEST(OpsSwiglu, ForwardAndBackward) {
@@ -429,6 +460,26 @@ TEST(OpsSwiglu, ForwardAndBackward) {
   cpu::swiglu_backward<double>(dg.data(), du.data(), G.data(), g.data(), u.data(), n);
   expect_grad(dg, numeric_grad(g, loss), "swiglu dg");
   expect_grad(du, numeric_grad(u, loss), "swiglu du");
+}
+
+// The packed form (g and u as the two halves of one [rows, 2F] tensor, as one gate/up GEMM writes
+// them) computes the same values as the plain arrays, element for element.
+TEST(OpsSwiglu, PackedRowsMatchPlainArrays) {
+  const int64_t R = 5, F = 13;
+  Vec gu = rnd(2 * R * F, 1110, -4, 4), G = rnd(R * F, 1111), g(R * F), u(R * F);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < F; ++c) g[r * F + c] = gu[r * 2 * F + c], u[r * F + c] = gu[r * 2 * F + F + c];
+  Vec out(R * F), want(R * F), dgu(2 * R * F, NAN), dg(R * F), du(R * F);
+  cpu::swiglu_forward<double>(out.data(), gu.data(), gu.data() + F, R, F, 2 * F);
+  cpu::swiglu_forward<double>(want.data(), g.data(), u.data(), R * F);
+  cpu::swiglu_backward<double>(dgu.data(), dgu.data() + F, G.data(), gu.data(), gu.data() + F, R, F, 2 * F);
+  cpu::swiglu_backward<double>(dg.data(), du.data(), G.data(), g.data(), u.data(), R * F);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < F; ++c) {
+      EXPECT_EQ(out[r * F + c], want[r * F + c]);
+      EXPECT_EQ(dgu[r * 2 * F + c], dg[r * F + c]);
+      EXPECT_EQ(dgu[r * 2 * F + F + c], du[r * F + c]);
+    }
 }
 
 TEST(OpsResidual, ForwardAndBackward) {

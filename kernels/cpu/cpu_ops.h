@@ -55,6 +55,16 @@ void rope_forward(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh
 // The transpose of the rotation (rotation by −a): dx from dy. dx may alias dy.
 template <class T>
 void rope_backward(T* dx, const T* dy, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta);
+// The packed output of one q/k/v GEMM, qkv [B·Tn, (H + 2·Hkv)·Dh] (q heads, then k, then v), into
+// q = rope(q part) [B,Tn,H,Dh], k = rope(k part) [B,Tn,Hkv,Dh] and v (a copy) [B,Tn,Hkv,Dh]: the same
+// values as rope_forward on unpacked q and k. No output may overlap qkv.
+template <class T>
+void rope_unpack_qkv(T* q, T* k, T* v, const T* qkv, int64_t B, int64_t Tn, int64_t H, int64_t Hkv, int64_t Dh,
+                     double theta);
+// Its transpose: dqkv (overwrite, packed as above) from dq, dk (through rope_backward) and dv.
+template <class T>
+void rope_pack_qkv_backward(T* dqkv, const T* dq, const T* dk, const T* dv, int64_t B, int64_t Tn, int64_t H,
+                            int64_t Hkv, int64_t Dh, double theta);
 
 // ---- attention --------------------------------------------------------------------------------
 // Causal softmax attention with grouped KV heads (query head h reads KV head h / (H / Hkv)).
@@ -80,6 +90,12 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const 
 template <class T> void swiglu_forward(T* out, const T* g, const T* u, int64_t n);
 // dg, du overwrite. Purely elementwise: any output may alias any input.
 template <class T> void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n);
+// The same on `rows` rows of F values: out and dout [rows, F] contiguous; row r of g, u, dg, du at
+// r·ld (ld = 2F, u = g + F, du = dg + F: the packed [rows, 2F] gate/up layout). out must not alias
+// g or u when ld != F; dg/du may alias g/u element for element.
+template <class T> void swiglu_forward(T* out, const T* g, const T* u, int64_t rows, int64_t F, int64_t ld);
+template <class T>
+void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t rows, int64_t F, int64_t ld);
 
 // ---- residual with optional learned per-channel scale (Doge) -----------------------------------
 // out[r,d] = (r_scale ? r_scale[d] : 1) · x[r,d] + branch[r,d]   (overwrite; may alias x or branch)

@@ -8,9 +8,11 @@ namespace dmat::cpu {
 namespace {
 
 // Rotates every (i, i + Dh/2) pair of x by sign·a(t, i). The cos/sin table [Tn, Dh/2] is built in
-// double once per call and shared by all batches and heads.
+// double once per call and shared by all batches and heads. Token rows lie ldy / ldx elements apart
+// (H·Dh: contiguous [B, Tn, H, Dh]).
 template <class T>
-void rotate(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta, double sign) {
+void rotate(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta, double sign, int64_t ldy,
+            int64_t ldx) {
   const int64_t half = Dh / 2;
   std::vector<T> cosv(size_t(Tn * half)), sinv(size_t(Tn * half));
 #pragma omp parallel for schedule(static)
@@ -27,8 +29,8 @@ void rotate(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, doub
     const T* c = cosv.data() + t * half;
     const T* s = sinv.data() + t * half;
     for (int64_t h = 0; h < H; ++h) {
-      const T* xr = x + (bt * H + h) * Dh;
-      T* yr = y + (bt * H + h) * Dh;
+      const T* xr = x + bt * ldx + h * Dh;
+      T* yr = y + bt * ldy + h * Dh;
 #pragma omp simd
       for (int64_t i = 0; i < half; ++i) {
         const T x1 = xr[i], x2 = xr[i + half];
@@ -39,21 +41,50 @@ void rotate(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, doub
   }
 }
 
+// Copies `width` values per row between rows ldx / ldy apart.
+template <class T>
+void copy_heads(T* y, const T* x, int64_t rows, int64_t width, int64_t ldy, int64_t ldx) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < width; ++i) y[r * ldy + i] = x[r * ldx + i];
+}
+
 }  // namespace
 
 template <class T>
 void rope_forward(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta) {
-  rotate(y, x, B, Tn, H, Dh, theta, 1.0);
+  rotate(y, x, B, Tn, H, Dh, theta, 1.0, H * Dh, H * Dh);
 }
 
 template <class T>
 void rope_backward(T* dx, const T* dy, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta) {
-  rotate(dx, dy, B, Tn, H, Dh, theta, -1.0);
+  rotate(dx, dy, B, Tn, H, Dh, theta, -1.0, H * Dh, H * Dh);
 }
 
-#define DMAT_INSTANTIATE(T)                                                                  \
-  template void rope_forward<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double);   \
-  template void rope_backward<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double);
+template <class T>
+void rope_unpack_qkv(T* q, T* k, T* v, const T* qkv, int64_t B, int64_t Tn, int64_t H, int64_t Hkv, int64_t Dh,
+                     double theta) {
+  const int64_t ld = (H + 2 * Hkv) * Dh;
+  rotate(q, qkv, B, Tn, H, Dh, theta, 1.0, H * Dh, ld);
+  rotate(k, qkv + H * Dh, B, Tn, Hkv, Dh, theta, 1.0, Hkv * Dh, ld);
+  copy_heads(v, qkv + (H + Hkv) * Dh, B * Tn, Hkv * Dh, Hkv * Dh, ld);
+}
+
+template <class T>
+void rope_pack_qkv_backward(T* dqkv, const T* dq, const T* dk, const T* dv, int64_t B, int64_t Tn, int64_t H,
+                            int64_t Hkv, int64_t Dh, double theta) {
+  const int64_t ld = (H + 2 * Hkv) * Dh;
+  rotate(dqkv, dq, B, Tn, H, Dh, theta, -1.0, ld, H * Dh);
+  rotate(dqkv + H * Dh, dk, B, Tn, Hkv, Dh, theta, -1.0, ld, Hkv * Dh);
+  copy_heads(dqkv + (H + Hkv) * Dh, dv, B * Tn, Hkv * Dh, ld, Hkv * Dh);
+}
+
+#define DMAT_INSTANTIATE(T)                                                                                     \
+  template void rope_forward<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double);                      \
+  template void rope_backward<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double);                     \
+  template void rope_unpack_qkv<T>(T*, T*, T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, double);  \
+  template void rope_pack_qkv_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
+                                          int64_t, double);
 DMAT_INSTANTIATE(float)
 DMAT_INSTANTIATE(double)
 #undef DMAT_INSTANTIATE

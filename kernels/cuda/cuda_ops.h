@@ -66,10 +66,20 @@ void residual_rmsnorm_forward(bf16* out, bf16* y, float* rstd, const bf16* x, co
 // ---- RoPE, rotate-half, x [B,T,H,Dh]; angles as the CPU reference (double, rounded once) ------
 void rope_forward(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta);
 void rope_backward(bf16* dx, const bf16* dy, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta);
+// Packed q/k/v as cpu::rope_unpack_qkv / rope_pack_qkv_backward (the same bits as rope_forward /
+// rope_backward on the unpacked tensors).
+void rope_unpack_qkv(bf16* q, bf16* k, bf16* v, const bf16* qkv, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                     int64_t Dh, double theta);
+void rope_pack_qkv_backward(bf16* dqkv, const bf16* dq, const bf16* dk, const bf16* dv, int64_t B, int64_t T,
+                            int64_t H, int64_t Hkv, int64_t Dh, double theta);
 
 // ---- SwiGLU: out = silu(g)·u -------------------------------------------------------------------
 void swiglu_forward(bf16* out, const bf16* g, const bf16* u, int64_t n);
 void swiglu_backward(bf16* dg, bf16* du, const bf16* dout, const bf16* g, const bf16* u, int64_t n);
+// Row-strided as cpu::swiglu_forward/backward(rows, F, ld): out/dout [rows, F]; g, u, dg, du rows ld apart.
+void swiglu_forward(bf16* out, const bf16* g, const bf16* u, int64_t rows, int64_t F, int64_t ld);
+void swiglu_backward(bf16* dg, bf16* du, const bf16* dout, const bf16* g, const bf16* u, int64_t rows, int64_t F,
+                     int64_t ld);
 
 // ---- residual with optional per-channel scale: out = r ⊙ x + branch ---------------------------
 void residual_forward(bf16* out, const bf16* x, const bf16* r, const bf16* branch, int64_t rows, int64_t D);

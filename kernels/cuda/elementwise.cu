@@ -125,24 +125,36 @@ struct ScaleBf16 {
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
-struct SwigluFwd {
+// SwiGLU over rows of F values: out / dout index i (row-major [rows, F]) reads g, u and writes dg, du
+// at in(i) = row·ld + column (ld = F: the same index).
+struct SwigluRows {
+  int64_t F, stride;
+  __device__ int64_t in(int64_t i) const {
+    if (stride == F) return i;
+    const int64_t r = i / F;
+    return r * stride + (i - r * F);
+  }
+};
+struct SwigluFwd : SwigluRows {
   static constexpr int kVec = 8;
   nv_bf16* out;
   const nv_bf16 *g, *u;
   __device__ void vec(int64_t i) const {
+    const int64_t j = in(i);
     float a[8], b[8];
-    load8(g + i, a);
-    load8(u + i, b);
+    load8(g + j, a);
+    load8(u + j, b);
 #pragma unroll
     for (int k = 0; k < 8; ++k) a[k] = a[k] * sigmoid(a[k]) * b[k];
     store8(out + i, a);
   }
   __device__ void one(int64_t i) const {
-    const float gi = ld(g + i);
-    st(out + i, gi * sigmoid(gi) * ld(u + i));
+    const int64_t j = in(i);
+    const float gi = ld(g + j);
+    st(out + i, gi * sigmoid(gi) * ld(u + j));
   }
 };
-struct SwigluBwd {
+struct SwigluBwd : SwigluRows {
   static constexpr int kVec = 8;
   nv_bf16 *dg, *du;
   const nv_bf16 *dout, *g, *u;
@@ -152,20 +164,22 @@ struct SwigluBwd {
     dui = di * gi * sig;
   }
   __device__ void vec(int64_t i) const {
+    const int64_t j = in(i);
     float a[8], b[8], d[8];
-    load8(g + i, a);
-    load8(u + i, b);
+    load8(g + j, a);
+    load8(u + j, b);
     load8(dout + i, d);
 #pragma unroll
     for (int k = 0; k < 8; ++k) f(d[k], a[k], b[k], a[k], b[k]);
-    store8(dg + i, a);
-    store8(du + i, b);
+    store8(dg + j, a);
+    store8(du + j, b);
   }
   __device__ void one(int64_t i) const {
+    const int64_t j = in(i);
     float a, b;
-    f(ld(dout + i), ld(g + i), ld(u + i), a, b);
-    st(dg + i, a);
-    st(du + i, b);
+    f(ld(dout + i), ld(g + j), ld(u + j), a, b);
+    st(dg + j, a);
+    st(du + j, b);
   }
 };
 struct ResidualFwd {
@@ -225,11 +239,20 @@ void add_inplace_bf16(bf16* y, const bf16* x, int64_t n) { launch_ew(AddBf16{nv(
 void scale_inplace_f32(float* x, int64_t n, float s) { launch_ew(ScaleF32{x, s}, n, al(x)); }
 void scale_inplace_bf16(bf16* x, int64_t n, float s) { launch_ew(ScaleBf16{nv(x), s}, n, al(x)); }
 
-void swiglu_forward(bf16* out, const bf16* g, const bf16* u, int64_t n) {
-  launch_ew(SwigluFwd{nv(out), nv(g), nv(u)}, n, al(out, g, u));
+void swiglu_forward(bf16* out, const bf16* g, const bf16* u, int64_t rows, int64_t F, int64_t ld) {
+  SwigluFwd op{};
+  op.F = F, op.stride = ld, op.out = nv(out), op.g = nv(g), op.u = nv(u);
+  launch_ew(op, rows * F, (ld == F || (F % 8 == 0 && ld % 8 == 0)) && al(out, g, u));
 }
+void swiglu_backward(bf16* dg, bf16* du, const bf16* dout, const bf16* g, const bf16* u, int64_t rows, int64_t F,
+                     int64_t ld) {
+  SwigluBwd op{};
+  op.F = F, op.stride = ld, op.dg = nv(dg), op.du = nv(du), op.dout = nv(dout), op.g = nv(g), op.u = nv(u);
+  launch_ew(op, rows * F, (ld == F || (F % 8 == 0 && ld % 8 == 0)) && al(dg, du, dout, g, u));
+}
+void swiglu_forward(bf16* out, const bf16* g, const bf16* u, int64_t n) { swiglu_forward(out, g, u, 1, n, n); }
 void swiglu_backward(bf16* dg, bf16* du, const bf16* dout, const bf16* g, const bf16* u, int64_t n) {
-  launch_ew(SwigluBwd{nv(dg), nv(du), nv(dout), nv(g), nv(u)}, n, al(dg, du, dout, g, u));
+  swiglu_backward(dg, du, dout, g, u, 1, n, n);
 }
 
 void residual_forward(bf16* out, const bf16* x, const bf16* r, const bf16* branch, int64_t rows, int64_t D) {

@@ -39,11 +39,12 @@ const float* rope_table(int64_t T, int64_t Dh, double theta) {
   return d;
 }
 
-// One thread per (row, group of 8 pairs) on the vector path; per pair on the scalar path.
+// One thread per (row, group of 8 pairs) on the vector path; per pair on the scalar path. A row is
+// one head of one token; token rows lie ldy / ldx elements apart in y / x.
 template <bool VEC>
 __global__ void __launch_bounds__(256)
     rope_kernel(nv_bf16* y, const nv_bf16* x, const float* table, int64_t rows, int64_t T, int64_t H, int64_t half,
-                float sign) {
+                float sign, int64_t ldy, int64_t ldx) {
   constexpr int W = VEC ? 8 : 1;
   const int64_t per_row = half / W;
   const int64_t total = rows * per_row;
@@ -51,10 +52,11 @@ __global__ void __launch_bounds__(256)
   for (int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; id < total; id += stride) {
     const int64_t row = id / per_row;  // row = (b·T + t)·H + h
     const int64_t i = (id - row * per_row) * W;
-    const int64_t t = (row / H) % T;
+    const int64_t token = row / H, h = row - token * H;
+    const int64_t t = token % T;
     const float* cs = table + t * half + i;
     const float* sn = table + T * half + t * half + i;
-    const int64_t o = row * 2 * half + i;
+    const int64_t o = token * ldx + h * 2 * half + i, oy = token * ldy + h * 2 * half + i;
     if constexpr (VEC) {
       float x1[8], x2[8], c[8], s[8];
       load8(x + o, x1);
@@ -69,38 +71,60 @@ __global__ void __launch_bounds__(256)
         x1[k] = a;
         x2[k] = b;
       }
-      store8(y + o, x1);
-      store8(y + o + half, x2);
+      store8(y + oy, x1);
+      store8(y + oy + half, x2);
     } else {
       const float x1 = ld(x + o), x2 = ld(x + o + half), c = *cs, s = sign * *sn;
-      st(y + o, x1 * c - x2 * s);
-      st(y + o + half, x2 * c + x1 * s);
+      st(y + oy, x1 * c - x2 * s);
+      st(y + oy + half, x2 * c + x1 * s);
     }
   }
 }
 
-void rope(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta, float sign) {
+void rope(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta, float sign, int64_t ldy,
+          int64_t ldx) {
   if (B <= 0 || T <= 0 || H <= 0 || Dh <= 0) return;
   DMAT_CHECK(Dh % 2 == 0, "rope: head dim {} must be even", Dh);
   const int64_t half = Dh / 2, rows = B * T * H;
   const float* table = rope_table(T, Dh, theta);
   // The table's float rows are 16-byte aligned when half % 8 == 0 (cudaMalloc base).
-  const bool vec = half % 8 == 0 && aligned16(y) && aligned16(x);
+  const bool vec = half % 8 == 0 && ldy % 8 == 0 && ldx % 8 == 0 && aligned16(y) && aligned16(x);
   const int64_t work = rows * (vec ? half / 8 : half);
   if (vec)
-    rope_kernel<true><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, T, H, half, sign);
+    rope_kernel<true><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, T, H, half, sign, ldy, ldx);
   else
-    rope_kernel<false><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, T, H, half, sign);
+    rope_kernel<false><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, T, H, half, sign, ldy,
+                                                                  ldx);
   DMAT_CUDA_LAUNCH_CHECK();
+}
+
+void copy_rows(bf16* y, int64_t ldy, const bf16* x, int64_t ldx, int64_t rows, int64_t width) {
+  if (rows <= 0 || width <= 0) return;
+  DMAT_CUDA_CHECK(cudaMemcpy2DAsync(y, size_t(ldy) * 2, x, size_t(ldx) * 2, size_t(width) * 2, size_t(rows),
+                                    cudaMemcpyDeviceToDevice, stream()));
 }
 
 }  // namespace
 
 void rope_forward(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta) {
-  rope(y, x, B, T, H, Dh, theta, 1.f);
+  rope(y, x, B, T, H, Dh, theta, 1.f, H * Dh, H * Dh);
 }
 void rope_backward(bf16* dx, const bf16* dy, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta) {
-  rope(dx, dy, B, T, H, Dh, theta, -1.f);
+  rope(dx, dy, B, T, H, Dh, theta, -1.f, H * Dh, H * Dh);
+}
+void rope_unpack_qkv(bf16* q, bf16* k, bf16* v, const bf16* qkv, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                     int64_t Dh, double theta) {
+  const int64_t ld = (H + 2 * Hkv) * Dh;
+  rope(q, qkv, B, T, H, Dh, theta, 1.f, H * Dh, ld);
+  rope(k, qkv + H * Dh, B, T, Hkv, Dh, theta, 1.f, Hkv * Dh, ld);
+  copy_rows(v, Hkv * Dh, qkv + (H + Hkv) * Dh, ld, B * T, Hkv * Dh);
+}
+void rope_pack_qkv_backward(bf16* dqkv, const bf16* dq, const bf16* dk, const bf16* dv, int64_t B, int64_t T,
+                            int64_t H, int64_t Hkv, int64_t Dh, double theta) {
+  const int64_t ld = (H + 2 * Hkv) * Dh;
+  rope(dqkv, dq, B, T, H, Dh, theta, -1.f, ld, H * Dh);
+  rope(dqkv + H * Dh, dk, B, T, Hkv, Dh, theta, -1.f, ld, Hkv * Dh);
+  copy_rows(dqkv + (H + Hkv) * Dh, ld, dv, Hkv * Dh, B * T, Hkv * Dh);
 }
 
 }  // namespace dmat::cuda

@@ -30,4 +30,16 @@ Tensor Tensor::rows(int64_t r0, int64_t n) const {
   return t;
 }
 
+Tensor join_rows(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined() || a.dtype != b.dtype || a.device != b.device || a.shape.n < 1 ||
+      a.shape.n != b.shape.n)
+    return {};
+  for (int i = 1; i < a.shape.n; ++i)
+    if (a.shape[i] != b.shape[i]) return {};
+  if (static_cast<const char*>(a.data) + a.bytes() != b.data) return {};
+  Tensor t = a;
+  t.shape.d[0] = a.shape[0] + b.shape[0];
+  return t;
+}
+
 }  // namespace dmat

@@ -87,4 +87,9 @@ struct Tensor {
   Tensor rows(int64_t r0, int64_t n) const;
 };
 
+// a and b seen as one tensor of a.shape[0] + b.shape[0] rows, where b starts right where a ends in
+// memory (same dtype, device and row shape): e.g. two weight matrices declared one after the other
+// in an arena, used by one GEMM. Undefined (data == nullptr) where they are not adjacent.
+Tensor join_rows(const Tensor& a, const Tensor& b);
+
 }  // namespace dmat

@@ -7,7 +7,10 @@ namespace dmat {
 
 QkvBlock::QkvBlock(const ModelConfig& c)
     : D_(c.d_model), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), theta_(c.rope_theta), eps_(c.norm_eps),
-      qk_norm_(c.qk_norm), std_(c.init_std), out_std_(c.init_std / std::sqrt(2.0 * double(c.n_layers))) {}
+      qk_norm_(c.qk_norm),
+      packed_(!c.qk_norm && (c.n_heads * c.head_dim * c.d_model) % kArenaAlign == 0 &&
+              (c.n_kv_heads * c.head_dim * c.d_model) % kArenaAlign == 0),
+      std_(c.init_std), out_std_(c.init_std / std::sqrt(2.0 * double(c.n_layers))) {}
 
 void QkvBlock::declare_params(ParamTable& t, const std::string& p) {
   wq_ = t.add({p + "q_proj.weight", {H_ * Dh_, D_}, "attention", Init::Normal, std_, true});
@@ -40,6 +43,7 @@ void QkvBlock::declare_norm_and_scratch(TensorTable& t, const std::string& p, in
   dk_ = t.add_shared("scratch.attn.dk", {B, T, Hkv_, Dh_});
   dv_ = t.add_shared("scratch.attn.dv", {B, T, Hkv_, Dh_});
   do_ = t.add_shared("scratch.attn.do", {N, H_ * Dh_});
+  if (packed_) qkv_ = t.add_shared("scratch.attn.qkv", {N, (H_ + 2 * Hkv_) * Dh_});
   if (qk_norm_) {
     dqn_ = t.add_shared("scratch.attn.dq_pre", {B, T, H_, Dh_});
     dkn_ = t.add_shared("scratch.attn.dk_pre", {B, T, Hkv_, Dh_});
@@ -62,8 +66,20 @@ cpu::AttnShape QkvBlock::shape(const LayerCtx& c) const {
   return s;
 }
 
+Tensor QkvBlock::joined(const Arena& a) const {
+  const Tensor t = join_rows(join_rows(a.get(wq_), a.get(wk_)), a.get(wv_));
+  DMAT_CHECK(t.defined(), "attention: q_proj, k_proj and v_proj are not adjacent in the arena");
+  return t;
+}
+
 void QkvBlock::forward_qkv(const LayerCtx& c, const Tensor& x) const {
   Tensor q = c.A(q_), k = c.A(k_), v = c.A(v_);
+  if (packed_) {
+    const Tensor qkv = c.A(qkv_).rows(0, c.B * c.T);
+    ops::linear_forward(qkv, x, joined(*c.params));
+    ops::rope_unpack_qkv(q, k, v, qkv, theta_);
+    return;
+  }
   if (qk_norm_) {
     Tensor qp = c.A(qpre_), kp = c.A(kpre_);
     ops::linear_forward(qp, x, c.P(wq_));
@@ -90,6 +106,12 @@ void QkvBlock::backward_out(const LayerCtx& c, const Tensor& dout) const {
 void QkvBlock::backward_qkv(const LayerCtx& c, const Tensor& x, const Tensor& dx) const {
   const int64_t N = c.B * c.T;
   const auto [dq, dk, dv, dO] = grads(c);
+  if (packed_) {
+    const Tensor dqkv = c.A(qkv_).rows(0, N);
+    ops::rope_pack_qkv_backward(dqkv, dq, dk, dv, theta_);
+    ops::linear_backward(dx, joined(*c.grads), dqkv, x, joined(*c.params), false);
+    return;
+  }
   ops::rope_backward(dq, dq, theta_);
   ops::rope_backward(dk, dk, theta_);
   Tensor dqp = dq, dkp = dk;

@@ -48,10 +48,17 @@ class QkvBlock {
   int64_t D_, H_, Hkv_, Dh_;
   double theta_, eps_;
   bool qk_norm_;
+  // One GEMM for q, k and v over the three adjacent weights (N = (H + 2·Hkv)·Dh), its packed output
+  // unpacked by the RoPE pass, and one GEMM each for dx and dW in the backward: without QK-norm,
+  // wherever the arena places the weights back to back (H·Dh·d and Hkv·Dh·d multiples of its
+  // alignment). Else one GEMM per projection.
+  bool packed_;
   double std_, out_std_;
   int wq_ = -1, wk_ = -1, wv_ = -1, wo_ = -1, gq_ = -1, gk_ = -1;
   int q_ = -1, k_ = -1, v_ = -1, o_ = -1, qpre_ = -1, kpre_ = -1, rq_ = -1, rk_ = -1;
-  int dq_ = -1, dk_ = -1, dv_ = -1, do_ = -1, dqn_ = -1, dkn_ = -1;
+  int dq_ = -1, dk_ = -1, dv_ = -1, do_ = -1, dqn_ = -1, dkn_ = -1, qkv_ = -1;
+  // q/k/v_proj.weight of one arena (parameters or gradients) as one [(H + 2·Hkv)·Dh, d] tensor.
+  Tensor joined(const Arena& a) const;
 };
 
 }  // namespace dmat

@@ -12,16 +12,21 @@ struct Model::Block {
   int64_t D, F;
   double eps;
   bool rscale;
+  // gate and up as one GEMM over the two adjacent weights (N = 2F), their outputs packed in one
+  // [N, 2F] tensor: wherever the arena places up_proj right after gate_proj (F·D a multiple of
+  // its alignment), else one GEMM each.
+  bool packed_gu;
   std::unique_ptr<Attention> attn;
   // parameters
   int ln1 = -1, ln2 = -1, r1 = -1, r2 = -1, wg = -1, wu = -1, wd = -1;
   // saved activations
-  int ln1_out = -1, rstd1 = -1, mid = -1, ln2_out = -1, rstd2 = -1, g = -1, u = -1, a = -1;
+  int ln1_out = -1, rstd1 = -1, mid = -1, ln2_out = -1, rstd2 = -1, g = -1, u = -1, gu = -1, a = -1;
   // scratch shared across blocks
-  int attn_out = -1, s1 = -1, s2 = -1, da = -1, dg = -1, du = -1;
+  int attn_out = -1, s1 = -1, s2 = -1, da = -1, dg = -1, du = -1, dgu = -1;
 
   explicit Block(const ModelConfig& c)
-      : D(c.d_model), F(c.ffn_dim), eps(c.norm_eps), rscale(c.residual_scale), attn(make_attention(c)) {}
+      : D(c.d_model), F(c.ffn_dim), eps(c.norm_eps), rscale(c.residual_scale),
+        packed_gu((c.ffn_dim * c.d_model) % kArenaAlign == 0), attn(make_attention(c)) {}
 
   void declare_params(ParamTable& t, const std::string& p, const ModelConfig& c) {
     const double std = c.init_std, out_std = c.init_std / std::sqrt(2.0 * double(c.n_layers));
@@ -43,27 +48,45 @@ struct Model::Block {
     mid = t.add(p + "mid", {N, D});
     ln2_out = t.add(p + "ln2", {N, D});
     rstd2 = t.add_stat(p + "rstd2", {N});
-    g = t.add(p + "g", {N, F});
-    u = t.add(p + "u", {N, F});
+    if (packed_gu) {
+      gu = t.add(p + "gu", {N, 2 * F});
+    } else {
+      g = t.add(p + "g", {N, F});
+      u = t.add(p + "u", {N, F});
+    }
     a = t.add(p + "a", {N, F});
     attn_out = t.add_shared("scratch.block.attn_out", {N, D});  // consumed at once by the residual
     s1 = t.add_shared("scratch.block.s1", {N, D});
     s2 = t.add_shared("scratch.block.s2", {N, D});
     da = t.add_shared("scratch.block.da", {N, F});
-    dg = t.add_shared("scratch.block.dg", {N, F});
-    du = t.add_shared("scratch.block.du", {N, F});
+    if (packed_gu) {
+      dgu = t.add_shared("scratch.block.dgu", {N, 2 * F});
+    } else {
+      dg = t.add_shared("scratch.block.dg", {N, F});
+      du = t.add_shared("scratch.block.du", {N, F});
+    }
   }
 
   static Tensor P(const LayerCtx& c, int h) { return h < 0 ? Tensor{} : c.P(h); }
   static Tensor G(const LayerCtx& c, int h) { return h < 0 ? Tensor{} : c.G(h); }
+  static Tensor joined(const Tensor& a, const Tensor& b) {
+    Tensor t = join_rows(a, b);
+    DMAT_CHECK(t.defined(), "model: gate_proj and up_proj are not adjacent in the arena");
+    return t;
+  }
 
   void forward(const LayerCtx& c, const Tensor& x, const Tensor& y) {
     ops::rmsnorm_forward(c.A(ln1_out), c.A(rstd1), x, c.P(ln1), eps);
     attn->forward(c, c.A(ln1_out), c.A(attn_out));
     ops::residual_rmsnorm_forward(c.A(mid), c.A(ln2_out), c.A(rstd2), x, P(c, r1), c.A(attn_out), c.P(ln2), eps);
-    ops::linear_forward(c.A(g), c.A(ln2_out), c.P(wg));
-    ops::linear_forward(c.A(u), c.A(ln2_out), c.P(wu));
-    ops::swiglu_forward(c.A(a), c.A(g), c.A(u));
+    if (packed_gu) {
+      ops::linear_forward(c.A(gu), c.A(ln2_out), joined(c.P(wg), c.P(wu)));
+      ops::swiglu_packed_forward(c.A(a), c.A(gu));
+    } else {
+      ops::linear_forward(c.A(g), c.A(ln2_out), c.P(wg));
+      ops::linear_forward(c.A(u), c.A(ln2_out), c.P(wu));
+      ops::swiglu_forward(c.A(a), c.A(g), c.A(u));
+    }
     ops::linear_forward(y, c.A(a), c.P(wd));  // y holds the MLP output, then the residual adds in place
     ops::residual_forward(y, c.A(mid), P(c, r2), y);
   }
@@ -74,9 +97,14 @@ struct Model::Block {
     // MLP half: y = r₂ ⊙ mid + down(silu(gate(ln2)) ⊙ up(ln2)). dx accumulates ∂/∂mid first.
     ops::residual_backward(dx, G(c, r2), dy, c.A(mid), P(c, r2));
     ops::linear_backward(c.A(da), c.G(wd), dy, c.A(a), c.P(wd), false);
-    ops::swiglu_backward(c.A(dg), c.A(du), c.A(da), c.A(g), c.A(u));
-    ops::linear_backward(S1, c.G(wg), c.A(dg), c.A(ln2_out), c.P(wg), false);
-    ops::linear_backward(S1, c.G(wu), c.A(du), c.A(ln2_out), c.P(wu), true);
+    if (packed_gu) {
+      ops::swiglu_packed_backward(c.A(dgu), c.A(da), c.A(gu));
+      ops::linear_backward(S1, joined(c.G(wg), c.G(wu)), c.A(dgu), c.A(ln2_out), joined(c.P(wg), c.P(wu)), false);
+    } else {
+      ops::swiglu_backward(c.A(dg), c.A(du), c.A(da), c.A(g), c.A(u));
+      ops::linear_backward(S1, c.G(wg), c.A(dg), c.A(ln2_out), c.P(wg), false);
+      ops::linear_backward(S1, c.G(wu), c.A(du), c.A(ln2_out), c.P(wu), true);
+    }
     ops::rmsnorm_backward(dx, c.G(ln2), S1, c.A(mid), c.P(ln2), c.A(rstd2), true);
     // Attention half: mid = r₁ ⊙ x + attn(ln1(x)); ∂/∂attn_out = ∂/∂mid (now in dx).
     attn->backward(c, c.A(ln1_out), dx, S1);

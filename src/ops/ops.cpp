@@ -216,6 +216,56 @@ void rope_backward(const Tensor& dx, const Tensor& dy, double theta) {
   });
 }
 
+namespace {
+// q [B,T,H,Dh], k and v [B,T,Hkv,Dh], qkv [B·T, (H + 2·Hkv)·Dh].
+void check_packed_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qkv) {
+  DMAT_CHECK(q.shape.n == 4 && k.shape.n == 4 && v.shape == k.shape && q.shape[0] == k.shape[0] &&
+                 q.shape[1] == k.shape[1] && q.shape[3] == k.shape[3],
+             "{}: q {} k {} v {} (expected [B,T,H,Dh] and two [B,T,Hkv,Dh])", op, q.shape.str(), k.shape.str(),
+             v.shape.str());
+  const int64_t N = q.shape[0] * q.shape[1], W = (q.shape[2] + 2 * k.shape[2]) * q.shape[3];
+  DMAT_CHECK(rows_of(qkv) == N && last_dim(qkv) == W, "{}: packed q/k/v {} (expected [{}, {}])", op, qkv.shape.str(),
+             N, W);
+  same_type(op, q, qkv);
+  same_type(op, k, qkv);
+  same_type(op, v, qkv);
+}
+}  // namespace
+
+void rope_unpack_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qkv, double theta) {
+  check_packed_qkv("rope_unpack_qkv", q, k, v, qkv);
+  const int64_t B = q.shape[0], T = q.shape[1], H = q.shape[2], Hkv = k.shape[2], Dh = q.shape[3];
+  if (on_cuda("rope", qkv)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope");
+    const char* o = "rope_unpack_qkv";
+    cuda::rope_unpack_qkv(bf(q, o), bf(k, o), bf(v, o), bf(qkv, o), B, T, H, Hkv, Dh, theta);
+#endif
+    return;
+  }
+  dispatch("rope_unpack_qkv", qkv, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::rope_unpack_qkv<T_>(p<T_>(q), p<T_>(k), p<T_>(v), p<T_>(qkv), B, T, H, Hkv, Dh, theta);
+  });
+}
+
+void rope_pack_qkv_backward(const Tensor& dqkv, const Tensor& dq, const Tensor& dk, const Tensor& dv, double theta) {
+  check_packed_qkv("rope_pack_qkv_backward", dq, dk, dv, dqkv);
+  const int64_t B = dq.shape[0], T = dq.shape[1], H = dq.shape[2], Hkv = dk.shape[2], Dh = dq.shape[3];
+  if (on_cuda("rope_backward", dqkv)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope_backward");
+    const char* o = "rope_pack_qkv_backward";
+    cuda::rope_pack_qkv_backward(bf(dqkv, o), bf(dq, o), bf(dk, o), bf(dv, o), B, T, H, Hkv, Dh, theta);
+#endif
+    return;
+  }
+  dispatch("rope_pack_qkv_backward", dqkv, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::rope_pack_qkv_backward<T_>(p<T_>(dqkv), p<T_>(dq), p<T_>(dk), p<T_>(dv), B, T, H, Hkv, Dh, theta);
+  });
+}
+
 static void check_attn(const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
                        const Tensor& v, const AttnShape& s) {
   DMAT_CHECK(s.H % s.Hkv == 0 && q.numel() == s.B * s.T * s.H * s.Dqk && k.numel() == s.B * s.T * s.Hkv * s.Dqk &&
@@ -295,6 +345,48 @@ void swiglu_backward(const Tensor& dg, const Tensor& du, const Tensor& dout, con
   dispatch("swiglu_backward", g, [&](auto t) {
     using T = decltype(t);
     cpu::swiglu_backward<T>(p<T>(dg), p<T>(du), p<T>(dout), p<T>(g), p<T>(u), g.numel());
+  });
+}
+
+void swiglu_packed_forward(const Tensor& out, const Tensor& gu) {
+  const int64_t F = last_dim(out), R = rows_of(out);
+  DMAT_CHECK(last_dim(gu) == 2 * F && rows_of(gu) == R, "swiglu_packed: out {} needs gu [rows, {}], got {}",
+             out.shape.str(), 2 * F, gu.shape.str());
+  same_type("swiglu_packed", out, gu);
+  if (on_cuda("swiglu", gu)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("swiglu");
+    const bf16* g = bf(gu, "swiglu_packed");
+    cuda::swiglu_forward(bf(out, "swiglu_packed"), g, g + F, R, F, 2 * F);
+#endif
+    return;
+  }
+  dispatch("swiglu_packed", gu, [&](auto t) {
+    using T = decltype(t);
+    cpu::swiglu_forward<T>(p<T>(out), p<T>(gu), p<T>(gu) + F, R, F, 2 * F);
+  });
+}
+
+void swiglu_packed_backward(const Tensor& dgu, const Tensor& dout, const Tensor& gu) {
+  const int64_t F = last_dim(dout), R = rows_of(dout);
+  DMAT_CHECK(last_dim(gu) == 2 * F && rows_of(gu) == R && dgu.shape == gu.shape,
+             "swiglu_packed_backward: dout {} needs gu and dgu [rows, {}], got {} and {}", dout.shape.str(), 2 * F,
+             gu.shape.str(), dgu.shape.str());
+  same_type("swiglu_packed_backward", dgu, gu);
+  same_type("swiglu_packed_backward", dout, gu);
+  if (on_cuda("swiglu_backward", gu)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("swiglu_backward");
+    const char* o = "swiglu_packed_backward";
+    bf16* d = bf(dgu, o);
+    const bf16* g = bf(gu, o);
+    cuda::swiglu_backward(d, d + F, bf(dout, o), g, g + F, R, F, 2 * F);
+#endif
+    return;
+  }
+  dispatch("swiglu_packed_backward", gu, [&](auto t) {
+    using T = decltype(t);
+    cpu::swiglu_backward<T>(p<T>(dgu), p<T>(dgu) + F, p<T>(dout), p<T>(gu), p<T>(gu) + F, R, F, 2 * F);
   });
 }
 

@@ -30,6 +30,11 @@ void rmsnorm_backward(const Tensor& dx, const Tensor& dw, const Tensor& dy, cons
 // x, y: [B, T, H, Dh]
 void rope_forward(const Tensor& y, const Tensor& x, double theta);
 void rope_backward(const Tensor& dx, const Tensor& dy, double theta);
+// One q/k/v GEMM's packed output qkv [B·T, (H + 2·Hkv)·Dh] into q = rope(q part) [B,T,H,Dh],
+// k = rope(k part) and v [B,T,Hkv,Dh]; and back: dqkv (packed, overwrite) from dq, dk through the
+// RoPE transpose and dv. Values as rope_forward / rope_backward on unpacked tensors.
+void rope_unpack_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qkv, double theta);
+void rope_pack_qkv_backward(const Tensor& dqkv, const Tensor& dq, const Tensor& dk, const Tensor& dv, double theta);
 
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const AttnShape& s);
@@ -39,6 +44,10 @@ void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, co
 
 void swiglu_forward(const Tensor& out, const Tensor& g, const Tensor& u);
 void swiglu_backward(const Tensor& dg, const Tensor& du, const Tensor& dout, const Tensor& g, const Tensor& u);
+// The same on the packed output of one gate/up GEMM: gu [rows, 2F] holds g in columns 0..F−1 and u
+// in F..2F−1; out, dout [rows, F]; dgu [rows, 2F] (overwrite) in gu's layout; dgu may alias gu.
+void swiglu_packed_forward(const Tensor& out, const Tensor& gu);
+void swiglu_packed_backward(const Tensor& dgu, const Tensor& dout, const Tensor& gu);
 
 // out = r ⊙ x + branch, then y = RMSNorm(out)·w with rstd: residual_forward followed by
 // rmsnorm_forward, bit for bit (CUDA: one pass). y must not alias out, x or branch.
