@@ -47,8 +47,13 @@ double AdamW::grad_norm() const {
 
 double AdamW::clip() {
   const double norm = grad_norm();
-  if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
-    ops::scale_inplace(model_.grads().flat().rows(lo_, hi_ - lo_), cfg_.grad_clip / (norm + 1e-6));
+  if (cfg_.grad_clip > 0 && norm > cfg_.grad_clip) {
+    const double s = cfg_.grad_clip / (norm + 1e-6);
+    // CUDA: the update kernel scales each gradient as it reads it (the same fp32 product), which
+    // saves a pass over the gradient arena.
+    if (model_.device() == Device::CUDA) clip_scale_ = float(s);
+    else ops::scale_inplace(model_.grads().flat().rows(lo_, hi_ - lo_), s);
+  }
   return norm;
 }
 
@@ -67,7 +72,8 @@ void AdamW::step(double lr) {
     if (!segs_.empty())
       cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), mb, vb,
                        reinterpret_cast<const cuda::AdamSegment*>(segs_.data()), int(segs_.size()), float(lr),
-                       float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1), float(bc2), 1.0f);
+                       float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1), float(bc2), clip_scale_);
+    clip_scale_ = 1.f;
     return;
 #endif
   }

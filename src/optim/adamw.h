@@ -30,7 +30,8 @@ class AdamW {
   // ‖g‖₂ over all parameters (computed in double; under ZeRO-1 from every rank's shard).
   double grad_norm() const;
   // Clips to cfg.grad_clip when it is > 0 and the norm exceeds it (scale clip / (norm + 1e-6), as
-  // PyTorch's clip_grad_norm_). Returns the norm before clipping.
+  // PyTorch's clip_grad_norm_). Returns the norm before clipping. On the GPU the scale is applied by
+  // the next step() as it reads the gradients (same values; the gradient arena stays unscaled).
   double clip();
   // One update at learning rate lr; increments the step counter (bias correction uses it).
   void step(double lr);
@@ -50,6 +51,7 @@ class AdamW {
   dist::Communicator* comm_ = nullptr;
   Arena m_, v_;
   int64_t t_ = 0;
+  float clip_scale_ = 1.f;  // CUDA: clip() scale awaiting step()
   struct Segment {
     int64_t offset, n;
     float weight_decay;
