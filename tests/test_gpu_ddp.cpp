@@ -47,6 +47,20 @@ test::CmdResult train(int np, const std::string& args) {
   return run((np == 0 ? "" : test::mpirun(np) + " ") + bin() + " train " + args);
 }
 
+double rel_l2_diff(const std::string& a, const std::string& b) {
+  SafetensorsFile fa(a), fb(b);
+  double num = 0, den = 0;
+  for (const auto& n : fa.names()) {
+    const Tensor &x = fa.get(n), &y = fb.get(n);
+    for (int64_t i = 0; i < std::min(x.numel(), y.numel()); ++i) {
+      const double d = double(x.as<float>()[i]) - double(y.as<float>()[i]);
+      num += d * d;
+      den += double(x.as<float>()[i]) * double(x.as<float>()[i]);
+    }
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
 double max_abs_diff(const std::string& a, const std::string& b) {
   SafetensorsFile fa(a), fb(b);
   EXPECT_EQ(fa.names(), fb.names());
@@ -59,10 +73,20 @@ double max_abs_diff(const std::string& a, const std::string& b) {
   return d;
 }
 
-void expect_same_run(const std::string& a, const std::string& b, double weight_tol, double loss_rel, const char* what) {
+// Two runs of the same 10 updates. The losses are the sensitive check (loss_rel). Master weights:
+// AdamW divides each update by the gradient's running RMS, so a coordinate whose gradient is near
+// zero in both runs moves by up to ~lr per step in directions set by rounding: max |Δw| is bounded
+// by 2·Σ lr_t (weight_tol), not by the gradients' agreement; the relative L2 difference over all
+// weights (‖Δw‖/‖w‖) is reported beside it. The gradient norm, to which AdamW is blind, catches a
+// missing average or a bucket reduced twice (a factor 2 or √2): within 1% at step 1 (same
+// weights; only the reduction order and the bf16 rounding of GEMMs of another row count differ)
+// and within 10% at every step (the trajectories drift apart by rounding afterwards).
+void expect_same_run(const std::string& a, const std::string& b, double weight_tol, double loss_rel, const char* what,
+                     double norm_rel = 0.1) {
   const std::string ca = a + "/checkpoints/step_00000010", cb = b + "/checkpoints/step_00000010";
   const double dw = max_abs_diff(ca + "/model.safetensors", cb + "/model.safetensors");
-  std::cout << what << ": max |Δmaster weight| " << dw << "\n";
+  std::cout << what << ": max |Δmaster weight| " << dw << ", relative L2 "
+            << rel_l2_diff(ca + "/model.safetensors", cb + "/model.safetensors") << "\n";
   EXPECT_LT(dw, weight_tol) << what;
   auto la = metric_column(a, "loss"), lb = metric_column(b, "loss");
   ASSERT_EQ(la.size(), 10u);
@@ -71,11 +95,15 @@ void expect_same_run(const std::string& a, const std::string& b, double weight_t
   for (auto& [s, l] : la) worst = std::max(worst, std::abs(lb[s] - l) / std::abs(l));
   std::cout << what << ": max relative loss difference " << worst << "\n";
   EXPECT_LT(worst, loss_rel) << what;
-  // AdamW hardly sees the gradient's scale; the global gradient norm does (a missing average, a
-  // bucket reduced twice)
   auto na = metric_column(a, "grad_norm"), nb = metric_column(b, "grad_norm");
-  for (auto& [s, n] : na) EXPECT_NEAR(nb[s], n, 10 * loss_rel * n) << what << ", grad norm at step " << s;
+  for (auto& [s, n] : na) {
+    std::cout << what << ": grad norm at step " << s << " relative difference " << std::abs(nb[s] - n) / n << "\n";
+    EXPECT_NEAR(nb[s], n, (s == 1 ? std::min(norm_rel, 1e-2) : norm_rel) * n) << what << ", grad norm at step " << s;
+  }
 }
+
+// The bound on max |Δw| between two runs of 10 AdamW updates at peak lr 3e-3 (tiny.json): 2·10·3e-3.
+constexpr double kAdamDriftBound = 0.06;
 
 TEST(GpuDdp, TwoGpusWithBatchBMatchOneGpuWith2B) {
   SKIP_UNLESS_2_GPUS();
@@ -86,7 +114,7 @@ TEST(GpuDdp, TwoGpusWithBatchBMatchOneGpuWith2B) {
   auto two = train(2, cfg + " --set train.batch_size=8 --out " + dir + "/two");
   ASSERT_EQ(two.rc, 0) << two.out;
   EXPECT_NE(two.out.find("data parallel: 2 ranks (mpi + nccl)"), std::string::npos) << two.out;
-  expect_same_run(dir + "/one", dir + "/two", 1e-3, 2e-3, "2 GPUs × b vs 1 GPU × 2b");
+  expect_same_run(dir + "/one", dir + "/two", kAdamDriftBound, 2e-3, "2 GPUs × b vs 1 GPU × 2b");
 }
 
 TEST(GpuDdp, ZeroOneMatchesPlainDataParallel) {
@@ -97,7 +125,7 @@ TEST(GpuDdp, ZeroOneMatchesPlainDataParallel) {
   ASSERT_EQ(ddp.rc, 0) << ddp.out;
   auto zero = train(2, cfg + " --set train.zero=1 --out " + dir + "/zero");
   ASSERT_EQ(zero.rc, 0) << zero.out;
-  expect_same_run(dir + "/ddp", dir + "/zero", 1e-5, 1e-5, "ZeRO-1 vs DDP on 2 GPUs");
+  expect_same_run(dir + "/ddp", dir + "/zero", 1e-5, 1e-5, "ZeRO-1 vs DDP on 2 GPUs", 1e-5);
 }
 
 TEST(GpuDdp, CheckpointsResumeOnAnotherNumberOfGpus) {
@@ -111,12 +139,12 @@ TEST(GpuDdp, CheckpointsResumeOnAnotherNumberOfGpus) {
   ASSERT_EQ(a1.rc, 0) << a1.out;
   auto a2 = train(0, cfg + b1 + " --out " + dir + "/a --resume");
   ASSERT_EQ(a2.rc, 0) << a2.out;
-  expect_same_run(dir + "/ref", dir + "/a", 1e-3, 2e-3, "2 GPUs (ZeRO-1) to step 5, then 1 GPU");
+  expect_same_run(dir + "/ref", dir + "/a", kAdamDriftBound, 2e-3, "2 GPUs (ZeRO-1) to step 5, then 1 GPU");
   auto b1r = train(0, cfg + b1 + " --out " + dir + "/b --stop-at 5");
   ASSERT_EQ(b1r.rc, 0) << b1r.out;
   auto b2r = train(2, cfg + b2 + " --out " + dir + "/b --resume");
   ASSERT_EQ(b2r.rc, 0) << b2r.out;
-  expect_same_run(dir + "/ref", dir + "/b", 1e-3, 2e-3, "1 GPU to step 5, then 2 GPUs");
+  expect_same_run(dir + "/ref", dir + "/b", kAdamDriftBound, 2e-3, "1 GPU to step 5, then 2 GPUs");
 }
 
 }  // namespace
