@@ -14,6 +14,7 @@
 // plain DDP to the last bit except through the gradient norm (summed per shard, then over ranks):
 // 1e-6 absolute (measured: 0, bit for bit).
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <chrono>
 #include <cmath>
@@ -101,6 +102,17 @@ TEST(MpiTrain, TwoRanksWithBatchBMatchOneRankWith2B) {
   // the grad norm is a global quantity: the same on both
   auto na = metric_column(dir + "/one", "grad_norm"), nb = metric_column(dir + "/two", "grad_norm");
   for (auto& [s, n] : na) EXPECT_NEAR(nb[s], n, 1e-5 * n) << "grad norm at step " << s;
+}
+
+// run.threads = 0 shares the node's cores among its ranks: two ranks that each took every core would
+// run twice as many OpenMP threads as cores (their idle threads spinning after every parallel region).
+TEST(MpiTrain, DefaultThreadsShareTheNodesCores) {
+  const std::string dir = test::temp_dir("mpi_threads");
+  auto two = train(2, setup(dir) + " --set run.threads=0 --set train.steps=1 --out " + dir + "/two");
+  ASSERT_EQ(two.rc, 0) << two.out;
+  const int want = std::max(1, omp_get_num_procs() / 2);
+  EXPECT_NE(two.out.find("backend: cpu (" + std::to_string(want) + " threads per rank)"), std::string::npos)
+      << "expected " << want << " threads per rank:\n" << two.out;
 }
 
 // The GPU path reduces gradients in buckets from Model's grad-ready hook during backward; run on the

@@ -74,7 +74,7 @@ struct RunConfig {
   std::string name = "run";
   std::string dir;                 // run directory; "" -> runs/<name>
   std::string device = "auto";     // "auto" | "cpu" | "cuda"
-  int64_t threads = 0;             // CPU threads; 0: all cores
+  int64_t threads = 0;             // CPU threads per rank; 0: the node's cores / ranks on the node
   int64_t log_interval = 10;       // steps between log lines / metrics rows
   int64_t keep_checkpoints = 3;    // newest complete checkpoints kept; 0 keeps all
   bool deterministic = true;       // CUDA: bitwise-reproducible kernels (attention dQ without atomics)

@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -167,8 +168,12 @@ void truncate_metrics(const std::string& path, int64_t step) {
 
 }  // namespace
 
-int set_cpu_threads(int64_t n) {
-  const int t = n > 0 ? int(n) : omp_get_num_procs();
+// n > 0: n threads. 0: the node's cores shared by the ranks on it (ranks_per_node of them): ranks
+// that each took every core would run twice as many OpenMP threads as cores, and the idle ones
+// spinning after each parallel region (the data loader's, once per micro-batch) take the cores the
+// ranks' main threads need to keep their GPUs fed.
+int set_cpu_threads(int64_t n, int ranks_per_node) {
+  const int t = n > 0 ? int(n) : std::max(1, omp_get_num_procs() / std::max(1, ranks_per_node));
   omp_set_num_threads(t);
   return t;
 }
@@ -270,10 +275,11 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
     nccl = dist::make_nccl(comm);
     nccl->set_timeout(cfg.run.collective_timeout_s);
   }
-  const int threads = set_cpu_threads(cfg.run.threads);
+  const int threads = set_cpu_threads(cfg.run.threads, comm.local_size());
   if (device == Device::CUDA)
-    spdlog::info("backend: cuda ({}; bf16 weights and activations, fp32 master weights and gradients)",
-                 cuda::device_summary(gpu));
+    spdlog::info("backend: cuda ({}; bf16 weights and activations, fp32 master weights and gradients; {} host "
+                 "threads{})",
+                 cuda::device_summary(gpu), threads, world > 1 ? " per rank" : "");
   else
     spdlog::info("backend: cpu ({} threads{})", threads, world > 1 ? " per rank" : "");
   if (world > 1)
@@ -457,7 +463,7 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches) {
   auto ck = latest_checkpoint(run_dir);
   if (!ck) fail("eval: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
   Config cfg = parse_config(checkpoint_config(ck->path), run_dir);
-  set_cpu_threads(cfg.run.threads);
+  set_cpu_threads(cfg.run.threads, 1);
   std::unique_ptr<Model> model = make_model(cfg, pick_device(cfg.run.device));
   load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);

@@ -48,7 +48,8 @@ void check_device_support(const Config& cfg, Device device);
 // recompute / determinism settings.
 std::unique_ptr<Model> make_model(const Config& cfg, Device device);
 
-// Sets the number of CPU threads (0: all cores) and returns it.
-int set_cpu_threads(int64_t n);
+// Sets the number of CPU threads (0: the cores of the node shared evenly by its ranks_per_node ranks)
+// and returns it.
+int set_cpu_threads(int64_t n, int ranks_per_node = 1);
 
 }  // namespace dmat
