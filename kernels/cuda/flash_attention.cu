@@ -1703,7 +1703,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
-          wgmma_ss_n64_tb(dq.c, desc_kmajor<BM, BN>(sds, 0, kk), desc_nmajor<BN, DQK>(sK, kk, cw), kk > 0);
+          wgmma_ss_n64<1>(dq.c, desc_kmajor<BM, BN>(sds, 0, kk), desc_nmajor<BN, DQK>(sK, kk, cw), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_operands(dq.c);
