@@ -23,20 +23,22 @@ ModelCounts count_model(const ModelConfig& m, int64_t T) {
   return c;
 }
 
-MemoryEstimate estimate_memory(const Config& c, Device device) {
+MemoryEstimate estimate_memory(const Config& c, Device device, int ranks) {
   MemoryEstimate e;
   const int64_t padded = Model::declare_params(c.model).table().total_elements();
+  // the elements whose AdamW moments this rank keeps (ZeRO-1: its shard of the flat arena)
+  const int64_t moment_elems = c.train.zero == 1 && ranks > 1 ? (padded + ranks - 1) / ranks : padded;
   const int64_t B = c.train.batch_size, T = c.train.seq_len, N = B * T;
   if (device == Device::CPU) {
     e.params = padded * 4;
     e.grads = padded * 4;
-    e.optimizer = 2 * padded * 4;
+    e.optimizer = 2 * moment_elems * 4;
     e.activations = int64_t(Model::activation_bytes(c.model, B, T, DType::F32, c.train.recompute));
     return e;
   }
   e.params = padded * 2;         // bf16 working copy
   e.grads = padded * 4;          // fp32
-  e.optimizer = 3 * padded * 4;  // fp32 master weights + two moments
+  e.optimizer = padded * 4 + 2 * moment_elems * 4;  // fp32 master weights (whole) + two moments
   e.activations = int64_t(Model::activation_bytes(c.model, B, T, DType::BF16, c.train.recompute));
   const int64_t H = c.model.n_heads, Dh = c.model.head_dim;
   int64_t ws = 32ll << 20;                             // cuBLASLt workspace
@@ -91,6 +93,13 @@ std::string describe(const Config& c) {
                    "fp32 master + AdamW {}, activations {}, workspace {}, total {} (plus the CUDA context)\n",
                    c.train.batch_size, c.train.seq_len, c.train.recompute ? ", recompute" : "", gib(g.params),
                    gib(g.grads), gib(g.optimizer), gib(g.activations), gib(g.workspace), gib(g.total()));
+  Config z = c;
+  z.train.zero = 1;
+  const MemoryEstimate z2 = estimate_memory(z, Device::CUDA, 2), z4 = estimate_memory(z, Device::CUDA, 4),
+                       z8 = estimate_memory(z, Device::CUDA, 8);
+  s += fmt::format("  with ZeRO-1 (train.zero: 1), per GPU: {} at 2 ranks, {} at 4, {} at 8 (the AdamW moments "
+                   "sharded; NCCL's buffers not included)\n",
+                   gib(z2.total()), gib(z4.total()), gib(z8.total()));
   return s;
 }
 

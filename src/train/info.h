@@ -33,7 +33,9 @@ struct MemoryEstimate {
 // allocates. CPU: fp32 everything. CUDA: bf16 weights and activations (statistics fp32), fp32
 // master weights, gradients and moments, plus the kernels' workspaces; the CUDA context itself
 // (~0.5 GiB, driver-dependent) is not included. `dmatrain bench` prints this beside what it measures.
-MemoryEstimate estimate_memory(const Config& c, Device device = Device::CPU);
+// ranks > 1 with train.zero = 1: the AdamW moments of one shard (1/ranks of the flat arena, rounded
+// up) per rank; the fp32 master weights stay whole on every rank. NCCL's own buffers are not included.
+MemoryEstimate estimate_memory(const Config& c, Device device = Device::CPU, int ranks = 1);
 
 std::string describe(const Config& c);
 
