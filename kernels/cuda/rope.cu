@@ -39,6 +39,36 @@ const float* rope_table(int64_t T, int64_t Dh, double theta) {
   return d;
 }
 
+// Rotates the pairs (x[i + e], x[i + e + half]), e < W (8 on the vector path, else 1), of the head
+// row at src into dst by sign · the angles of position t: the arithmetic every RoPE kernel shares.
+template <bool VEC>
+__device__ __forceinline__ void rotate_pairs(nv_bf16* dst, const nv_bf16* src, const float* table, int64_t T,
+                                             int64_t t, int64_t half, int64_t i, float sign) {
+  const float* cs = table + t * half + i;
+  const float* sn = table + T * half + t * half + i;
+  if constexpr (VEC) {
+    float x1[8], x2[8], c[8], s[8];
+    load8(src, x1);
+    load8(src + half, x2);
+    load8f(cs, c);
+    load8f(sn, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float sk = sign * s[k];
+      const float a = x1[k] * c[k] - x2[k] * sk;
+      const float b = x2[k] * c[k] + x1[k] * sk;
+      x1[k] = a;
+      x2[k] = b;
+    }
+    store8(dst, x1);
+    store8(dst + half, x2);
+  } else {
+    const float x1 = ld(src), x2 = ld(src + half), c = *cs, s = sign * *sn;
+    st(dst, x1 * c - x2 * s);
+    st(dst + half, x2 * c + x1 * s);
+  }
+}
+
 // One thread per (row, group of 8 pairs) on the vector path; per pair on the scalar path.
 template <bool VEC>
 __global__ void __launch_bounds__(256)
@@ -51,31 +81,8 @@ __global__ void __launch_bounds__(256)
   for (int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; id < total; id += stride) {
     const int64_t row = id / per_row;  // row = (b·T + t)·H + h
     const int64_t i = (id - row * per_row) * W;
-    const int64_t t = (row / H) % T;
-    const float* cs = table + t * half + i;
-    const float* sn = table + T * half + t * half + i;
     const int64_t o = row * 2 * half + i;
-    if constexpr (VEC) {
-      float x1[8], x2[8], c[8], s[8];
-      load8(x + o, x1);
-      load8(x + o + half, x2);
-      load8f(cs, c);
-      load8f(sn, s);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float sk = sign * s[k];
-        const float a = x1[k] * c[k] - x2[k] * sk;
-        const float b = x2[k] * c[k] + x1[k] * sk;
-        x1[k] = a;
-        x2[k] = b;
-      }
-      store8(y + o, x1);
-      store8(y + o + half, x2);
-    } else {
-      const float x1 = ld(x + o), x2 = ld(x + o + half), c = *cs, s = sign * *sn;
-      st(y + o, x1 * c - x2 * s);
-      st(y + o + half, x2 * c + x1 * s);
-    }
+    rotate_pairs<VEC>(y + o, x + o, table, T, (row / H) % T, half, i, sign);
   }
 }
 
@@ -93,7 +100,6 @@ void rope(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, d
     rope_kernel<false><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, T, H, half, sign);
   DMAT_CUDA_LAUNCH_CHECK();
 }
-
 
 // Packed q/k/v rows: token n's heads 0 .. H − 1 (q), H .. H + Hkv − 1 (k), then Hkv of v lie at
 // packed + n·ld + head·Dh; q, k and v are [tokens, heads, Dh] tensors. TO_PACKED = false: rotate q
@@ -128,30 +134,7 @@ __global__ void __launch_bounds__(256)
       }
       continue;
     }
-    const int64_t t = token % T;
-    const float* cs = table + t * half + i;
-    const float* sn = table + T * half + t * half + i;
-    if constexpr (VEC) {
-      float x1[8], x2[8], c[8], s[8];
-      load8(src, x1);
-      load8(src + half, x2);
-      load8f(cs, c);
-      load8f(sn, s);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float se = sign * s[e];
-        const float a = x1[e] * c[e] - x2[e] * se;
-        const float b = x2[e] * c[e] + x1[e] * se;
-        x1[e] = a;
-        x2[e] = b;
-      }
-      store8(dst, x1);
-      store8(dst + half, x2);
-    } else {
-      const float x1 = ld(src), x2 = ld(src + half), c = *cs, s = sign * *sn;
-      st(dst, x1 * c - x2 * s);
-      st(dst + half, x2 * c + x1 * s);
-    }
+    rotate_pairs<VEC>(dst, src, table, T, token % T, half, i, sign);
   }
 }
 
