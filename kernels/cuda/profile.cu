@@ -11,7 +11,7 @@ namespace {
 
 struct Record {
   std::string name;
-  cudaEvent_t start, stop;
+  cudaEvent_t start = nullptr, stop = nullptr;
   double flops = 0;
 };
 
@@ -65,37 +65,38 @@ std::vector<ProfileRow> summed(Profiler& p, const std::vector<Record>& recs, boo
 bool profiling() { return level() >= 1; }
 bool profiling_gemms() { return level() == 2; }
 
-void profile_begin(const char* name) {
+namespace {
+// Opens a record on `open` (its start event on the stream); closes the innermost one, false if none.
+void open_record(std::vector<Record>& open, std::string name, double flops) {
   Profiler& p = prof();
-  Record r{name, p.event(), p.event()};
-  DMAT_CUDA_CHECK(cudaEventRecord(r.start, stream()));
-  p.open.push_back(r);
+  open.push_back(Record{std::move(name), p.event(), p.event(), flops});
+  DMAT_CUDA_CHECK(cudaEventRecord(open.back().start, stream()));
 }
+bool close_record(std::vector<Record>& open, Record& r) {
+  if (open.empty()) return false;
+  r = open.back();
+  open.pop_back();
+  DMAT_CUDA_CHECK(cudaEventRecord(r.stop, stream()));
+  return true;
+}
+}  // namespace
+
+void profile_begin(const char* name) { open_record(prof().open, name, 0); }
 
 void profile_end() {
   Profiler& p = prof();
-  if (p.open.empty()) return;
-  Record r = p.open.back();
-  p.open.pop_back();
-  DMAT_CUDA_CHECK(cudaEventRecord(r.stop, stream()));
+  Record r;
+  if (!close_record(p.open, r)) return;
   if (p.open.empty()) p.records.push_back(r);  // nested ops count in their outermost op only
   else p.pool.push_back(r.start), p.pool.push_back(r.stop);
 }
 
-void profile_detail_begin(std::string name, double flops) {
-  Profiler& p = prof();
-  Record r{std::move(name), p.event(), p.event(), flops};
-  DMAT_CUDA_CHECK(cudaEventRecord(r.start, stream()));
-  p.open_details.push_back(r);
-}
+void profile_detail_begin(std::string name, double flops) { open_record(prof().open_details, std::move(name), flops); }
 
 void profile_detail_end() {
   Profiler& p = prof();
-  if (p.open_details.empty()) return;
-  Record r = p.open_details.back();
-  p.open_details.pop_back();
-  DMAT_CUDA_CHECK(cudaEventRecord(r.stop, stream()));
-  p.details.push_back(r);
+  Record r;
+  if (close_record(p.open_details, r)) p.details.push_back(r);
 }
 
 std::vector<ProfileRow> profile_report() {
