@@ -283,8 +283,7 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
     EXPECT_EQ(dk_d, -1) << "dk not bitwise repeatable at " << where4(dk_d, s.T, s.Hkv, s.Dqk);
     EXPECT_EQ(dv_d, -1) << "dv not bitwise repeatable at " << where4(dv_d, s.T, s.Hkv, s.Dv);
 
-    // atomic-dQ backward (mma path; wgmma computes dQ in its deterministic pass, or with
-    // DMAT_ATTN_FUSED_DQ=1 at head dim 128 inside the dK/dV pass with atomics)
+    // atomic-dQ backward (mma path; the wgmma path computes dQ deterministically either way)
     G.backward(s, /*deterministic=*/false, path);
     err = compare("dq", as_double(G.dq.download()), dq_ref, kMaxTol, kL2Tol) +
           compare("dk", as_double(G.dk.download()), dk_ref, kMaxTol, kL2Tol) +

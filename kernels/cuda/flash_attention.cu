@@ -1480,16 +1480,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
 // and Q read N-major. dQ comes from the separate wgmma dQ pass.
 constexpr int kWgKvBN = 128, kWgKvBM = 64;
 
-// FUSED_DQ: two more [BM queries][BN keys] bf16 tiles (dS, double-buffered by item) after the stages.
-template <int DQK, int DV, bool FUSED_DQ = false>
+template <int DQK, int DV>
 struct WgKvSmem {
   static constexpr int BN = kWgKvBN, BM = kWgKvBM;
   static constexpr int kK = BN * DQK * 2, kV = BN * DV * 2, kQ = BM * DQK * 2, kO = BM * DV * 2;
   static constexpr int kStage = kQ + kO;
-  static constexpr int kDS = FUSED_DQ ? BM * BN * 2 : 0;
-  static constexpr int kStages = (kK + kV + 4 * kStage + 2 * kDS) <= 200 * 1024 ? 4 : 3;
-  static constexpr int kDSOff = kK + kV + kStages * kStage;
-  static constexpr int kStats = kDSOff + 2 * kDS;  // float lse2, delta, thr (DMA) [stage][3][BM]
+  static constexpr int kStages = (kK + kV + 4 * kStage) <= 200 * 1024 ? 4 : 3;
+  static constexpr int kStats = kK + kV + kStages * kStage;  // float lse2, delta, thr (DMA) [stage][3][BM]
   static constexpr int kBars = kStats + kStages * BM * 12;
   static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;
@@ -1498,18 +1495,11 @@ struct WgKvSmem {
 
 // DMA: the block's keys are a key group (p.grp_keys), its queries the group's range, with the key
 // bias, the threshold mask and dbias_j = Σ_i dS_ij summed in registers (as the mma.sync kernel).
-// FUSED_DQ (dense, head dims 128, plain schedule; DMAT_ATTN_FUSED_DQ=1 with deterministic = false):
-// dQ in the same pass instead of the dQ kernel's recomputation of S and dP. Each consumer warpgroup
-// writes its dSᵀ (64 keys × 64 queries, bf16) transposed into a shared [64 queries][128 keys] tile,
-// a named barrier joins the two, and warpgroup cw computes dQ[:, 64cw .. 64cw + 63] = dS·K over the
-// block's 128 keys (SS wgmma, K read N-major) and adds it to the fp32 accumulator p.dq_acc with
-// vector atomics (unscaled; flash_dq_convert_kernel applies the scale). Not deterministic.
-template <int DQK, int DV, bool OVERLAP, bool DMA = false, bool FUSED_DQ = false>
+template <int DQK, int DV, bool OVERLAP, bool DMA = false>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(const BwdParams p) {
 #ifdef DMAT_FLASH_SM90A
   using namespace flash::sm90;
-  static_assert(!FUSED_DQ || (!DMA && !OVERLAP && DQK == 128 && DV == 128), "fused dQ: dense, plain, head dim 128");
-  using L = WgKvSmem<DQK, DV, FUSED_DQ>;
+  using L = WgKvSmem<DQK, DV>;
   constexpr int BN = L::BN, BM = L::BM, S = L::kStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -1683,42 +1673,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
       if (lane == 0) mbar_arrive(bar_empty + 8 * st);
     };
     auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
-    // FUSED_DQ, item n (stage st done with): dS into buffer n & 1, then this warpgroup's dQ slice
-    auto dq_item = [&](int n) {
-      if constexpr (FUSED_DQ) {
-        const uint32_t sds = base + L::kDSOff + uint32_t((n & 1) * L::kDS);
-        const int key0 = 64 * cw + 16 * warp + g;
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {  // da[kk][j]: key key0 + 8·(j & 1), queries c, c + 1
-            const int key = key0 + 8 * (j & 1), c = 16 * kk + 8 * (j >> 1) + 2 * t;
-            const uint32_t v = da[kk][j];
-            asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(sds + Sw128<BM, BN>::elem(c, key)), "h"(uint16_t(v & 0xffffu)));
-            asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(sds + Sw128<BM, BN>::elem(c + 1, key)), "h"(uint16_t(v >> 16)));
-          }
-        fence_proxy_async();                                 // generic-proxy stores, read by wgmma
-        asm volatile("bar.sync 3, 256;\n" ::: "memory");     // both halves of the keys written
-        Acc<64> dq;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-          wgmma_ss_n64<1>(dq.c, desc_kmajor<BM, BN>(sds, 0, kk), desc_nmajor<BN, DQK>(sK, kk, cw), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_operands(dq.c);
-        const int q0 = (qt_first + n % nq) * BM, hh = hk * group + n / nq;
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int i = q0 + 16 * warp + g + 8 * hf;
-          if (i >= T) continue;
-          float* row = p.dq_acc + ((int64_t(b) * T + i) * p.H + hh) * DQK + 64 * cw + 2 * t;
-#pragma unroll
-          for (int nb = 0; nb < 8; ++nb)
-            atomicAdd(reinterpret_cast<float2*>(row + 8 * nb), make_float2(dq.c[nb][2 * hf], dq.c[nb][2 * hf + 1]));
-        }
-      }
-    };
 
     mbar_wait(bar_kv, 0);
     if constexpr (!OVERLAP) {
@@ -1742,7 +1696,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
         fence_operands(dv.c);
         fence_operands(dk.c);
         release(st);
-        dq_item(n);
       }
     } else if (n_items > 0) {
       // as the forward's pipelined schedule: Sᵀ/dPᵀ of item n + 1 issued before the gradient
@@ -1866,14 +1819,6 @@ void forward_dims(const FwdParams& p, int64_t B) {
 // forward 229 against 210 TFLOP/s, forward + backward 249 against 216). Read once.
 bool wg_overlap() {
   static const bool on = env_choice("DMAT_ATTN_WG_OVERLAP", {"0", "1"}, 0) == 1;
-  return on;
-}
-
-// DMAT_ATTN_FUSED_DQ=1: with deterministic = false, the wgmma backward at head dim 128 computes dQ
-// inside the dK/dV pass (fp32 atomics) instead of the separate deterministic pass. Off by default
-// until measured (written in the sixth session without device time left to run it). Read once.
-bool fused_dq() {
-  static const bool on = env_choice("DMAT_ATTN_FUSED_DQ", {"0", "1"}, 0) == 1;
   return on;
 }
 
@@ -2037,23 +1982,6 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
     if (wgmma_dq) {
       // dK/dV (wgmma for head dims 64 and 128, else the mma.sync kernel without atomics), then the
       // deterministic wgmma dQ pass (also when atomics are allowed: it is the faster dQ on Hopper)
-      if constexpr (DQK == 128 && DV == 128) {
-        if (p.dq_acc) {  // dQ fused into the dK/dV pass (fp32 atomics; flash_attention_backward_path)
-          using LF = WgKvSmem<DQK, DV, true>;
-          auto kf = flash_bwd_dkdv_wgmma_kernel<DQK, DV, false, false, true>;
-          static const bool ready_f = (prepare(kf, LF::kAlloc), true);
-          (void)ready_f;
-          const int64_t n_acc = B * int64_t(p.T) * p.H * DQK;
-          DMAT_CUDA_CHECK(cudaMemsetAsync(p.dq_acc, 0, size_t(n_acc) * sizeof(float), stream()));
-          const dim3 wkgrid(unsigned((p.T + kWgKvBN - 1) / kWgKvBN), unsigned(p.Hkv), unsigned(B));
-          kf<<<wkgrid, kWgThreads, LF::kAlloc, stream()>>>(p);
-          DMAT_CUDA_LAUNCH_CHECK();
-          flash_dq_convert_kernel<<<detail::grid_for(n_acc / 8, 256, 8), 256, 0, stream()>>>(p.dq, p.dq_acc, p.scale,
-                                                                                               n_acc / 8);
-          DMAT_CUDA_LAUNCH_CHECK();
-          return;
-        }
-      }
       if constexpr (DQK <= 128) {  // (192, 128): the accumulators need more than 240 registers
         using LK = WgKvSmem<DQK, DV>;
         // the pipelined schedule holds two items' Sᵀ/dPᵀ state next to dK and dV: it fits the 240
@@ -2272,9 +2200,7 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
   // workspace(): delta and lse·log2e; workspace2(): the fp32 dQ accumulator (non-deterministic)
   BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
   const int64_t rows = s.B * s.T * s.H;
-  const bool fused = wg && !deterministic && s.Dqk == 128 && s.Dv == 128 && fused_dq();
-  p.dq_acc = deterministic || (wg && !fused) ? nullptr
-                                             : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
+  p.dq_acc = deterministic || wg ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
   if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false);
   else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg);
   else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg);
