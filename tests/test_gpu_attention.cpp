@@ -641,6 +641,47 @@ TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {  // forward, and the dQ p
     }
 }
 
+// The block order of the attention grids (DMAT_ATTN_ORDER): every (x, y, z) exactly once for any
+// group size, including groups that do not divide the (y, z) pairs; order 0 is the launch order;
+// with groups of g pairs, blocks are taken group by group, and inside a group x never decreases
+// (each kernel's x = 0 is its heaviest tile) while the group's pairs cycle.
+TEST(FlashAttentionGridOrder, EveryBlockOnceHeaviestFirstPerGroup) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int dims[][3] = {{16, 6, 32}, {128, 16, 1}, {7, 3, 5}, {1, 1, 1}, {5, 13, 1}, {3, 1, 4}};
+  for (const auto& d : dims)
+    for (int order : {0, 1, 2, 3, 4, 8, 16, 1000}) {
+      const int X = d[0], Y = d[1], Z = d[2], n = X * Y * Z, YZ = Y * Z;
+      SCOPED_TRACE("grid " + std::to_string(X) + "x" + std::to_string(Y) + "x" + std::to_string(Z) + " order " +
+                   std::to_string(order));
+      Dev<int32_t> out(3 * int64_t(n));
+      cuda::testing::flash_grid_order(out.p, X, Y, Z, order);
+      const std::vector<int32_t> o = out.download();
+      std::vector<int> seen(size_t(n), 0);
+      for (int l = 0; l < n; ++l) {
+        const int x = o[3 * size_t(l)], y = o[3 * size_t(l) + 1], z = o[3 * size_t(l) + 2];
+        ASSERT_TRUE(x >= 0 && x < X && y >= 0 && y < Y && z >= 0 && z < Z) << "block " << l << ": " << x << "," << y << "," << z;
+        ++seen[size_t(x + X * (y + Y * z))];
+        if (order == 0) {
+          ASSERT_EQ(x + X * (y + Y * z), l) << "launch order";
+          continue;
+        }
+        const int g = l / (X * order), g0 = g * order, m = std::min(order, YZ - g0), r = l - g0 * X;
+        ASSERT_EQ(x, r / m) << "block " << l << ": tile";
+        ASSERT_EQ(y + Y * z, g0 + r % m) << "block " << l << ": (head, batch) pair";
+      }
+      for (int i = 0; i < n; ++i) ASSERT_EQ(seen[size_t(i)], 1) << "block " << i << " visited " << seen[size_t(i)] << " times";
+    }
+  // the default order: L2-sized groups of at least one pair and at most all of them
+  cpu::AttnShape s = hook_shape(128, 128, 2048, 0);
+  s.B = 32, s.H = 6, s.Hkv = 3;
+  for (int which : {0, 1, 2}) {
+    const int g = cuda::testing::flash_grid_order_group(s, which);
+    const char* env = std::getenv("DMAT_ATTN_ORDER");
+    if (env != nullptr && std::string(env) == "launch") EXPECT_EQ(g, 0);
+    else EXPECT_TRUE(g >= 1 && g <= (which == 2 ? s.Hkv : s.H) * s.B) << "grid " << which << ": group " << g;
+  }
+}
+
 TEST(FlashAttentionHooks, UnsupportedShapeIsAnError) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   cpu::AttnShape s = hook_shape(96, 96, 16, 0);

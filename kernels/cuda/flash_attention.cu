@@ -111,7 +111,33 @@ struct FwdParams {
   float scale_log2;
   int qt0;      // first query tile of the launch (gathered lists in batches of tiles), else 0
   int n_tiles;  // gathered: query tiles in the launch
+  int order;    // grid_pos: 0 launch order, g > 0 heaviest tiles first in groups of g heads
 };
+
+// Where a block of a (tile, head, batch) grid works. order 0: as launched — every tile of head 0
+// (the kernels' tile x = 0 is the heaviest), then head 1, … order g > 0: the (head, batch) pairs in
+// groups of g consecutive ones, and inside a group tile x of every pair before tile x + 1 of any,
+// so the group's heaviest tiles start first and its lightest fill the tail (longest-processing-time
+// order) while the group's operands fit in L2 (g from lpt_group on the host). A bijection of the grid.
+struct GridPos {
+  int x, y, z;
+};
+__device__ __forceinline__ GridPos grid_pos(int order) {
+  if (order <= 0) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+  // 32-bit: lpt_group orders only grids of fewer than 2^31 blocks
+  const int X = gridDim.x, Y = gridDim.y, YZ = Y * int(gridDim.z);
+  const int lin = int(blockIdx.x) + X * (int(blockIdx.y) + Y * int(blockIdx.z));
+  const int g0 = lin / (X * order) * order;  // the group's first (head, batch) pair
+  const int n = min(order, YZ - g0);         // pairs in this group (the last may have fewer)
+  const int r = lin - g0 * X, yz = g0 + r % n;
+  return {r / n, yz % Y, yz / Y};
+}
+
+__global__ void flash_grid_order_kernel(int32_t* out, int order) {
+  const GridPos gp = grid_pos(order);
+  const int64_t l = blockIdx.x + int64_t(gridDim.x) * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
+  out[3 * l] = gp.x, out[3 * l + 1] = gp.y, out[3 * l + 2] = gp.z;
+}
 
 // The key policy of query tile qt (of bm rows from q0) in a grid of one block per query tile; P:
 // FwdParams or BwdParams (T, Hkv, window and the gather list fields).
@@ -147,8 +173,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
   nv_bf16* sV = sK + 2 * BN * DQK;                      // [2][BN][DV]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);  // the longest (latest) causal tiles start first
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const GridPos gp = grid_pos(p.order);
+  const int qt = p.qt0 + int(gridDim.x) - 1 - gp.x;  // the longest (latest) causal tiles start first
+  const int h = gp.y, b = gp.z, hk = h / (p.H / p.Hkv);
   const int q0 = qt * BM;
   const int64_t q_stride = int64_t(p.H) * DQK, k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
   const nv_bf16* qg = p.q + (int64_t(b) * p.T * p.H + h) * DQK;
@@ -353,8 +380,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   float* sbias = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kBias);
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);  // the longest (latest) causal tiles start first
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const GridPos gp = grid_pos(p.order);
+  const int qt = p.qt0 + int(gridDim.x) - 1 - gp.x;  // the longest (latest) causal tiles start first
+  const int h = gp.y, b = gp.z, hk = h / (p.H / p.Hkv);
   const int q0 = qt * BM, T = p.T;
   const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
   const int n_tiles = keys.count;
@@ -789,6 +817,7 @@ struct BwdParams {
   float* dq_acc;       // [B,T,H,DQK] fp32 (non-deterministic path)
   int T, H, Hkv, window;
   float scale_log2, scale;
+  int order, order_kv;  // grid_pos of the dQ grid (query heads) and of the dK/dV grid (KV heads)
   // DMA (flash_attention_backward_dma): the key bias and thresholds [B,Hkv,T], dbias out, the dQ
   // pass's gathered lists (FlashGather) and the dK/dV pass's key groups (FlashKeyGroups)
   const float* bias;
@@ -804,26 +833,26 @@ struct BwdParams {
   int qt0;  // first query tile of a dQ launch over a batch of gathered lists, else 0
 };
 
-// The keys of a dK/dV block and the query tiles (of bmq rows) that visit them: dense, the
-// consecutive tile blockIdx.x·BN .. + BN − 1 and the queries up to the window's reach (key tile 0
-// has the most); DMA, key group blockIdx.x (groups of one size class run together, the longest
-// query ranges first) and its range, or without key groups (dense DMA) the dense blocks.
+// The keys of dK/dV block x (grid_pos) and the query tiles (of bmq rows) that visit them: dense, the
+// consecutive tile x·BN .. + BN − 1 and the queries up to the window's reach (key tile 0 has the
+// most); DMA, key group x (groups of one size class run together, the longest query ranges first)
+// and its range, or without key groups (dense DMA) the dense blocks.
 // key(r): the position of row r of the block, −1 for padding.
 template <int BN, bool DMA>
 struct KvBlock {
   int k0 = 0, qt_first = 0, nq = 0;
   const int32_t* gk = nullptr;
-  __device__ KvBlock(const BwdParams& p, int b, int hk, int bmq) {
+  __device__ KvBlock(const BwdParams& p, int x, int b, int hk, int bmq) {
     static_assert(!DMA || BN == kFlashGroupKeys, "one key group per block");
     if (DMA && p.grp_keys) {  // DMA without key groups (dense DMA): the dense blocks below
-      const int gid = (blockIdx.x % p.grp_regions) * (p.n_groups / p.grp_regions) + blockIdx.x / p.grp_regions;
+      const int gid = (x % p.grp_regions) * (p.n_groups / p.grp_regions) + x / p.grp_regions;
       const int64_t gi = (int64_t(b) * p.Hkv + hk) * p.n_groups + gid;
       gk = p.grp_keys + gi * BN;
       const int lo = __ldg(p.grp_range + 2 * gi), hi = __ldg(p.grp_range + 2 * gi + 1);
       qt_first = lo / bmq;
       nq = hi >= lo ? hi / bmq + 1 - qt_first : 0;
     } else {  // queries that see some key of [k0, k0 + BN): [k0, k0 + BN − 1 + window − 1]
-      k0 = int(blockIdx.x) * BN;
+      k0 = x * BN;
       const int i_hi = p.window > 0 ? min(p.T - 1, k0 + BN - 1 + p.window - 1) : p.T - 1;
       qt_first = k0 / bmq;
       nq = i_hi / bmq + 1 - qt_first;
@@ -884,7 +913,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
   float* sThr = sD + 2 * BMQ;                                              // [2][BMQ] thr (DMA only)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int hk = blockIdx.y, b = blockIdx.z;
+  const GridPos gp = grid_pos(p.order_kv);
+  const int hk = gp.y, b = gp.z;
   const int T = p.T, group = p.H / p.Hkv;
   const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
   const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
@@ -892,7 +922,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
   const nv_bf16* vg = p.v + (int64_t(b) * T * p.Hkv + hk) * DV;
   const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
 
-  const KvBlock<BN, DMA> kv(p, b, hk, BMQ);
+  const KvBlock<BN, DMA> kv(p, gp.x, b, hk, BMQ);
   const int k0 = kv.k0, qt_first = kv.qt_first, nq = kv.nq;
   auto key_at = [&](int r) { return kv.key(r, T); };
   const int n_items = group * nq;
@@ -1096,8 +1126,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
   nv_bf16* sV = sK + 2 * BN * DQK;                      // [2][BN][DV]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const GridPos gp = grid_pos(p.order);
+  const int qt = p.qt0 + int(gridDim.x) - 1 - gp.x;
+  const int h = gp.y, b = gp.z, hk = h / (p.H / p.Hkv);
   const int T = p.T, q0 = qt * BM;
   const int64_t q_stride = int64_t(p.H) * DQK, o_stride = int64_t(p.H) * DV;
   const int64_t k_stride = int64_t(p.Hkv) * DQK, v_stride = int64_t(p.Hkv) * DV;
@@ -1247,8 +1278,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
   float* sbias = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kBias);
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int qt = p.qt0 + int(gridDim.x) - 1 - int(blockIdx.x);
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.H / p.Hkv);
+  const GridPos gp = grid_pos(p.order);
+  const int qt = p.qt0 + int(gridDim.x) - 1 - gp.x;
+  const int h = gp.y, b = gp.z, hk = h / (p.H / p.Hkv);
   const int q0 = qt * BM, T = p.T;
   const Keys keys = MakeKeys<Keys>::make(p, b, hk, qt, q0, BM);
   const int n_tiles = keys.count;
@@ -1508,10 +1540,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
   const uint32_t bar_kv = base + L::kBars, bar_full = bar_kv + 8, bar_empty = bar_full + 8 * S;
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int hk = blockIdx.y, b = blockIdx.z;
+  const GridPos gp = grid_pos(p.order_kv);
+  const int hk = gp.y, b = gp.z;
   const int T = p.T, group = p.H / p.Hkv;
   const int64_t brow = (int64_t(b) * p.Hkv + hk) * T;  // this (b, hk)'s bias / thr row (DMA)
-  const KvBlock<BN, DMA> kv(p, b, hk, BM);
+  const KvBlock<BN, DMA> kv(p, gp.x, b, hk, BM);
   const int k0 = kv.k0, qt_first = kv.qt_first, nq = kv.nq;
   auto key_at = [&](int r) { return kv.key(r, T); };
   const int n_items = group * nq;
@@ -1813,6 +1846,40 @@ template <int DQK, int DV, class Keys, bool BIAS>
 void forward_dims(const FwdParams& p, int64_t B) {
   launch_fwd<DQK, DV, Keys, BIAS>(p, B);
 }
+
+// Launch order of the dense attention grids (grid_pos). DMAT_ATTN_ORDER=lpt (default): groups of
+// (head, batch) pairs sized to L2, heaviest tiles first inside a group; launch: the plain grid order
+// (all tiles of one head, then the next); lptN: groups of N pairs. Read once.
+int attn_order_choice() {
+  static const int c = env_choice("DMAT_ATTN_ORDER", {"lpt", "launch", "lpt1", "lpt2", "lpt4", "lpt8", "lpt16", "lpt32", "lpt64"}, 0);
+  return c;
+}
+
+int64_t l2_bytes() {
+  static const int64_t b = [] {
+    int dev = 0, l2 = 0;
+    DMAT_CUDA_CHECK(cudaGetDevice(&dev));
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+    return int64_t(l2);
+  }();
+  return b;
+}
+
+// grid_pos's group for a grid of `pairs` (head, batch) pairs, each touching `tensors_per_pair`
+// [T, Dqk + Dv] bf16 tensors' worth of one head: as many pairs as fit in 3/4 of L2.
+int lpt_group(const AttnShape& s, double tensors_per_pair, int64_t pairs) {
+  const int c = attn_order_choice();
+  if (c == 1 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits (tiles ≤ T)
+  if (c >= 2) return int(std::min<int64_t>(int64_t(1) << (c - 2), pairs));
+  const double unit = double(s.T) * double(s.Dqk + s.Dv) * 2.0 * tensors_per_pair;
+  const double fit = 0.75 * double(l2_bytes()) / std::max(unit, 1.0);
+  return int(std::clamp<double>(std::floor(fit), 1.0, double(pairs)));
+}
+// forward: Q and O of the head, its share of K and V; dQ: Q, dO, dQ and the K/V share; dK/dV
+// (per KV head): K, V, dK, dV and the group's Q and dO
+int fwd_order(const AttnShape& s) { return lpt_group(s, 1.0 + double(s.Hkv) / double(s.H), s.H * s.B); }
+int dq_order(const AttnShape& s) { return lpt_group(s, 1.5 + double(s.Hkv) / double(s.H), s.H * s.B); }
+int dkdv_order(const AttnShape& s) { return lpt_group(s, 2.0 + double(s.H) / double(s.Hkv), s.Hkv * s.B); }
 
 // DMAT_ATTN_WG_OVERLAP=1 selects the software-pipelined schedule of the wgmma forward, dQ and (head
 // dim 64) dK/dV consumers; 0, the default, the plain per-tile one (measured faster on the H200:
@@ -2153,6 +2220,7 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
   p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse, p.bias = key_bias;
   p.T = int(s.T), p.H = int(s.H), p.Hkv = int(s.Hkv), p.window = int(s.window);
   p.scale_log2 = float(s.scale) * kLog2e;
+  p.order = fwd_order(s);
   if (gather && !gather->keys) {  // dense DMA: every causal key, the threshold mask on every tile
     DMAT_CHECK(gather->thr && key_bias && gather->tile0 == 0 && gather->tiles < 0,
                "flash attention: a gather without lists (dense DMA) needs thresholds, the key bias and all tiles");
@@ -2201,6 +2269,7 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
   BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
   const int64_t rows = s.B * s.T * s.H;
   p.dq_acc = deterministic || wg ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
+  p.order = dq_order(s), p.order_kv = dkdv_order(s);
   if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false);
   else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg);
   else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg);
@@ -2229,6 +2298,7 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
   // dense: one block per 128 consecutive keys (KvBlock without groups)
   p.n_groups = dense ? int((s.T + kFlashGroupKeys - 1) / kFlashGroupKeys) : int(groups.n_groups);
   p.grp_regions = dense ? 1 : int(groups.regions);
+  p.order = dq_order(s), p.order_kv = dkdv_order(s);
   if (s.Dqk == 32) dma_dkdv_dims<32>(p, s.B, false);
   else if (s.Dqk == 64) dma_dkdv_dims<64>(p, s.B, wg);
   else dma_dkdv_dims<128>(p, s.B, wg);
@@ -2275,6 +2345,15 @@ bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads,
   flash_tma_selftest_kernel<<<1, 128, smem, stream()>>>(nv(raw), map, row0, head);
   DMAT_CUDA_LAUNCH_CHECK();
   return true;
+}
+
+void flash_grid_order(int32_t* out, int X, int Y, int Z, int order) {
+  flash_grid_order_kernel<<<dim3(unsigned(X), unsigned(Y), unsigned(Z)), 1, 0, stream()>>>(out, order);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
+int flash_grid_order_group(const AttnShape& s, int which) {
+  return which == 0 ? fwd_order(s) : which == 1 ? dq_order(s) : dkdv_order(s);
 }
 
 }  // namespace dmat::cuda::testing

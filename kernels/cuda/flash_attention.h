@@ -122,4 +122,10 @@ bool flash_wgmma_selftest(float* s128, float* s64, float* o, bf16* raw_a, const 
 // row0 + 127 of head `head` of src [rows][heads][128] bf16 into raw (128 x 128 bf16, the
 // 128B-swizzled panel-major shared tile; rows past `rows` zero). false where not available.
 bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads, int row0, int head);
+// The attention kernels' block order (grid_pos) on a grid of X × Y × Z blocks with `order` (0:
+// launch order; g > 0: heaviest tiles first in groups of g (y, z) pairs): out[3·l .. 3·l + 2] =
+// the (x, y, z) that launch-linear block l = bx + X·(by + Y·bz) works on (device pointer, int32).
+void flash_grid_order(int32_t* out, int X, int Y, int Z, int order);
+// The order the forward, dQ and dK/dV grids use for shape s (DMAT_ATTN_ORDER; 0 = launch order).
+int flash_grid_order_group(const AttnShape& s, int which);  // which: 0 forward, 1 dQ, 2 dK/dV
 }  // namespace dmat::cuda::testing
