@@ -1847,14 +1847,15 @@ void forward_dims(const FwdParams& p, int64_t B) {
   launch_fwd<DQK, DV, Keys, BIAS>(p, B);
 }
 
-// Launch order of the dense attention grids (grid_pos). DMAT_ATTN_ORDER=lpt (default): groups of
-// (head, batch) pairs sized to L2, heaviest tiles first inside a group; launch: the plain grid order
-// (all tiles of one head, then the next); lptN: groups of N pairs. Read once.
+// Launch order of the attention grids (grid_pos). DMAT_ATTN_ORDER=lpt (default): groups of about a
+// wave of blocks (lpt_group), heaviest tiles first inside a group; launch: the plain grid order (all
+// tiles of one head, then the next); lptN: groups of N (head, batch) pairs. Read once.
 int attn_order_choice() {
   static const int c = env_choice("DMAT_ATTN_ORDER", {"lpt", "launch", "lpt1", "lpt2", "lpt4", "lpt8", "lpt16", "lpt32", "lpt64"}, 0);
   return c;
 }
 
+// The device's L2 size and SM count (read once).
 int64_t l2_bytes() {
   static const int64_t b = [] {
     int dev = 0, l2 = 0;
@@ -1864,16 +1865,32 @@ int64_t l2_bytes() {
   }();
   return b;
 }
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, sms = 0;
+    DMAT_CUDA_CHECK(cudaGetDevice(&dev));
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return sms;
+  }();
+  return n;
+}
 
-// grid_pos's group for a grid of `pairs` (head, batch) pairs, each touching `tensors_per_pair`
-// [T, Dqk + Dv] bf16 tensors' worth of one head: as many pairs as fit in 3/4 of L2.
+// grid_pos's group for a grid of `pairs` (head, batch) pairs of ceil(T / 128) tiles each (every
+// dense grid: forward and dQ query tiles, dK/dV key blocks), each pair touching `tensors_per_pair`
+// [T, Dqk + Dv] bf16 tensors' worth of one head. About one wave of blocks per group: its heaviest
+// tiles run together and its light ones fill in behind. Where a pair alone has a wave of tiles or
+// more (long sequences) the group is one pair — the launch order, which also keeps the pair's K/V
+// (forward, dQ) or Q/dO (dK/dV) in L2 for all its blocks (grouping at N = 16K made the backward 1–2%
+// slower; H200, 2026-11-29). Never more pairs than fit in L2.
 int lpt_group(const AttnShape& s, double tensors_per_pair, int64_t pairs) {
+  static_assert(kWgBM == 128 && kFwdBM == 128 && kWgKvBN == 128 && 16 * kBwdWarps == 128, "tiles of 128");
   const int c = attn_order_choice();
   if (c == 1 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits (tiles ≤ T)
   if (c >= 2) return int(std::min<int64_t>(int64_t(1) << (c - 2), pairs));
+  const int64_t tiles = (s.T + 127) / 128;
   const double unit = double(s.T) * double(s.Dqk + s.Dv) * 2.0 * tensors_per_pair;
-  const double fit = 0.75 * double(l2_bytes()) / std::max(unit, 1.0);
-  return int(std::clamp<double>(std::floor(fit), 1.0, double(pairs)));
+  const int64_t fit = int64_t(double(l2_bytes()) / std::max(unit, 1.0));
+  return int(std::clamp<int64_t>(std::min<int64_t>(sm_count() / tiles, fit), 1, pairs));
 }
 // forward: Q and O of the head, its share of K and V; dQ: Q, dO, dQ and the K/V share; dK/dV
 // (per KV head): K, V, dK, dV and the group's Q and dO
