@@ -24,7 +24,7 @@ struct Scratch {
 struct Context {
   cudaStream_t stream = nullptr;
   Scratch ws, ws2, ws3;
-  int sms = 0;
+  int sms = 0, l2 = 0;
   size_t smem_optin = 0;
   Context() {
     // A blocking stream: work on the legacy default stream (cudaMemset/cudaMemcpy of arenas and
@@ -33,6 +33,7 @@ struct Context {
     int dev = 0;
     DMAT_CUDA_CHECK(cudaGetDevice(&dev));
     DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
     int optin = 0;
     DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     smem_optin = size_t(optin);
@@ -59,6 +60,7 @@ void* workspace3(size_t bytes) { return ctx().ws3.get(bytes); }
 size_t workspace_bytes() { return ctx().ws.bytes + ctx().ws2.bytes + ctx().ws3.bytes; }
 void synchronize() { DMAT_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 int sm_count() { return ctx().sms; }
+int64_t l2_bytes() { return ctx().l2; }
 size_t max_smem_optin() { return ctx().smem_optin; }
 
 }  // namespace dmat::cuda

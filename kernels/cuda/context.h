@@ -29,6 +29,7 @@ void* workspace3(size_t bytes);
 size_t workspace_bytes();  // the three scratch buffers' current sizes together (benchmarks)
 void synchronize();  // the compute stream
 int sm_count();
+int64_t l2_bytes();        // the device's L2 cache size
 size_t max_smem_optin();  // bytes of shared memory a block may opt into
 
 }  // namespace dmat::cuda

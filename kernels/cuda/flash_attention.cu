@@ -1855,26 +1855,6 @@ int attn_order_choice() {
   return c;
 }
 
-// The device's L2 size and SM count (read once).
-int64_t l2_bytes() {
-  static const int64_t b = [] {
-    int dev = 0, l2 = 0;
-    DMAT_CUDA_CHECK(cudaGetDevice(&dev));
-    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-    return int64_t(l2);
-  }();
-  return b;
-}
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, sms = 0;
-    DMAT_CUDA_CHECK(cudaGetDevice(&dev));
-    DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return sms;
-  }();
-  return n;
-}
-
 // grid_pos's group for a grid of `pairs` (head, batch) pairs of ceil(T / 128) tiles each (every
 // dense grid: forward and dQ query tiles, dK/dV key blocks), each pair touching `tensors_per_pair`
 // [T, Dqk + Dv] bf16 tensors' worth of one head. About one wave of blocks per group: its heaviest
