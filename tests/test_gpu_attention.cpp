@@ -671,7 +671,7 @@ TEST(FlashAttentionGridOrder, EveryBlockOnceHeaviestFirstPerGroup) {
       }
       for (int i = 0; i < n; ++i) ASSERT_EQ(seen[size_t(i)], 1) << "block " << i << " visited " << seen[size_t(i)] << " times";
     }
-  // the default order: L2-sized groups of at least one pair and at most all of them
+  // the default order (lpt_group): groups of at least one pair and at most all of them
   cpu::AttnShape s = hook_shape(128, 128, 2048, 0);
   s.B = 32, s.H = 6, s.Hkv = 3;
   for (int which : {0, 1, 2}) {

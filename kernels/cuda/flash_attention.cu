@@ -111,14 +111,14 @@ struct FwdParams {
   float scale_log2;
   int qt0;      // first query tile of the launch (gathered lists in batches of tiles), else 0
   int n_tiles;  // gathered: query tiles in the launch
-  int order;    // grid_pos: 0 launch order, g > 0 heaviest tiles first in groups of g heads
+  int order;    // grid_pos: 0 launch order, g > 0 heaviest tiles first in groups of g (head, batch) pairs
 };
 
 // Where a block of a (tile, head, batch) grid works. order 0: as launched — every tile of head 0
 // (the kernels' tile x = 0 is the heaviest), then head 1, … order g > 0: the (head, batch) pairs in
 // groups of g consecutive ones, and inside a group tile x of every pair before tile x + 1 of any,
 // so the group's heaviest tiles start first and its lightest fill the tail (longest-processing-time
-// order) while the group's operands fit in L2 (g from lpt_group on the host). A bijection of the grid.
+// order); g from lpt_group on the host (about one wave of blocks per group). A bijection of the grid.
 struct GridPos {
   int x, y, z;
 };
