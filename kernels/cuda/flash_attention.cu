@@ -3,8 +3,8 @@
 //
 // Forward: one block per (query tile of 16·warps rows, head, batch); each warp owns 16 query rows
 // and keeps its Q fragments in registers; K/V tiles of kBN keys stream through a 2-stage cp.async
-// pipeline; scores are pre-scaled by scale·log2(e) so the online softmax uses exp2f. The key
-// tiles a query tile visits come from a key-tile policy (DenseKeys: causal ± window, GatherKeys:
+// pipeline; scores are pre-scaled by scale·log2(e) so the online softmax uses exp2 (fast_exp2).
+// The key tiles a query tile visits come from a key-tile policy (DenseKeys: causal ± window, GatherKeys:
 // an explicit key list per query tile) and an optional per-key bias is added to the scores; the
 // DMA/NSA kernels reuse this loop through those two template parameters.
 //
@@ -14,6 +14,7 @@
 // adds dS·K into an fp32 dQ accumulator with atomics; (3a) deterministic dQ: one block per query
 // tile looping over key tiles, or (3b) fp32 accumulator -> bf16.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -273,13 +274,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[hf], mx);
       const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-      const float alpha = exp2f(m[hf] - base);
+      const float alpha = fast_exp2(m[hf] - base);
       m[hf] = m_new;
       float sum = 0.f;
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb) {
-        s.c[nb][2 * hf] = exp2f(s.c[nb][2 * hf] - base);
-        s.c[nb][2 * hf + 1] = exp2f(s.c[nb][2 * hf + 1] - base);
+        s.c[nb][2 * hf] = fast_exp2(s.c[nb][2 * hf] - base);
+        s.c[nb][2 * hf + 1] = fast_exp2(s.c[nb][2 * hf + 1] - base);
         sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
       }
       l[hf] = l[hf] * alpha + sum;
@@ -390,7 +391,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
   if (tid == 0) {
     mbar_init(bar_q, 128);
     for (int st = 0; st < S; ++st) {
-      mbar_init(bar_full + 8 * st, TMA ? 1 : 128);  // TMA: one expect_tx arrive; else each producer thread
+      // TMA: one expect_tx arrive; gathered: each producer thread's copies and its own arrive; else
+      // each producer thread once
+      mbar_init(bar_full + 8 * st, TMA ? 1 : Keys::kGathered ? 256 : 128);
       mbar_init(bar_empty + 8 * st, 8);             // lane 0 of each consumer warp once per use
     }
     if constexpr (TMA) mbar_init_fence();
@@ -432,6 +435,47 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
           for (int pn = 0; pn < DV / 64; ++pn) tma_load_3d(sv + pn * BN * 128, &tma.v, bar, 64 * pn, hk, row);
         }
       }
+    } else if constexpr (Keys::kGathered) {
+      // Q's and every tile's copies complete on their barriers (cp_async_mbar_arrive), so the
+      // producer never waits for its own loads: it runs up to S tiles ahead of the consumers.
+      // Each thread loads the position (and bias) of one row per tile (gather_row), one tile
+      // ahead; with equal head dims of 64 or 128 the K/V chunks take their rows' positions by
+      // shuffles (load_gathered_pair_async), otherwise by a load per chunk.
+      cp_async_mbar_arrive(bar_q);
+      constexpr bool kShfl = GatherRows<BN, DQK>::kOk && DQK == DV;
+      const int my_row = kShfl ? GatherRows<BN, DQK>::lane_row(tid >> 5, tid & 31) : (tid < BN ? tid : -1);
+      const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * T : nullptr;
+      auto pos = [&](int n) {  // this thread's row of tile n: its position, −1 for padding
+        if (my_row < 0 || n >= n_tiles) return -1;
+        const int j = keys.key(n, my_row);
+        return j < T ? j : -1;
+      };
+      int j_next = pos(0);
+      for (int n = 0; n < n_tiles; ++n) {
+        const int st = n % S, j = j_next;
+        float bj = -INFINITY;
+        if constexpr (BIAS) bj = j >= 0 ? __ldg(bias + j) : -INFINITY;
+        j_next = pos(n + 1);
+        if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
+        const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+        if constexpr (kShfl) {
+          load_gathered_pair_async<BN, DQK>(sk, sv, kg, int(k_stride), vg, int(v_stride), j, tid);
+        } else {
+          load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+            const int jr = keys.key(n, r);
+            return jr >= 0 && jr < T ? kg + int64_t(jr) * k_stride : nullptr;
+          }, tid);
+          load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+            const int jr = keys.key(n, r);
+            return jr >= 0 && jr < T ? vg + int64_t(jr) * v_stride : nullptr;
+          }, tid);
+        }
+        cp_async_mbar_arrive(bar_full + 8 * st);
+        // the stage's previous readers of sbias released it (empty) before this point
+        if (BIAS && my_row >= 0) sbias[st * BN + my_row] = bj;
+        mbar_arrive(bar_full + 8 * st);  // release: sbias, and this thread's part of the count
+      }
+      cp_async_wait<0>();
     } else {
       for (int n = 0; n < n_tiles; ++n) {
         const int st = n % S;
@@ -445,7 +489,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
             sbias[st * BN + r] = j >= 0 && j < T ? __ldg(bias + j) : -INFINITY;
           }
         }
-        // gathered: each row's position is a global load (L1), repeated per 16-byte chunk column
         load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
           const int j = keys.key(n, r);
           return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
@@ -562,13 +605,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[hf], mx);
         const float base_m = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-        alpha[hf] = exp2f(m[hf] - base_m);
+        alpha[hf] = fast_exp2(m[hf] - base_m);
         m[hf] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb) {
-          s.c[nb][2 * hf] = exp2f(s.c[nb][2 * hf] - base_m);
-          s.c[nb][2 * hf + 1] = exp2f(s.c[nb][2 * hf + 1] - base_m);
+          s.c[nb][2 * hf] = fast_exp2(s.c[nb][2 * hf] - base_m);
+          s.c[nb][2 * hf + 1] = fast_exp2(s.c[nb][2 * hf + 1] - base_m);
           sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
         }
         l[hf] = l[hf] * alpha[hf] + sum;
@@ -592,9 +635,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty + 8 * st);  // this warp is done with the stage
     };
-    auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
+    // gathered: the tiles' copies completed on the barrier, so the proxy fence is the reader's
+    auto wait_full = [&](int n) {
+      mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u);
+      if constexpr (Keys::kGathered) fence_proxy_async();
+    };
 
     mbar_wait(bar_q, 0);
+    if constexpr (Keys::kGathered) fence_proxy_async();
     if constexpr (!OVERLAP) {
       // per tile: S, wait, softmax, rescale O, P, O += P·V, wait (the other warpgroup fills the gaps)
       for (int n = 0; n < n_tiles; ++n) {
@@ -1001,7 +1049,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
-          x = exp2f(fmaf(x, p.scale_log2, kb2[hf] - li));
+          x = fast_exp2(fmaf(x, p.scale_log2, kb2[hf] - li));
           if (mask && (i >= T || !visible(i, kj[hf], p.window))) x = 0.f;
           if constexpr (DMA)
             if (kbraw[hf] < sThrs[c]) x = 0.f;
@@ -1197,7 +1245,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
-          x = exp2f(fmaf(x, p.scale_log2, bj - li[hf]));
+          x = fast_exp2(fmaf(x, p.scale_log2, bj - li[hf]));
           if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = 0.f;
         }
       }
@@ -1289,7 +1337,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
   if (tid == 0) {
     mbar_init(bar_q, 128);
     for (int st = 0; st < S; ++st) {
-      mbar_init(bar_full + 8 * st, 128);
+      mbar_init(bar_full + 8 * st, Keys::kGathered ? 256 : 128);  // gathered: copies + arrive per thread
       mbar_init(bar_empty + 8 * st, 8);
     }
   }
@@ -1310,29 +1358,40 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
       return q0 + r < T ? dog + int64_t(q0 + r) * o_stride : nullptr;
     }, tid);
     cp_async_commit();
-    for (int n = 0; n < n_tiles; ++n) {
-      const int st = n % S;
-      if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
-      const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-      if constexpr (Keys::kGathered) {
-        // the stage's previous readers of skeys released it (empty) before this point
-        int32_t* sks = skeys + st * BN;
-        for (int r = tid; r < BN; r += 128) {
-          const int j = keys.key(n, r);
-          const bool ok = j >= 0 && j < T;
-          sks[r] = ok ? j : -1;
-          if constexpr (DMA) sbias[st * BN + r] = ok ? __ldg(p.bias + brow + j) : -INFINITY;
+    if constexpr (Keys::kGathered) {
+      // as the gathered forward: copies complete on the barriers (no waits in the producer), one
+      // row's position and bias per thread and tile loaded a tile ahead, K/V rows by shuffles
+      static_assert(GatherRows<BN, DQK>::kOk && DQK == DV, "gathered dQ: equal head dims of 64 or 128");
+      cp_async_mbar_arrive(bar_q);
+      const int my_row = GatherRows<BN, DQK>::lane_row(tid >> 5, tid & 31);
+      auto pos = [&](int n) {
+        if (my_row < 0 || n >= n_tiles) return -1;
+        const int j = keys.key(n, my_row);
+        return j < T ? j : -1;
+      };
+      int j_next = pos(0);
+      for (int n = 0; n < n_tiles; ++n) {
+        const int st = n % S, j = j_next;
+        float bj = -INFINITY;
+        if constexpr (DMA) bj = j >= 0 ? __ldg(p.bias + brow + j) : -INFINITY;
+        j_next = pos(n + 1);
+        if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
+        const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
+        load_gathered_pair_async<BN, DQK>(sk, sv, kg, int(k_stride), vg, int(v_stride), j, tid);
+        cp_async_mbar_arrive(bar_full + 8 * st);
+        // the stage's previous readers of skeys / sbias released it (empty) before this point
+        if (my_row >= 0) {
+          skeys[st * BN + my_row] = j;
+          if constexpr (DMA) sbias[st * BN + my_row] = bj;
         }
-        asm volatile("bar.sync 1, 128;\n" ::: "memory");  // producer warpgroup only
-        load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
-          const int j = sks[r];
-          return j >= 0 ? kg + int64_t(j) * k_stride : nullptr;
-        }, tid);
-        load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-          const int j = sks[r];
-          return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
-        }, tid);
-      } else {
+        mbar_arrive(bar_full + 8 * st);  // release: skeys and sbias, and this thread's part of the count
+      }
+      cp_async_wait<0>();
+    } else {
+      for (int n = 0; n < n_tiles; ++n) {
+        const int st = n % S;
+        if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
+        const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
         const int k0 = keys.key(n, 0);  // dense: rows k0 .. k0 + BN − 1
         load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
           return k0 + r < T ? kg + int64_t(k0 + r) * k_stride : nullptr;
@@ -1340,15 +1399,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
         load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
           return k0 + r < T ? vg + int64_t(k0 + r) * v_stride : nullptr;
         }, tid);
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(n == 0 ? bar_q : bar_full + 8 * ((n - 1) % S));
       }
-      cp_async_commit();
-      cp_async_wait<1>();
+      cp_async_wait<0>();
       fence_proxy_async();
-      mbar_arrive(n == 0 ? bar_q : bar_full + 8 * ((n - 1) % S));
+      mbar_arrive(n_tiles == 0 ? bar_q : bar_full + 8 * ((n_tiles - 1) % S));
     }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbar_arrive(n_tiles == 0 ? bar_q : bar_full + 8 * ((n_tiles - 1) % S));
   } else {
     setmaxnreg_inc<240>();
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -1396,7 +1455,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
             const float bj = braw * kLog2e;
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-              float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
+              float pv = fast_exp2(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
               if (masked && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) pv = 0.f;
               dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
             }
@@ -1426,9 +1485,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty + 8 * st);
     };
-    auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
+    auto wait_full = [&](int n) {
+      mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u);
+      if constexpr (Keys::kGathered) fence_proxy_async();  // the copies completed on the barrier
+    };
 
     mbar_wait(bar_q, 0);
+    if constexpr (Keys::kGathered) fence_proxy_async();
     if constexpr (!OVERLAP) {
       for (int n = 0; n < n_tiles; ++n) {
         const int st = n % S;
@@ -1518,7 +1581,7 @@ struct WgKvSmem {
   static constexpr int kK = BN * DQK * 2, kV = BN * DV * 2, kQ = BM * DQK * 2, kO = BM * DV * 2;
   static constexpr int kStage = kQ + kO;
   static constexpr int kStages = (kK + kV + 4 * kStage) <= 200 * 1024 ? 4 : 3;
-  static constexpr int kStats = kK + kV + kStages * kStage;  // float lse2, delta, thr (DMA) [stage][3][BM]
+  static constexpr int kStats = kK + kV + kStages * kStage;  // float lse2, delta, thr (DMA; NaN past T) [stage][3][BM]
   static constexpr int kBars = kStats + kStages * BM * 12;
   static constexpr int kBytes = kBars + (2 * kStages + 1) * 8;
   static constexpr size_t kAlloc = size_t(kBytes) + 1024;
@@ -1590,7 +1653,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
         const int c = tid & (BM - 1), i = q0 + c;
         const int64_t o = (int64_t(b) * p.H + hh) * T + i;
         stats[(st * 3 + (tid >= BM)) * BM + c] = i < T ? (tid < BM ? p.lse2[o] : p.delta[o]) : 0.f;
-        if (DMA && tid < BM) stats[(st * 3 + 2) * BM + c] = i < T ? p.thr[brow + i] : INFINITY;
+        if (DMA && tid < BM) stats[(st * 3 + 2) * BM + c] = i < T ? p.thr[brow + i] : __int_as_float(0x7fffffff);
       }
       cp_async_commit();
       cp_async_wait<1>();
@@ -1605,6 +1668,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     // this thread's keys: rows 64cw + 16warp + g (c0,c1) and + 8 (c2,c3) of the tile
     const int kj[2] = {key_at(64 * cw + 16 * warp + g), key_at(64 * cw + 16 * warp + g + 8)};
+    // for the element mask: padding rows (−1) sort after every query, so no query keeps them
+    const int kjm[2] = {kj[0] >= 0 ? kj[0] : INT_MAX, kj[1] >= 0 ? kj[1] : INT_MAX};
     float kb2[2] = {0.f, 0.f}, kbraw[2] = {0.f, 0.f}, dbias[2] = {0.f, 0.f};  // DMA: bias (log2 units, raw)
     // DMA: the block's last key position and smallest raw key bias (over its real keys): a query
     // tile q0 .. q0 + BM − 1 (all < T) with q0 >= kmax and thr[q0 + BM − 1] <= kbmin keeps every
@@ -1664,10 +1729,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
           for (int e = 0; e < 2; ++e) {
             const int c = nb * 8 + 2 * t + e, i = q0 + c;
             const float li = sL[c], di = sD[c];
+            const float th = DMA && masked ? sThr[c] : 0.f;  // NaN past T: no key kept there
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-              float pv = exp2f(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
-              if (masked && (i >= T || !visible(i, kj[hf], p.window) || (DMA && kbraw[hf] < sThr[c]))) pv = 0.f;
+              float pv = fast_exp2(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
+              if constexpr (decltype(masked)::value) {  // branch-free: & rather than short-circuits
+                bool keep = kjm[hf] <= i;
+                if constexpr (DMA) keep &= kbraw[hf] >= th;
+                else keep &= (i < T) & ((p.window <= 0) | (kjm[hf] > i - p.window));
+                pv = keep ? pv : 0.f;
+              }
               sc.c[nb][2 * hf + e] = pv;
               const float dsv = pv * (dp.c[nb][2 * hf + e] - di);
               dp.c[nb][2 * hf + e] = dsv;

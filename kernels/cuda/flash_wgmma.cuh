@@ -92,6 +92,45 @@ __device__ __forceinline__ void load_sw128_async(uint32_t s, const __nv_bfloat16
   }
 }
 
+// Gathered rows (the DMA key tiles: any positions) in load_sw128_async's fast mapping. Thread tid
+// keeps chunk column tid % kChunks and rows r0 + k·kStep (r0 = tid / kChunks), so warp w reads only
+// the ROWS/4 rows w·kPer + s + k·kStep (s < kPer, the rows one warp instruction covers). Lane m of
+// warp w is given one of them, lane_row(w, m) (the one with k = m / kPer, s = m % kPer), loads its
+// position once per tile, and every chunk takes its row's position from that lane by a shuffle:
+// one load per lane and tile instead of one per chunk, and no load latency between the chunks.
+template <int ROWS, int COLS>
+struct GatherRows {
+  static constexpr int kChunks = COLS / 8, kStep = 128 / kChunks, kPer = 32 / kChunks;
+  static constexpr bool kOk = 32 % kChunks == 0 && kStep % 8 == 0 && ROWS % kStep == 0 && ROWS <= 128;
+  // the row whose position lane m of warp w loads, −1 for lanes without one
+  __device__ __forceinline__ static int lane_row(int w, int m) {
+    return m < ROWS / 4 ? w * kPer + m % kPer + kStep * (m / kPer) : -1;
+  }
+};
+
+// Two gathered ROWS x COLS tiles with the same rows (K and V), by the 128 threads of a producer
+// warpgroup: j_lane is the position this lane was given (GatherRows::lane_row; −1: padding, a zero
+// row), a and b the row-0 addresses of the two tensors' rows (row j at a + j·a_stride).
+template <int ROWS, int COLS>
+__device__ __forceinline__ void load_gathered_pair_async(uint32_t sa, uint32_t sb, const __nv_bfloat16* a,
+                                                         int a_stride, const __nv_bfloat16* b, int b_stride,
+                                                         int j_lane, int tid) {
+  using G = GatherRows<ROWS, COLS>;
+  static_assert(G::kOk, "rows and columns of the shuffle mapping");
+  const int cc = tid % G::kChunks, sub = (tid & 31) / G::kChunks;
+  const uint32_t o0 = Sw128<ROWS, COLS>::chunk(tid / G::kChunks, cc);
+  a += cc * 8, b += cc * 8;
+#pragma unroll 4
+  for (int k = 0; k < ROWS / G::kStep; ++k) {
+    const int j = __shfl_sync(0xffffffffu, j_lane, k * G::kPer + sub);
+    const bool ok = j >= 0;
+    const int jj = ok ? j : 0;  // row 0: a valid address, not read (zero fill)
+    const uint32_t o = o0 + uint32_t(k * G::kStep * 128);
+    cp_async16_u32(sa + o, a + int64_t(jj) * a_stride, ok);
+    cp_async16_u32(sb + o, b + int64_t(jj) * b_stride, ok);
+  }
+}
+
 // ---- descriptors ---------------------------------------------------------------------------
 // bits 0-13 start address >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset (0: atoms
 // 1024-aligned), 62-63 swizzle (1 = 128B).
@@ -212,9 +251,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
-// Generic-proxy writes (cp.async completed by cp.async.wait_group, plain stores) made visible to
-// the async proxy (wgmma operand reads): in each writing thread, before the barrier that hands
-// the data over.
+// The completion of every cp.async this thread issued so far, as one arrival on `bar` (.noinc: the
+// barrier's expected count includes it). The producer moves on at once; the consumer that waits
+// on the barrier then issues fence_proxy_async before its wgmma reads the copied tiles.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Generic-proxy writes (cp.async, plain stores) made visible to the async proxy (wgmma operand
+// reads): in each writing thread after cp.async.wait_group and before the barrier that hands the
+// data over; or, where the copies complete on the barrier itself (cp_async_mbar_arrive: the writer
+// never sees them land), in each reading thread after its wait and before its wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // ---- TMA (bulk tensor copies) ---------------------------------------------------------------
