@@ -740,68 +740,91 @@ __global__ void __launch_bounds__(kShortThreads) dma_thr_short_kernel(float* __r
 // list per block), updated in place (filtering moves a key only to a lower slot), each entry
 // flagged in bit 31 as it is written where every query of the tile keeps it; one more pass over
 // it writes the partitioned list.
-constexpr int kGatherThreads = 256, kGatherSeg = 16;
+// 1024 threads, each with up to kGatherUnroll candidates in flight per round: a pass over a list
+// costs about two dependent load latencies (position, then bias) per round instead of per
+// 256-candidate step, and one barrier per step (the per-warp counts alternate between two
+// buffers, so a warp writing the next step's count never meets one still reading this step's).
+constexpr int kGatherThreads = 1024, kGatherWarps = kGatherThreads / 32, kGatherUnroll = 4, kGatherSeg = 16;
+static_assert(kGatherWarps == 32, "block_scan_packed: one lane per warp count");
 
-// Appends, in order, the candidates cand(0 .. n−1) (key positions, −1: none) for which keep(j)
-// holds to out[total ...] (slots past cap dropped, total still counts them), bit 31 set on those
-// with flag(j), which flagged counts. All threads of the block call it. out may be the candidates' own
-// array (in-place filtering): every candidate is read before the block's first barrier and
-// written to a slot no higher than its own.
-template <class Cand, class Keep, class Flag>
-__device__ void gather_append(int n, Cand cand, Keep keep_fn, Flag flag_fn, int32_t* out, int64_t cap, int& total,
-                              int& flagged, int* warp_n) {
+// This warp's exclusive prefix (.x) and the block's total (.y) of the per-warp value v (lane 0's),
+// two 16-bit counts packed per int (each below 2^16: at most kGatherThreads per step).
+__device__ __forceinline__ int2 block_scan_packed(int v, int (*warp_n)[kGatherWarps], int& phase) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int k0 = 0; k0 < n; k0 += kGatherThreads) {
-    const int k = k0 + int(threadIdx.x);
-    const int j = k < n ? cand(k) : -1;
-    const bool keep = j >= 0 && keep_fn(j), flag = keep && flag_fn(j);
-    const uint32_t ballot = __ballot_sync(0xffffffffu, keep), fb = __ballot_sync(0xffffffffu, flag);
-    if (lane == 0) warp_n[warp] = __popc(ballot) | (__popc(fb) << 16);
-    __syncthreads();
-    int before = total, step = 0, fstep = 0;
+  if (lane == 0) warp_n[phase][warp] = v;
+  __syncthreads();
+  const int x = warp_n[phase][lane];
+  int incl = x;
 #pragma unroll
-    for (int w = 0; w < kGatherThreads / 32; ++w) {
-      before += w < warp ? warp_n[w] & 0xffff : 0;
-      step += warp_n[w] & 0xffff;
-      fstep += warp_n[w] >> 16;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  phase ^= 1;
+  return make_int2(__shfl_sync(0xffffffffu, incl - x, warp), __shfl_sync(0xffffffffu, incl, 31));
+}
+
+// Appends, in order, the candidates cand(0 .. n−1) (key positions, −1: none) with bias br[j] >= t0
+// to out[total ...] (slots past cap dropped, total still counts them), bit 31 set on those every
+// query of the tile keeps (j < i0_flag and br[j] >= tl; i0_flag = 0: none), which flagged counts.
+// All threads of the block call it. out may be the candidates' own array (in-place filtering):
+// every candidate of a round is read before the round's first barrier and written to a slot no
+// higher than its own. The last step's writes are not followed by a barrier.
+template <class Cand>
+__device__ void gather_append(int n, Cand cand, const float* __restrict__ br, float t0, float tl, int i0_flag,
+                              int32_t* out, int64_t cap, int& total, int& flagged, int (*warp_n)[kGatherWarps],
+                              int& phase) {
+  const uint32_t below = (1u << (threadIdx.x & 31)) - 1u;
+  for (int r0 = 0; r0 < n; r0 += kGatherThreads * kGatherUnroll) {
+    int j[kGatherUnroll];
+    float bj[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int k = r0 + u * kGatherThreads + int(threadIdx.x);
+      j[u] = k < n ? cand(k) : -1;
     }
-    if (keep) {
-      const int at = before + __popc(ballot & ((1u << lane) - 1u));
-      if (at < cap) out[at] = flag ? int32_t(uint32_t(j) | 0x80000000u) : j;
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) bj[u] = j[u] >= 0 ? br[j[u]] : 0.f;
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      if (r0 + u * kGatherThreads >= n) break;  // uniform
+      const bool keep = j[u] >= 0 && bj[u] >= t0, flag = keep && j[u] < i0_flag && bj[u] >= tl;
+      const uint32_t kb = __ballot_sync(0xffffffffu, keep), fb = __ballot_sync(0xffffffffu, flag);
+      const int2 sc = block_scan_packed(__popc(kb) | (__popc(fb) << 16), warp_n, phase);
+      if (keep) {
+        const int at = total + (sc.x & 0xffff) + __popc(kb & below);
+        if (at < cap) out[at] = flag ? int32_t(uint32_t(j[u]) | 0x80000000u) : j[u];
+      }
+      total += sc.y & 0xffff;
+      flagged += sc.y >> 16;
     }
-    total += step;
-    flagged += fstep;
-    __syncthreads();  // warp_n is rewritten next step
   }
 }
 
 // Writes the n entries of asc (key positions, bit 31 set on those kept by every query of the
 // tile) stably partitioned: the flagged ones to out[0 ..], the others to out[n_first ..].
 __device__ void gather_partition(const int32_t* __restrict__ asc, int n, int n_first, int32_t* __restrict__ out,
-                                 int* warp_n) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+                                 int (*warp_n)[kGatherWarps], int& phase) {
+  const uint32_t below = (1u << (threadIdx.x & 31)) - 1u;
   int first = 0, rest = 0;
-  for (int k0 = 0; k0 < n; k0 += kGatherThreads) {
-    const int k = k0 + int(threadIdx.x);
-    const int32_t v = k < n ? asc[k] : 0;
-    const bool in = k < n, f = in && v < 0;
-    const uint32_t fb = __ballot_sync(0xffffffffu, f), rb = __ballot_sync(0xffffffffu, in && !f);
-    if (lane == 0) warp_n[warp] = __popc(fb) | (__popc(rb) << 16);
-    __syncthreads();
-    int fb4 = first, rb4 = rest, fs = 0, rs = 0;
+  for (int r0 = 0; r0 < n; r0 += kGatherThreads * kGatherUnroll) {
+    int32_t v[kGatherUnroll];
 #pragma unroll
-    for (int w = 0; w < kGatherThreads / 32; ++w) {
-      fb4 += w < warp ? warp_n[w] & 0xffff : 0;
-      rb4 += w < warp ? warp_n[w] >> 16 : 0;
-      fs += warp_n[w] & 0xffff;
-      rs += warp_n[w] >> 16;
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int k = r0 + u * kGatherThreads + int(threadIdx.x);
+      v[u] = k < n ? asc[k] : 0;
     }
-    const uint32_t below = (1u << lane) - 1u;
-    if (f) out[fb4 + __popc(fb & below)] = v & 0x7fffffff;
-    else if (in) out[n_first + rb4 + __popc(rb & below)] = v;
-    first += fs;
-    rest += rs;
-    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      if (r0 + u * kGatherThreads >= n) break;  // uniform
+      const bool in = r0 + u * kGatherThreads + int(threadIdx.x) < n, f = in && v[u] < 0;
+      const uint32_t fb = __ballot_sync(0xffffffffu, f), rb = __ballot_sync(0xffffffffu, in && !f);
+      const int2 sc = block_scan_packed(__popc(fb) | (__popc(rb) << 16), warp_n, phase);
+      if (f) out[first + (sc.x & 0xffff) + __popc(fb & below)] = v[u] & 0x7fffffff;
+      else if (in) out[n_first + rest + (sc.x >> 16) + __popc(rb & below)] = v[u];
+      first += sc.y & 0xffff;
+      rest += sc.y >> 16;
+    }
   }
 }
 
@@ -813,7 +836,8 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
                                                                     const float* __restrict__ bias,
                                                                     const float* __restrict__ thr, int T, int bq,
                                                                     int qt0, int n_tiles) {
-  __shared__ int warp_n[kGatherThreads / 32];
+  __shared__ int warp_n[2][kGatherWarps];
+  int phase = 0;
   const int64_t row = blockIdx.y;
   const float* br = bias + row * T;
   // the ascending list: in place of the output without partition, else this block's work list
@@ -826,24 +850,24 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
     const int64_t list = row * n_tiles + lt;
     const int i0 = (qt0 + lt) * bq, i1 = min(i0 + bq, T);
     const float t0 = thr[row * T + i0], tl = thr[row * T + i1 - 1];
-    auto above = [&](int j) { return br[j] >= t0; };
-    auto all_keep = [&](int j) { return clean && j < i0 && br[j] >= tl; };
+    const int i0_flag = clean ? i0 : 0;  // without partition nothing is flagged
     int32_t* out = keys + list * cap;
     int32_t* dst = clean ? asc : out;
     int total = 0, n_clean = 0;
     if (s == 0 || prev_total > cap) {  // no complete previous list: scan the prefix
-      gather_append(i1, [](int k) { return k; }, above, all_keep, dst, cap, total, n_clean, warp_n);
+      gather_append(i1, [](int k) { return k; }, br, t0, tl, i0_flag, dst, cap, total, n_clean, warp_n, phase);
     } else {
       // the previous ascending list: this block's work list, or the previous output (written by
       // this block, visible after its barriers)
       const int32_t* prev = clean ? asc : keys + (list - 1) * cap;
-      gather_append(prev_total, [&](int k) { return int(prev[k] & 0x7fffffff); }, above, all_keep, dst, cap, total,
-                    n_clean, warp_n);
-      gather_append(i1 - prev_i1, [&](int k) { return prev_i1 + k; }, above, all_keep, dst, cap, total, n_clean,
-                    warp_n);
+      gather_append(prev_total, [&](int k) { return int(prev[k] & 0x7fffffff); }, br, t0, tl, i0_flag, dst, cap,
+                    total, n_clean, warp_n, phase);
+      gather_append(i1 - prev_i1, [&](int k) { return prev_i1 + k; }, br, t0, tl, i0_flag, dst, cap, total, n_clean,
+                    warp_n, phase);
     }
     if (clean) {
-      if (total <= cap) gather_partition(asc, total, n_clean, out, warp_n);
+      __syncthreads();  // asc complete (its last writes follow the appends' last barrier)
+      if (total <= cap) gather_partition(asc, total, n_clean, out, warp_n, phase);
       else n_clean = 0;
       if (threadIdx.x == 0) clean[list] = n_clean;
     }

@@ -328,15 +328,18 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
 
 // ---- Hopper forward (sm_90a): warp-specialised, wgmma ------------------------------------------
 // One block per (128-query tile, head, batch) of 3 warpgroups. Warpgroup 0 is the producer: it
-// copies Q and the K/V tiles of the key policy with cp.async into 128B-swizzled shared tiles
-// (flash_wgmma.cuh), STAGES deep, and hands each over through an mbarrier after
-// cp.async.wait_group + fence.proxy.async (the tensor cores read through the async proxy); it
+// copies Q and the K/V tiles of the key policy into 128B-swizzled shared tiles (flash_wgmma.cuh),
+// STAGES deep — dense tiles by TMA, or by cp.async handed over through an mbarrier after
+// cp.async.wait_group + fence.proxy.async (the tensor cores read through the async proxy);
+// gathered tiles by cp.async completing on the mbarrier itself (cp_async_mbar_arrive, the
+// consumers fence after their wait), so the producer never waits for its own copies — and it
 // gives registers away (setmaxnreg.dec). Warpgroups 1 and 2 each own 64 query rows: S = Q·Kᵀ by
 // wgmma from shared memory, scale / bias / mask and the online softmax in registers exactly as
 // the mma.sync kernel (the wgmma accumulator has its per-warp layout), P rounded to bf16 in
-// registers, O += P·V by wgmma with P from registers, then release the stage. The producer runs
-// one tile ahead of its signal (it signals tile n-1 after issuing tile n), so two tiles are in
-// flight while the consumers compute a third.
+// registers, O += P·V by wgmma with P from registers, then release the stage. The dense cp.async
+// producer runs one tile ahead of its signal (it signals tile n-1 after issuing tile n), so two
+// tiles are in flight while the consumers compute a third; TMA and gathered producers fill every
+// free stage at once.
 constexpr int kWgBM = 128, kWgStages = 3, kWgThreads = 384;
 
 template <int DQK>
