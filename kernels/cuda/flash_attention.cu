@@ -448,14 +448,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
       constexpr bool kShfl = GatherRows<BN, DQK>::kOk && DQK == DV;
       const int my_row = kShfl ? GatherRows<BN, DQK>::lane_row(tid >> 5, tid & 31) : (tid < BN ? tid : -1);
       const float* bias = BIAS ? p.bias + (int64_t(b) * p.Hkv + hk) * T : nullptr;
-      auto pos = [&](int n) {  // this thread's row of tile n: its position, −1 for padding
-        if (my_row < 0 || n >= n_tiles) return -1;
-        const int j = keys.key(n, my_row);
-        return j < T ? j : -1;
-      };
+      // this thread's row of tile n: its position, −1 for padding (checked against T at its use,
+      // a tile later, so the load is not waited for here)
+      auto pos = [&](int n) { return my_row < 0 || n >= n_tiles ? -1 : keys.key(n, my_row); };
       int j_next = pos(0);
       for (int n = 0; n < n_tiles; ++n) {
-        const int st = n % S, j = j_next;
+        const int st = n % S, j = j_next < T ? j_next : -1;
         float bj = -INFINITY;
         if constexpr (BIAS) bj = j >= 0 ? __ldg(bias + j) : -INFINITY;
         j_next = pos(n + 1);
@@ -1367,14 +1365,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
       static_assert(GatherRows<BN, DQK>::kOk && DQK == DV, "gathered dQ: equal head dims of 64 or 128");
       cp_async_mbar_arrive(bar_q);
       const int my_row = GatherRows<BN, DQK>::lane_row(tid >> 5, tid & 31);
-      auto pos = [&](int n) {
-        if (my_row < 0 || n >= n_tiles) return -1;
-        const int j = keys.key(n, my_row);
-        return j < T ? j : -1;
-      };
+      auto pos = [&](int n) { return my_row < 0 || n >= n_tiles ? -1 : keys.key(n, my_row); };
       int j_next = pos(0);
       for (int n = 0; n < n_tiles; ++n) {
-        const int st = n % S, j = j_next;
+        const int st = n % S, j = j_next < T ? j_next : -1;
         float bj = -INFINITY;
         if constexpr (DMA) bj = j >= 0 ? __ldg(p.bias + brow + j) : -INFINITY;
         j_next = pos(n + 1);
@@ -1618,7 +1612,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
   if (tid == 0) {
     mbar_init(bar_kv, 128);
     for (int st = 0; st < S; ++st) {
-      mbar_init(bar_full + 8 * st, 128);
+      mbar_init(bar_full + 8 * st, 256);  // each producer thread: its copies, then its own arrive
       mbar_init(bar_empty + 8 * st, 8);
     }
   }
@@ -1638,7 +1632,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
       const int j = key_at(r);
       return j >= 0 ? vg + int64_t(j) * v_stride : nullptr;
     }, tid);
-    cp_async_commit();
+    // Every copy completes on its barrier (cp_async_mbar_arrive): the producer never waits for
+    // its own loads and keeps every free stage filled (consumers fence after their waits).
+    cp_async_mbar_arrive(bar_kv);
+    // lse2, delta (and thr) of a whole item by 16-byte cp.async where the rows allow it (T % 4 == 0,
+    // aligned bases); a sequence's last, partial item and unaligned rows by plain loads and stores
+    // (past T: 0, and thr NaN, so no key is kept there whatever its bias).
+    const bool vec_stats =
+        (T & 3) == 0 && ((reinterpret_cast<uintptr_t>(p.lse2) | reinterpret_cast<uintptr_t>(p.delta) |
+                          (DMA ? reinterpret_cast<uintptr_t>(p.thr) : uintptr_t(0))) & 15u) == 0;
     for (int n = 0; n < n_items; ++n) {
       const int st = n % S;
       if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);
@@ -1652,20 +1654,24 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
       load_sw128_async<BM, DV, 128>(so, dog, [&](int r) -> const nv_bf16* {
         return q0 + r < T ? dog + int64_t(q0 + r) * o_stride : nullptr;
       }, tid);
-      {  // lse2 (threads 0..63) and delta (64..127) of the tile's queries, plain loads and stores
+      const int64_t o0 = (int64_t(b) * p.H + hh) * T + q0;
+      float* sst = stats + st * 3 * BM;  // the stage's previous readers released it (empty)
+      if (vec_stats && q0 + BM <= T) {
+        constexpr int kV4 = BM / 4;  // 16-byte chunks per vector
+        if (tid < (DMA ? 3 : 2) * kV4) {
+          const int which = tid / kV4, c4 = (tid % kV4) * 4;
+          const float* src = which == 0 ? p.lse2 + o0 + c4 : which == 1 ? p.delta + o0 + c4 : p.thr + brow + q0 + c4;
+          cp_async16_u32(smem_u32(sst + which * BM + c4), src, true);
+        }
+      } else {  // lse2 (threads 0..63) and delta (64..127), and thr
         const int c = tid & (BM - 1), i = q0 + c;
-        const int64_t o = (int64_t(b) * p.H + hh) * T + i;
-        stats[(st * 3 + (tid >= BM)) * BM + c] = i < T ? (tid < BM ? p.lse2[o] : p.delta[o]) : 0.f;
-        if (DMA && tid < BM) stats[(st * 3 + 2) * BM + c] = i < T ? p.thr[brow + i] : __int_as_float(0x7fffffff);
+        sst[(tid >= BM) * BM + c] = i < T ? (tid < BM ? p.lse2[o0 + c] : p.delta[o0 + c]) : 0.f;
+        if (DMA && tid < BM) sst[2 * BM + c] = i < T ? p.thr[brow + i] : __int_as_float(0x7fffffff);
       }
-      cp_async_commit();
-      cp_async_wait<1>();
-      fence_proxy_async();
-      mbar_arrive(n == 0 ? bar_kv : bar_full + 8 * ((n - 1) % S));
+      cp_async_mbar_arrive(bar_full + 8 * st);
+      mbar_arrive(bar_full + 8 * st);  // release: the plain stores, and this thread's part of the count
     }
     cp_async_wait<0>();
-    fence_proxy_async();
-    mbar_arrive(n_items == 0 ? bar_kv : bar_full + 8 * ((n_items - 1) % S));
   } else {
     setmaxnreg_inc<240>();
     const int cw = wg - 1, wtid = tid - 128 * wg, warp = wtid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -1779,9 +1785,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty + 8 * st);
     };
-    auto wait_full = [&](int n) { mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u); };
+    auto wait_full = [&](int n) {
+      mbar_wait(bar_full + 8 * (n % S), uint32_t(n / S) & 1u);
+      fence_proxy_async();  // the copies completed on the barrier
+    };
 
     mbar_wait(bar_kv, 0);
+    fence_proxy_async();
     if constexpr (!OVERLAP) {
       for (int n = 0; n < n_items; ++n) {
         const int st = n % S;
