@@ -1294,10 +1294,11 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 }  // namespace
 
 // Dense DMA (no lists, no key groups: every causal pair visited, the mask per element). The forward
-// runs dense where w keeps at least half the causal pairs: the gathered forward costs about twice
-// the dense one per pair visited (H200, 2026-11-29: 16K, w = 2048, 1.04 against 0.44 ms per 10^9
-// pairs and GEMM), so below half the pairs gathering no longer pays (T = 2048, w = 1024, B = 32,
-// 6/3 heads: forward 0.88 ms dense against 1.04 gathered). The backward stays gathered there: run
+// runs dense where w keeps at least half the causal pairs: the gathered forward costs more than the
+// dense one per pair visited (H200, 16K, w = 2048: 1.04 against 0.44 ms per 10^9 pairs and GEMM in
+// the fourth session; 0.65 against 0.45 since the eighth session's producers), so with most pairs
+// kept gathering does not pay (T = 2048, w = 1024, B = 32, 6/3 heads: forward 0.638 ms dense
+// against 0.660 gathered, eighth session). The backward stays gathered there: run
 // dense, its mask runs on every tile (a block of 128 consecutive keys almost never has every key kept by
 // a whole query tile) and it measured slower (2.67 against 2.45 ms). DMAT_DMA_DENSE=auto|0|1 (read
 // once) or testing::set_dma_dense forces one mode for both directions.

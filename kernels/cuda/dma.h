@@ -100,8 +100,8 @@ void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const floa
 // (the kernels then run on that batch), so the workspace (workspace3: key groups, ~rows·T int32,
 // plus one batch of lists) stays bounded at any T; no T×T buffer.
 // Where w keeps at least half the causal pairs the forward runs dense instead (every causal pair
-// visited, the threshold mask per element; no lists): gathering costs about twice as much per pair.
-// The backward stays gathered (measured faster there). DMAT_DMA_DENSE=0|1 forces either mode for
+// visited, the threshold mask per element; no lists): gathering costs more per pair (~1.5× the
+// dense forward's). The backward stays gathered (measured faster there). DMAT_DMA_DENSE=0|1 forces either mode for
 // both directions.
 // path: the flash kernel family (flash_attention.h; automatic: the library's choice).
 void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
