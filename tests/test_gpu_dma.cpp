@@ -403,7 +403,8 @@ TEST(GpuDma, GatherListsMatchBruteForce) {
   REQUIRE_GPU();
   uint64_t seed = 600;
   for (Pattern p : {Pattern::Random, Pattern::Ties, Pattern::AllEqual, Pattern::Increasing, Pattern::Decreasing})
-    for (int64_t T : {1, 100, 128, 129, 700, 2000, 5000})  // 5000: 40 tiles, three segments of the update chain
+    for (int64_t T : {1, 100, 128, 129, 700, 2000, 5000})  // 5000: 40 tiles, five segments of the update
+      // chain; w = T: lists of up to 5000 keys, more than one round (4096) of the builder
       for (int64_t w : {int64_t(1), int64_t(16), int64_t(200), T}) {
         for (bool part : {false, true}) {
           check_gather(p, 2, T, w, T, ++seed, part);  // capacity T: never truncated
