@@ -413,6 +413,19 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
       return q0 + r < T ? qg + int64_t(q0 + r) * q_stride : nullptr;
     }, tid);
     cp_async_commit();
+    // K and V of tile n into a stage, each chunk's row looked up in the key policy (cp.async
+    // producers other than the gathered shuffle loader)
+    auto load_kv_rows = [&](int n, uint32_t sk, uint32_t sv) {
+      load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
+        const int j = keys.key(n, r);
+        return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
+      }, tid);
+      load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
+        const int j = keys.key(n, r);
+        return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
+      }, tid);
+    };
+    (void)load_kv_rows;
     if constexpr (TMA) {
       cp_async_wait<0>();
       fence_proxy_async();
@@ -459,18 +472,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
         j_next = pos(n + 1);
         if (n >= S) mbar_wait(bar_empty + 8 * st, uint32_t((n / S) + 1) & 1u);  // use n/S − 1 released
         const uint32_t sk = sKV + uint32_t(st * L::kStage), sv = sk + L::kK;
-        if constexpr (kShfl) {
-          load_gathered_pair_async<BN, DQK>(sk, sv, kg, int(k_stride), vg, int(v_stride), j, tid);
-        } else {
-          load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
-            const int jr = keys.key(n, r);
-            return jr >= 0 && jr < T ? kg + int64_t(jr) * k_stride : nullptr;
-          }, tid);
-          load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-            const int jr = keys.key(n, r);
-            return jr >= 0 && jr < T ? vg + int64_t(jr) * v_stride : nullptr;
-          }, tid);
-        }
+        if constexpr (kShfl) load_gathered_pair_async<BN, DQK>(sk, sv, kg, int(k_stride), vg, int(v_stride), j, tid);
+        else load_kv_rows(n, sk, sv);
         cp_async_mbar_arrive(bar_full + 8 * st);
         // the stage's previous readers of sbias released it (empty) before this point
         if (BIAS && my_row >= 0) sbias[st * BN + my_row] = bj;
@@ -490,14 +493,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
             sbias[st * BN + r] = j >= 0 && j < T ? __ldg(bias + j) : -INFINITY;
           }
         }
-        load_sw128_async<BN, DQK, 128>(sk, kg, [&](int r) -> const nv_bf16* {
-          const int j = keys.key(n, r);
-          return j >= 0 && j < T ? kg + int64_t(j) * k_stride : nullptr;
-        }, tid);
-        load_sw128_async<BN, DV, 128>(sv, vg, [&](int r) -> const nv_bf16* {
-          const int j = keys.key(n, r);
-          return j >= 0 && j < T ? vg + int64_t(j) * v_stride : nullptr;
-        }, tid);
+        load_kv_rows(n, sk, sv);
         cp_async_commit();
         cp_async_wait<1>();  // the group before this one (Q for n == 0, else tile n − 1) has landed
         fence_proxy_async();
