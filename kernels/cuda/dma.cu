@@ -891,7 +891,7 @@ __global__ void __launch_bounds__(kGatherThreads) dma_gather_kernel(int32_t* __r
 // (dma_group_region_size): the ends spread as w/u for a key at quantile u of its region, so longer
 // rows need finer quantile classes (simulated on iid normal biases, w = 2048: dK/dV work over kept
 // pairs 1.42 at T = 16K with R = 1024 and 1.34 with 2048; at 128K 4.17 with 1024, 1.38 with 16384).
-constexpr int kGroupThreads = 512, kGroupSearch = 4;
+constexpr int kGroupThreads = 512;
 
 __global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __restrict__ keys,
                                                                    int32_t* __restrict__ range,
@@ -904,42 +904,24 @@ __global__ void __launch_bounds__(kGroupThreads) dma_groups_kernel(int32_t* __re
   const int64_t row = blockIdx.y;
   const float* br = bias + row * T;
   const float* tr = thr + row * T;
-  // kGroupSearch keys per thread at a time, their binary searches stepped together so their
-  // dependent loads are in flight at once
-  for (int e0 = threadIdx.x; e0 < R; e0 += kGroupThreads * kGroupSearch) {
-    int lo[kGroupSearch], hi[kGroupSearch];  // the first i in [j + 1, T] with thr_i > bias_j (T: none)
-    float bj[kGroupSearch];
-#pragma unroll
-    for (int u = 0; u < kGroupSearch; ++u) {
-      const int e = e0 + u * kGroupThreads, j = reg * R + e;
-      const bool ok = e < R && j < T;
-      bj[u] = ok ? br[j] : 0.f;
-      const bool kept = ok && bj[u] >= tr[j];
-      lo[u] = j + 1;
-      hi[u] = kept ? T : j;  // kept by no query (or past T): hi < lo, no search
-    }
-    for (bool more = true; more;) {
-      more = false;
-#pragma unroll
-      for (int u = 0; u < kGroupSearch; ++u) {
-        if (lo[u] < hi[u]) {
-          const int mid = (lo[u] + hi[u]) >> 1;
-          if (tr[mid] > bj[u]) hi[u] = mid;
-          else lo[u] = mid + 1;
-          more = true;
+  for (int e = threadIdx.x; e < R; e += kGroupThreads) {
+    const int j = reg * R + e;
+    unsigned long long key = kNone;
+    if (j < T) {
+      const float bj = br[j];
+      int last = -1;  // kept by no query (sorts after every kept key)
+      if (bj >= tr[j]) {
+        int lo = j + 1, hi = T;  // the first i in [j + 1, T] with thr_i > bj (T: none)
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (tr[mid] > bj) hi = mid;
+          else lo = mid + 1;
         }
+        last = lo - 1;
       }
+      key = (static_cast<unsigned long long>(uint32_t(int64_t(INT32_MAX) - last)) << 32) | uint32_t(j);
     }
-#pragma unroll
-    for (int u = 0; u < kGroupSearch; ++u) {
-      const int e = e0 + u * kGroupThreads, j = reg * R + e;
-      if (e >= R) continue;
-      // a search ends with lo == hi; a key kept by no query started with hi = j < lo: last = −1,
-      // which sorts after every kept key
-      const int last = hi[u] >= lo[u] ? lo[u] - 1 : -1;
-      sk[e] = j < T ? (static_cast<unsigned long long>(uint32_t(int64_t(INT32_MAX) - last)) << 32) | uint32_t(j)
-                    : kNone;
-    }
+    sk[e] = key;
   }
   __syncthreads();
   for (int k = 2; k <= R; k <<= 1) {
