@@ -255,9 +255,16 @@ void check_thresholds(Pattern p, int64_t rows, int64_t T, int64_t w, uint64_t se
   std::vector<float> want(bias.size());
   cpu::dma_thresholds<float>(want.data(), bias.data(), rows, T, w);
   Dev<float> gb(bias), gt(bias.size());
-  for (const auto scan : {cuda::DmaThresholdScan::walk, cuda::DmaThresholdScan::bounds, cuda::DmaThresholdScan::serial}) {
+  // the bounds scan with each of its segment lengths (0: the default)
+  const std::pair<cuda::DmaThresholdScan, int> runs[] = {
+      {cuda::DmaThresholdScan::walk, 0},      {cuda::DmaThresholdScan::bounds, 0},
+      {cuda::DmaThresholdScan::bounds, 128},  {cuda::DmaThresholdScan::bounds, 512},
+      {cuda::DmaThresholdScan::serial, 0}};
+  for (const auto& [scan, seg] : runs) {
     gt.up(std::vector<float>(bias.size(), kNaN));
+    const int old_seg = seg ? cuda::testing::set_dma_thr_seg(seg) : 0;
     cuda::dma_thresholds_scan(gt.p, gb.p, rows, T, w, scan);
+    if (seg) cuda::testing::set_dma_thr_seg(old_seg);
     const std::vector<float> got = gt.down();
     size_t bad = 0;
     std::string first;
@@ -266,7 +273,7 @@ void check_thresholds(Pattern p, int64_t rows, int64_t T, int64_t w, uint64_t se
         if (bad < 6) first += fmt::format("\n  row {} i {}: got {} want {}", i / size_t(T), i % size_t(T), got[i], want[i]);
         ++bad;
       }
-    EXPECT_EQ(bad, 0u) << "scan " << int(scan) << " " << name(p) << " rows " << rows << " T " << T << " w " << w
+    EXPECT_EQ(bad, 0u) << "scan " << int(scan) << " segment " << seg << " " << name(p) << " rows " << rows << " T " << T << " w " << w
                        << first;
   }
 }
@@ -617,22 +624,28 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
             expect_close(wm + " dk", to_d(dk1), dk_ref, s.scale * m_max * abs_max(q.d));
             expect_close(wm + " dv", to_d(dv1), dv_ref);
             check_close(wm + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
+            // again with every kernel on the compute stream (the first ran with the default side stream)
+            const int old_side = cuda::testing::set_attention_side_stream(0);
             cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
                                          gt.p, s, w, path);
+            cuda::testing::set_attention_side_stream(old_side);
             auto same_bits = [](const auto& a, const auto& b) {
               return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
             };
             EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
                         same_bits(gdb.down(), db1))
-                << wm << ": the backward is not bitwise repeatable";
+                << wm << ": the backward is not bitwise repeatable (with and without the side stream)";
             if (T > bq && mode == 0) {
               // lists in batches of one query tile (as at long T): the same bits
               const std::vector<bf16> out1 = gout.down();
               const std::vector<float> lse1 = glse.down();
+              // (and the side stream of the greatest priority)
               const int64_t old = cuda::testing::set_dma_list_budget(1);
+              const int old_side1 = cuda::testing::set_attention_side_stream(1);
               cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
               cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
                                            gt.p, s, w, path);
+              cuda::testing::set_attention_side_stream(old_side1);
               cuda::testing::set_dma_list_budget(old);
               EXPECT_TRUE(same_bits(gout.down(), out1) && same_bits(glse.down(), lse1) && same_bits(gdq.down(), dq1) &&
                           same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) && same_bits(gdb.down(), db1))

@@ -5,13 +5,15 @@
 namespace dmat::cuda {
 namespace {
 
+void sync_compute_streams();
+
 struct Scratch {
   void* p = nullptr;
   size_t bytes = 0;
   void* get(size_t n) {
     if (n <= bytes) return p;
     if (p) {
-      DMAT_CUDA_CHECK(cudaStreamSynchronize(stream()));  // the old buffer may still be in use
+      sync_compute_streams();  // the old buffer may still be in use
       DMAT_CUDA_CHECK(cudaFree(p));
     }
     size_t want = std::max(n, bytes + bytes / 2);
@@ -23,6 +25,8 @@ struct Scratch {
 
 struct Context {
   cudaStream_t stream = nullptr;
+  cudaStream_t side[2] = {nullptr, nullptr};  // SideStream modes 1 and 2, created on first use
+  cudaEvent_t to_side = nullptr, to_main = nullptr, marked = nullptr;
   Scratch ws, ws2, ws3;
   int sms = 0, l2 = 0;
   size_t smem_optin = 0;
@@ -37,6 +41,20 @@ struct Context {
     int optin = 0;
     DMAT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     smem_optin = size_t(optin);
+    DMAT_CUDA_CHECK(cudaEventCreateWithFlags(&to_side, cudaEventDisableTiming));
+    DMAT_CUDA_CHECK(cudaEventCreateWithFlags(&to_main, cudaEventDisableTiming));
+    DMAT_CUDA_CHECK(cudaEventCreateWithFlags(&marked, cudaEventDisableTiming));
+  }
+  cudaStream_t side_stream(int mode) {
+    cudaStream_t& s = side[mode - 1];
+    if (!s) {
+      int least = 0, greatest = 0;
+      DMAT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      int prio = 0;
+      DMAT_CUDA_CHECK(cudaStreamGetPriority(stream, &prio));
+      DMAT_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamDefault, mode == 1 ? greatest : prio));
+    }
+    return s;
   }
   // Process-lifetime: freeing at exit would race the driver's own teardown.
 };
@@ -46,6 +64,58 @@ Context& ctx() {
   return *c;
 }
 
+thread_local cudaStream_t t_current = nullptr;  // SideStream::run's stream on this thread
+
+void sync_compute_streams() {  // the compute stream and the side streams (not the communication one)
+  Context& c = ctx();
+  DMAT_CUDA_CHECK(cudaStreamSynchronize(c.stream));
+  for (cudaStream_t s : c.side)
+    if (s) DMAT_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+}  // namespace
+
+SideStream::SideStream(int mode) {
+  DMAT_CHECK(mode >= 0 && mode <= 2, "side stream mode {} (0, 1 or 2)", mode);
+  if (mode == 0) return;
+  side_ = ctx().side_stream(mode);
+  side_waits_main();
+}
+
+SideStream::~SideStream() {
+  if (side_ && !joined_) {
+    (void)cudaEventRecord(ctx().to_main, side_);
+    (void)cudaStreamWaitEvent(ctx().stream, ctx().to_main, 0);
+  }
+}
+
+void SideStream::side_waits_main() {
+  if (!side_) return;
+  DMAT_CUDA_CHECK(cudaEventRecord(ctx().to_side, ctx().stream));
+  DMAT_CUDA_CHECK(cudaStreamWaitEvent(side_, ctx().to_side, 0));
+}
+
+void SideStream::main_waits_side() {
+  if (!side_) return;
+  DMAT_CUDA_CHECK(cudaEventRecord(ctx().to_main, side_));
+  DMAT_CUDA_CHECK(cudaStreamWaitEvent(ctx().stream, ctx().to_main, 0));
+}
+
+void SideStream::mark() {
+  if (side_) DMAT_CUDA_CHECK(cudaEventRecord(ctx().marked, side_));
+}
+
+void SideStream::main_waits_mark() {
+  if (side_) DMAT_CUDA_CHECK(cudaStreamWaitEvent(ctx().stream, ctx().marked, 0));
+}
+
+SideStream::Scope::Scope(cudaStream_t s) : saved(t_current) {
+  if (s) t_current = s;
+}
+SideStream::Scope::~Scope() { t_current = saved; }
+
+namespace {
+
 }  // namespace
 
 void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line) {
@@ -53,7 +123,7 @@ void throw_cuda_error(cudaError_t e, const char* what, const char* file, int lin
                           file, line));
 }
 
-cudaStream_t stream() { return ctx().stream; }
+cudaStream_t stream() { return t_current ? t_current : ctx().stream; }
 void* workspace(size_t bytes) { return ctx().ws.get(bytes); }
 void* workspace2(size_t bytes) { return ctx().ws2.get(bytes); }
 void* workspace3(size_t bytes) { return ctx().ws3.get(bytes); }

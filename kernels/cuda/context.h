@@ -4,7 +4,8 @@
 // for the current device; one per process (each MPI rank drives one GPU).
 // Why a process-wide context instead of passing one through every op: every op of a step runs on
 // one stream in order, and the ops layer stays device-agnostic. Communication (issue 6) uses its
-// own stream, ordered against this one by events.
+// own stream, ordered against this one by events; so do the side streams (SideStream) that an op
+// may use inside itself, joined back before it returns.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -17,7 +18,42 @@ namespace dmat::cuda {
 
 [[noreturn]] void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line);
 
-cudaStream_t stream();
+cudaStream_t stream();  // the compute stream, or the side stream inside SideStream::run
+
+// A second stream for independent kernels inside one composite op, so that they share the GPU with
+// the compute stream's instead of running one after another (DMA's backward: key groups, lists
+// and the dQ pass beside the delta kernel and the dK/dV pass). Ordered against the compute stream
+// only by the calls below; every SideStream joins back (the compute stream waits for everything
+// run on the side) before it goes out of scope, so callers outside see one stream as before.
+// Mode 0 runs everything on the compute stream (the calls are no-ops); 1 uses a side stream of
+// the device's greatest priority (its blocks are dispatched ahead of the compute stream's pending
+// ones); 2 one of the same priority as the compute stream.
+class SideStream {
+ public:
+  explicit SideStream(int mode);  // the side starts after the compute stream's work so far
+  ~SideStream();                  // join() if not done (errors ignored: may run during unwinding)
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  template <class F>
+  void run(F&& f) {  // f's kernels (through stream()) go to the side stream
+    Scope scope(side_);
+    f();
+  }
+  void side_waits_main();  // the side's later work waits for the compute stream's work so far
+  void main_waits_side();  // the compute stream's later work waits for the side's work so far
+  void mark();             // remembers the side's work so far (one mark at a time) ...
+  void main_waits_mark();  // ... for the compute stream's later work to wait for
+  void join() { main_waits_side(), joined_ = true; }
+
+ private:
+  struct Scope {
+    explicit Scope(cudaStream_t s);
+    ~Scope();
+    cudaStream_t saved;
+  };
+  cudaStream_t side_ = nullptr;  // null: mode 0
+  bool joined_ = false;
+};
 // Device scratch of at least `bytes` (contents undefined). Grows; never shrinks.
 void* workspace(size_t bytes);
 // Second, independent scratch for callers that hold workspace() while calling a kernel that

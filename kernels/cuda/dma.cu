@@ -2,6 +2,7 @@
 // values (forward, backward), the per-query thresholds by sort + monotone scan, and the gathered
 // key lists of the sparse attention forward.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -485,26 +486,29 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_kernel(float* __r
   write_thresholds(tr + i0, chunk, len, sorted_keys + base);
 }
 
-// Variant "bounds": the same segments, their entering and leaving threshold ranks P[s] = p after
-// inserting positions < min(s·kSeg, T) found first for every boundary s by rank searches, so a
-// segment only needs the bits of ranks in [P[s], P[s + 1]] (p moves only up, and never past
-// P[s + 1]). These windows of consecutive segments meet only at their ends, so all segments'
-// walks together visit O(T + S) ranks. The searches: hp[c][s] = the ranks of descending chunk c
-// (kSeg ranks) whose position lies below s·kSeg (a histogram over segments, prefix-summed), then
-// per boundary a scan over the chunks and one chunk's ranks: O(S·T/kSeg + T) per row. With the
-// sort, O(T log T + T²/2^18) per row: no worst case the walk variant has (biases increasing with
-// position make every walk cross all later keys, O(T²/kSeg)).
-__global__ void __launch_bounds__(kSeg) dma_thr_hist_kernel(int32_t* __restrict__ hp,
-                                                            const int32_t* __restrict__ sorted_idx, int T, int S) {
+// Variant "bounds": segments of SEG queries (dma_thr_seg: 256 by default, shorter than the walk
+// variant's kSeg since nothing here grows with the segment count but the O(S²) histogram), their
+// entering and leaving threshold ranks P[s] = p after inserting positions < min(s·SEG, T) found
+// first for every boundary s by rank searches, so a segment only needs the bits of ranks in
+// [P[s], P[s + 1]] (p moves only up, and never past P[s + 1]). These windows of consecutive
+// segments meet only at their ends, so all segments' walks together visit O(T + S) ranks. The
+// searches: hp[c][s] = the ranks of descending chunk c (SEG ranks) whose position lies below
+// s·SEG (a histogram over segments, prefix-summed), then per boundary a block-wide scan over the
+// chunks and one chunk's ranks: O(S·T/SEG + T) per row. With the sort, O(T log T + T²/SEG²) per
+// row: no worst case the walk variant has (biases increasing with position make every walk cross
+// all later keys, O(T²/kSeg)).
+template <int SEG>
+__global__ void __launch_bounds__(SEG) dma_thr_hist_kernel(int32_t* __restrict__ hp,
+                                                           const int32_t* __restrict__ sorted_idx, int T, int S) {
   extern __shared__ int h[];  // [S + 1]
   const int c = blockIdx.x;
   const int64_t row = blockIdx.y, base = row * T;
-  for (int x = threadIdx.x; x <= S; x += kSeg) h[x] = 0;
+  for (int x = threadIdx.x; x <= S; x += SEG) h[x] = 0;
   __syncthreads();
-  const int d = c * kSeg + int(threadIdx.x);  // descending rank d: ascending rank T − 1 − d
-  if (d < T) atomicAdd(&h[sorted_idx[base + (T - 1 - d)] / kSeg], 1);
+  const int d = c * SEG + int(threadIdx.x);  // descending rank d: ascending rank T − 1 − d
+  if (d < T) atomicAdd(&h[sorted_idx[base + (T - 1 - d)] / SEG], 1);
   __syncthreads();
-  if (threadIdx.x == 0) {  // exclusive prefix: h[s] = ranks of this chunk at positions < s·kSeg
+  if (threadIdx.x == 0) {  // exclusive prefix: h[s] = ranks of this chunk at positions < s·SEG
     int run = 0;
     for (int x = 0; x <= S; ++x) {
       const int v = h[x];
@@ -514,37 +518,43 @@ __global__ void __launch_bounds__(kSeg) dma_thr_hist_kernel(int32_t* __restrict_
   }
   __syncthreads();
   int32_t* out = hp + (row * int64_t(gridDim.x) + c) * (S + 1);
-  for (int x = threadIdx.x; x <= S; x += kSeg) out[x] = h[x];
+  for (int x = threadIdx.x; x <= S; x += SEG) out[x] = h[x];
 }
 
 // P[row][s] for s = 0 .. S: the ascending rank of the w-th largest key at a position below
-// min(s·kSeg, T), or −1 where there are fewer than w such keys.
-__global__ void __launch_bounds__(kSeg) dma_thr_bounds_kernel(int32_t* __restrict__ P, const int32_t* __restrict__ hp,
-                                                              const int32_t* __restrict__ sorted_idx, int T, int S,
-                                                              int n_chunks, int window) {
+// min(s·SEG, T), or −1 where there are fewer than w such keys. The chunk holding it: the first c
+// whose running count of ranks below i0 reaches w (a block scan over the chunks, SEG at a time).
+template <int SEG>
+__global__ void __launch_bounds__(SEG) dma_thr_bounds_kernel(int32_t* __restrict__ P, const int32_t* __restrict__ hp,
+                                                             const int32_t* __restrict__ sorted_idx, int T, int S,
+                                                             int n_chunks, int window) {
+  using Scan = cub::BlockScan<int, SEG>;
+  __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int s_chunk, s_before;
-  __shared__ int warp_n[kSeg / 32];
+  __shared__ int warp_n[SEG / 32];
   const int s = blockIdx.x;
   const int64_t row = blockIdx.y, base = row * T;
-  const int i0 = min(s * kSeg, T);
-  if (threadIdx.x == 0) {
-    const int32_t* h = hp + row * int64_t(n_chunks) * (S + 1) + s;
-    int cum = 0, c = 0;
-    for (; c < n_chunks; ++c) {
-      const int v = h[int64_t(c) * (S + 1)];
-      if (cum + v >= window) break;
-      cum += v;
-    }
-    s_chunk = c;
-    s_before = cum;
-  }
+  const int i0 = min(s * SEG, T);
+  if (threadIdx.x == 0) s_chunk = n_chunks, s_before = 0;
   __syncthreads();
+  const int32_t* h = hp + row * int64_t(n_chunks) * (S + 1) + s;
+  int run = 0;  // the counts of the chunks before this stride
+  for (int c0 = 0; c0 < n_chunks; c0 += SEG) {
+    const int c = c0 + int(threadIdx.x);
+    const int v = c < n_chunks ? h[int64_t(c) * (S + 1)] : 0;
+    int incl = 0, total = 0;
+    Scan(scan_tmp).InclusiveSum(v, incl, total);
+    if (c < n_chunks && run + incl >= window && run + incl - v < window) s_chunk = c, s_before = run + incl - v;
+    run += total;
+    __syncthreads();  // s_chunk written (by at most one thread); scan_tmp free again
+    if (s_chunk < n_chunks) break;  // uniform
+  }
   const int c = s_chunk;
   if (c >= n_chunks) {
     if (threadIdx.x == 0) P[row * (S + 1) + s] = -1;
     return;
   }
-  const int d = c * kSeg + int(threadIdx.x), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int d = c * SEG + int(threadIdx.x), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool flag = d < T && sorted_idx[base + (T - 1 - d)] < i0;
   const uint32_t ballot = __ballot_sync(0xffffffffu, flag);
   if (lane == 0) warp_n[warp] = __popc(ballot);
@@ -554,16 +564,29 @@ __global__ void __launch_bounds__(kSeg) dma_thr_bounds_kernel(int32_t* __restric
   if (flag && incl == window) P[row * (S + 1) + s] = T - 1 - d;
 }
 
+// Shared memory of dma_thr_segment_bounds_kernel: the segment's ranks, its threshold ranks, the bits.
+template <int SEG>
+size_t thr_segment_bounds_smem(int64_t T) {
+  return 2 * SEG * sizeof(int32_t) + size_t((T + 31) / 32) * sizeof(uint32_t);
+}
+
+// One block per (segment, row): the bits of the inserted ranks in [P[s], P[s + 1]], then thread 0
+// steps through the segment (thr_scan_step), its ranks read kScanAhead at a time ahead of the
+// chain of dependent shared-memory steps.
+template <int SEG>
 __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
     float* __restrict__ thr, const uint64_t* __restrict__ sorted_keys, const int32_t* __restrict__ sorted_idx,
     const int32_t* __restrict__ pos, const int32_t* __restrict__ nan_rows, const int32_t* __restrict__ P, int T,
     int S, int window) {
+  constexpr int kScanAhead = 8;
+  static_assert(SEG % kScanAhead == 0, "whole groups of ranks");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  int32_t* chunk = reinterpret_cast<int32_t*>(smem_raw);       // [kSeg]
-  uint32_t* bits = reinterpret_cast<uint32_t*>(chunk + kSeg);  // [words], only [lo, hi] used
+  int32_t* chunk = reinterpret_cast<int32_t*>(smem_raw);      // [SEG]: ranks of the segment's positions
+  int32_t* res = chunk + SEG;                                 // [SEG]: threshold ranks
+  uint32_t* bits = reinterpret_cast<uint32_t*>(res + SEG);    // [words], only [lo, hi] used
   const int s = blockIdx.x;
   const int64_t row = blockIdx.y, base = row * T;
-  const int i0 = s * kSeg, len = min(kSeg, T - i0);
+  const int i0 = s * SEG, len = min(SEG, T - i0);
   float* tr = thr + base;
   if (nan_rows[row]) {
     for (int k = threadIdx.x; k < len; k += kThrThreads) tr[i0 + k] = __int_as_float(0x7fc00000);
@@ -575,7 +598,7 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
     return;
   }
   const int lo = max(p0, 0), hi = p1;
-  for (int k = threadIdx.x; k < len; k += kThrThreads) chunk[k] = pos[base + i0 + k];
+  for (int k = threadIdx.x; k < SEG; k += kThrThreads) chunk[k] = k < len ? pos[base + i0 + k] : -1;
   for (int x = (lo >> 5) + int(threadIdx.x); x <= (hi >> 5); x += kThrThreads) bits[x] = 0u;
   __syncthreads();
   if (p0 < 0) {  // fewer than w inserted so far: every prefix rank up to hi
@@ -590,14 +613,21 @@ __global__ void __launch_bounds__(kThrThreads) dma_thr_segment_bounds_kernel(
   __syncthreads();
   if (threadIdx.x == 0) {
     int p = p0;
-    for (int k = 0; k < len; ++k) {
-      const int i = i0 + k, r = chunk[k];
-      if (r >= lo && r <= hi) bits[r >> 5] |= 1u << (r & 31);
-      chunk[k] = thr_scan_step(bits, p, r, i + 1, window);
+    for (int k0 = 0; k0 < len; k0 += kScanAhead) {
+      int rk[kScanAhead];
+#pragma unroll
+      for (int u = 0; u < kScanAhead; ++u) rk[u] = chunk[k0 + u];
+#pragma unroll
+      for (int u = 0; u < kScanAhead; ++u) {
+        const int k = k0 + u, r = rk[u];
+        if (k >= len) break;
+        if (r >= lo && r <= hi) bits[r >> 5] |= 1u << (r & 31);
+        res[k] = thr_scan_step(bits, p, r, i0 + k + 1, window);
+      }
     }
   }
   __syncthreads();
-  write_thresholds(tr + i0, chunk, len, sorted_keys + base);
+  write_thresholds(tr + i0, res, len, sorted_keys + base);
 }
 
 // Variant "bounds" for short rows (T ≤ kShortMax): the whole computation in one block per row and
@@ -1058,6 +1088,24 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 }
 
 namespace {
+// The bounds variant's segment length, DMAT_DMA_THR_SEG=256|512|128 (read once; default 256). On
+// the H200 (ninth session, 16 rows): N = 16K thresholds 0.18 ms with 512, 0.15 with 256, 0.14 with
+// 128 (the segment kernel 76 → 41 → 36 µs: the serial chain is the segment's length); N = 128K 1.31,
+// 1.00, 0.98 ms, but 128 doubles the histogram (workspace at 128K 51.7 → 60.7 MiB, near the 64 MiB
+// the issue allows) for 2%.
+int g_thr_seg = 0;  // 0: from the environment; testing::set_dma_thr_seg
+int dma_thr_seg() {
+  if (g_thr_seg == 0)
+    g_thr_seg = std::array<int, 3>{256, 512, 128}[size_t(env_choice("DMAT_DMA_THR_SEG", {"256", "512", "128"}, 0))];
+  return g_thr_seg;
+}
+template <class F>
+auto with_seg(int seg, F&& f) {
+  if (seg == 512) return f(std::integral_constant<int, 512>{});
+  if (seg == 128) return f(std::integral_constant<int, 128>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
 void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window, DmaThresholdScan scan) {
   const int64_t n = rows * T;
   if (n == 0) return;
@@ -1074,10 +1122,13 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   const size_t smem = kChunk * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
   const bool bits_in_smem = smem <= max_smem_optin();
   auto align = [](size_t b) { return (b + 255) & ~size_t(255); };
-  const size_t seg_smem = kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
+  const int seg = scan == DmaThresholdScan::bounds ? dma_thr_seg() : kSeg;
+  const size_t seg_smem = scan == DmaThresholdScan::bounds
+                              ? with_seg(seg, [&](auto c) { return thr_segment_bounds_smem<decltype(c)::value>(T); })
+                              : kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
   const bool segmented = scan != DmaThresholdScan::serial && seg_smem <= max_smem_optin() && rows < 65536;
   const bool bounds = segmented && scan == DmaThresholdScan::bounds;
-  const int64_t S = ceil_div(T, kSeg);  // segments, and chunks of kSeg descending ranks
+  const int64_t S = ceil_div(T, seg);  // segments, and chunks of seg descending ranks
   const size_t keys_b = align(size_t(n) * 8), idx_b = align(size_t(n) * 4), cub_b = align(cub_bytes),
                bits_b = bits_in_smem ? 0 : align(size_t(rows * words) * 4),
                hp_b = bounds ? align(size_t(rows * (S + 1) * (S + 1)) * 4) : 0;
@@ -1108,22 +1159,26 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
       int32_t* P = nan_rows + rows;
       int32_t* hp = reinterpret_cast<int32_t*>(ws + 2 * keys_b + 2 * idx_b + cub_b + bits_b);
       const int Si = int(S);
-      const size_t hist_smem = size_t(S + 1) * sizeof(int);
-      DMAT_CHECK(hist_smem <= max_smem_optin(), "dma thresholds: {} segments", S);
-      if (hist_smem > 48 * 1024)
-        DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_hist_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             int(hist_smem)));
-      dma_thr_hist_kernel<<<dim3(unsigned(S), unsigned(rows)), kSeg, hist_smem, stream()>>>(hp, idx_out, Ti, Si);
-      DMAT_CUDA_LAUNCH_CHECK();
-      dma_thr_bounds_kernel<<<dim3(unsigned(S + 1), unsigned(rows)), kSeg, 0, stream()>>>(P, hp, idx_out, Ti, Si,
-                                                                                          Si, win);
-      DMAT_CUDA_LAUNCH_CHECK();
-      if (seg_smem > 48 * 1024)
-        DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_segment_bounds_kernel,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, int(seg_smem)));
-      dma_thr_segment_bounds_kernel<<<dim3(unsigned(S), unsigned(rows)), kThrThreads, seg_smem, stream()>>>(
-          thr, keys_out, idx_out, pos, nan_rows, P, Ti, Si, win);
-      DMAT_CUDA_LAUNCH_CHECK();
+      with_seg(seg, [&](auto c) {
+        constexpr int SEG = decltype(c)::value;
+        const size_t hist_smem = size_t(S + 1) * sizeof(int);
+        DMAT_CHECK(hist_smem <= max_smem_optin(), "dma thresholds: {} segments", S);
+        if (hist_smem > 48 * 1024)
+          DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_hist_kernel<SEG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               int(hist_smem)));
+        dma_thr_hist_kernel<SEG><<<dim3(unsigned(S), unsigned(rows)), SEG, hist_smem, stream()>>>(hp, idx_out, Ti, Si);
+        DMAT_CUDA_LAUNCH_CHECK();
+        dma_thr_bounds_kernel<SEG><<<dim3(unsigned(S + 1), unsigned(rows)), SEG, 0, stream()>>>(P, hp, idx_out, Ti, Si,
+                                                                                               Si, win);
+        DMAT_CUDA_LAUNCH_CHECK();
+        if (seg_smem > 48 * 1024)
+          DMAT_CUDA_CHECK(cudaFuncSetAttribute(dma_thr_segment_bounds_kernel<SEG>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(seg_smem)));
+        dma_thr_segment_bounds_kernel<SEG><<<dim3(unsigned(S), unsigned(rows)), kThrThreads, seg_smem, stream()>>>(
+            thr, keys_out, idx_out, pos, nan_rows, P, Ti, Si, win);
+        DMAT_CUDA_LAUNCH_CHECK();
+        return 0;
+      });
       return;
     }
     if (seg_smem > 48 * 1024)
@@ -1321,12 +1376,18 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
                                  FlashGatherSource{}, path);
     return;
   }
-  dma_key_groups(d.group_keys, d.group_range, bias, thr, d.rows, s.T);
+  // The key groups, the lists and the dQ passes on a side stream, beside the delta kernel and the
+  // dK/dV pass (attention_side_stream, flash_attention.h).
+  SideStream side(attention_side_stream());
+  side.run([&] { dma_key_groups(d.group_keys, d.group_range, bias, thr, d.rows, s.T); });
+  side.mark();
   FlashKeyGroups groups;
   groups.keys = d.group_keys, groups.range = d.group_range, groups.n_groups = d.n_groups;
   groups.regions = dma_group_regions(s.T);
   flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, thr, groups, d.tiles_per_batch,
-                               [&](int64_t t0, int64_t n) { return dma_lists(d, bias, thr, s.T, t0, n); }, path);
+                               [&](int64_t t0, int64_t n) { return dma_lists(d, bias, thr, s.T, t0, n); }, path,
+                               &side);
+  side.join();
 }
 
 }  // namespace dmat::cuda
@@ -1335,6 +1396,13 @@ namespace dmat::cuda::testing {
 int set_dma_dense(int mode) {
   const int old = g_dense_mode;
   g_dense_mode = mode;
+  return old;
+}
+int set_dma_thr_seg(int seg) {
+  DMAT_CHECK(seg == 0 || seg == 128 || seg == 256 || seg == 512, "dma thresholds: segment length {} (128, 256, 512)",
+             seg);
+  const int old = g_thr_seg;
+  g_thr_seg = seg;
   return old;
 }
 int64_t set_dma_list_budget(int64_t bytes) {

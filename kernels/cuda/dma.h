@@ -35,16 +35,17 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // A row holding a NaN bias gets NaN thresholds (the CPU reference throws instead).
 // Per row: one stable radix sort of (bias, position) pairs, then a scan of i = 0..T−1 keeping the
 // rank p of the current threshold in a bitset of inserted ranks; p only moves up (thresholds
-// never decrease). The scan runs in segments of 512 queries, one block each, all in parallel: a
-// segment rebuilds its entering state (the top-w ranks of its prefix, read off the sorted row)
-// and then steps serially through its 512 queries. Where the T-bit bitset does not fit in shared
+// never decrease). The scan runs in segments of queries (256 by default; 512 for the walk
+// variant), one block each, all in parallel: a segment rebuilds its entering state (the top-w ranks
+// of its prefix, read off the sorted row) and then steps serially through its queries. Where the T-bit bitset does not fit in shared
 // memory (T beyond ~1.8M) one block per row scans all of T serially, the bitset in global memory.
 // No T×T buffer; workspace ≈ 36 bytes per element, rows taken in batches of at most 16 MiB.
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
 // The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default bounds):
 // bounds — every segment's entering and leaving threshold rank first, by rank searches over
 // per-chunk histograms, then each segment walks only the ranks between the two (O(T log T +
-// T²/2^18) per row; measured the fastest on the H200 for random and position-ordered biases;
+// T²/SEG²) per row for segments of SEG = 256 queries, DMAT_DMA_THR_SEG=128|256|512; measured the
+// fastest on the H200 for random and position-ordered biases;
 // rows of T ≤ 4096 run it in one block each, sort included, with 32-query segments: one launch,
 // no workspace);
 // walk — segments rebuild their entering state by walking the sorted row down from the top
@@ -96,7 +97,9 @@ void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const floa
 // `window` is w, which sizes the gathered lists). bf16 q, k, v, out, dout, dq, dk, dv; fp32 lse
 // [B,H,T], bias, thr, dbias [B,Hkv,T]. The forward: lists (dma_gather_keys), then the gathered flash
 // forward with the bias and threshold mask. The backward: lists and key groups, then
-// flash_attention_backward_dma. Lists are built per batch of query tiles of at most 24 MiB
+// flash_attention_backward_dma; with attention_side_stream() (flash_attention.h, default on) the
+// key groups, lists and dQ passes run on a side stream beside the delta kernel and the dK/dV pass,
+// and the call returns with the compute stream ordered after both. Lists are built per batch of query tiles of at most 24 MiB
 // (the kernels then run on that batch), so the workspace (workspace3: key groups, ~rows·T int32,
 // plus one batch of lists) stays bounded at any T; no T×T buffer.
 // Where w keeps at least half the causal pairs the forward runs dense instead (every causal pair
@@ -121,4 +124,7 @@ int64_t set_dma_list_budget(int64_t bytes);
 // The DMA ops' mode: 1 dense (no lists, no key groups), 0 gathered, −1 by the kept fraction
 // (dma.cu), −2 from DMAT_DMA_DENSE. Returns the previous mode.
 int set_dma_dense(int mode);
+// The bounds threshold scan's segment length (128, 256 or 512; 0: from DMAT_DMA_THR_SEG). Returns
+// the previous one. Results must not change by a bit.
+int set_dma_thr_seg(int seg);
 }  // namespace dmat::cuda::testing

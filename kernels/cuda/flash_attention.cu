@@ -1958,6 +1958,8 @@ int fwd_order(const AttnShape& s) { return lpt_group(s, 1.0 + double(s.Hkv) / do
 int dq_order(const AttnShape& s) { return lpt_group(s, 1.5 + double(s.Hkv) / double(s.H), s.H * s.B); }
 int dkdv_order(const AttnShape& s) { return lpt_group(s, 2.0 + double(s.H) / double(s.Hkv), s.Hkv * s.B); }
 
+int g_side_mode = -1;  // attention_side_stream(): −1 from the environment; testing::set_attention_side_stream
+
 // DMAT_ATTN_WG_OVERLAP=1 selects the software-pipelined schedule of the wgmma forward, dQ and (head
 // dim 64) dK/dV consumers; 0, the default, the plain per-tile one (measured faster on the H200:
 // forward 229 against 210 TFLOP/s, forward + backward 249 against 216). Read once.
@@ -2119,7 +2121,7 @@ constexpr int bwd_bmq() {
 }
 
 template <int DQK, int DV>
-void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma_dq) {
+void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma_dq, SideStream* side) {
   constexpr int BMQ = bwd_bmq<DQK>(), BNK = 16 * kBwdWarps;
   const dim3 kgrid(unsigned((p.T + BNK - 1) / BNK), unsigned(p.Hkv), unsigned(B));
   if constexpr (DQK % 64 == 0 && DV % 64 == 0) {
@@ -2153,7 +2155,7 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
       static const bool ready_q = (prepare(kdq, L::kAlloc), true);  // the variant is fixed per process
       (void)ready_q;
       const dim3 qgrid(unsigned((p.T + kWgBM - 1) / kWgBM), unsigned(p.H), unsigned(B));
-      kdq<<<qgrid, kWgThreads, L::kAlloc, stream()>>>(p);
+      side->run([&] { kdq<<<qgrid, kWgThreads, L::kAlloc, stream()>>>(p); });  // beside the dK/dV pass
       DMAT_CUDA_LAUNCH_CHECK();
       return;
     }
@@ -2288,6 +2290,11 @@ FlashPath flash_attention_backward_path_for(const AttnShape& s, FlashPath reques
 
 int flash_attention_block_q() { return kFwdBM; }
 
+int attention_side_stream() {
+  if (g_side_mode < 0) g_side_mode = env_choice("DMAT_ATTN_SIDE_STREAM", {"0", "1", "2"}, 2);
+  return g_side_mode;
+}
+
 void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                   const AttnShape& s, const float* key_bias, const FlashGather* gather,
                                   FlashPath path) {
@@ -2347,16 +2354,20 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
   const int64_t rows = s.B * s.T * s.H;
   p.dq_acc = deterministic || wg ? nullptr : static_cast<float*>(workspace2(size_t(rows * s.Dqk) * sizeof(float)));
   p.order = dq_order(s), p.order_kv = dkdv_order(s);
-  if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false);
-  else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg);
-  else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg);
-  else backward_dims<192, 128>(p, s.B, deterministic, wg);
+  // the wgmma path's dQ pass on a side stream, forked after the delta kernel, beside the dK/dV pass
+  SideStream side(attention_side_stream());
+  if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false, &side);
+  else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg, &side);
+  else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg, &side);
+  else backward_dims<192, 128>(p, s.B, deterministic, wg, &side);
+  side.join();
 }
 
 void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                                   const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
                                   const float* key_bias, const float* thr, const FlashKeyGroups& groups,
-                                  int64_t tiles_per_batch, const FlashGatherSource& lists, FlashPath path) {
+                                  int64_t tiles_per_batch, const FlashGatherSource& lists, FlashPath path,
+                                  SideStream* side) {
   check_args(s, {dq, dk, dv, dout, out, q, k, v});
   const bool wg = resolve_path(s, path, Direction::backward) == FlashPath::wgmma;
   DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && s.window == 0,
@@ -2369,7 +2380,18 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
                             groups.n_groups < (int64_t(1) << 31) && tiles_per_batch > 0 && lists)),
              "flash attention (DMA backward): incomplete groups or lists ({} groups in {} regions for T={})",
              groups.n_groups, groups.regions, s.T);
+  // With a side stream (dma_attention_backward, which queued the key groups on it and marked
+  // them): the first batch's lists and every dQ pass go to the side, beside the delta kernel and
+  // the dK/dV pass on the compute stream; the dK/dV pass waits for the groups only.
+  const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
+  auto on_side = [&](auto&& f) {
+    if (side) side->run(f);
+    else f();
+  };
+  FlashGather first{};
+  if (!dense && side) on_side([&] { first = lists(0, std::min(tiles_per_batch, all)); });
   BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
+  if (side) side->side_waits_main(), side->main_waits_mark();
   p.bias = key_bias, p.thr = thr, p.dbias = dbias;
   p.grp_keys = groups.keys, p.grp_range = groups.range;
   // dense: one block per 128 consecutive keys (KvBlock without groups)
@@ -2379,22 +2401,24 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
   if (s.Dqk == 32) dma_dkdv_dims<32>(p, s.B, false);
   else if (s.Dqk == 64) dma_dkdv_dims<64>(p, s.B, wg);
   else dma_dkdv_dims<128>(p, s.B, wg);
-  const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
+  auto dq_pass = [&](int n) {
+    if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, n);
+    else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, n);
+    else dma_dq_dims<128>(p, s.B, wg, n);
+  };
   if (dense) {  // dQ over every causal key (GatherKeys without lists), the mask on every tile
     p.gkeys = nullptr, p.gcount = nullptr, p.gclean = nullptr, p.gcap = 0, p.qt0 = 0;
-    if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, int(all));
-    else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, int(all));
-    else dma_dq_dims<128>(p, s.B, wg, int(all));
+    on_side([&] { dq_pass(int(all)); });
     return;
   }
   for (int64_t t0 = 0; t0 < all; t0 += tiles_per_batch) {
     const int64_t n = std::min(tiles_per_batch, all - t0);
-    const FlashGather g = lists(t0, n);
-    DMAT_CHECK(g.keys && g.count && g.thr == thr, "flash attention (DMA backward): lists for tiles {} + {}", t0, n);
-    p.gkeys = g.keys, p.gcount = g.count, p.gcap = g.capacity, p.gclean = g.clean, p.qt0 = int(t0);
-    if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, int(n));
-    else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, int(n));
-    else dma_dq_dims<128>(p, s.B, wg, int(n));
+    on_side([&] {
+      const FlashGather g = t0 == 0 && side ? first : lists(t0, n);
+      DMAT_CHECK(g.keys && g.count && g.thr == thr, "flash attention (DMA backward): lists for tiles {} + {}", t0, n);
+      p.gkeys = g.keys, p.gcount = g.count, p.gcap = g.capacity, p.gclean = g.clean, p.qt0 = int(t0);
+      dq_pass(int(n));
+    });
   }
 }
 
@@ -2422,6 +2446,13 @@ bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads,
   flash_tma_selftest_kernel<<<1, 128, smem, stream()>>>(nv(raw), map, row0, head);
   DMAT_CUDA_LAUNCH_CHECK();
   return true;
+}
+
+int set_attention_side_stream(int mode) {
+  DMAT_CHECK(mode >= -1 && mode <= 2, "attention side stream mode {} (−1, 0, 1 or 2)", mode);
+  const int old = g_side_mode;
+  g_side_mode = mode;
+  return old;
 }
 
 void flash_grid_order(int32_t* out, int X, int Y, int Z, int order) {

@@ -27,6 +27,12 @@ void flash_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, co
 // ---- hooks for the sparse variants (DMA, NSA) ---------------------------------------------------
 // Queries per tile of the forward kernel; a gathered key list is given per tile of this many.
 int flash_attention_block_q();
+// The attention backwards' side-stream mode (SideStream, kernels/cuda/context.h: 0 none, 1 a side
+// stream of the greatest priority, 2 one of the compute stream's): with 1 or 2 the wgmma path's dQ
+// pass runs beside its dK/dV pass, and the DMA backward's key groups, lists and dQ passes beside
+// its delta kernel and dK/dV pass. DMAT_ATTN_SIDE_STREAM=0|1|2 (read once; default 2, measured
+// fastest, docs/perf.md).
+int attention_side_stream();
 // Gathered keys: keys[((b·Hkv + hk)·n_tiles + tile)·capacity + n], n < count[(b·Hkv + hk)·n_tiles
 // + tile], n_tiles = ceil(T / flash_attention_block_q()); key positions, each still masked per
 // element by causality and the window (so a superset of the visible keys is always correct).
@@ -66,6 +72,7 @@ void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf1
 // numbered region-major (regions × n_groups/regions); blocks run class by class across regions
 // (class 0, the longest ranges, first).
 constexpr int kFlashGroupKeys = 128;
+class SideStream;  // kernels/cuda/context.h
 struct FlashKeyGroups {
   const int32_t* keys = nullptr;
   const int32_t* range = nullptr;
@@ -101,12 +108,14 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
 // batches of tiles_per_batch query tiles, each over lists(tile0, tiles) (with thr = this thr),
 // built just before it runs. groups.keys == nullptr with an empty `lists`: dense DMA — dK/dV
 // over blocks of 128 consecutive keys and dQ over every causal key, the threshold mask applied
-// per element wherever a tile may hold a dropped pair.
+// per element wherever a tile may hold a dropped pair. With `side` (not null), the key groups
+// must have been queued on it and marked (SideStream::mark); the lists and the dQ passes then run
+// on the side stream, the delta kernel and the dK/dV pass on the compute stream (the caller joins).
 void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                                   const float* lse, const bf16* q, const bf16* k, const bf16* v, const AttnShape& s,
                                   const float* key_bias, const float* thr, const FlashKeyGroups& groups,
                                   int64_t tiles_per_batch, const FlashGatherSource& lists,
-                                  FlashPath path = FlashPath::automatic);
+                                  FlashPath path = FlashPath::automatic, SideStream* side = nullptr);
 
 }  // namespace dmat::cuda
 
@@ -128,4 +137,7 @@ bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads,
 void flash_grid_order(int32_t* out, int X, int Y, int Z, int order);
 // The order the forward, dQ and dK/dV grids use for shape s (DMAT_ATTN_ORDER; 0 = launch order).
 int flash_grid_order_group(const AttnShape& s, int which);  // which: 0 forward, 1 dQ, 2 dK/dV
+// Sets attention_side_stream()'s mode (−1: from the environment again); returns the previous one.
+// Results must not change by a bit.
+int set_attention_side_stream(int mode);
 }  // namespace dmat::cuda::testing
