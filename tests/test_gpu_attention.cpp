@@ -677,12 +677,15 @@ TEST(FlashAttentionGridOrder, EveryBlockOnceHeaviestFirstPerGroup) {
   // the default order (lpt_group): groups of at least one pair and at most all of them
   cpu::AttnShape s = hook_shape(128, 128, 2048, 0);
   s.B = 32, s.H = 6, s.Hkv = 3;
-  for (int which : {0, 1, 2}) {
+  const char* env = std::getenv("DMAT_ATTN_ORDER");
+  const bool launch = env != nullptr && std::string(env) == "launch", lpt = env == nullptr || std::string(env) == "lpt";
+  for (int which : {0, 1, 2, 3}) {
     const int g = cuda::testing::flash_grid_order_group(s, which);
-    const char* env = std::getenv("DMAT_ATTN_ORDER");
-    if (env != nullptr && std::string(env) == "launch") EXPECT_EQ(g, 0);
-    else EXPECT_TRUE(g >= 1 && g <= (which == 2 ? s.Hkv : s.H) * s.B) << "grid " << which << ": group " << g;
+    if (launch) EXPECT_EQ(g, 0);
+    else EXPECT_TRUE(g >= 1 && g <= (which >= 2 ? s.Hkv : s.H) * s.B) << "grid " << which << ": group " << g;
   }
+  // the DMA dK/dV grid: every (KV head, batch) pair in one group
+  if (lpt) EXPECT_EQ(cuda::testing::flash_grid_order_group(s, 3), s.Hkv * s.B);
 }
 
 TEST(FlashAttentionHooks, UnsupportedShapeIsAnError) {

@@ -136,7 +136,7 @@ bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads,
 // the (x, y, z) that launch-linear block l = bx + X·(by + Y·bz) works on (device pointer, int32).
 void flash_grid_order(int32_t* out, int X, int Y, int Z, int order);
 // The order the forward, dQ and dK/dV grids use for shape s (DMAT_ATTN_ORDER; 0 = launch order).
-int flash_grid_order_group(const AttnShape& s, int which);  // which: 0 forward, 1 dQ, 2 dK/dV
+int flash_grid_order_group(const AttnShape& s, int which);  // which: 0 forward, 1 dQ, 2 dK/dV, 3 DMA dK/dV
 // Sets attention_side_stream()'s mode (−1: from the environment again); returns the previous one.
 // Results must not change by a bit.
 int set_attention_side_stream(int mode);
