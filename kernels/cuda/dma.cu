@@ -564,10 +564,9 @@ __global__ void __launch_bounds__(SEG) dma_thr_bounds_kernel(int32_t* __restrict
   if (flag && incl == window) P[row * (S + 1) + s] = T - 1 - d;
 }
 
-// Shared memory of dma_thr_segment_bounds_kernel: the segment's ranks, its threshold ranks, the bits.
-template <int SEG>
-size_t thr_segment_bounds_smem(int64_t T) {
-  return 2 * SEG * sizeof(int32_t) + size_t((T + 31) / 32) * sizeof(uint32_t);
+// Shared memory of dma_thr_segment_bounds_kernel<seg>: the segment's ranks, its threshold ranks, the bits.
+size_t thr_segment_bounds_smem(int seg, int64_t T) {
+  return 2 * size_t(seg) * sizeof(int32_t) + size_t((T + 31) / 32) * sizeof(uint32_t);
 }
 
 // One block per (segment, row): the bits of the inserted ranks in [P[s], P[s + 1]], then thread 0
@@ -1123,9 +1122,8 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   const bool bits_in_smem = smem <= max_smem_optin();
   auto align = [](size_t b) { return (b + 255) & ~size_t(255); };
   const int seg = scan == DmaThresholdScan::bounds ? dma_thr_seg() : kSeg;
-  const size_t seg_smem = scan == DmaThresholdScan::bounds
-                              ? with_seg(seg, [&](auto c) { return thr_segment_bounds_smem<decltype(c)::value>(T); })
-                              : kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
+  const size_t seg_smem = scan == DmaThresholdScan::bounds ? thr_segment_bounds_smem(seg, T)
+                                                            : kSeg * sizeof(int32_t) + size_t(words) * sizeof(uint32_t);
   const bool segmented = scan != DmaThresholdScan::serial && seg_smem <= max_smem_optin() && rows < 65536;
   const bool bounds = segmented && scan == DmaThresholdScan::bounds;
   const int64_t S = ceil_div(T, seg);  // segments, and chunks of seg descending ranks
