@@ -114,10 +114,6 @@ SideStream::Scope::Scope(cudaStream_t s) : saved(t_current) {
 }
 SideStream::Scope::~Scope() { t_current = saved; }
 
-namespace {
-
-}  // namespace
-
 void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line) {
   throw Error(fmt::format("CUDA error {} ({}) in {} at {}:{}", cudaGetErrorName(e), cudaGetErrorString(e), what,
                           file, line));

@@ -1935,6 +1935,15 @@ int attn_order_choice() {
   return c;
 }
 
+// The group DMAT_ATTN_ORDER=launch|lptN forces on a grid of `pairs` (head, batch) pairs, or launch
+// order where grid_pos's 32-bit arithmetic would overflow; −1 where the grid's own rule applies.
+int forced_group(const AttnShape& s, int64_t pairs) {
+  const int c = attn_order_choice();
+  if (c == 1 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits (tiles ≤ T)
+  if (c >= 2) return int(std::min<int64_t>(int64_t(1) << (c - 2), pairs));
+  return -1;
+}
+
 // grid_pos's group for a grid of `pairs` (head, batch) pairs of ceil(T / 128) tiles each (every
 // dense grid: forward and dQ query tiles, dK/dV key blocks), each pair touching `tensors_per_pair`
 // [T, Dqk + Dv] bf16 tensors' worth of one head. About one wave of blocks per group: its heaviest
@@ -1944,9 +1953,7 @@ int attn_order_choice() {
 // slower; H200, 2026-11-29). Never more pairs than fit in L2.
 int lpt_group(const AttnShape& s, double tensors_per_pair, int64_t pairs) {
   static_assert(kWgBM == 128 && kFwdBM == 128 && kWgKvBN == 128 && 16 * kBwdWarps == 128, "tiles of 128");
-  const int c = attn_order_choice();
-  if (c == 1 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits (tiles ≤ T)
-  if (c >= 2) return int(std::min<int64_t>(int64_t(1) << (c - 2), pairs));
+  if (const int f = forced_group(s, pairs); f >= 0) return f;
   const int64_t tiles = (s.T + 127) / 128;
   const double unit = double(s.T) * double(s.Dqk + s.Dv) * 2.0 * tensors_per_pair;
   const int64_t fit = int64_t(double(l2_bytes()) / std::max(unit, 1.0));
@@ -1964,11 +1971,9 @@ int dkdv_order(const AttnShape& s) { return lpt_group(s, 2.0 + double(s.H) / dou
 // ninth session, N = 16K, w = 2048: fwd+bwd 3.60 → 3.29 ms, and 3.28 → 3.18 with the dQ pass on the
 // side stream; the dense dK/dV grid measured slower so grouped, 8.93 → 9.17 ms, hence only here).
 int dma_dkdv_order(const AttnShape& s) {
-  const int c = attn_order_choice();
   const int64_t pairs = s.Hkv * s.B;
-  if (c == 1 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits
-  if (c >= 2) return int(std::min<int64_t>(int64_t(1) << (c - 2), pairs));
-  return int(pairs);
+  const int f = forced_group(s, pairs);
+  return f >= 0 ? f : int(pairs);
 }
 
 int g_side_mode = -1;  // attention_side_stream(): −1 from the environment; testing::set_attention_side_stream
