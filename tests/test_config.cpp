@@ -137,7 +137,8 @@ TEST(ConfigRoundTrip, ToJsonWritesEveryField) {
   json out = to_json(parse_config(minimal()));
   EXPECT_EQ(out.size(), 4u);
   EXPECT_EQ(out["model"].size(), 14u);  // 13 fields + attention
-  EXPECT_EQ(out["model"]["attention"].size(), 3u);  // type, window, bias_form
+  // type, window, bias_form, local_window, a_init, dt_init_std, bias_lr_scale
+  EXPECT_EQ(out["model"]["attention"].size(), 7u);
   EXPECT_EQ(out["train"].size(), 20u);
   EXPECT_EQ(out["data"].size(), 2u);
   EXPECT_EQ(out["run"].size(), 8u);

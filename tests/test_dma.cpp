@@ -11,6 +11,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "config/config.h"
@@ -544,9 +545,38 @@ TEST(DmaConfig, ParsesAndValidates) {
             std::string::npos)
       << config_error({{"type", "dma"}, {"window", 4}, {"bias_form", "cubic"}});
   EXPECT_NE(config_error({{"type", "mha"}, {"bias_form", "linear"}})
-                .find("model.attention.bias_form must be \"exp\" or absent for attention type mha"),
+                .find("model.attention.bias_form must be absent for attention type mha (only dma has a key bias; "
+                      "got \"linear\")"),
             std::string::npos)
       << config_error({{"type", "mha"}, {"bias_form", "linear"}});
+
+  // The investigation's options: defaults, resolution of dt_init_std, and their errors.
+  EXPECT_EQ(c.model.attention.local_window, 0);
+  EXPECT_EQ(c.model.attention.a_init, 0.0);
+  EXPECT_EQ(c.model.attention.dt_init_std, c.model.init_std);  // 0 resolves to model.init_std
+  EXPECT_EQ(c.model.attention.bias_lr_scale, 1.0);
+  j["model"]["attention"]["local_window"] = 8;
+  j["model"]["attention"]["a_init"] = -0.5;
+  j["model"]["attention"]["dt_init_std"] = 0.1;
+  j["model"]["attention"]["bias_lr_scale"] = 10;
+  const Config c2 = parse_config(j);
+  EXPECT_EQ(c2.model.attention.local_window, 8);
+  EXPECT_EQ(c2.model.attention.a_init, -0.5);
+  EXPECT_EQ(c2.model.attention.dt_init_std, 0.1);
+  EXPECT_EQ(c2.model.attention.bias_lr_scale, 10.0);
+  for (const auto& [key, bad, expect] :
+       {std::tuple<const char*, nlohmann::json, const char*>{"local_window", -1, "model.attention.local_window must be >= 0"},
+        {"dt_init_std", -0.1, "model.attention.dt_init_std must be >= 0"},
+        {"bias_lr_scale", 0, "model.attention.bias_lr_scale must be > 0"}}) {
+    const std::string e = config_error({{"type", "dma"}, {"window", 4}, {key, bad}});
+    EXPECT_NE(e.find(expect), std::string::npos) << e;
+  }
+  for (const char* key : {"local_window", "a_init", "dt_init_std", "bias_lr_scale"}) {
+    const std::string e = config_error({{"type", "swa"}, {"window", 4}, {key, 2}});
+    EXPECT_NE(e.find(std::string("model.attention.") + key + " must be absent for attention type swa"),
+              std::string::npos)
+        << e;
+  }
 }
 
 }  // namespace

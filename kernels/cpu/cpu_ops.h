@@ -137,6 +137,10 @@ void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1
 // biases (A = 0 at initialisation in the "exp" form: every bias is 1) every causal key is kept.
 // Since bias does not depend on the query, thr never decreases with i and the whole mask is the
 // two O(T) vectors bias and thr. The selection is not differentiated.
+// Local window (our extension, not the paper's; AttnShape::window = L > 0): query i also keeps its
+// L most recent keys i−L+1 … i, and the threshold test applies to the keys before them with
+//   thr[b,h,i−L] (the w-th largest bias among exactly those keys 0 … i−L),
+// so a query keeps min(i+1, L+w) keys (ties aside): two O(T) vectors and L still describe the mask.
 // Layouts: v [B,T,Hkv,Dh]; z, bias, thr, dbias [B,Hkv,T]; W_dt [Hkv, Hkv·Dh]; A [Hkv].
 enum class DmaBiasForm { Exp, Linear };
 
@@ -151,7 +155,7 @@ void dma_bias_backward(T* dv, T* dw_dt, T* dA, const T* dbias, const T* z, const
 // thr overwrite ([B·Hkv rows, Tn]); window w > 0. Exact (a size-w min-heap over the prefix).
 template <class T>
 void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window);
-// As attention_forward, with the mask and bias above (s.window must be 0: the window lives in thr).
+// As attention_forward, with the mask and bias above (s.window: the local window L, 0 for the paper's DMA).
 template <class T>
 void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* bias, const T* thr,
                            const AttnShape& s);

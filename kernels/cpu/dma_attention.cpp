@@ -36,11 +36,21 @@ T sigmoid(T z) {
   return e / (T(1) + e);
 }
 
-// Key j is kept by a query whose threshold is t (see the tie rule in cpu_ops.h).
+// Which keys query i keeps (cpu_ops.h): with no local window (L = 0), j <= i with bias_j >= thr_i;
+// with one, the L most recent keys and, of the keys before them (0 … i−L), those whose bias
+// reaches thr_{i−L}, the w-th largest bias among exactly those keys.
 template <class T>
-bool kept(T bias_j, T t) {
-  return bias_j >= t;
-}
+struct KeptRule {
+  const T* bias;  // the KV head's biases [T]
+  const T* thr;   // its thresholds [T]
+  int64_t local;  // L
+  // Keys j < first_local(i) are tested against threshold(i); the rest of 0 … i are kept.
+  int64_t first_local(int64_t i) const { return i - local + 1; }
+  T threshold(int64_t i) const { return local == 0 ? thr[i] : i >= local ? thr[i - local] : T(INFINITY); }
+  bool operator()(int64_t i, int64_t j) const {
+    return j <= i && (j >= first_local(i) || bias[j] >= threshold(i));  // ties at the threshold kept
+  }
+};
 
 struct Layout {
   const AttnShape& s;
@@ -54,7 +64,7 @@ struct Layout {
 
 void check_shape(const AttnShape& s) {
   DMAT_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, "H={} must be a multiple of Hkv={}", s.H, s.Hkv);
-  DMAT_CHECK(s.window == 0, "dma attention: window={} (the window is in the thresholds)", s.window);
+  DMAT_CHECK(s.window >= 0, "dma attention: local window={} (must be >= 0)", s.window);
 }
 
 }  // namespace
@@ -163,10 +173,10 @@ void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, c
       const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
       const T* qi = q + L.q(b, i, h);
       const T* bk = bias + L.key(b, hk, 0);
-      const T t_i = thr[L.key(b, hk, i)];
+      const KeptRule<T> kept{bk, thr + L.key(b, hk, 0), s.window};
       T mx = -INFINITY;
       for (int64_t j = 0; j <= i; ++j) {
-        if (!kept(bk[j], t_i)) continue;
+        if (!kept(i, j)) continue;
         score[size_t(j)] = scale * dot(qi, k + L.k(b, j, hk), s.Dqk) + bk[j];
         mx = std::max(mx, score[size_t(j)]);
       }
@@ -174,14 +184,14 @@ void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, c
       std::fill(oi, oi + s.Dv, T(0));
       T sum = 0;
       for (int64_t j = 0; j <= i; ++j) {
-        if (!kept(bk[j], t_i)) continue;
+        if (!kept(i, j)) continue;
         const T p = std::exp(score[size_t(j)] - mx);
         sum += p;
         const T* vj = v + L.v(b, j, hk);
 #pragma omp simd
         for (int64_t d = 0; d < s.Dv; ++d) oi[d] += p * vj[d];
       }
-      // The key with the largest bias among 0..i is always kept, so sum >= 1.
+      // Key i itself (local window) or the largest bias among the tested keys is kept: sum >= 1.
       const T inv = T(1) / sum;
 #pragma omp simd
       for (int64_t d = 0; d < s.Dv; ++d) oi[d] *= inv;
@@ -212,12 +222,12 @@ void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const 
     const T* qi = q + L.q(b, i, h);
     const T* doi = dout + L.o(b, i, h);
     const T* bk = bias + L.key(b, hk, 0);
-    const T t_i = thr[L.key(b, hk, i)];
+    const KeptRule<T> kept{bk, thr + L.key(b, hk, 0), s.window};
     const T lse_i = lse[L.stat(b, h, i)], D_i = Di[size_t(L.stat(b, h, i))];
     T* dqi = dq + L.q(b, i, h);
     std::fill(dqi, dqi + s.Dqk, T(0));
     for (int64_t j = 0; j <= i; ++j) {
-      if (!kept(bk[j], t_i)) continue;
+      if (!kept(i, j)) continue;
       const T* kj = k + L.k(b, j, hk);
       const T p = std::exp(scale * dot(qi, kj, s.Dqk) + bk[j] - lse_i);
       const T ds = p * (dot(doi, v + L.v(b, j, hk), s.Dv) - D_i);
@@ -232,7 +242,7 @@ void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const 
     const T* kj = k + L.k(b, j, hk);
     const T* vj = v + L.v(b, j, hk);
     const T b_j = bias[L.key(b, hk, j)];
-    const T* tk = thr + L.key(b, hk, 0);
+    const KeptRule<T> kept{bias + L.key(b, hk, 0), thr + L.key(b, hk, 0), s.window};
     T* dkj = dk + L.k(b, j, hk);
     T* dvj = dv + L.v(b, j, hk);
     std::fill(dkj, dkj + s.Dqk, T(0));
@@ -240,7 +250,7 @@ void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const 
     T db = 0;
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       for (int64_t i = j; i < s.T; ++i) {
-        if (!kept(b_j, tk[i])) continue;
+        if (!kept(i, j)) continue;
         const T* qi = q + L.q(b, i, h);
         const T* doi = dout + L.o(b, i, h);
         const T p = std::exp(scale * dot(qi, kj, s.Dqk) + b_j - lse[L.stat(b, h, i)]);

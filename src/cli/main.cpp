@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/prepare.h"
+#include "io/checkpoint_dir.h"
 #include "dist/communicator.h"
 #include "kernels/cuda/device_info.h"
 #include "bench/attention_bench.h"
@@ -85,11 +86,14 @@ Trains the model CONFIG describes (README: "Config reference").
 Writes RUN_DIR/config.json (resolved), train.log, metrics.jsonl and checkpoints/step_*/.
 )";
 
-const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N]
+const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N] [--positions FILE.csv]
 
 Loads the newest complete checkpoint of RUN_DIR and prints its validation loss and perplexity on
 the validation shards named in its config (paths relative to the current directory).
-  --batches N   number of validation micro-batches (default: all full batches)
+  --batches N          number of validation micro-batches (default: all full batches)
+  --positions FILE     also write the mean loss at each position of the sequence as CSV
+                       (columns position,loss,tokens; position t predicts token t+1 from tokens
+                       0 … t); an existing FILE is refused
 )";
 
 const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...]
@@ -193,17 +197,26 @@ int cmd_train(const std::vector<std::string>& a) {
 
 int cmd_eval(const std::vector<std::string>& a) {
   if (wants_help(a)) return std::fputs(kEvalHelp, stdout), 0;
-  std::string run;
+  std::string run, positions;
   int64_t batches = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i] == "--batches") batches = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--positions") positions = need_value(a, i);
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
     else if (run.empty()) run = a[i];
     else throw Usage("unexpected argument " + a[i]);
   }
   if (run.empty()) throw Usage("missing RUN_DIR");
   if (!std::filesystem::is_directory(run)) fail("eval: run directory {} does not exist", run);
-  auto r = dmat::evaluate_run(run, batches);
+  if (!positions.empty() && std::filesystem::exists(positions))
+    fail("eval: {} already exists; remove it or name another file for --positions", positions);
+  auto r = dmat::evaluate_run(run, batches, !positions.empty());
+  if (!positions.empty()) {
+    std::string csv = "position,loss,tokens\n";
+    for (size_t t = 0; t < r.position_loss.size(); ++t)
+      csv += fmt::format("{},{:.6f},{}\n", t, r.position_loss[t], r.position_tokens[t]);
+    dmat::write_file_atomic(positions, csv);
+  }
   std::printf("validation loss %.4f, validation perplexity %.3f (%lld tokens)\n", r.loss, r.ppl, (long long)r.tokens);
   return 0;
 }

@@ -63,6 +63,10 @@ const std::vector<Field<AttentionConfig>> kAttentionFields = {
     {"type", &AttentionConfig::type},
     {"window", &AttentionConfig::window},
     {"bias_form", &AttentionConfig::bias_form},
+    {"local_window", &AttentionConfig::local_window},
+    {"a_init", &AttentionConfig::a_init},
+    {"dt_init_std", &AttentionConfig::dt_init_std},
+    {"bias_lr_scale", &AttentionConfig::bias_lr_scale},
 };
 
 const std::vector<Field<ModelConfig>> kModelFields = {
@@ -337,12 +341,27 @@ void validate_model(ModelConfig& m) {
   else
     require(a.window == 0, "model.attention.window", a.window,
             fmt::format("0 or absent for attention type {} (it has no window)", a.type));
-  if (kind->has_bias_form)
+  if (kind->has_bias_form) {
     require_choice(a.bias_form, "model.attention.bias_form", {kDmaBiasForms.begin(), kDmaBiasForms.end()});
-  else if (a.bias_form != AttentionConfig{}.bias_form)
-    fail("config: model.attention.bias_form must be \"{}\" or absent for attention type {} (only dma has a "
-         "bias; got {})",
-         AttentionConfig{}.bias_form, a.type, show(json(a.bias_form)));
+    require(a.local_window >= 0, "model.attention.local_window", a.local_window, ">= 0 (0: no local window)");
+    require(std::isfinite(a.a_init), "model.attention.a_init", a.a_init, "finite");
+    require(a.dt_init_std >= 0, "model.attention.dt_init_std", a.dt_init_std, ">= 0 (0: model.init_std)");
+    require(a.bias_lr_scale > 0, "model.attention.bias_lr_scale", a.bias_lr_scale, "> 0");
+    if (a.dt_init_std == 0) a.dt_init_std = m.init_std;
+  } else {
+    // The bias's options belong to dma alone: set on another type they would silently do nothing.
+    const AttentionConfig d;
+    auto only_dma = [&](const char* key, bool is_default, const json& got) {
+      if (!is_default)
+        fail("config: model.attention.{} must be absent for attention type {} (only dma has a key bias; got {})",
+             key, a.type, show(got));
+    };
+    only_dma("bias_form", a.bias_form == d.bias_form, a.bias_form);
+    only_dma("local_window", a.local_window == d.local_window, a.local_window);
+    only_dma("a_init", a.a_init == d.a_init, a.a_init);
+    only_dma("dt_init_std", a.dt_init_std == d.dt_init_std, a.dt_init_std);
+    only_dma("bias_lr_scale", a.bias_lr_scale == d.bias_lr_scale, a.bias_lr_scale);
+  }
 }
 
 void validate_train(const TrainConfig& t) {

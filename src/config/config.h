@@ -23,6 +23,12 @@ struct AttentionConfig {
   std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask)
   int64_t window = 0;         // swa: keys i-window+1 … i; dma: keys kept per query; must be > 0 for both
   std::string bias_form = "exp";  // dma: bias exp(A·softplus(z)) ("exp") or A·softplus(z) ("linear")
+  // dma, our extension (not in the paper): also keep the `local_window` most recent keys
+  // i-local_window+1 … i of every query besides the top-`window` keys of the keys before them. 0: off.
+  int64_t local_window = 0;
+  double a_init = 0.0;        // dma: initial value of every A_h (0: in the "exp" form all biases start at 1)
+  double dt_init_std = 0.0;   // dma: init spread of dt_proj.weight (0: model.init_std)
+  double bias_lr_scale = 1.0; // dma: learning-rate multiplier of A and dt_proj.weight
 };
 
 struct ModelConfig {

@@ -5,7 +5,9 @@
 // j <= i whose bias reaches the w-th largest bias among keys 0..i (ties all kept, see
 // kernels/cpu/cpu_ops.h), with the bias added to its scores. Parameters dt_proj.weight
 // [Hkv, Hkv·Dh] and A [Hkv] (A = 0 at init, so in the "exp" form every bias starts at 1, all keys
-// tie and the layer starts as causal attention).
+// tie and the layer starts as causal attention). Options for the investigation of DMA's quality
+// (README "DMA options"): A's initial value, dt_proj's init spread, a learning-rate multiplier
+// for both, and a local window of L most recent keys kept besides the top-w (our extension).
 #include "model/attention.h"
 #include "model/attention_qkv.h"
 #include "ops/ops.h"
@@ -17,15 +19,21 @@ class DmaAttention final : public Attention {
  public:
   explicit DmaAttention(const ModelConfig& c)
       : qkv_(c), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), window_(c.attention.window),
+        local_(c.attention.local_window),
         form_(c.attention.bias_form == "linear" ? ops::DmaBiasForm::Linear : ops::DmaBiasForm::Exp),
-        std_(c.init_std) {
+        dt_std_(c.attention.dt_init_std > 0 ? c.attention.dt_init_std : c.init_std), a_init_(c.attention.a_init),
+        lr_scale_(c.attention.bias_lr_scale) {
     DMAT_CHECK(window_ > 0, "dma attention needs window > 0 (got {})", window_);
+    DMAT_CHECK(local_ >= 0, "dma attention needs local_window >= 0 (got {})", local_);
   }
 
   void declare_params(ParamTable& t, const std::string& p) override {
     qkv_.declare_params(t, p);
-    wdt_ = t.add({p + "dt_proj.weight", {Hkv_, Hkv_ * Dh_}, "attention", Init::Normal, std_, true});
-    a_ = t.add({p + "A", {Hkv_}, "attention", Init::Zeros, 0, false});
+    wdt_ = t.add({.name = p + "dt_proj.weight", .shape = {Hkv_, Hkv_ * Dh_}, .group = "attention",
+                  .init = Init::Normal, .std = dt_std_, .decay = true, .lr_scale = lr_scale_});
+    a_ = t.add({.name = p + "A", .shape = {Hkv_}, .group = "attention",
+                .init = a_init_ == 0 ? Init::Zeros : Init::Constant, .std = a_init_, .decay = false,
+                .lr_scale = lr_scale_});
   }
 
   void declare_acts(TensorTable& t, const std::string& p, int64_t B, int64_t T) override {
@@ -40,8 +48,12 @@ class DmaAttention final : public Attention {
     qkv_.declare_norm_and_scratch(t, p, B, T);
   }
 
-  // Window 0: the window lives in the thresholds.
-  cpu::AttnShape shape(const LayerCtx& c) const { return qkv_.shape(c); }
+  // The shape's window is the local window (0 for the paper's DMA): w lives in the thresholds.
+  cpu::AttnShape shape(const LayerCtx& c) const {
+    cpu::AttnShape s = qkv_.shape(c);
+    s.window = local_;
+    return s;
+  }
 
   void forward(const LayerCtx& c, const Tensor& x, const Tensor& out) override {
     qkv_.forward_qkv(c, x);
@@ -64,8 +76,8 @@ class DmaAttention final : public Attention {
   }
 
   double core_flops_per_token(int64_t T) const override {
-    // QKᵀ and P·V over the kept keys: min(i+1, w) per query (ties at the threshold aside), as SWA.
-    const double w = double(window_), t = double(T);
+    // QKᵀ and P·V over the kept keys: min(i+1, w + L) per query (ties at the threshold aside), as SWA.
+    const double w = double(window_ + local_), t = double(T);
     const double keys = w >= t ? (t + 1) / 2 : (w * (w + 1) / 2 + (t - w) * w) / t;
     return 2.0 * 2.0 * double(H_) * double(Dh_) * keys;
   }
@@ -73,9 +85,9 @@ class DmaAttention final : public Attention {
  private:
   QkvBlock qkv_;
   int64_t H_, Hkv_, Dh_;
-  int64_t window_;
+  int64_t window_, local_;
   ops::DmaBiasForm form_;
-  double std_;
+  double dt_std_, a_init_, lr_scale_;
   int wdt_ = -1, a_ = -1;
   int lse_ = -1, z_ = -1, bias_ = -1, thr_ = -1, dbias_ = -1;
 };

@@ -202,6 +202,7 @@ void Model::init_weights(uint64_t seed) {
     switch (info[i].init) {
       case Init::Ones: ops::fill(t, 1.0); break;
       case Init::Zeros: ops::fill(t, 0.0); break;
+      case Init::Constant: ops::fill(t, info[i].std); break;
       case Init::Normal: {
         // Each tensor draws from its own stream: hash(seed, tensor index). Values are generated in
         // double and rounded once, so f32 and f64 models start from the same weights.
@@ -366,6 +367,24 @@ void Model::backward() {
   const int32_t* tok_in = device_ == Device::CUDA ? tokens_dev_.get(0).as<int32_t>() : inputs_.data();
   ops::embedding_backward(grads_.get(h_embed_), dres, tok_in);
   if (grad_ready_) grad_ready_(h_embed_, h_embed_);
+}
+
+std::vector<double> Model::position_losses() const {
+  const int64_t N = B_ * T_;
+  DMAT_CHECK(a_loss_ >= 0 && N > 0, "position_losses() before any forward()");
+  const Tensor loss = acts_.get(a_loss_).rows(0, N);
+  std::vector<double> out(size_t(N), 0.0);
+  if (loss.dtype == DType::F64 && loss.device == Device::CPU) {
+    std::copy(loss.as<double>(), loss.as<double>() + N, out.begin());
+  } else {
+    std::vector<float> f(static_cast<size_t>(N));
+    DMAT_CHECK(loss.dtype == DType::F32, "position_losses: loss dtype");
+    ops::copy(Tensor{f.data(), loss.shape, DType::F32, Device::CPU}, loss);
+    std::copy(f.begin(), f.end(), out.begin());
+  }
+  for (int64_t i = 0; i < N; ++i)
+    if (targets_[size_t(i)] < 0) out[size_t(i)] = 0.0;
+  return out;
 }
 
 Tensor Model::logits() const {

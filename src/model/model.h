@@ -61,6 +61,9 @@ class Model {
   // Accumulates parameter gradients (+=) for the last forward (which must have had grad_scale > 0).
   void backward();
   Tensor logits() const;  // [B·T, vocab]
+  // The last forward's loss of each of its B·T positions, in double on the host (0 where the
+  // target was < 0): row b·T + t is sequence b, position t.
+  std::vector<double> position_losses() const;
 
   // Sizes without allocating anything (for `dmatrain info`).
   static ParamTable declare_params(const ModelConfig& cfg);

@@ -8,15 +8,16 @@
 
 namespace dmat {
 
-enum class Init { Normal, Ones, Zeros };
+enum class Init { Normal, Ones, Zeros, Constant };
 
 struct ParamInfo {
   std::string name;   // Hugging Face-style name, e.g. model.layers.0.self_attn.q_proj.weight
   Shape shape;
   std::string group;  // embedding | attention | mlp | norm | residual | head
   Init init = Init::Normal;
-  double std = 0.0;   // for Init::Normal
+  double std = 0.0;   // for Init::Normal; the value for Init::Constant
   bool decay = true;  // AdamW weight decay applies (never to norms, gains, residual scales)
+  double lr_scale = 1.0;  // this tensor's learning rate is lr_scale × the schedule's
 };
 
 class ParamTable {

@@ -656,9 +656,12 @@ void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window) {
 static void check_dma(const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& bias, const Tensor& thr, const AttnShape& s, int64_t window) {
   check_attn(op, out, lse, q, k, v, s);
-  DMAT_CHECK(s.window == 0 && window > 0 && bias.numel() == s.B * s.Hkv * s.T && thr.numel() == s.B * s.Hkv * s.T,
-             "{}: bias {} thr {} shape window {} window {} (w > 0 is the keys kept; the shape's window must be 0)",
+  DMAT_CHECK(s.window >= 0 && window > 0 && bias.numel() == s.B * s.Hkv * s.T && thr.numel() == s.B * s.Hkv * s.T,
+             "{}: bias {} thr {} shape window {} window {} (w > 0 is the keys kept; the shape's window, the local "
+             "window, >= 0)",
              op, bias.shape.str(), thr.shape.str(), s.window, window);
+  // The local window is a CPU prototype (cpu_ops.h); the trainer refuses it on CUDA before a run starts.
+  DMAT_CHECK(q.device != Device::CUDA || s.window == 0, "{}: a local window ({}) has no CUDA kernel", op, s.window);
 }
 
 void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,

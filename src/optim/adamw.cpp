@@ -1,5 +1,6 @@
 #include "optim/adamw.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "dist/communicator.h"
@@ -34,8 +35,9 @@ AdamW::AdamW(const Model& model, const TrainConfig& cfg, int64_t lo, int64_t hi,
     const int64_t a = model.grads().offset(int(i)), b = a + info[i].shape.numel();
     const int64_t s = std::max(a, lo_), e = std::min(b, hi_);
     if (s >= e) continue;
-    segs_.push_back({s, e - s, float(info[i].decay ? cfg.weight_decay : 0.0)});
-    seg_param_.push_back(int(i));
+    auto g = std::find_if(groups_.begin(), groups_.end(), [&](const Group& x) { return x.lr_scale == info[i].lr_scale; });
+    if (g == groups_.end()) g = groups_.insert(groups_.end(), Group{info[i].lr_scale, {}});
+    g->segs.push_back({s, e - s, float(info[i].decay ? cfg.weight_decay : 0.0)});
   }
 }
 
@@ -69,18 +71,22 @@ void AdamW::step(double lr) {
     float* mb = m_.flat().as<float>() - lo_;
     float* vb = v_.flat().as<float>() - lo_;
     cuda::ProfileScope prof_("adamw");
-    if (!segs_.empty())
-      cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), mb, vb,
-                       reinterpret_cast<const cuda::AdamSegment*>(segs_.data()), int(segs_.size()), float(lr),
-                       float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1), float(bc2), clip_scale_);
+    for (const Group& gr : groups_)
+      if (!gr.segs.empty())
+        cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), mb, vb,
+                         reinterpret_cast<const cuda::AdamSegment*>(gr.segs.data()), int(gr.segs.size()),
+                         float(lr * gr.lr_scale), float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1),
+                         float(bc2), clip_scale_);
     clip_scale_ = 1.f;
     return;
 #endif
   }
   const Tensor p = model_.params().flat(), g = model_.grads().flat(), m = m_.flat(), v = v_.flat();
-  for (const Segment& s : segs_)
-    ops::adamw_step(p.rows(s.offset, s.n), g.rows(s.offset, s.n), m.rows(s.offset - lo_, s.n),
-                    v.rows(s.offset - lo_, s.n), lr, cfg_.beta1, cfg_.beta2, cfg_.eps, s.weight_decay, bc1, bc2);
+  for (const Group& gr : groups_)
+    for (const Segment& s : gr.segs)
+      ops::adamw_step(p.rows(s.offset, s.n), g.rows(s.offset, s.n), m.rows(s.offset - lo_, s.n),
+                      v.rows(s.offset - lo_, s.n), lr * gr.lr_scale, cfg_.beta1, cfg_.beta2, cfg_.eps,
+                      s.weight_decay, bc1, bc2);
 }
 
 }  // namespace dmat

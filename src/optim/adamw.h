@@ -56,8 +56,14 @@ class AdamW {
     int64_t offset, n;
     float weight_decay;
   };
-  std::vector<Segment> segs_;  // the parameter tensors' parts inside [lo, hi), arena offsets
-  std::vector<int> seg_param_; // the parameter handle of each segment
+  // The parameter tensors' parts inside [lo, hi) (arena offsets), in groups of one learning-rate
+  // scale (ParamInfo::lr_scale): one update launch per group, so a model whose tensors all keep
+  // scale 1 updates in one launch with exactly the unscaled arithmetic.
+  struct Group {
+    double lr_scale;
+    std::vector<Segment> segs;
+  };
+  std::vector<Group> groups_;
 };
 
 }  // namespace dmat

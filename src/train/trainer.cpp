@@ -98,8 +98,12 @@ Device pick_device(const std::string& d) {
 
 void check_device_support(const Config& cfg, Device device) {
   if (device != Device::CUDA) return;
-#ifdef DMAT_WITH_CUDA
   const auto& m = cfg.model;
+  if (m.attention.type == "dma" && m.attention.local_window > 0)
+    fail("config: model.attention.local_window {} has no CUDA kernel yet (a CPU prototype); set it to 0 or run "
+         "on the CPU with run.device=\"cpu\"",
+         m.attention.local_window);
+#ifdef DMAT_WITH_CUDA
   cuda::AttnShape s;
   s.B = 1;
   s.T = cfg.train.seq_len;
@@ -123,8 +127,15 @@ std::unique_ptr<Model> make_model(const Config& cfg, Device device) {
 
 namespace {
 
-// Model changes that make a checkpoint unusable: any difference in the `model` section.
-void check_resumable(const nlohmann::json& saved, const nlohmann::json& now, const std::string& ckpt) {
+// Model changes that make a checkpoint unusable: any difference in the `model` section. The saved
+// config is resolved again first, so options added to the model since it was written compare at
+// their defaults (a config that no longer parses is compared as written).
+void check_resumable(const nlohmann::json& saved_raw, const nlohmann::json& now, const std::string& ckpt) {
+  nlohmann::json saved = saved_raw;
+  try {
+    saved = parse_config(saved_raw).resolved;
+  } catch (const Error&) {
+  }
   const auto& a = saved.at("model");
   const auto& b = now.at("model");
   if (a != b) {
@@ -188,30 +199,44 @@ static int64_t full_val_batches(const TokenLoader& val, int64_t seqs, const std:
   return full;
 }
 
-EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches, dist::Communicator* comm) {
+EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches, dist::Communicator* comm,
+                    bool by_position) {
   const int64_t T = val.seq_len();
   const int64_t world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   const int64_t full = full_val_batches(val, B * world, "validation set");
   const int64_t n = batches > 0 ? std::min(batches, full) : full;
   std::vector<int32_t> x(B * T), y(B * T);
-  double sum = 0, count = 0;
+  // [sum, count] then, by position, T sums and T counts: one all-reduce for everything.
+  std::vector<double> acc(2 + (by_position ? 2 * size_t(T) : 0), 0.0);
   for (int64_t i = 0; i < n; ++i) {
     // global batch i is sequences [i·B·world, (i+1)·B·world); this rank takes its B of them
     val.get_batch((i * world + rank) * B, B, x.data(), y.data());
     int64_t valid = 0;
-    sum += m.forward(x.data(), y.data(), B, T, 0.0, &valid);
-    count += double(valid);
+    acc[0] += m.forward(x.data(), y.data(), B, T, 0.0, &valid);
+    acc[1] += double(valid);
+    if (!by_position) continue;
+    const std::vector<double> l = m.position_losses();
+    for (int64_t r = 0; r < B * T; ++r) {
+      if (y[size_t(r)] < 0) continue;
+      acc[2 + size_t(r % T)] += l[size_t(r)];
+      acc[2 + size_t(T + r % T)] += 1.0;
+    }
   }
-  if (comm && world > 1) {
-    double both[2] = {sum, count};
-    comm->all_reduce(both, 2, DType::F64, dist::ReduceOp::Sum);
-    sum = both[0];
-    count = both[1];
-  }
+  if (comm && world > 1) comm->all_reduce(acc.data(), int64_t(acc.size()), DType::F64, dist::ReduceOp::Sum);
   EvalResult r;
+  const double sum = acc[0], count = acc[1];
   r.tokens = int64_t(count);
   r.loss = count > 0 ? sum / count : 0.0;
   r.ppl = std::exp(r.loss);
+  if (by_position) {
+    r.position_loss.resize(size_t(T));
+    r.position_tokens.resize(size_t(T));
+    for (int64_t t = 0; t < T; ++t) {
+      const double c = acc[2 + size_t(T + t)];
+      r.position_tokens[size_t(t)] = int64_t(c);
+      r.position_loss[size_t(t)] = c > 0 ? acc[2 + size_t(t)] / c : 0.0;
+    }
+  }
   return r;
 }
 
@@ -459,7 +484,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   }
 }
 
-EvalResult evaluate_run(const std::string& run_dir, int64_t batches) {
+EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position) {
   auto ck = latest_checkpoint(run_dir);
   if (!ck) fail("eval: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
   Config cfg = parse_config(checkpoint_config(ck->path), run_dir);
@@ -468,7 +493,7 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches) {
   load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
   spdlog::info("eval: checkpoint {} (step {})", ck->path, ck->step);
-  return evaluate(*model, val, cfg.train.batch_size, batches, nullptr);
+  return evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position);
 }
 
 }  // namespace dmat

@@ -30,15 +30,19 @@ TrainResult train(const Config& cfg, const TrainOptions& opt);
 struct EvalResult {
   double loss = 0, ppl = 0;
   int64_t tokens = 0;
+  // With by_position: the mean loss at each position t = 0 … T−1 of the sequences, and the number
+  // of tokens it averages (position t predicts token t+1 from tokens 0 … t).
+  std::vector<double> position_loss;
+  std::vector<int64_t> position_tokens;
 };
 // Mean loss over the first `batches` global batches (0: all full ones) of a sequential loader. A
 // global batch is batch_size × ranks sequences; each rank evaluates its batch_size of them and the
 // sums are reduced over comm (null: one process), so any split of a global batch gives one result.
 EvalResult evaluate(Model& m, const TokenLoader& val, int64_t batch_size, int64_t batches,
-                    dist::Communicator* comm = nullptr);
+                    dist::Communicator* comm = nullptr, bool by_position = false);
 
 // `dmatrain eval RUN_DIR`: the newest checkpoint's validation loss on the run's validation set.
-EvalResult evaluate_run(const std::string& run_dir, int64_t batches);
+EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position = false);
 
 // run.device: "cpu", "cuda" (an error without a visible GPU), "auto" (CUDA when a GPU is visible).
 Device pick_device(const std::string& device);
