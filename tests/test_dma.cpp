@@ -20,6 +20,8 @@
 #include "model/attention.h"
 #include "model/model.h"
 #include "ops/ops.h"
+#include "optim/adamw.h"
+#include "train/trainer.h"
 #include "test_gradcheck.h"
 #include "test_util.h"
 
@@ -64,10 +66,22 @@ Vec brute_thresholds(const Vec& bias, int64_t rows, int64_t T, int64_t w) {
 }
 
 // Masked softmax attention with the bias, one (b, h, i) at a time, mask from the brute-force
-// thresholds: kept(i, j) = j <= i && bias_j >= thr_i.
+// thresholds: kept(i, j) = j <= i && bias_j >= thr_i. With a local window L = s.window > 0 (our
+// extension), written from its definition: the L most recent keys, and of the keys 0 … i−L those
+// whose bias reaches the w-th largest bias among them (all of them while there are fewer than w).
 void naive_dma(Vec& out, Vec& lse, const Vec& q, const Vec& k, const Vec& v, const Vec& bias, int64_t w,
                const AttnShape& s) {
   const Vec thr = brute_thresholds(bias, s.B * s.Hkv, s.T, w);
+  const int64_t L = s.window;
+  auto kept = [&](int64_t row, int64_t i, int64_t j) {
+    const double bj = bias[size_t(row * s.T + j)];
+    if (L == 0) return j <= i && bj >= thr[size_t(row * s.T + i)];
+    if (j > i) return false;
+    if (i - j < L) return true;
+    Vec before(bias.begin() + row * s.T, bias.begin() + row * s.T + (i - L + 1));
+    std::sort(before.begin(), before.end(), std::greater<double>());
+    return int64_t(before.size()) < w || bj >= before[size_t(w - 1)];
+  };
   out.assign(size_t(s.B * s.T * s.H * s.Dv), 0.0);
   lse.assign(size_t(s.B * s.H * s.T), 0.0);
   const int64_t g = s.H / s.Hkv;
@@ -79,7 +93,7 @@ void naive_dma(Vec& out, Vec& lse, const Vec& q, const Vec& k, const Vec& v, con
         double mx = -kInf;
         for (int64_t j = 0; j <= i; ++j) {
           const double bj = bias[size_t((b * s.Hkv + hk) * s.T + j)];
-          if (!(bj >= thr[size_t((b * s.Hkv + hk) * s.T + i)])) continue;
+          if (!kept(b * s.Hkv + hk, i, j)) continue;
           double d = 0;
           for (int64_t c = 0; c < s.Dqk; ++c)
             d += q[size_t(((b * s.T + i) * s.H + h) * s.Dqk + c)] * k[size_t(((b * s.T + j) * s.Hkv + hk) * s.Dqk + c)];
@@ -201,6 +215,56 @@ TEST(DmaAttention, ForwardMatchesNaiveMaskedSoftmax) {
       }
 }
 
+// The local window (our extension): L recent keys plus the top-w of the keys before them, against
+// the naive mask written from that definition, for L below, at and beyond T.
+TEST(DmaAttention, LocalWindowForwardMatchesNaiveMaskedSoftmax) {
+  uint64_t seed = 300;
+  for (Pattern p : {Pattern::Random, Pattern::Ties, Pattern::Increasing, Pattern::Decreasing})
+    for (int64_t L : {1, 2, 4, 20})
+      for (int64_t T : {3, 7, 13}) {
+        const int64_t w = 3, D = 5, B = 2, H = 4, Hkv = 2;
+        AttnShape s = shape_of(B, T, H, Hkv, D);
+        s.window = L;
+        Vec q = rnd(size_t(B * T * H * D), ++seed), k = rnd(size_t(B * T * Hkv * D), ++seed),
+            v = rnd(size_t(B * T * Hkv * D), ++seed), bias = make_bias(p, B * Hkv, T, ++seed);
+        Vec thr(bias.size()), out(size_t(B * T * H * D)), lse(size_t(B * H * T)), ro, rl;
+        cpu::dma_thresholds<double>(thr.data(), bias.data(), B * Hkv, T, w);
+        cpu::dma_attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), bias.data(),
+                                           thr.data(), s);
+        naive_dma(ro, rl, q, k, v, bias, w, s);
+        const std::string t = tag(s, w, " L" + std::to_string(L) + " pattern " + std::to_string(int(p)));
+        EXPECT_LT(rel_err(out, ro), 1e-13) << t;
+        EXPECT_LT(rel_err(lse, rl), 1e-13) << t;
+      }
+}
+
+// With distinct biases a query keeps exactly min(i+1, L+w) keys, its L most recent among them.
+// q = 0 and biases within 1e-9 of 0 give every kept key a weight of about 1/n, and one-hot values
+// (v_j = e_j) make output component j positive exactly when key j is kept.
+TEST(DmaAttention, LocalWindowKeepsMinOfPrefixAndBudget) {
+  const int64_t B = 1, T = 16, H = 1, Hkv = 1, w = 3, L = 4, D = T;
+  AttnShape s = shape_of(B, T, H, Hkv, D);
+  s.window = L;
+  Vec q(size_t(T * D), 0.0), k = rnd(size_t(T * D), 9), v(size_t(T * D), 0.0);
+  for (int64_t j = 0; j < T; ++j) v[size_t(j * D + j)] = 1.0;  // v_j = e_j
+  // Distinct biases in a random order, small enough that e^bias ≈ 1 ± 1e-9 (weights ≈ uniform).
+  Vec r = rnd(size_t(T), 10, 0.0, 1.0), bias(static_cast<size_t>(T)), thr(static_cast<size_t>(T)),
+      out(static_cast<size_t>(T * D)), lse(static_cast<size_t>(T));
+  for (int64_t j = 0; j < T; ++j) bias[size_t(j)] = 1e-9 * r[size_t(j)];
+  cpu::dma_thresholds<double>(thr.data(), bias.data(), 1, T, w);
+  cpu::dma_attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), bias.data(), thr.data(), s);
+  for (int64_t i = 0; i < T; ++i) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < T; ++j) {
+      const double o = out[size_t(i * D + j)];
+      if (o > 0) ++n;
+      if (j <= i && i - j < L) EXPECT_GT(o, 0) << "query " << i << " must keep recent key " << j;
+      if (j > i) EXPECT_EQ(o, 0) << "query " << i << " kept future key " << j;
+    }
+    EXPECT_EQ(n, std::min(i + 1, L + w)) << "query " << i;
+  }
+}
+
 // T <= w: every causal key is kept, so DMA is causal attention with the bias added; with a constant
 // bias (A = 0 at init, "exp" form: bias 1, all keys tie) it is exactly causal attention.
 TEST(DmaAttention, ConstantBiasIsCausalAttention) {
@@ -255,8 +319,9 @@ TEST(DmaAttention, HugeBiasesPickTheLargestKeptKey) {
 // L = Σ G ⊙ out with out = attention(q, k, v, bias, thresholds(bias)): the thresholds follow the
 // perturbed bias, so with distinct biases the kept set is locally constant and L is smooth.
 void check_attention_grads(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t w, Pattern p,
-                           uint64_t seed) {
+                           uint64_t seed, int64_t local = 0) {
   AttnShape s = shape_of(B, T, H, Hkv, D);
+  s.window = local;
   Vec q = rnd(size_t(B * T * H * D), seed), k = rnd(size_t(B * T * Hkv * D), seed + 1),
       v = rnd(size_t(B * T * Hkv * D), seed + 2), bias = make_bias(p, B * Hkv, T, seed + 3),
       G = rnd(size_t(B * T * H * D), seed + 4);
@@ -271,7 +336,7 @@ void check_attention_grads(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t
   Vec dq(q.size()), dk(k.size()), dv(v.size()), db(bias.size());
   cpu::dma_attention_backward<double>(dq.data(), dk.data(), dv.data(), db.data(), G.data(), out.data(), lse.data(),
                                       q.data(), k.data(), v.data(), bias.data(), thr.data(), s);
-  const std::string t = tag(s, w, " pattern " + std::to_string(int(p)));
+  const std::string t = tag(s, w, " L" + std::to_string(local) + " pattern " + std::to_string(int(p)));
   expect_grad(dq, numeric_grad(q, forward), "dma_attention dq" + t);
   expect_grad(dk, numeric_grad(k, forward), "dma_attention dk" + t);
   expect_grad(dv, numeric_grad(v, forward), "dma_attention dv" + t);
@@ -287,6 +352,9 @@ TEST(DmaAttention, GradientsMatchFiniteDifferences) {
   // monotone biases: the kept set is a sliding window / the first w keys
   check_attention_grads(1, 10, 4, 2, 4, 3, Pattern::Increasing, seed += 10);
   check_attention_grads(1, 10, 4, 2, 4, 3, Pattern::Decreasing, seed += 10);
+  // with a local window
+  for (int64_t L : {1, 3})
+    for (Pattern p : {Pattern::Random, Pattern::Decreasing}) check_attention_grads(2, 11, 4, 2, 4, 3, p, seed += 10, L);
 }
 
 // L = Σ G ⊙ bias(v, W_dt, A).
@@ -482,6 +550,69 @@ TEST(DmaLayer, AtInitialisationAllKeysTieAndDmaIsCausalAttention) {
   Vec a(ld.as<double>(), ld.as<double>() + ld.numel()), b(lm.as<double>(), lm.as<double>() + lm.numel());
   EXPECT_LT(rel_err(a, b), 1e-13);
   EXPECT_GT(norm(b), 0.0);
+}
+
+// The investigation's options act on exactly the tensors they name: a_init sets A, dt_init_std sets
+// dt_proj's spread, and bias_lr_scale multiplies the learning rate of A and dt_proj alone (AdamW's
+// first step moves each coordinate by lr·g/(|g| + eps), so the steps differ by the scale exactly
+// up to rounding, and every other tensor moves identically).
+TEST(DmaLayer, InitAndLearningRateOptionsActOnAAndDtProjOnly) {
+  const int64_t B = 2, T = 12;
+  auto step_once = [&](double lr_scale, Arena& before) {
+    ModelConfig c = dma_model(3);
+    c.attention.a_init = 0.25;
+    c.attention.dt_init_std = 0.05;
+    c.attention.bias_lr_scale = lr_scale;
+    Model m(c, DType::F64);
+    m.init_weights(21);
+    before = m.host_weights();
+    std::vector<int32_t> x(B * T), y(B * T);
+    Rng r(4);
+    for (auto& t : x) t = int32_t(r.below(13));
+    for (auto& t : y) t = int32_t(r.below(13));
+    m.zero_grad();
+    m.forward(x.data(), y.data(), B, T, 1.0 / double(B * T));
+    m.backward();
+    TrainConfig tc;
+    tc.weight_decay = 0;
+    AdamW opt(m, tc);
+    opt.step(1e-3);
+    return m.host_weights();
+  };
+  Arena b1, b10;
+  const Arena a1 = step_once(1.0, b1), a10 = step_once(10.0, b10);
+  ModelConfig c = dma_model(3);
+  const auto info = Model::declare_params(c).info();
+  for (size_t i = 0; i < info.size(); ++i) {
+    const bool scaled = info[i].name.find("self_attn.A") != std::string::npos ||
+                        info[i].name.find("dt_proj") != std::string::npos;
+    const Tensor p0 = b1.get(int(i)), p1 = a1.get(int(i)), p10 = a10.get(int(i));
+    double spread = 0;
+    for (int64_t j = 0; j < p0.numel(); ++j) {
+      const double x0 = p0.as<double>()[j], d1 = p1.as<double>()[j] - x0, d10 = p10.as<double>()[j] - x0;
+      ASSERT_EQ(x0, b10.get(int(i)).as<double>()[j]) << info[i].name << ": same start";
+      if (info[i].name.find("self_attn.A") != std::string::npos) EXPECT_EQ(x0, 0.25);
+      if (info[i].name.find("dt_proj") != std::string::npos) spread += x0 * x0;
+      EXPECT_NEAR(d10, (scaled ? 10.0 : 1.0) * d1, 1e-12) << info[i].name << "[" << j << "]";
+    }
+    if (info[i].name.find("dt_proj") != std::string::npos)
+      EXPECT_NEAR(std::sqrt(spread / double(p0.numel())), 0.05, 0.02) << "dt_proj init spread";
+  }
+}
+
+// The local window is a CPU prototype: a CUDA run is refused by the trainer's pre-check, naming the key.
+TEST(DmaLayer, LocalWindowIsRefusedOnCuda) {
+  nlohmann::json j = {{"model", {{"attention", {{"type", "dma"}, {"window", 8}, {"local_window", 4}}}}},
+                      {"data", {{"train", "x"}, {"val", "y"}}}};
+  try {
+    check_device_support(parse_config(j), Device::CUDA);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.attention.local_window 4 has no CUDA kernel"), std::string::npos)
+        << e.what();
+  }
+  j["model"]["attention"]["local_window"] = 0;
+  EXPECT_NO_THROW(check_device_support(parse_config(j), Device::CPU));
 }
 
 TEST(DmaLayer, ParametersHaveHuggingFaceNamesAndShapes) {

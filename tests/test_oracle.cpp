@@ -91,6 +91,10 @@ TEST(Oracle, DynamicMaskAttention) {
 // (dA = Σ_j dbias_j·softplus(z_j) cancels: Σ_j dbias_j = 0 for every query. With MQA and many
 // repeated tokens in layer 0 it cancels ~1000-fold, and fp32 then cannot meet 1e-5 relative on
 // that one scalar; the fp64 model gradient check in test_model.cpp covers MQA exactly.)
+// Our extension: a local window of 3 recent keys besides the top-4 of the keys before them.
+TEST(Oracle, DynamicMaskAttentionLocalWindow) {
+  run_oracle("dma_local", R"({"model": {"attention": {"type": "dma", "window": 4, "local_window": 3}}})");
+}
 TEST(Oracle, DynamicMaskAttentionLinear) {
   run_oracle("dma_linear",
              R"({"model": {"attention": {"type": "dma", "window": 3, "bias_form": "linear"}, "n_kv_heads": 2}})");

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -105,6 +106,48 @@ TEST(Train, ResumeReproducesTheUninterruptedRunBitForBit) {
   // keep_checkpoints = 2
   EXPECT_FALSE(fs::exists(dir + "/a/checkpoints/step_00000010"));
   EXPECT_TRUE(fs::exists(dir + "/a/checkpoints/step_00000020"));
+}
+
+// `eval --positions`: one row per position, the token-weighted mean of the rows is the validation
+// loss eval prints, an existing file is refused. Trained with DMA and its local window (CPU), so the
+// extension's whole path (config, layer, resume, eval) runs end to end.
+TEST(Train, EvalPositionsAverageToTheValidationLoss) {
+  const std::string dir = test::temp_dir("train_positions");
+  const std::string data = prepare(dir);
+  const std::string cfg = std::string(kSmall) + " --set train.steps=10" +
+                          " --set 'model.attention={\"type\":\"dma\",\"window\":8,\"local_window\":8}'";
+  auto a = run(bin() + " train " + tiny() + data + cfg + " --out " + dir + "/a");
+  ASSERT_EQ(a.rc, 0) << a.out;
+  auto e = run(bin() + " eval " + dir + "/a --batches 3 --positions " + dir + "/pos.csv");
+  ASSERT_EQ(e.rc, 0) << e.out;
+  double printed = 0;
+  long long tokens = 0;
+  const auto at = e.out.find("validation loss ");
+  ASSERT_NE(at, std::string::npos) << e.out;
+  ASSERT_EQ(std::sscanf(e.out.c_str() + at, "validation loss %lf, validation perplexity %*f (%lld tokens)", &printed,
+                        &tokens),
+            2)
+      << e.out;
+  std::ifstream f(dir + "/pos.csv");
+  std::string line;
+  std::getline(f, line);
+  EXPECT_EQ(line, "position,loss,tokens");
+  double sum = 0, n = 0;
+  int64_t rows = 0;
+  while (std::getline(f, line)) {
+    long long pos = 0, cnt = 0;
+    double loss = 0;
+    ASSERT_EQ(std::sscanf(line.c_str(), "%lld,%lf,%lld", &pos, &loss, &cnt), 3) << line;
+    EXPECT_EQ(pos, rows++);
+    EXPECT_EQ(cnt, 3 * 4);  // 3 batches of 4 sequences, every target valid
+    sum += loss * double(cnt), n += double(cnt);
+  }
+  EXPECT_EQ(rows, 64);
+  EXPECT_EQ(int64_t(n), tokens);
+  EXPECT_NEAR(sum / n, printed, 1e-4);
+  auto again = run(bin() + " eval " + dir + "/a --positions " + dir + "/pos.csv");
+  EXPECT_NE(again.rc, 0);
+  EXPECT_NE(again.out.find("already exists"), std::string::npos) << again.out;
 }
 
 TEST(Train, RefusesToOverwriteARunOrResumeAChangedModel) {

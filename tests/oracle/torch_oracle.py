@@ -98,6 +98,9 @@ def resolve_model_config(m):
         raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa, dma)")
     if c["att"] == "dma" and c["bias_form"] not in ("exp", "linear"):
         raise BadInput(f"config.json: model.attention.bias_form must be exp or linear (got {c['bias_form']!r})")
+    c["local_window"] = int(att.get("local_window", 0) or 0) if c["att"] == "dma" else 0
+    if c["local_window"] < 0:
+        raise BadInput(f"config.json: model.attention.local_window must be >= 0 (got {c['local_window']})")
     return c
 
 
@@ -167,6 +170,8 @@ def dma_bias_and_mask(v, P, p, c):
     z = concat_heads(v) . W_dt^T; bias = exp(A*softplus(z)) ("exp") or A*softplus(z) ("linear").
     Query i keeps key j iff j <= i and bias_j >= t_i, t_i the w-th largest bias among keys 0..i
     (-inf while i+1 < w): keys tied with t_i are all kept. t is found by sorting each prefix.
+    With a local window L > 0 (dmatrain's extension): query i keeps keys i-L+1..i, and of the keys
+    0..i-L those whose bias reaches the w-th largest bias among exactly those keys.
     """
     B, T, Hkv, Dh = v.shape
     z = v.reshape(B, T, Hkv * Dh) @ P[p + "self_attn.dt_proj.weight"].T       # [B,T,Hkv]
@@ -180,12 +185,20 @@ def dma_bias_and_mask(v, P, p, c):
         def record(g, name=p + "self_attn.A", d=dbias_dA):
             ERROR_SCALE[name] = (g.detach() * d).abs().sum(dim=(0, 2)).numpy()
         bias.register_hook(record)
-    w = c["window"]
+    w, L = c["window"], c["local_window"]
+    # thr[..., i]: the threshold for the keys 0..i-L that query i tests (+inf when there are none).
     thr = torch.full((B, Hkv, T), float("-inf"), dtype=b.dtype)
-    for i in range(w - 1, T):
-        thr[:, :, i] = torch.sort(b[:, :, : i + 1], dim=-1, descending=True).values[:, :, w - 1]
-    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]               # [query, key]
-    mask = causal[None, None] & (b[:, :, None, :] >= thr[:, :, :, None])
+    for i in range(T):
+        n = i - L + 1  # keys 0..n-1 are tested against the bias
+        if n <= 0:
+            thr[:, :, i] = float("inf")
+        elif n >= w:
+            thr[:, :, i] = torch.sort(b[:, :, :n], dim=-1, descending=True).values[:, :, w - 1]
+    qi = torch.arange(T)[:, None]
+    kj = torch.arange(T)[None, :]
+    causal = kj <= qi                                                            # [query, key]
+    recent = (qi - kj < L) & causal
+    mask = recent[None, None] | (causal[None, None] & (b[:, :, None, :] >= thr[:, :, :, None]))
     return bias, mask
 
 
