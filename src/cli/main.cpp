@@ -43,7 +43,7 @@ commands:
                            train a model; writes logs, metrics and checkpoints to the run directory
   eval RUN_DIR [--batches N]
                            validation loss and perplexity of the run's newest checkpoint
-  info CONFIG [--set key=value ...]
+  info CONFIG [--set key=value ...] [--json]
                            parameter counts, FLOPs per token, memory estimate
   data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N] [--overwrite] INPUTS...
                            turn text files / directories / JSONL into token shards
@@ -96,10 +96,11 @@ the validation shards named in its config (paths relative to the current directo
                        0 … t); an existing FILE is refused
 )";
 
-const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...]
+const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...] [--json]
 
 Prints parameter counts by group (with and without embeddings), FLOPs per token (the MFU
 convention 6·N + 6·L·T·d, and the matmul FLOPs actually executed) and a memory estimate.
+  --json   the same as one JSON object, with the resolved config (every default filled in)
 )";
 
 const char* kDataHelp = R"(usage: dmatrain data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N]
@@ -224,9 +225,14 @@ int cmd_eval(const std::vector<std::string>& a) {
 int cmd_info(const std::vector<std::string>& a) {
   if (wants_help(a)) return std::fputs(kInfoHelp, stdout), 0;
   std::vector<std::string> sets;
-  const std::string path = parse_config_args(a, sets, [](const std::vector<std::string>&, size_t&) { return false; });
+  bool json = false;
+  const std::string path = parse_config_args(a, sets, [&](const std::vector<std::string>& v, size_t& i) {
+    if (v[i] == "--json") return json = true, true;
+    return false;
+  });
   dmat::Config cfg = dmat::load_config(path, sets);
-  std::fputs(dmat::describe(cfg).c_str(), stdout);
+  if (json) std::printf("%s\n", dmat::describe_json(cfg).dump(2).c_str());
+  else std::fputs(dmat::describe(cfg).c_str(), stdout);
   return 0;
 }
 

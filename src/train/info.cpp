@@ -103,4 +103,18 @@ std::string describe(const Config& c) {
   return s;
 }
 
+nlohmann::json describe_json(const Config& c) {
+  const ModelCounts k = count_model(c.model, c.train.seq_len);
+  const int64_t per_step = c.train.batch_size * c.train.grad_accum * c.train.seq_len;
+  nlohmann::json groups = nlohmann::json::object();
+  for (const auto& [g, n] : k.by_group) groups[g] = n;
+  return {{"config", c.resolved},
+          {"params", {{"total", k.total}, {"non_embedding", k.non_embedding}, {"by_group", groups}}},
+          {"flops_per_token", {{"mfu_convention", k.flops_per_token}, {"executed_matmuls", k.matmul_flops_per_token}}},
+          {"tokens_per_step", per_step},
+          {"tokens", per_step * c.train.steps},
+          {"memory_bytes",
+           {{"cpu", estimate_memory(c, Device::CPU).total()}, {"cuda", estimate_memory(c, Device::CUDA).total()}}}};
+}
+
 }  // namespace dmat

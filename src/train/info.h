@@ -39,4 +39,10 @@ MemoryEstimate estimate_memory(const Config& c, Device device = Device::CPU, int
 
 std::string describe(const Config& c);
 
+// The same facts as describe(), machine-readable (`dmatrain info --json`, read by scripts/ladder.py):
+// {"config": the resolved config, "params": {"total", "non_embedding", "by_group"},
+//  "flops_per_token": {"mfu_convention", "executed_matmuls"}, "tokens_per_step", "tokens",
+//  "memory_bytes": {"cpu", "cuda"}} (one rank, one micro-batch).
+nlohmann::json describe_json(const Config& c);
+
 }  // namespace dmat
