@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(build-essential cmake nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev
-      libopenmpi-dev openmpi-bin python3-torch python3-numpy)
+      libopenmpi-dev openmpi-bin python3-torch python3-numpy python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
