@@ -193,6 +193,9 @@ class Spec:
         if "default" not in self.seeds:
             raise LadderError(f"ladder spec {path}: seeds.default is required")
         self.positions_sizes = j.get("positions_sizes", [])
+        for s in self.positions_sizes:
+            if s not in self.sizes:
+                raise LadderError(f"ladder spec {path}: positions_sizes names {s}, which is not in sizes")
         self.runs_dir = need("runs_dir", str)
         self.results_dir = need("results_dir", str)
         corpus = need("corpus", dict)
@@ -377,11 +380,14 @@ def choose_lr(spec, size, variants, results):
             table[v] = losses
             lr_best = min(spec.lrs, key=lambda lr: (losses[lr], lr))
             best[v] = lr_best
-    pending = [v for v in variants if v not in table]
     lines, out = [], {v: None for v in variants}
+    failed = [v for v in best if math.isinf(table[v][best[v]])]
+    for v in failed:
+        lines.append(f"{v}: every lr of the sweep at {size} diverged: lower lr_sweep.values (its later runs wait)")
+        del best[v], table[v]
+    variants = [v for v in variants if v not in failed]
+    pending = [v for v in variants if v not in table]
     for v in best:
-        if math.isinf(table[v][best[v]]):
-            raise LadderError(f"lr sweep at {size}: every lr diverged for {v}; lower lr_sweep.values")
         if best[v] in (spec.lrs[0], spec.lrs[-1]) and len(spec.lrs) > 1:
             lines.append(f"warning: {v}'s best lr at {size} ({fmt_lr(best[v])}) is at the edge of the sweep: extend lr_sweep.values")
     if spec.lr_rule == "per_variant":
@@ -399,7 +405,7 @@ def choose_lr(spec, size, variants, results):
             mode = "shared"
             for v in variants:
                 out[v] = shared
-            lines.append(f"shared lr {fmt_lr(shared)}: every variant's loss there is within {regret[shared]:.4f} nats of its own best "
+            lines.append(f"shared lr {fmt_lr(shared)}: every variant's loss there is at most {regret[shared]:.4f} nats above its own best "
                          f"at {size} (tolerance {spec.lr_tolerance} nats)")
         else:
             mode = "per_variant"
@@ -444,7 +450,7 @@ class Run:
 
 
 class Plan:
-    pass
+    """runs (launch order), choices ({swept size: choose_lr result}), unavailable ({variant: why}), records."""
 
 
 def newest_checkpoint(run_dir):

@@ -222,6 +222,10 @@ def run_all(bin_, tmp):
     res_div[("a", "mha", 2e-3, 1)] = float("inf")
     c = ladder.choose_lr(S(), "a", ["mha", "dma"], res_div)
     check(c["lr"] == {"mha": 4e-3, "dma": 4e-3}, f"a diverged lr is never chosen (got {c['lr']})")
+    res_dead = dict(res)
+    res_dead[("a", "dma", 1e-3, 1)] = res_dead[("a", "dma", 2e-3, 1)] = res_dead[("a", "dma", 4e-3, 1)] = float("inf")
+    c = ladder.choose_lr(S(), "a", ["mha", "dma"], res_dead)
+    check(c["lr"] == {"mha": 2e-3, "dma": None}, f"a variant whose every lr diverged waits, the others go on (got {c['lr']})")
     cs = [1e15, 3e15, 1e16, 3e16, 1e17]
     ls = [40.0 * x ** -0.1 + 1.5 for x in cs]
     a_, alpha, e, rms = ladder.fit_power_law(cs, ls)
