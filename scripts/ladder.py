@@ -1185,6 +1185,9 @@ def cmd_report(args):
     out.append("## Plots\n")
     for name, caption in plots:
         out.append(f"![{caption}]({name})\n\n{caption}\n")
+    if not any(name == "loss_by_position.png" for name, _ in plots):
+        out.append("There is no loss by position yet: no run has a `positions.csv` (`dmatrain eval RUN_DIR --positions "
+                   f"FILE`, run by the launcher after each run at {', '.join(spec.positions_sizes) or 'the sizes in positions_sizes'}).\n")
     out.append("## Runs\n")
     out.append(f"{len(rows)} runs in `runs.csv` ({sum(r['status'] == 'finished' for r in rows)} finished, "
                f"{sum(r['status'] == 'diverged' for r in rows)} diverged); each row has the exact command, the commit and the "

@@ -149,6 +149,15 @@ def run_all(bin_, tmp):
     has_pos = os.path.exists(os.path.join(results, "loss_by_position.png"))
     eval_help = sh([bin_, "eval", "--help"]).stdout
     check(has_pos == ("--positions" in eval_help), "loss-by-position plot exactly when dmatrain eval has --positions")
+    check(has_pos or "no loss by position yet" in readme, "the report says why the loss-by-position plot is missing")
+    # the loss-by-position plot from positions.csv files (as `dmatrain eval --positions` writes them)
+    for r in rows:
+        if r["size"] == "s3":
+            with open(os.path.join(results, "runs", r["run_id"], "positions.csv"), "w") as f:
+                f.write("position,loss,tokens\n" + "".join(f"{i},{3 + 1 / (i + 1):.6f},100\n" for i in range(64)))
+    sh([py, LADDER, "report", "--spec", SPEC, "--results", results])
+    readme = open(os.path.join(results, "README.md")).read()
+    check(os.path.exists(os.path.join(results, "loss_by_position.png")) and "by token position at s3" in readme, "the loss-by-position plot at the largest size with positions")
     with open(os.path.join(results, "README.md"), "w") as f:
         f.write(readme.replace("(Conclusions: written by hand, kept across reports.)", "HAND-WRITTEN CONCLUSION"))
     sh([py, LADDER, "report", "--spec", SPEC, "--results", results])
