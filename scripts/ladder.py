@@ -395,7 +395,7 @@ def choose_lr(spec, size, variants, results):
             out[v] = best[v]
             lines.append(f"{v}: lr {fmt_lr(best[v])} (its best at {size}, val loss {table[v][best[v]]:.4f})")
         mode = "per_variant"
-    elif pending:
+    elif pending or not variants:
         mode = "pending"
         lines.append(f"shared_if_fair: waiting for the sweep at {size} of {', '.join(pending)}")
     else:
@@ -1116,7 +1116,10 @@ def cmd_report(args):
                               f"text between: it is not overwritten (move it away, or add the markers around the text to keep)")
     out.append(KEEP_BEGIN + (keep if keep else "\n(Conclusions: written by hand, kept across reports.)\n") + KEEP_END + "\n")
     if not rows:
-        out.append("No runs yet.\n")
+        out.append("No runs yet: `scripts/ladder.py run`, then `gather`.\n")
+        write_text_atomic(readme, "\n".join(out) + "\n")
+        print(f"wrote {readme} (no runs yet)")
+        return 0
     out.append("## Validation loss, variant × size (mean ± std over seeds, at the chosen lr)\n")
     head = "| variant | " + " | ".join(sizes) + " |"
     out.append(head)
@@ -1233,7 +1236,8 @@ def make_plots(spec, args, rows, variants, sizes, chosen_rows, fits, choices):
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Loss vs compute (dashed: L = a·C^−α + e)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.results, "loss_vs_compute.png"), dpi=110)
     plt.close(fig)
@@ -1260,7 +1264,8 @@ def make_plots(spec, args, rows, variants, sizes, chosen_rows, fits, choices):
             ax.set_xlabel("tokens")
             ax.set_ylabel("val loss")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         for j in range(n, rws * cols):
             axes[j // cols][j % cols].axis("off")
         fig.tight_layout()
@@ -1280,7 +1285,8 @@ def make_plots(spec, args, rows, variants, sizes, chosen_rows, fits, choices):
             ax.set_xlabel("peak lr")
             ax.set_ylabel("val loss")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(args.results, "lr_sweep.png"), dpi=100)
         plt.close(fig)
@@ -1310,7 +1316,8 @@ def make_plots(spec, args, rows, variants, sizes, chosen_rows, fits, choices):
         ax.set_ylabel("validation loss (moving average)")
         ax.set_title(f"Loss by position at {s}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(args.results, "loss_by_position.png"), dpi=110)
         plt.close(fig)
