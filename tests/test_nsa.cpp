@@ -1,27 +1,33 @@
 // Native Sparse Attention, CPU reference (kernels/cpu/nsa_ops.h): every forward against a naive
 // version written here from the definition, every backward against central finite differences in
 // fp64, the selection against a brute-force one (ties, early queries, forced blocks, GQA sums), the
-// whole layer composed from the ops (finite differences, fp32 against fp64, 1 against 2 threads).
+// whole layer composed from the ops (finite differences, fp32 against fp64, 1 against 2 threads),
+// and the layer against an independent PyTorch version (tests/oracle/nsa_oracle.py).
 //
 // Tolerances: forwards against the naive versions 1e-12 relative (both fp64, only the summation
 // order differs: ~1e-16 per operation over at most a few hundred terms); gradients against finite
 // differences 1e-6 relative (test_gradcheck.h: central differences with h = 1e-6 leave ~1e-9 from
-// the third derivative and ~1e-10 from roundoff); fp32 against fp64 1e-5 (reason at the test); 1
-// against 2 threads bit for bit.
+// the third derivative and ~1e-10 from roundoff); the PyTorch oracle 1e-9 (fp64 both sides, measured
+// ~2e-15); fp32 against fp64 1e-5 (reason at the test); 1 against 2 threads bit for bit.
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
+#include "io/safetensors.h"
 #include "kernels/cpu/nsa_ops.h"
 #include "test_gradcheck.h"
 #include "test_util.h"
@@ -884,6 +890,93 @@ TEST(NsaDeterminism, OneAndTwoThreadsAgreeBitForBit) {
     ASSERT_EQ(one[i].size(), two[i].size());
     EXPECT_EQ(std::memcmp(one[i].data(), two[i].data(), one[i].size() * sizeof(float)), 0) << "result " << i;
   }
+}
+
+// ---- the PyTorch oracle -------------------------------------------------------------------------------
+
+// Debian's python3-torch imports under /usr/bin/python3; DMAT_PYTHON wins (as test_oracle.cpp).
+std::string python() {
+  if (const char* e = std::getenv("DMAT_PYTHON")) return e;
+  for (const char* p : {"/usr/bin/python3", "python3"})
+    if (test::run(std::string(p) + " -c 'import torch, numpy'").rc == 0) return p;
+  return "/usr/bin/python3";
+}
+
+Tensor view(Vec& v, const std::vector<int64_t>& dims) {
+  Shape shape;
+  for (int64_t x : dims) shape.d[size_t(shape.n++)] = x;
+  return Tensor{v.data(), shape, DType::F64};
+}
+
+// Writes DIR for nsa_oracle.py: nsa.json (the shape), inputs.safetensors (x, dout, the weights) and
+// ours.safetensors (out, idx, grad.x, grad.<param>); returns DIR.
+std::string write_oracle_dir(const std::string& tag, NsaLayer<double>& L, Vec& x, Vec& G, Vec& dx,
+                             std::vector<int32_t>& idx) {
+  const NsaShape& s = L.s;
+  const std::string dir = test::temp_dir("nsa_oracle_" + tag);
+  nlohmann::json j = {{"B", s.B}, {"T", s.T}, {"H", s.H}, {"Hkv", s.Hkv}, {"D", s.D}, {"d_model", L.dm},
+                      {"cmp_hidden", L.F}, {"rope_theta", L.theta}, {"cmp_block", s.cmp_block},
+                      {"cmp_stride", s.cmp_stride}, {"sel_block", s.sel_block}, {"sel_count", s.sel_count},
+                      {"window", s.window}};
+  std::ofstream(dir + "/nsa.json") << j.dump(2);
+  std::vector<NamedTensor> in = {{"x", view(x, {s.B, s.T, L.dm})}, {"dout", view(G, {s.B, s.T, L.dm})}};
+  for (auto& p : L.params) in.push_back({"self_attn." + p.name, view(p.value, p.shape)});
+  write_safetensors(dir + "/inputs.safetensors", in);
+  std::vector<NamedTensor> ours = {{"out", view(L.out, {s.B, s.T, L.dm})},
+                                   {"idx", Tensor{idx.data(), Shape{s.B, s.Hkv, s.T, s.sel_count}, DType::I32}},
+                                   {"grad.x", view(dx, {s.B, s.T, L.dm})}};
+  for (auto& p : L.params) ours.push_back({"grad.self_attn." + p.name, view(p.grad, p.shape)});
+  write_safetensors(dir + "/ours.safetensors", ours);
+  return dir;
+}
+
+void run_nsa_oracle(const std::string& tag, const NsaShape& s, int64_t dm, int64_t F) {
+  NsaLayer<double> L(s, dm, F, 100.0);
+  L.init(11);
+  Vec x = rnd(size_t(s.B * s.T * dm), 12), G = rnd(x.size(), 13), dx;
+  L.forward(x);
+  L.zero_grad();
+  L.backward(x, G, dx);
+  std::vector<int32_t> idx = L.idx;
+  const std::string script = python() + " " + test::source_dir() + "/tests/oracle/nsa_oracle.py ";
+
+  const std::string dir = write_oracle_dir(tag, L, x, G, dx, idx);
+  auto res = test::run(script + dir);
+  ASSERT_NE(res.out.find("\"rel\""), std::string::npos)
+      << "the oracle did not run (does /usr/bin/python3 import torch?):\n" << res.out;
+  EXPECT_EQ(res.rc, 0) << res.out;
+  std::printf("%s", res.out.substr(res.out.rfind("{\"summary\"")).c_str());
+
+  // It must fail on a wrong result: one gradient off by 1e-6 relative, one selection changed.
+  auto& p = L.P("cmp_k_mlp.pos_embed");
+  const double saved = p.grad[0];
+  p.grad[0] += 1e-6 * std::max(1.0, norm(p.grad));
+  EXPECT_EQ(test::run(script + write_oracle_dir(tag + "_bad_grad", L, x, G, dx, idx)).rc, 1);
+  p.grad[0] = saved;
+  // a query whose list ranks blocks: swap a ranked block for another candidate
+  bool changed = false;
+  for (int64_t t = s.T - 1; t >= 0 && !changed; --t) {
+    int32_t* l = idx.data() + ilist(s, 0, 0, t);
+    const int64_t J = t / s.sel_block;
+    if (J + 1 <= s.sel_count) break;
+    for (int32_t cand = 1; cand <= J - 2 && !changed; ++cand)
+      if (std::find(l, l + s.sel_count, cand) == l + s.sel_count) {
+        l[1] = cand;  // l[0] = 0 is forced; l[1] is a ranked block here
+        std::sort(l, l + s.sel_count);
+        changed = true;
+      }
+  }
+  ASSERT_TRUE(changed);
+  EXPECT_EQ(test::run(script + write_oracle_dir(tag + "_bad_idx", L, x, G, dx, idx)).rc, 1);
+}
+
+TEST(NsaOracle, LayerMatchesTorch) {
+  // l' = 2l (eq. 9 with l'/d = 4, l/d = 2), GQA 4/2; selection ranks from t = 40 (n = 5).
+  run_nsa_oracle("l4d2s8", make_shape(2, 64, 4, 2, 6, 4, 2, 8, 5, 10), 10, 5);
+}
+TEST(NsaOracle, SelectionBlocksSmallerThanCompressionBlocks) {
+  // l' = l/2 (a compression block spans two selection blocks), MQA, window shorter than a block.
+  run_nsa_oracle("l8d4s4", make_shape(1, 48, 3, 1, 4, 8, 4, 4, 6, 3), 8, 7);
 }
 
 }  // namespace
