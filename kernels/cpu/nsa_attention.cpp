@@ -33,6 +33,12 @@
 // - Selected attention: softmax over the keys p <= t of the selected blocks (causal in the own block).
 // - Window: keys t − w + 1 … t (attention_forward with AttnShape::window = w).
 // - Gates: g = σ(x·W_gᵀ), 3 per query head, o = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win.
+// - Parameters (Hugging Face names under self_attn.): q_proj.weight [H·D, d_model];
+//   {cmp,slc,win}_{k,v}_proj.weight [Hkv·D, d_model]; cmp_{k,v}_mlp.pos_embed [l, D],
+//   cmp_{k,v}_mlp.fc1.weight [F, l·D], cmp_{k,v}_mlp.fc2.weight [D, F]; g_proj.weight [3H, d_model]
+//   (row 3h + c: c = 0 compressed, 1 selected, 2 window); o_proj.weight [d_model, H·D].
+// - Forward FLOPs per token beyond the projections (nsa_core_flops_per_token):
+//   4·H·D·(n̄_cmp + n̄_slc + n̄_win) + 4·Hkv·F·D·(l + 1)·Nc/T, n̄ the mean keys per query of a branch.
 //
 // Like attention.cpp, every kernel is exact and simple (O(keys) per query row, probabilities
 // recomputed from the saved lse in backward), and every output element is reduced in a fixed order
