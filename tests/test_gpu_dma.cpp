@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
@@ -447,8 +448,10 @@ struct DmaCase {
   BfInput q, k, v, dout;
   std::vector<float> bias, thr;
   std::vector<double> bias_d, thr_d, out_ref, lse_ref;
-  DmaCase(int64_t D, int64_t group, Pattern pat, int64_t T, int64_t w, uint64_t& seed, bool with_dout) {
-    s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = 0;
+  // local: DMA's local window L (s.window; the thresholds then cover the keys before it)
+  DmaCase(int64_t D, int64_t group, Pattern pat, int64_t T, int64_t w, uint64_t& seed, bool with_dout,
+          int64_t local = 0) {
+    s.B = 2, s.T = T, s.Hkv = 2, s.H = 2 * group, s.Dqk = D, s.Dv = D, s.window = local;
     s.scale = 1.0 / std::sqrt(double(D));
     q = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
     k = rand_bf(size_t(s.B * T * s.Hkv * D), ++seed, -1, 1);
@@ -456,7 +459,7 @@ struct DmaCase {
     if (with_dout) dout = rand_bf(size_t(s.B * T * s.H * D), ++seed, -1, 1);
     bias = make_bias(pat, s.B * s.Hkv, T, ++seed);
     thr.resize(bias.size());
-    cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w);
+    cpu::dma_thresholds<float>(thr.data(), bias.data(), s.B * s.Hkv, T, w, local);
     bias_d = to_d(bias), thr_d = to_d(thr);
     out_ref.resize(size_t(s.B * T * s.H * D)), lse_ref.resize(size_t(s.B * s.H * T));
     cpu::dma_attention_forward<double>(out_ref.data(), lse_ref.data(), q.d.data(), k.d.data(), v.d.data(),
@@ -538,7 +541,8 @@ TermSize term_size(const cpu::AttnShape& s, const BfInput& q, const BfInput& k, 
         double delta = 0, Qi = 0;  // delta: Σ|dO∘O|, the size of Δ's terms (its rounding error scales with that)
         for (int64_t d = 0; d < D; ++d) delta += std::fabs(gi[d] * oi[d]);
         for (int64_t j = 0; j <= i; ++j) {
-          if (!(bias[size_t(row + j)] >= thr[size_t(row + i)])) continue;
+          // kept: the threshold rule, or inside DMA's local window (s.window)
+          if (!(bias[size_t(row + j)] >= thr[size_t(row + i)]) && j <= i - s.window) continue;
           const double* kj = &k.d[size_t(((b * T + j) * s.Hkv + hk) * D)];
           const double* vj = &v.d[size_t(((b * T + j) * s.Hkv + hk) * D)];
           double qk = 0, dp = 0;
@@ -656,6 +660,68 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
           }
           ++cases;
         }
+  std::cout << cases << " cases\n";
+}
+
+// DMA's local window (our extension; s.window = L): the thresholds shifted by L bit for bit, and the
+// ops (dense in both directions: the lists know only the threshold rule) against the CPU reference
+// with the tolerances of AttentionOpsForwardAndBackwardMatchCpu; L below w, above it, beyond T, and
+// windows that end inside a query tile or a key tile. Every output repeats bit for bit.
+TEST(GpuDma, LocalWindowOpsMatchCpu) {
+  REQUIRE_GPU();
+  uint64_t seed = 6000;
+  const int64_t bq = cuda::flash_attention_block_q();
+  int cases = 0;
+  for (const cuda::FlashPath path : {cuda::FlashPath::mma, cuda::FlashPath::wgmma})
+    for (int64_t D : {64, 128})
+      for (int64_t group : {1, 2})
+        for (Pattern pat : {Pattern::Random, Pattern::Ties, Pattern::Increasing, Pattern::Decreasing, Pattern::Huge})
+          for (auto [T, w, L] : {std::tuple<int64_t, int64_t, int64_t>{300, 32, 16}, {2 * bq + 7, 40, 64},
+                                 {1300, 100, 100}, {64, 8, 200}, {257, 1, 5}}) {
+            if (T == 1300 && (D != 64 || pat != Pattern::Random)) continue;  // CPU reference time
+            cpu::AttnShape probe;
+            probe.Dqk = probe.Dv = D;
+            if (path == cuda::FlashPath::wgmma && !cuda::flash_attention_wgmma_available(probe)) continue;
+            const std::string what =
+                fmt::format("path {} D {} group {} {} T {} w {} L {}", int(path), D, group, name(pat), T, w, L);
+            const DmaCase c(D, group, pat, T, w, seed, true, L);
+            const cpu::AttnShape& s = c.s;
+            const BfInput &q = c.q, &k = c.k, &v = c.v, &dout = c.dout;
+            std::vector<double> dq_ref(q.d.size()), dk_ref(k.d.size()), dv_ref(v.d.size()), db_ref(c.bias.size());
+            cpu::dma_attention_backward<double>(dq_ref.data(), dk_ref.data(), dv_ref.data(), db_ref.data(),
+                                                dout.d.data(), c.out_ref.data(), c.lse_ref.data(), q.d.data(),
+                                                k.d.data(), v.d.data(), c.bias_d.data(), c.thr_d.data(), s);
+            const TermSize ts = term_size(s, q, k, v, dout, c.out_ref, c.lse_ref, c.bias, c.thr);
+            const double m_max = *std::max_element(ts.M.begin(), ts.M.end());
+            Dev<bf16> gq(q.b), gk(k.b), gv(v.b), gdo(dout.b), gout(c.out_ref.size());
+            Dev<bf16> gdq(q.b.size()), gdk(k.b.size()), gdv(v.b.size());
+            Dev<float> gb(c.bias), gt(c.bias.size()), glse(c.lse_ref.size()), gdb(c.bias.size());
+            cuda::dma_thresholds(gt.p, gb.p, s.B * s.Hkv, T, w, L);
+            const std::vector<float> thr_got = gt.down();
+            ASSERT_EQ(std::memcmp(thr_got.data(), c.thr.data(), c.thr.size() * sizeof(float)), 0)
+                << what << ": shifted thresholds differ from cpu::dma_thresholds";
+            cuda::dma_attention_forward(gout.p, glse.p, gq.p, gk.p, gv.p, gb.p, gt.p, s, w, path);
+            expect_close(what + " out", to_d(gout.down()), c.out_ref);
+            check_close(what + " lse", to_d(glse.down()), c.lse_ref, [](size_t) { return 2e-3; });
+            cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                         gt.p, s, w, path);
+            const std::vector<bf16> dq1 = gdq.down(), dk1 = gdk.down(), dv1 = gdv.down();
+            const std::vector<float> db1 = gdb.down();
+            expect_close(what + " dq", to_d(dq1), dq_ref, s.scale * ts.q_max * abs_max(k.d));
+            expect_close(what + " dk", to_d(dk1), dk_ref, s.scale * m_max * abs_max(q.d));
+            expect_close(what + " dv", to_d(dv1), dv_ref);
+            check_close(what + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
+            cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
+                                         gt.p, s, w, path);
+            auto same_bits = [](const auto& a, const auto& b) {
+              return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+            };
+            EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
+                        same_bits(gdb.down(), db1))
+                << what << ": the backward is not bitwise repeatable";
+            if (HasFailure()) return;
+            ++cases;
+          }
   std::cout << cases << " cases\n";
 }
 

@@ -276,5 +276,14 @@ TEST(Model, GradientCheckDynamicMaskAttentionLinearBiasGqa4) {
   check_model_gradient(c, 505, true);
 }
 
+// Our extension: a local window of 2 recent keys besides the top-2 of the keys before them.
+TEST(Model, GradientCheckDynamicMaskAttentionLocalWindow) {
+  ModelConfig c = tiny_model();
+  c.attention.type = "dma";
+  c.attention.window = 2;
+  c.attention.local_window = 2;
+  check_model_gradient(c, 606, true);
+}
+
 }  // namespace
 }  // namespace dmat

@@ -138,9 +138,11 @@ void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1
 // Since bias does not depend on the query, thr never decreases with i and the whole mask is the
 // two O(T) vectors bias and thr. The selection is not differentiated.
 // Local window (our extension, not the paper's; AttnShape::window = L > 0): query i also keeps its
-// L most recent keys i−L+1 … i, and the threshold test applies to the keys before them with
-//   thr[b,h,i−L] (the w-th largest bias among exactly those keys 0 … i−L),
-// so a query keeps min(i+1, L+w) keys (ties aside): two O(T) vectors and L still describe the mask.
+// L most recent keys i−L+1 … i, and the threshold test applies to the keys before them:
+//   thr[b,h,i]  = the w-th largest of bias[b,h,0..i−L], or −inf while i−L+1 < w
+//   kept(i, j)  = j <= i  &&  (j > i − L  ||  bias[b,h,j] >= thr[b,h,i])
+// (dma_thresholds with local = L: the thresholds of L = 0 shifted by L). A query keeps min(i+1, L+w)
+// keys (ties aside); the mask is still two O(T) vectors and L.
 // Layouts: v [B,T,Hkv,Dh]; z, bias, thr, dbias [B,Hkv,T]; W_dt [Hkv, Hkv·Dh]; A [Hkv].
 enum class DmaBiasForm { Exp, Linear };
 
@@ -152,9 +154,10 @@ void dma_bias_forward(T* z, T* bias, const T* v, const T* w_dt, const T* A, int6
 template <class T>
 void dma_bias_backward(T* dv, T* dw_dt, T* dA, const T* dbias, const T* z, const T* bias, const T* v,
                        const T* w_dt, const T* A, int64_t B, int64_t Tn, int64_t Hkv, int64_t Dh, DmaBiasForm form);
-// thr overwrite ([B·Hkv rows, Tn]); window w > 0. Exact (a size-w min-heap over the prefix).
+// thr overwrite ([B·Hkv rows, Tn]); window w > 0; local L >= 0 (the local window above; 0: none).
+// Exact (a size-w min-heap over the prefix).
 template <class T>
-void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window);
+void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window, int64_t local = 0);
 // As attention_forward, with the mask and bias above (s.window: the local window L, 0 for the paper's DMA).
 template <class T>
 void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* bias, const T* thr,

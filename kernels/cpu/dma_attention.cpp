@@ -36,19 +36,15 @@ T sigmoid(T z) {
   return e / (T(1) + e);
 }
 
-// Which keys query i keeps (cpu_ops.h): with no local window (L = 0), j <= i with bias_j >= thr_i;
-// with one, the L most recent keys and, of the keys before them (0 … i−L), those whose bias
-// reaches thr_{i−L}, the w-th largest bias among exactly those keys.
+// Which keys query i keeps (cpu_ops.h): j <= i, and j among the L most recent keys (local window;
+// none when L = 0) or bias_j >= thr_i, thr as dma_thresholds wrote it for that L.
 template <class T>
 struct KeptRule {
   const T* bias;  // the KV head's biases [T]
   const T* thr;   // its thresholds [T]
   int64_t local;  // L
-  // Keys j < first_local(i) are tested against threshold(i); the rest of 0 … i are kept.
-  int64_t first_local(int64_t i) const { return i - local + 1; }
-  T threshold(int64_t i) const { return local == 0 ? thr[i] : i >= local ? thr[i - local] : T(INFINITY); }
   bool operator()(int64_t i, int64_t j) const {
-    return j <= i && (j >= first_local(i) || bias[j] >= threshold(i));  // ties at the threshold kept
+    return j <= i && (j > i - local || bias[j] >= thr[i]);  // ties at the threshold kept
   }
 };
 
@@ -139,20 +135,23 @@ void dma_bias_backward(T* dv, T* dw_dt, T* dA, const T* dbias, const T* z, const
 }
 
 template <class T>
-void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window) {
-  DMAT_CHECK(window > 0, "dma thresholds: window={}", window);
+void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t window, int64_t local) {
+  DMAT_CHECK(window > 0 && local >= 0, "dma thresholds: window={} local={}", window, local);
   bool nan = false;
 #pragma omp parallel for schedule(static) reduction(|| : nan)
   for (int64_t r = 0; r < rows; ++r) {
-    // The w largest biases seen so far, smallest on top: after key i the top is thr_i.
+    // The w largest biases seen so far, smallest on top: after key k the top is the threshold of
+    // query k + L (the keys 0 … k are the ones it tests).
     std::priority_queue<T, std::vector<T>, std::greater<T>> top;
     const T* br = bias + r * Tn;
     T* tr = thr + r * Tn;
-    for (int64_t i = 0; i < Tn; ++i) {
-      nan = nan || std::isnan(br[i]);
-      top.push(br[i]);
+    for (int64_t i = 0; i < std::min(local, Tn); ++i) tr[i] = T(-INFINITY);  // no key to test yet
+    for (int64_t k = 0; k < Tn; ++k) {
+      nan = nan || std::isnan(br[k]);
+      if (k + local >= Tn) continue;
+      top.push(br[k]);
       if (int64_t(top.size()) > window) top.pop();
-      tr[i] = int64_t(top.size()) == window ? top.top() : T(-INFINITY);
+      tr[k + local] = int64_t(top.size()) == window ? top.top() : T(-INFINITY);
     }
   }
   if (nan) fail("dma attention: a key bias is NaN (diverged? see model.attention.bias_form and the A parameters)");
@@ -271,7 +270,7 @@ void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const 
                                     DmaBiasForm);                                                                \
   template void dma_bias_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, const T*,     \
                                      int64_t, int64_t, int64_t, int64_t, DmaBiasForm);                           \
-  template void dma_thresholds<T>(T*, const T*, int64_t, int64_t, int64_t);                                      \
+  template void dma_thresholds<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t);                             \
   template void dma_attention_forward<T>(T*, T*, const T*, const T*, const T*, const T*, const T*,               \
                                          const AttnShape&);                                                      \
   template void dma_attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, const T*,      \

@@ -1236,8 +1236,30 @@ void dma_thresholds_scan(float* thr, const float* bias, int64_t rows, int64_t T,
     thresholds_rows(thr + r0 * T, bias + r0 * T, std::min(batch, rows - r0), T, window, scan);
 }
 
-void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window) {
+namespace {
+// thr[r, i] ← thr[r, i − L] (−inf for i < L), in place: one block per row walks its chunks from the
+// end, each thread reading its source before the block's barrier and writing after it; a chunk's
+// sources lie below its own start or inside it, and everything below is written only later.
+constexpr int kShiftThreads = 256;
+__global__ void __launch_bounds__(kShiftThreads) dma_thr_shift_kernel(float* thr, int64_t T, int64_t L) {
+  float* row = thr + int64_t(blockIdx.x) * T;
+  for (int64_t c0 = (T - 1) / kShiftThreads * kShiftThreads; c0 >= 0; c0 -= kShiftThreads) {
+    const int64_t i = c0 + threadIdx.x;
+    const float v = i < T && i >= L ? row[i - L] : -INFINITY;
+    __syncthreads();
+    if (i < T) row[i] = v;
+    __syncthreads();
+  }
+}
+}  // namespace
+
+void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window, int64_t local) {
+  DMAT_CHECK(local >= 0, "dma thresholds: local window {}", local);
   dma_thresholds_scan(thr, bias, rows, T, window, env_threshold_scan());
+  if (local == 0 || rows == 0 || T == 0) return;
+  DMAT_CHECK(rows < (int64_t(1) << 31), "dma thresholds: {} rows", rows);
+  dma_thr_shift_kernel<<<unsigned(rows), kShiftThreads, 0, stream()>>>(thr, T, local);
+  DMAT_CUDA_LAUNCH_CHECK();
 }
 
 int64_t dma_gather_tiles(int64_t T) { return ceil_div(T, flash_attention_block_q()); }
@@ -1338,7 +1360,10 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 // a whole query tile) and it measured slower (2.67 against 2.45 ms). DMAT_DMA_DENSE=auto|0|1 (read
 // once) or testing::set_dma_dense forces one mode for both directions.
 int g_dense_mode = -2;  // −2: from the environment; −1 auto; 0 never; 1 always
+// A local window (s.window > 0) runs dense in both directions: the gathered lists and key groups
+// know only the threshold rule.
 bool dma_dense(const AttnShape& s, int64_t window, bool forward) {
+  if (s.window > 0) return true;
   if (g_dense_mode == -2) g_dense_mode = env_choice("DMAT_DMA_DENSE", {"auto", "0", "1"}, 0) - 1;
   if (g_dense_mode >= 0) return g_dense_mode == 1;
   if (!forward) return false;
@@ -1349,7 +1374,8 @@ bool dma_dense(const AttnShape& s, int64_t window, bool forward) {
 
 void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
                            const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
-  DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
+  DMAT_CHECK(window > 0 && s.window >= 0, "dma attention: window {} (shape window {}: the local window, >= 0)", window,
+             s.window);
   const DmaScratch d = dma_scratch(s, window);  // allocated in either mode: one workspace size
   if (dma_dense(s, window, true)) {
     FlashGather g;
@@ -1367,7 +1393,8 @@ void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
 void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf16* dout, const bf16* out,
                             const float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
                             const float* thr, const AttnShape& s, int64_t window, FlashPath path) {
-  DMAT_CHECK(window > 0 && s.window == 0, "dma attention: window {} (shape window {} must be 0)", window, s.window);
+  DMAT_CHECK(window > 0 && s.window >= 0, "dma attention: window {} (shape window {}: the local window, >= 0)", window,
+             s.window);
   const DmaScratch d = dma_scratch(s, window);
   if (dma_dense(s, window, false)) {
     flash_attention_backward_dma(dq, dk, dv, dbias, dout, out, lse, q, k, v, s, bias, thr, FlashKeyGroups{}, 0,

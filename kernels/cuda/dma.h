@@ -40,7 +40,9 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // of its prefix, read off the sorted row) and then steps serially through its queries. Where the T-bit bitset does not fit in shared
 // memory (T beyond ~1.8M) one block per row scans all of T serially, the bitset in global memory.
 // No T×T buffer; workspace ≈ 36 bytes per element, rows taken in batches of at most 16 MiB.
-void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window);
+// local > 0 (the local window of cpu_ops.h): thr[r, i] = the window-th largest of bias[r, 0..i−local]
+// (−inf before), i.e. the thresholds above shifted by `local` in place, one block per row.
+void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window, int64_t local = 0);
 // The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default bounds):
 // bounds — every segment's entering and leaving threshold rank first, by rank searches over
 // per-chunk histograms, then each segment walks only the ranks between the two (O(T log T +
@@ -93,8 +95,9 @@ int64_t dma_group_regions(int64_t T);
 int64_t dma_group_count(int64_t T);
 void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const float* thr, int64_t rows, int64_t T);
 
-// The DMA attention ops (cpu::dma_attention_forward / _backward semantics; s.window must be 0 and
-// `window` is w, which sizes the gathered lists). bf16 q, k, v, out, dout, dq, dk, dv; fp32 lse
+// The DMA attention ops (cpu::dma_attention_forward / _backward semantics; s.window is the local
+// window L, 0 for the paper's DMA, with thr from dma_thresholds(…, L); `window` is w, which sizes the
+// gathered lists; a local window runs dense in both directions). bf16 q, k, v, out, dout, dq, dk, dv; fp32 lse
 // [B,H,T], bias, thr, dbias [B,Hkv,T]. The forward: lists (dma_gather_keys), then the gathered flash
 // forward with the bias and threshold mask. The backward: lists and key groups, then
 // flash_attention_backward_dma; with attention_side_stream() (flash_attention.h, default on) the

@@ -47,6 +47,11 @@ constexpr int kBwdWarps = 8;
 __device__ __forceinline__ bool visible(int i, int j, int window) {
   return j >= 0 && j <= i && (window <= 0 || j > i - window);
 }
+// DMA: visible key j is dropped for query i when its raw bias is below the query's threshold and it
+// is outside the local window (local = 0: every key is outside; then this is braw < thr).
+__device__ __forceinline__ bool dma_drops(float braw, float thr, int i, int j, int local) {
+  return braw < thr && j <= i - local;
+}
 
 // ---- key-tile policies -----------------------------------------------------------------------
 // A policy answers, for one query tile: how many key tiles, the key position at (tile n, row r)
@@ -104,6 +109,7 @@ struct FwdParams {
   float* lse;
   const float* bias;  // [B, Hkv, T] or nullptr
   const float* thr;   // [B, Hkv, T] or nullptr: per-query threshold on the raw key bias (gathered + bias only)
+  int local;          // DMA's local window L (keys j > i − L kept whatever their bias; thr then covers j <= i − L)
   const int32_t* gkeys;
   const int32_t* gcount;
   const int32_t* gclean;  // nullptr: no clean prefixes
@@ -259,7 +265,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
           x = fmaf(x, p.scale_log2, bj);
-          if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = -INFINITY;
+          if (mask && (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local)))
+            x = -INFINITY;
         }
       }
     }
@@ -577,7 +584,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
             for (int hf = 0; hf < 2; ++hf) {
               float& x = s.c[nb][2 * hf + e];
               x = fmaf(x, p.scale_log2, bj);
-              if (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf]) x = -INFINITY;
+              if (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local))
+                x = -INFINITY;
             }
           }
         }
@@ -868,6 +876,7 @@ struct BwdParams {
   const float* bias;
   const float* thr;
   float* dbias;
+  int local;  // DMA's local window L, as FwdParams::local
   const int32_t* gkeys;
   const int32_t* gcount;
   const int32_t* gclean;
@@ -1049,7 +1058,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
           x = fast_exp2(fmaf(x, p.scale_log2, kb2[hf] - li));
           if (mask && (i >= T || !visible(i, kj[hf], p.window))) x = 0.f;
           if constexpr (DMA)
-            if (kbraw[hf] < sThrs[c]) x = 0.f;
+            if (dma_drops(kbraw[hf], sThrs[c], i, kj[hf], p.local)) x = 0.f;
         }
       }
     }
@@ -1243,7 +1252,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
           x = fast_exp2(fmaf(x, p.scale_log2, bj - li[hf]));
-          if (mask && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) x = 0.f;
+          if (mask && (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local)))
+            x = 0.f;
         }
       }
     }
@@ -1449,7 +1459,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
               float pv = fast_exp2(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
-              if (masked && (!visible(row0 + 8 * hf, j, p.window) || braw < thr_r[hf])) pv = 0.f;
+              if (masked &&
+                  (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local)))
+                pv = 0.f;
               dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
             }
           }
@@ -1740,7 +1752,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
               float pv = fast_exp2(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
               if constexpr (decltype(masked)::value) {  // branch-free: & rather than short-circuits
                 bool keep = kjm[hf] <= i;
-                if constexpr (DMA) keep &= kbraw[hf] >= th;
+                // (past T th is NaN and i >= T: no key kept there, local window or not)
+                if constexpr (DMA) keep &= (kbraw[hf] >= th) | ((kjm[hf] > i - p.local) & (i < T));
                 else keep &= (i < T) & ((p.window <= 0) | (kjm[hf] > i - p.window));
                 pv = keep ? pv : 0.f;
               }
@@ -2327,9 +2340,12 @@ void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf
     DMAT_CHECK(gather->thr && key_bias && gather->tile0 == 0 && gather->tiles < 0,
                "flash attention: a gather without lists (dense DMA) needs thresholds, the key bias and all tiles");
     p.thr = gather->thr;
+    p.local = p.window, p.window = 0;  // DMA: the shape's window is the local window (dma.h)
     forward_dispatch<DenseKeys, true>(p, s, use);
   } else if (gather) {
     DMAT_CHECK(gather->keys && gather->count && gather->capacity >= 0, "flash attention: incomplete gather list");
+    DMAT_CHECK(!gather->thr || s.window == 0,
+               "flash attention: DMA's local window ({}) runs dense (no gathered lists)", s.window);
     p.gkeys = gather->keys, p.gcount = gather->count, p.gcap = gather->capacity, p.thr = gather->thr;
     p.gclean = gather->clean;
     const int64_t all = (s.T + kFwdBM - 1) / kFwdBM;
@@ -2388,10 +2404,11 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
                                   SideStream* side) {
   check_args(s, {dq, dk, dv, dout, out, q, k, v});
   const bool wg = resolve_path(s, path, Direction::backward) == FlashPath::wgmma;
-  DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && s.window == 0,
-             "flash attention (DMA backward): head dims ({}, {}) window {} (32, 64 or 128, equal; no window)", s.Dqk,
-             s.Dv, s.window);
   const bool dense = !groups.keys && !lists;  // dense DMA: no key groups, no lists
+  DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && (s.window == 0 || dense),
+             "flash attention (DMA backward): head dims ({}, {}) local window {} (32, 64 or 128, equal; a local "
+             "window only dense)",
+             s.Dqk, s.Dv, s.window);
   DMAT_CHECK(key_bias && thr && dbias &&
                  (dense || (groups.keys && groups.range && groups.n_groups > 0 && groups.regions > 0 &&
                             groups.n_groups % groups.regions == 0 && groups.n_groups * kFlashGroupKeys >= s.T &&
@@ -2411,6 +2428,7 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
   BwdParams p = backward_setup(dq, dk, dv, dout, out, lse, q, k, v, s);
   if (side) side->side_waits_main(), side->main_waits_mark();
   p.bias = key_bias, p.thr = thr, p.dbias = dbias;
+  p.local = p.window, p.window = 0;  // the shape's window is DMA's local window (dma.h)
   p.grp_keys = groups.keys, p.grp_range = groups.range;
   // dense: one block per 128 consecutive keys (KvBlock without groups)
   p.n_groups = dense ? int((s.T + kFlashGroupKeys - 1) / kFlashGroupKeys) : int(groups.n_groups);

@@ -61,7 +61,8 @@ struct FlashGather {
 using FlashGatherSource = std::function<FlashGather(int64_t tile0, int64_t tiles)>;
 // flash_attention_forward with an optional per-key additive fp32 bias (s_ij = scale·q_i·k_j +
 // key_bias[(b·Hkv + hk)·T + j], natural-log units, nullptr: none) and an optional gathered key
-// list (nullptr: every causal / windowed key).
+// list (nullptr: every causal / windowed key). With a gather without lists (dense DMA) s.window is
+// DMA's local window L, as in flash_attention_backward_dma.
 void flash_attention_forward_ext(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                  const AttnShape& s, const float* key_bias, const FlashGather* gather);
 
@@ -81,7 +82,8 @@ struct FlashKeyGroups {
 // DMA backward (flash_attention_backward_dma below; deterministic, no atomics): dq, dk, dv (bf16)
 // and dbias (fp32 [B,Hkv,T], Σ over the group's query heads and queries of dS_ij) overwrite.
 // dK/dV/dbias key-major over `groups`, dQ query-major over gather (with gather.thr, the forward's
-// lists). Dqk == Dv <= 128, s.window == 0.
+// lists). Dqk == Dv <= 128; s.window is DMA's local window L (thr from dma_thresholds with that L;
+// L > 0 only dense), not a sliding window.
 
 
 // ---- kernel path (tests, benchmarks) -----------------------------------------------------------

@@ -59,7 +59,7 @@ class DmaAttention final : public Attention {
     qkv_.forward_qkv(c, x);
     const auto [q, k, v, o] = qkv_.saved(c);
     ops::dma_bias_forward(c.A(z_), c.A(bias_), v, c.P(wdt_), c.P(a_), form_);
-    ops::dma_thresholds(c.A(thr_), c.A(bias_), window_);
+    ops::dma_thresholds(c.A(thr_), c.A(bias_), window_, local_);
     ops::dma_attention_forward(o, c.A(lse_), q, k, v, c.A(bias_), c.A(thr_), shape(c), window_);
     qkv_.forward_out(c, out);
   }

@@ -636,20 +636,20 @@ void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, 
   });
 }
 
-void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window) {
+void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window, int64_t local) {
   const int64_t T = last_dim(bias), rows = rows_of(bias);
-  DMAT_CHECK(thr.numel() == bias.numel() && window > 0, "dma_thresholds: bias {} thr {} window {}",
-             bias.shape.str(), thr.shape.str(), window);
+  DMAT_CHECK(thr.numel() == bias.numel() && window > 0 && local >= 0,
+             "dma_thresholds: bias {} thr {} window {} local {}", bias.shape.str(), thr.shape.str(), window, local);
   if (on_cuda("dma_thresholds", bias)) {
 #ifdef DMAT_WITH_CUDA
     cuda::ProfileScope prof_("dma_thresholds");
-    cuda::dma_thresholds(f32(thr, "dma_thresholds"), f32(bias, "dma_thresholds"), rows, T, window);
+    cuda::dma_thresholds(f32(thr, "dma_thresholds"), f32(bias, "dma_thresholds"), rows, T, window, local);
 #endif
     return;
   }
   dispatch("dma_thresholds", bias, [&](auto t) {
     using T_ = decltype(t);
-    cpu::dma_thresholds<T_>(p<T_>(thr), p<T_>(bias), rows, T, window);
+    cpu::dma_thresholds<T_>(p<T_>(thr), p<T_>(bias), rows, T, window, local);
   });
 }
 
@@ -660,8 +660,6 @@ static void check_dma(const char* op, const Tensor& out, const Tensor& lse, cons
              "{}: bias {} thr {} shape window {} window {} (w > 0 is the keys kept; the shape's window, the local "
              "window, >= 0)",
              op, bias.shape.str(), thr.shape.str(), s.window, window);
-  // The local window is a CPU prototype (cpu_ops.h); the trainer refuses it on CUDA before a run starts.
-  DMAT_CHECK(q.device != Device::CUDA || s.window == 0, "{}: a local window ({}) has no CUDA kernel", op, s.window);
 }
 
 void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,

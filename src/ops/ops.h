@@ -86,7 +86,8 @@ void dma_bias_forward(const Tensor& z, const Tensor& bias, const Tensor& v, cons
 // dv, dw_dt, dA: +=
 void dma_bias_backward(const Tensor& dv, const Tensor& dw_dt, const Tensor& dA, const Tensor& dbias, const Tensor& z,
                        const Tensor& bias, const Tensor& v, const Tensor& w_dt, const Tensor& A, DmaBiasForm form);
-void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window);
+// local: the local window L (cpu_ops.h: the thresholds apply to the keys before it); 0: none.
+void dma_thresholds(const Tensor& thr, const Tensor& bias, int64_t window, int64_t local = 0);
 // window: the keys kept by the bias (w); s.window: the local window L of cpu_ops.h (0: none; CPU only).
 void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                            const Tensor& bias, const Tensor& thr, const AttnShape& s, int64_t window);
