@@ -5,7 +5,8 @@ Every arm is `configs/tiny.json` (byte-level, d128 L2 H4/2 head_dim 32, T = 128,
 16 x 128 tokens, lr 3e-3 WSD) with only `model.attention` (or, for the Doge-block arms, also
 model.qk_norm / model.residual_scale on both the DMA arm and its MHA reference) changed, trained on
 the bundled English text, every seed of every arm reported. T = 128 with w = 32 keeps a quarter of
-the keys at the last position, the ratio the paper's w = 1024 keeps at T = 4096 (and half at 2048).
+the keys at the last position, the ratio the paper's w = 1024 keeps at T = 4096; the `t256` arms
+(T = 256, w = 128, the same tokens per step) keep half, as w = 1024 does at the ladder's T = 2048.
 
     /usr/bin/python3 scripts/dma_ablation.py run    [--arms A,B,...] [--seeds 1234,2,3] [--jobs N]
     /usr/bin/python3 scripts/dma_ablation.py gather   # runs -> docs/results/dma-ablation/{runs,positions}.csv
@@ -36,9 +37,10 @@ STEPS = 600
 ARMS = {}
 
 
-def arm(name, group, desc, attention, **model):
+def arm(name, group, desc, attention, train=None, **model):
     sets = ["model.attention=" + json.dumps(attention, separators=(",", ":"))]
     sets += ["model.%s=%s" % (k, json.dumps(v)) for k, v in sorted(model.items())]
+    sets += ["train.%s=%s" % (k, json.dumps(v)) for k, v in sorted((train or {}).items())]
     ARMS[name] = (group, desc, sets)
 
 
@@ -68,6 +70,13 @@ arm("dma32-dt0.2", "bias", "DMA w=32, dt_proj init std 0.2 (10x)", dma(32, dt_in
 arm("dma32-lr0.1", "bias", "DMA w=32, lr of A and dt_proj x0.1", dma(32, bias_lr_scale=0.1))
 arm("dma32-lr10", "bias", "DMA w=32, lr of A and dt_proj x10", dma(32, bias_lr_scale=10.0))
 arm("dma128-linear", "bias", "DMA w=128=T, linear bias", dma(128, bias_form="linear"))
+# T = 256 with half the keys kept (the ladder's w = 1024 of T = 2048), same tokens per step (8 x 256)
+T256 = {"seq_len": 256, "batch_size": 8}
+arm("t256-mha", "t256", "T=256: causal MHA", {"type": "mha"}, train=T256)
+arm("t256-swa128", "t256", "T=256: sliding window w=128", {"type": "swa", "window": 128}, train=T256)
+arm("t256-dma128", "t256", "T=256: DMA w=128 (paper form)", dma(128), train=T256)
+arm("t256-dma64+L64", "t256", "T=256: DMA w=64 + local L=64 (ours; budget 128)", dma(64, local_window=64),
+    train=T256)
 
 SEEDS = [1234, 2, 3]
 
@@ -235,8 +244,9 @@ def cmd_report(args):
         xs = [float(r["val_loss"]) for r in sorted(by[name], key=lambda r: int(r["seed"]))]
         m, s = mean_std(xs)
         ref = mha
-        if name.endswith("-doge") and "mha-doge" in by:
-            ref = mean_std([float(r["val_loss"]) for r in by["mha-doge"]])
+        for suffix_or_prefix, ref_arm in (("-doge", "mha-doge"), ("t256-", "t256-mha")):
+            if (name.endswith(suffix_or_prefix) or name.startswith(suffix_or_prefix)) and ref_arm in by:
+                ref = mean_std([float(r["val_loss"]) for r in by[ref_arm]])
         d = "%+.3f" % (m - ref[0]) if ref else ""
         print("| %s | %s | %d | %.4f ± %.4f | %s | %s |" % (name, ARMS[name][1], len(xs), m, s,
                                                           " ".join("%.4f" % x for x in xs), d))
@@ -284,27 +294,8 @@ def cmd_report(args):
 
     # 3. loss by position (mean over seeds, then over bins of 8 positions)
     pos = read_csv("positions.csv")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n in ("mha", "swa32", "dma32", "dma128", "dma16+L16", "dma32-doge"):
-        pts = {}
-        for r in pos:
-            if r["arm"] == n:
-                pts.setdefault(int(r["position"]), []).append(float(r["loss"]))
-        if not pts:
-            continue
-        T = max(pts) + 1
-        b = 8
-        xs = [i * b + b / 2 for i in range(T // b)]
-        ys = [sum(sum(pts[t]) / len(pts[t]) for t in range(i * b, i * b + b)) / b for i in range(T // b)]
-        ax.plot(xs, ys, marker=".", label=n)
-    ax.axvline(32, color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("position in the sequence (bins of 8)")
-    ax.set_ylabel("validation loss")
-    ax.set_title("loss by position (mean over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(OUT, "positions.png"), dpi=110)
-    plt.close(fig)
+    plot_positions(plt, pos, ("mha", "swa32", "dma32", "dma128", "dma16+L16", "dma32-doge"), 32, "positions.png")
+    plot_positions(plt, pos, ("t256-mha", "t256-swa128", "t256-dma128", "t256-dma64+L64"), 128, "positions_t256.png")
 
     # 4. validation curves (mean over seeds)
     cur = read_csv("curves.csv")
@@ -324,6 +315,35 @@ def cmd_report(args):
     fig.savefig(os.path.join(OUT, "curves.png"), dpi=110)
     plt.close(fig)
     print("plots written to", OUT)
+
+
+def plot_positions(plt, pos, arms, w, filename):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for n in arms:
+        pts = {}
+        for r in pos:
+            if r["arm"] == n:
+                pts.setdefault(int(r["position"]), []).append(float(r["loss"]))
+        if not pts:
+            continue
+        T = max(pts) + 1
+        b = 8
+        xs = [i * b + b / 2 for i in range(T // b)]
+        ys = [sum(sum(pts[t]) / len(pts[t]) for t in range(i * b, i * b + b)) / b for i in range(T // b)]
+        ax.plot(xs, ys, marker=".", label=n)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return
+    ax.axvline(w, color="grey", lw=0.6, ls=":", label="w = %d" % w)
+    ax.set_xlabel("position in the sequence (bins of 8)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("loss by position (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, filename), dpi=110)
+    plt.close(fig)
 
 
 def main():
