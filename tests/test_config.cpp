@@ -1,5 +1,6 @@
 // Config: includes, --set overrides, strict validation messages, derived defaults, round trip,
 // and the shipped configs in configs/.
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -435,19 +436,39 @@ TEST(ConfigFile, CommentKeyIsIgnored) {
 }
 
 // ---- shipped configs -------------------------------------------------------------------------
+// Every shipped run config loads and round-trips, except the ladder's specs (ladder.json: read by
+// scripts/ladder.py, not a run config) and rungs of an attention variant that is planned but not
+// built yet (the ladder ships them ahead of the variant): those must fail with exactly that reason.
 TEST(ConfigShipped, AllLoad) {
   fs::path dir = fs::path(test::source_dir()) / "configs";
-  int n = 0;
+  int n = 0, planned = 0;
   for (const auto& e : fs::recursive_directory_iterator(dir)) {
     if (!e.is_regular_file() || e.path().extension() != ".json") continue;
-    if (e.path().parent_path().filename() == "base") continue;
+    if (e.path().parent_path().filename() == "base" || e.path().filename() == "ladder.json") continue;
     SCOPED_TRACE(e.path().string());
+    // A planned variant: the type alone is refused as planned (its other keys are not known yet).
+    const json raw = json::parse(std::ifstream(e.path()));
+    const json type = raw.value("/model/attention/type"_json_pointer, json());
+    if (type.is_string()) {
+      std::string why;
+      try {
+        parse_config({{"model", {{"attention", {{"type", type}}}}}, {"data", {{"train", "x"}, {"val", "y"}}}});
+      } catch (const Error& err) {
+        why = err.what();
+      }
+      if (why.find("are planned but not implemented yet") != std::string::npos) {
+        EXPECT_THROW(load_config(e.path().string()), Error);
+        ++planned;
+        continue;
+      }
+    }
     EXPECT_NO_THROW({
       Config c = load_config(e.path().string());
       EXPECT_EQ(to_json(parse_config(c.resolved)), c.resolved);
     });
     ++n;
   }
+  std::printf("%d shipped configs load, %d name a planned attention variant\n", n, planned);
   EXPECT_GE(n, 4);
 }
 
