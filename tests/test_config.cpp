@@ -125,7 +125,7 @@ TEST(ConfigRoundTrip, ToJsonParsesBackToTheSameConfig) {
   Config c2 = parse_config(out);
   EXPECT_EQ(to_json(c2), out);
   EXPECT_EQ(c2.resolved, c.resolved);
-  EXPECT_EQ(c2.model.attention.window, 17);
+  EXPECT_EQ(c2.model.attention.swa.window, 17);
   EXPECT_EQ(c2.train.lr, 3e-4);
   EXPECT_EQ(c2.train.eps, 1e-10);
   EXPECT_TRUE(c2.model.qk_norm);
@@ -138,8 +138,8 @@ TEST(ConfigRoundTrip, ToJsonWritesEveryField) {
   json out = to_json(parse_config(minimal()));
   EXPECT_EQ(out.size(), 4u);
   EXPECT_EQ(out["model"].size(), 14u);  // 13 fields + attention
-  // type, window, bias_form, local_window, a_init, dt_init_std, bias_lr_scale
-  EXPECT_EQ(out["model"]["attention"].size(), 7u);
+  // the chosen variant's keys only: mha has none besides its type
+  EXPECT_EQ(out["model"]["attention"], json({{"type", "mha"}}));
   EXPECT_EQ(out["train"].size(), 20u);
   EXPECT_EQ(out["data"].size(), 2u);
   EXPECT_EQ(out["run"].size(), 8u);
@@ -159,6 +159,53 @@ TEST(ConfigErrors, UnknownKeyEverywhere) {
   expect_has(error_for({{"run", {{"colour", "red"}}}}), {"unknown key run.colour", "log_interval"});
   expect_has(error_for({{"model", {{"attention", {{"widow", 3}}}}}}),
              {"unknown key model.attention.widow", "did you mean model.attention.window"});
+}
+
+// ---- attention variants: each has its own options object -----------------------------------------
+TEST(ConfigAttention, EachVariantWritesOnlyItsOwnKeys) {
+  json j = minimal();
+  j["model"] = {{"attention", {{"type", "swa"}, {"window", 9}}}};
+  EXPECT_EQ(to_json(parse_config(j))["model"]["attention"], json({{"type", "swa"}, {"window", 9}}));
+  j["model"] = {{"attention", {{"type", "dma"}, {"window", 9}}}};
+  const json dma = to_json(parse_config(j))["model"]["attention"];
+  EXPECT_EQ(dma.size(), 7u);  // type, window, bias_form, local_window, a_init, dt_init_std, bias_lr_scale
+  EXPECT_EQ(dma["window"], 9);
+  EXPECT_EQ(dma["dt_init_std"], 0.02);  // resolved from model.init_std
+}
+
+TEST(ConfigAttention, KeysOfAnotherVariantNameTheVariantThatHasThem) {
+  expect_has(error_for({{"model", {{"attention", {{"type", "swa"}, {"window", 4}, {"a_init", 1}}}}}}),
+             {"model.attention.a_init must be absent for attention type swa (only dma has it; got 1)",
+              "the keys of swa: type, window"});
+  // an unknown key: the nearest key of any variant, and which variant has it
+  expect_has(error_for({{"model", {{"attention", {{"type", "swa"}, {"widow", 4}}}}}}),
+             {"unknown key model.attention.widow (known keys in model.attention for attention type swa: type, window)",
+              "did you mean model.attention.window?"});
+  expect_has(error_for({{"model", {{"attention", {{"type", "swa"}, {"window", 4}, {"bias_from", "exp"}}}}}}),
+             {"unknown key model.attention.bias_from",
+              "did you mean model.attention.bias_form (a key of attention type dma)?"});
+  // the type is read first: an unknown type is named as such, whatever else the object holds
+  expect_has(error_for({{"model", {{"attention", {{"type", "nope"}, {"window", 4}}}}}}),
+             {"model.attention.type must be one of mha, swa, dma (got \"nope\""});
+}
+
+// Run directories written before per-variant options hold every variant's keys at their defaults:
+// they still load (resume, eval), and keys set to anything else are still refused.
+TEST(ConfigAttention, SavedConfigsOfEarlierVersionsStillLoad) {
+  json j = minimal();
+  j["model"] = {{"attention",
+                 {{"type", "swa"}, {"window", 16}, {"bias_form", "exp"}, {"local_window", 0}, {"a_init", 0.0},
+                  {"dt_init_std", 0.0}, {"bias_lr_scale", 1.0}}}};
+  EXPECT_THAT(error_of([&] { parse_config(j); }), HasSubstr("must be absent for attention type swa"));
+  const Config c = parse_saved_config(j);
+  EXPECT_EQ(c.model.attention.swa.window, 16);
+  EXPECT_EQ(c.resolved["model"]["attention"], json({{"type", "swa"}, {"window", 16}}));
+  j["model"]["attention"]["type"] = "mha";
+  j["model"]["attention"]["window"] = 0;
+  EXPECT_EQ(parse_saved_config(j).resolved["model"]["attention"], json({{"type", "mha"}}));
+  j["model"]["attention"]["a_init"] = 0.5;  // not a default: a real setting the saved type cannot have
+  EXPECT_THAT(error_of([&] { parse_saved_config(j); }),
+              HasSubstr("model.attention.a_init must be absent for attention type mha"));
 }
 
 TEST(ConfigErrors, NoSuggestionForFarKeys) {
@@ -224,7 +271,8 @@ TEST(ConfigErrors, Ranges) {
       {{{"model", {{"attention", {{"type", "swa"}, {"window", -3}}}}}},
        {"model.attention.window must be > 0", "(got -3)"}},
       {{{"model", {{"attention", {{"type", "mha"}, {"window", 64}}}}}},
-       {"model.attention.window must be 0 or absent for attention type mha", "(got 64)"}},
+       {"model.attention.window must be absent for attention type mha (only swa, dma have it; got 64)",
+        "the keys of mha: type"}},
       {{{"train", {{"steps", 0}}}}, {"train.steps must be >= 1 (got 0)"}},
       {{{"train", {{"batch_size", 0}}}}, {"train.batch_size must be >= 1 (got 0)"}},
       {{{"train", {{"seq_len", -5}}}}, {"train.seq_len must be >= 1 (got -5)"}},
@@ -301,7 +349,7 @@ TEST(ConfigOverrides, ValuesAreParsedAsJsonElseString) {
   EXPECT_EQ(c.run.dir, "runs/foo");
   EXPECT_TRUE(c.model.tie_embeddings);
   EXPECT_EQ(c.model.attention.type, "swa");
-  EXPECT_EQ(c.model.attention.window, 64);
+  EXPECT_EQ(c.model.attention.swa.window, 64);
   EXPECT_EQ(c.train.schedule, "wsd");
 }
 
@@ -316,7 +364,7 @@ TEST(ConfigOverrides, WholeObjectAndLaterWins) {
   Config c = parse_config(minimal(), ".",
                           {R"(model.attention={"type":"swa","window":8})", "train.steps=5",
                            "train.steps=6"});
-  EXPECT_EQ(c.model.attention.window, 8);
+  EXPECT_EQ(c.model.attention.swa.window, 8);
   EXPECT_EQ(c.train.steps, 6);
 }
 
@@ -526,7 +574,7 @@ TEST(ConfigShipped, ShapesMatchThePaper) {
       const std::string name = fmt::format("paper-{}-{}", size, variant);
       const Config c = load_config((dir / (name + ".json")).string());
       EXPECT_EQ(c.model.attention.type, variant) << name;
-      EXPECT_EQ(c.model.attention.window, 1024) << name;
+      EXPECT_EQ(c.resolved["model"]["attention"]["window"], 1024) << name;
       EXPECT_EQ(c.run.name, name);
       nlohmann::json a = c.resolved, b = mha.resolved;
       for (auto* j : {&a, &b}) {

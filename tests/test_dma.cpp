@@ -534,7 +534,7 @@ ModelConfig dma_model(int64_t window) {
   m.residual_scale = true;
   m.init_std = 0.3;
   m.attention.type = "dma";
-  m.attention.window = window;
+  m.attention.dma.window = window;
   return m;
 }
 
@@ -657,6 +657,7 @@ TEST(DmaLayer, ParametersHaveHuggingFaceNamesAndShapes) {
 TEST(DmaLayer, CoreFlopsCountKeptKeysLikeSlidingWindow) {
   ModelConfig d = dma_model(5), s = dma_model(5), m = dma_model(0);
   s.attention.type = "swa";
+  s.attention.swa.window = 5;
   m.attention.type = "mha";
   auto ad = make_attention(d), as = make_attention(s), am = make_attention(m);
   for (int64_t T : {1, 4, 5, 6, 100}) EXPECT_DOUBLE_EQ(ad->core_flops_per_token(T), as->core_flops_per_token(T)) << T;
@@ -680,11 +681,11 @@ TEST(DmaConfig, ParsesAndValidates) {
                       {"data", {{"train", "x"}, {"val", "y"}}}};
   Config c = parse_config(j);
   EXPECT_EQ(c.model.attention.type, "dma");
-  EXPECT_EQ(c.model.attention.window, 32);
-  EXPECT_EQ(c.model.attention.bias_form, "exp");
+  EXPECT_EQ(c.model.attention.dma.window, 32);
+  EXPECT_EQ(c.model.attention.dma.bias_form, "exp");
   EXPECT_EQ(c.resolved["model"]["attention"]["bias_form"], "exp");
   j["model"]["attention"]["bias_form"] = "linear";
-  EXPECT_EQ(parse_config(j).model.attention.bias_form, "linear");
+  EXPECT_EQ(parse_config(j).model.attention.dma.bias_form, "linear");
 
   EXPECT_NE(config_error({{"type", "dma"}}).find("model.attention.window must be > 0 for attention type dma (keys "
                                                   "kept per query) (got 0)"),
@@ -695,25 +696,25 @@ TEST(DmaConfig, ParsesAndValidates) {
             std::string::npos)
       << config_error({{"type", "dma"}, {"window", 4}, {"bias_form", "cubic"}});
   EXPECT_NE(config_error({{"type", "mha"}, {"bias_form", "linear"}})
-                .find("model.attention.bias_form must be absent for attention type mha (only dma has a key bias; "
+                .find("model.attention.bias_form must be absent for attention type mha (only dma has it; "
                       "got \"linear\")"),
             std::string::npos)
       << config_error({{"type", "mha"}, {"bias_form", "linear"}});
 
   // The investigation's options: defaults, resolution of dt_init_std, and their errors.
-  EXPECT_EQ(c.model.attention.local_window, 0);
-  EXPECT_EQ(c.model.attention.a_init, 0.0);
-  EXPECT_EQ(c.model.attention.dt_init_std, c.model.init_std);  // 0 resolves to model.init_std
-  EXPECT_EQ(c.model.attention.bias_lr_scale, 1.0);
+  EXPECT_EQ(c.model.attention.dma.local_window, 0);
+  EXPECT_EQ(c.model.attention.dma.a_init, 0.0);
+  EXPECT_EQ(c.model.attention.dma.dt_init_std, c.model.init_std);  // 0 resolves to model.init_std
+  EXPECT_EQ(c.model.attention.dma.bias_lr_scale, 1.0);
   j["model"]["attention"]["local_window"] = 8;
   j["model"]["attention"]["a_init"] = -0.5;
   j["model"]["attention"]["dt_init_std"] = 0.1;
   j["model"]["attention"]["bias_lr_scale"] = 10;
   const Config c2 = parse_config(j);
-  EXPECT_EQ(c2.model.attention.local_window, 8);
-  EXPECT_EQ(c2.model.attention.a_init, -0.5);
-  EXPECT_EQ(c2.model.attention.dt_init_std, 0.1);
-  EXPECT_EQ(c2.model.attention.bias_lr_scale, 10.0);
+  EXPECT_EQ(c2.model.attention.dma.local_window, 8);
+  EXPECT_EQ(c2.model.attention.dma.a_init, -0.5);
+  EXPECT_EQ(c2.model.attention.dma.dt_init_std, 0.1);
+  EXPECT_EQ(c2.model.attention.dma.bias_lr_scale, 10.0);
   for (const auto& [key, bad, expect] :
        {std::tuple<const char*, nlohmann::json, const char*>{"local_window", -1, "model.attention.local_window must be >= 0"},
         {"dt_init_std", -0.1, "model.attention.dt_init_std must be >= 0"},

@@ -116,7 +116,7 @@ TEST(GpuTrain, SlidingWindowTracksTheCpuRun) {
   SKIP_WITHOUT_GPU();
   ModelConfig mc = small_model();
   mc.attention.type = "swa";
-  mc.attention.window = 24;
+  mc.attention.swa.window = 24;
   const auto cpu = train_losses(mc, Device::CPU, 10, 4, 96);
   const auto gpu = train_losses(mc, Device::CUDA, 10, 4, 96);
   for (size_t i = 0; i < cpu.size(); ++i) EXPECT_NEAR(gpu[i], cpu[i], 0.05) << "step " << i + 1;
@@ -132,8 +132,8 @@ TEST(GpuTrain, DynamicMaskTracksTheCpuRun) {
   for (const char* form : {"exp", "linear"}) {
     ModelConfig mc = small_model();
     mc.attention.type = "dma";
-    mc.attention.window = 24;
-    mc.attention.bias_form = form;
+    mc.attention.dma.window = 24;
+    mc.attention.dma.bias_form = form;
     const auto cpu = train_losses(mc, Device::CPU, 10, 4, 96);
     const auto gpu = train_losses(mc, Device::CUDA, 10, 4, 96);
     double worst = 0;

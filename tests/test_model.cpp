@@ -125,7 +125,7 @@ TEST(Model, GradientCheckUnpackedProjections) {
 TEST(Model, GradientCheckSlidingWindow) {
   ModelConfig c = tiny_model();
   c.attention.type = "swa";
-  c.attention.window = 3;
+  c.attention.swa.window = 3;
   c.n_kv_heads = 1;
   check_model_gradient(c, 303);
 }
@@ -262,15 +262,15 @@ TEST(Model, Paper80mCountsMatchHandCount) {
 TEST(Model, GradientCheckDynamicMaskAttention) {
   ModelConfig c = tiny_model();
   c.attention.type = "dma";
-  c.attention.window = 3;
+  c.attention.dma.window = 3;
   check_model_gradient(c, 404, true);
 }
 
 TEST(Model, GradientCheckDynamicMaskAttentionLinearBiasGqa4) {
   ModelConfig c = tiny_model();
   c.attention.type = "dma";
-  c.attention.window = 2;
-  c.attention.bias_form = "linear";
+  c.attention.dma.window = 2;
+  c.attention.dma.bias_form = "linear";
   c.n_kv_heads = 1;
   c.qk_norm = false;
   check_model_gradient(c, 505, true);

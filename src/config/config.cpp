@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -27,19 +28,9 @@ namespace {
 using json = nlohmann::json;
 namespace fs = std::filesystem;
 
-// ---- attention variants: add a variant here (one line) once its layer exists ---------------
-struct AttentionKind {
-  const char* name;
-  const char* window;  // what window means (then window > 0 is required); nullptr: window must be 0 / absent
-  bool has_bias_form;  // false: bias_form must keep its default
-};
-constexpr std::array kAttentionKinds = {
-    AttentionKind{"mha", nullptr, false},
-    AttentionKind{"swa", "keys i-window+1 ... i", false},
-    AttentionKind{"dma", "keys kept per query", true},
-};
-constexpr const char* kAttentionPlanned = "mla, nsa";
 constexpr std::array kDmaBiasForms = {"exp", "linear"};
+// Attention types that have no layer yet (named in the error for an unknown type).
+constexpr const char* kAttentionPlanned = "mla, nsa are planned";
 
 constexpr std::array kSchedules = {"constant", "cosine", "wsd"};
 constexpr std::array kDevices = {"auto", "cpu", "cuda"};
@@ -57,16 +48,6 @@ template <class S>
 struct Field {
   const char* key;
   Member<S> member;
-};
-
-const std::vector<Field<AttentionConfig>> kAttentionFields = {
-    {"type", &AttentionConfig::type},
-    {"window", &AttentionConfig::window},
-    {"bias_form", &AttentionConfig::bias_form},
-    {"local_window", &AttentionConfig::local_window},
-    {"a_init", &AttentionConfig::a_init},
-    {"dt_init_std", &AttentionConfig::dt_init_std},
-    {"bias_lr_scale", &AttentionConfig::bias_lr_scale},
 };
 
 const std::vector<Field<ModelConfig>> kModelFields = {
@@ -292,10 +273,130 @@ void require_choice(const std::string& value, const std::string& path,
     fail("config: {} must be one of {} (got {}{})", path, join(choices), show(json(value)), note);
 }
 
+// ---- attention variants ---------------------------------------------------------------------
+// One entry per variant: its name, its options' schema (a Field table over its own struct in
+// config.h, which drives reading, writing and the known keys) and its rules (range checks and
+// derived defaults, run after the model's own). Adding a variant: its struct and AttentionConfig
+// member in config.h, one entry in attention_kinds().
+struct AttentionKind {
+  std::string name;
+  std::vector<std::string> keys;  // its keys besides "type"
+  std::function<void(const json&, const std::string&, AttentionConfig&)> read;
+  std::function<json(const AttentionConfig&)> write;  // its keys only
+  json defaults;                                      // its keys at their default values
+  std::function<void(ModelConfig&)> validate;
+};
+
+template <class S>
+AttentionKind attention_kind(const char* name, S AttentionConfig::*options, std::vector<Field<S>> fields,
+                             void (*validate)(ModelConfig&)) {
+  AttentionKind k;
+  k.name = name;
+  k.keys = field_keys(fields);
+  k.read = [options, fields](const json& j, const std::string& path, AttentionConfig& a) {
+    read_fields(j, path, fields, a.*options);
+  };
+  k.write = [options, fields](const AttentionConfig& a) { return write_fields(fields, a.*options); };
+  k.defaults = write_fields(fields, S{});
+  k.validate = validate;
+  return k;
+}
+
+void validate_swa(ModelConfig& m) {
+  const SwaConfig& s = m.attention.swa;
+  require(s.window > 0, "model.attention.window", s.window, "> 0 for attention type swa (keys i-window+1 ... i)");
+}
+
+void validate_dma(ModelConfig& m) {
+  DmaConfig& d = m.attention.dma;
+  require(d.window > 0, "model.attention.window", d.window, "> 0 for attention type dma (keys kept per query)");
+  require_choice(d.bias_form, "model.attention.bias_form", {kDmaBiasForms.begin(), kDmaBiasForms.end()});
+  require(d.local_window >= 0, "model.attention.local_window", d.local_window, ">= 0 (0: no local window)");
+  require(std::isfinite(d.a_init), "model.attention.a_init", d.a_init, "finite");
+  require(d.dt_init_std >= 0, "model.attention.dt_init_std", d.dt_init_std, ">= 0 (0: model.init_std)");
+  require(d.bias_lr_scale > 0, "model.attention.bias_lr_scale", d.bias_lr_scale, "> 0");
+  if (d.dt_init_std == 0) d.dt_init_std = m.init_std;
+}
+
+const std::vector<AttentionKind>& attention_kinds() {
+  static const std::vector<AttentionKind> kinds = {
+      {"mha", {}, [](const json&, const std::string&, AttentionConfig&) {},
+       [](const AttentionConfig&) { return json::object(); }, json::object(), [](ModelConfig&) {}},
+      attention_kind<SwaConfig>("swa", &AttentionConfig::swa, {{"window", &SwaConfig::window}}, validate_swa),
+      attention_kind<DmaConfig>("dma", &AttentionConfig::dma,
+                                {{"window", &DmaConfig::window},
+                                 {"bias_form", &DmaConfig::bias_form},
+                                 {"local_window", &DmaConfig::local_window},
+                                 {"a_init", &DmaConfig::a_init},
+                                 {"dt_init_std", &DmaConfig::dt_init_std},
+                                 {"bias_lr_scale", &DmaConfig::bias_lr_scale}},
+                                validate_dma),
+  };
+  return kinds;
+}
+
 std::vector<std::string> attention_names() {
   std::vector<std::string> v;
-  for (const auto& k : kAttentionKinds) v.push_back(k.name);
+  for (const auto& k : attention_kinds()) v.push_back(k.name);
   return v;
+}
+
+// The entry of a type (an error naming the types there are otherwise).
+const AttentionKind& find_attention_kind(const std::string& type) {
+  for (const auto& k : attention_kinds())
+    if (k.name == type) return k;
+  require_choice(type, "model.attention.type", attention_names(),
+                 fmt::format("; {} but not implemented yet", kAttentionPlanned));
+  fail("unreachable");
+}
+
+// The variants other than `type` that have `key`.
+std::vector<std::string> attention_owners(const std::string& key, const std::string& type) {
+  std::vector<std::string> v;
+  for (const auto& k : attention_kinds())
+    if (k.name != type && contains(k.keys, key)) v.push_back(k.name);
+  return v;
+}
+
+// model.attention: "type" first, then only that variant's keys. A key of another variant is an
+// error naming the variants that have it; any other key an unknown key, with the nearest key of
+// any variant as a hint.
+void read_attention(const json& j, AttentionConfig& a) {
+  const std::string path = "model.attention";
+  if (!j.is_object()) fail("config: {} must be an object (got {})", path, show(j));
+  if (auto t = j.find("type"); t != j.end()) a.type = read_string(*t, path + ".type");
+  const AttentionKind& kind = find_attention_kind(a.type);
+  std::vector<std::string> own = {"type"};
+  own.insert(own.end(), kind.keys.begin(), kind.keys.end());
+  for (const auto& [key, value] : j.items()) {
+    if (contains(own, key)) continue;
+    const std::vector<std::string> owners = attention_owners(key, a.type);
+    if (!owners.empty())
+      fail("config: {}.{} must be absent for attention type {} (only {} {} it; got {}); the keys of {}: {}", path,
+           key, a.type, join(owners), owners.size() == 1 ? "has" : "have", show(value), a.type, join(own));
+    std::string hint;
+    size_t best = std::numeric_limits<size_t>::max();
+    for (const auto& k : attention_kinds())
+      for (const auto& candidate : k.name == a.type ? own : k.keys) {
+        const size_t d = edit_distance(key, candidate);
+        if (d < best && d <= 2 && d < candidate.size() / 2 + 1) {
+          best = d;
+          const std::vector<std::string> by = attention_owners(candidate, a.type);
+          hint = contains(own, candidate)
+                     ? fmt::format("; did you mean {}.{}?", path, candidate)
+                     : fmt::format("; did you mean {}.{} (a key of attention type {})?", path, candidate, join(by));
+        }
+      }
+    fail("config: unknown key {}.{} (known keys in {} for attention type {}: {}){}", path, key, path, a.type,
+         join(own), hint);
+  }
+  kind.read(j, path, a);
+}
+
+json attention_json(const AttentionConfig& a) {
+  json j = find_attention_kind(a.type).write(a);
+  j["type"] = a.type;
+  return j;
 }
 
 void validate_model(ModelConfig& m) {
@@ -329,39 +430,7 @@ void validate_model(ModelConfig& m) {
   require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0");
   require(m.init_std > 0, "model.init_std", m.init_std, "> 0");
 
-  auto& a = m.attention;
-  auto kind = std::find_if(kAttentionKinds.begin(), kAttentionKinds.end(),
-                           [&](const AttentionKind& k) { return a.type == k.name; });
-  if (kind == kAttentionKinds.end())
-    require_choice(a.type, "model.attention.type", attention_names(),
-                   fmt::format("; {} are planned but not implemented yet", kAttentionPlanned));
-  if (kind->window)
-    require(a.window > 0, "model.attention.window", a.window,
-            fmt::format("> 0 for attention type {} ({})", a.type, kind->window));
-  else
-    require(a.window == 0, "model.attention.window", a.window,
-            fmt::format("0 or absent for attention type {} (it has no window)", a.type));
-  if (kind->has_bias_form) {
-    require_choice(a.bias_form, "model.attention.bias_form", {kDmaBiasForms.begin(), kDmaBiasForms.end()});
-    require(a.local_window >= 0, "model.attention.local_window", a.local_window, ">= 0 (0: no local window)");
-    require(std::isfinite(a.a_init), "model.attention.a_init", a.a_init, "finite");
-    require(a.dt_init_std >= 0, "model.attention.dt_init_std", a.dt_init_std, ">= 0 (0: model.init_std)");
-    require(a.bias_lr_scale > 0, "model.attention.bias_lr_scale", a.bias_lr_scale, "> 0");
-    if (a.dt_init_std == 0) a.dt_init_std = m.init_std;
-  } else {
-    // The bias's options belong to dma alone: set on another type they would silently do nothing.
-    const AttentionConfig d;
-    auto only_dma = [&](const char* key, bool is_default, const json& got) {
-      if (!is_default)
-        fail("config: model.attention.{} must be absent for attention type {} (only dma has a key bias; got {})",
-             key, a.type, show(got));
-    };
-    only_dma("bias_form", a.bias_form == d.bias_form, a.bias_form);
-    only_dma("local_window", a.local_window == d.local_window, a.local_window);
-    only_dma("a_init", a.a_init == d.a_init, a.a_init);
-    only_dma("dt_init_std", a.dt_init_std == d.dt_init_std, a.dt_init_std);
-    only_dma("bias_lr_scale", a.bias_lr_scale == d.bias_lr_scale, a.bias_lr_scale);
-  }
+  find_attention_kind(m.attention.type).validate(m);
 }
 
 void validate_train(const TrainConfig& t) {
@@ -573,10 +642,7 @@ Config build(const json& j) {
   model_keys.push_back(kModelAttentionKey);
   check_section(jm, "model", model_keys);
   read_fields(jm, "model", kModelFields, c.model);
-  if (auto it = jm.find(kModelAttentionKey); it != jm.end()) {
-    check_section(*it, "model.attention", field_keys(kAttentionFields));
-    read_fields(*it, "model.attention", kAttentionFields, c.model.attention);
-  }
+  if (auto it = jm.find(kModelAttentionKey); it != jm.end()) read_attention(*it, c.model.attention);
 
   const json& jt = section("train");
   check_section(jt, "train", field_keys(kTrainFields));
@@ -601,7 +667,10 @@ Config build(const json& j) {
 }
 
 Config finish(json j, const std::vector<std::string>& overrides) {
-  const json defaults = to_json(Config{});
+  // Every key's default, those of every attention variant included: a string-typed key's
+  // override takes the text as given.
+  json defaults = to_json(Config{});
+  for (const auto& k : attention_kinds()) defaults["model"][kModelAttentionKey].update(k.defaults);
   for (const auto& o : overrides) apply_override(j, o, defaults);
   return build(j);
 }
@@ -624,10 +693,32 @@ Config parse_config(const json& j, const std::string& base_dir,
   return finish(std::move(r), overrides);
 }
 
+Config parse_saved_config(const json& j, const std::string& base_dir) {
+  json upgraded = j;
+  auto m = upgraded.find("model");
+  if (m != upgraded.end() && m->is_object()) {
+    auto a = m->find(kModelAttentionKey);
+    if (a != m->end() && a->is_object()) {
+      const json type = a->value("type", json("mha"));
+      const AttentionKind* own = nullptr;
+      for (const auto& k : attention_kinds())
+        if (type == k.name) own = &k;
+      std::vector<std::string> drop;
+      for (const auto& [key, value] : a->items()) {
+        if (key == "type" || (own && contains(own->keys, key))) continue;
+        for (const auto& k : attention_kinds())
+          if (auto d = k.defaults.find(key); d != k.defaults.end() && *d == value) drop.push_back(key);
+      }
+      for (const auto& key : drop) a->erase(key);
+    }
+  }
+  return parse_config(upgraded, base_dir);
+}
+
 json to_json(const Config& c) {
   json j = json::object();
   j["model"] = write_fields(kModelFields, c.model);
-  j["model"][kModelAttentionKey] = write_fields(kAttentionFields, c.model.attention);
+  j["model"][kModelAttentionKey] = attention_json(c.model.attention);
   j["train"] = write_fields(kTrainFields, c.train);
   j["data"] = write_fields(kDataFields, c.data);
   j["run"] = write_fields(kRunFields, c.run);

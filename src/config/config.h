@@ -8,8 +8,8 @@
 // keys, wrong JSON types and out-of-range values throw dmat::Error with the key path, the value, and
 // what is allowed, e.g. `config: model.attention.window must be > 0 (got -3)`. Integers may be
 // written 100.0 (integral floats only); booleans must be true/false. data.train and data.val are
-// required; everything else has the defaults below. The attention types accepted are listed once,
-// in config.cpp (kAttentionKinds).
+// required; everything else has the defaults below. The attention types accepted, and each one's
+// keys, are listed once, in config.cpp (kAttentionKinds).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -19,16 +19,28 @@
 
 namespace dmat {
 
-struct AttentionConfig {
-  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask)
-  int64_t window = 0;         // swa: keys i-window+1 … i; dma: keys kept per query; must be > 0 for both
-  std::string bias_form = "exp";  // dma: bias exp(A·softplus(z)) ("exp") or A·softplus(z) ("linear")
-  // dma, our extension (not in the paper): also keep the `local_window` most recent keys
+// Each attention variant has its own options object; model.attention holds "type" and that
+// variant's keys only (config.cpp, kAttentionKinds: one entry per variant with its keys and rules).
+// The objects of the variants not chosen keep their defaults and are never read.
+struct SwaConfig {
+  int64_t window = 0;         // query i sees keys i-window+1 … i; required, > 0
+};
+
+struct DmaConfig {
+  int64_t window = 0;         // keys kept per query (top-w by the key bias); required, > 0
+  std::string bias_form = "exp";  // bias exp(A·softplus(z)) ("exp") or A·softplus(z) ("linear")
+  // Our extension (not in the paper): also keep the `local_window` most recent keys
   // i-local_window+1 … i of every query besides the top-`window` keys of the keys before them. 0: off.
   int64_t local_window = 0;
-  double a_init = 0.0;        // dma: initial value of every A_h (0: in the "exp" form all biases start at 1)
-  double dt_init_std = 0.0;   // dma: init spread of dt_proj.weight (0: model.init_std)
-  double bias_lr_scale = 1.0; // dma: learning-rate multiplier of A and dt_proj.weight
+  double a_init = 0.0;        // initial value of every A_h (0: in the "exp" form all biases start at 1)
+  double dt_init_std = 0.0;   // init spread of dt_proj.weight (0: model.init_std; resolved by validation)
+  double bias_lr_scale = 1.0; // learning-rate multiplier of A and dt_proj.weight
+};
+
+struct AttentionConfig {
+  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask)
+  SwaConfig swa;
+  DmaConfig dma;
 };
 
 struct ModelConfig {
@@ -102,7 +114,13 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
 // Same, from an already-parsed JSON object (includes resolved relative to base_dir).
 Config parse_config(const nlohmann::json& j, const std::string& base_dir = ".",
                     const std::vector<std::string>& overrides = {});
-// The full config with every default made explicit (what is printed at start and saved).
+// A config saved in a run directory (RUN_DIR/config.json, a checkpoint's copy), written by this or
+// an earlier version: as parse_config, after dropping the model.attention keys that belong to
+// another attention variant and hold their default values (versions before per-variant options
+// saved every variant's keys); any other key still fails as in parse_config.
+Config parse_saved_config(const nlohmann::json& j, const std::string& base_dir = ".");
+// The full config with every default made explicit (what is printed at start and saved):
+// model.attention holds "type" and the chosen variant's keys only.
 nlohmann::json to_json(const Config& c);
 
 }  // namespace dmat

@@ -11,7 +11,7 @@ namespace {
 class CausalAttention final : public Attention {
  public:
   explicit CausalAttention(const ModelConfig& c)
-      : qkv_(c), H_(c.n_heads), Dh_(c.head_dim), window_(c.attention.type == "swa" ? c.attention.window : 0) {}
+      : qkv_(c), H_(c.n_heads), Dh_(c.head_dim), window_(c.attention.type == "swa" ? c.attention.swa.window : 0) {}
 
   void declare_params(ParamTable& t, const std::string& p) override { qkv_.declare_params(t, p); }
 

@@ -18,11 +18,11 @@ namespace {
 class DmaAttention final : public Attention {
  public:
   explicit DmaAttention(const ModelConfig& c)
-      : qkv_(c), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), window_(c.attention.window),
-        local_(c.attention.local_window),
-        form_(c.attention.bias_form == "linear" ? ops::DmaBiasForm::Linear : ops::DmaBiasForm::Exp),
-        dt_std_(c.attention.dt_init_std > 0 ? c.attention.dt_init_std : c.init_std), a_init_(c.attention.a_init),
-        lr_scale_(c.attention.bias_lr_scale) {
+      : qkv_(c), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), window_(c.attention.dma.window),
+        local_(c.attention.dma.local_window),
+        form_(c.attention.dma.bias_form == "linear" ? ops::DmaBiasForm::Linear : ops::DmaBiasForm::Exp),
+        dt_std_(c.attention.dma.dt_init_std > 0 ? c.attention.dma.dt_init_std : c.init_std),
+        a_init_(c.attention.dma.a_init), lr_scale_(c.attention.dma.bias_lr_scale) {
     DMAT_CHECK(window_ > 0, "dma attention needs window > 0 (got {})", window_);
     DMAT_CHECK(local_ >= 0, "dma attention needs local_window >= 0 (got {})", local_);
   }

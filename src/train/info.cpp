@@ -63,11 +63,16 @@ std::string describe(const Config& c) {
   const auto& m = c.model;
   const ModelCounts k = count_model(m, c.train.seq_len);
   std::string s;
+  // the attention variant with its own options, as the resolved config writes them
+  std::string attn;
+  const nlohmann::json resolved = to_json(c);  // named: a range-for over a temporary's member dangles
+  for (const auto& [key, value] : resolved["model"]["attention"].items())
+    if (key != "type") attn += fmt::format("{}{} {}", attn.empty() ? "" : ", ", key,
+                                           value.is_string() ? value.get<std::string>() : value.dump());
   s += fmt::format("model: d_model {}, {} layers, {} heads / {} kv heads, head_dim {}, ffn {}, vocab {}, {} "
                    "embeddings, attention {}{}\n",
                    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim, m.vocab_size,
-                   m.tie_embeddings ? "tied" : "untied", m.attention.type,
-                   m.attention.window > 0 ? fmt::format(" (window {})", m.attention.window) : "");
+                   m.tie_embeddings ? "tied" : "untied", m.attention.type, attn.empty() ? "" : " (" + attn + ")");
   s += "parameters:\n";
   for (const auto& [g, n] : k.by_group) s += fmt::format("  {:<12} {:>14} ({})\n", g, n, human(double(n)));
   s += fmt::format("  {:<12} {:>14} ({})\n", "total", k.total, human(double(k.total)));

@@ -101,10 +101,10 @@ void check_device_support(const Config& cfg, Device device) {
   const auto& m = cfg.model;
   // The CUDA kernels for DMA's local window exist (dense mode, dma.h) but have not yet passed the
   // gpu test label on a GPU; until they have, a training run on CUDA is refused.
-  if (m.attention.type == "dma" && m.attention.local_window > 0)
+  if (m.attention.type == "dma" && m.attention.dma.local_window > 0)
     fail("config: model.attention.local_window {} is not yet verified on CUDA (its kernels await the gpu tests); "
          "set it to 0 or run on the CPU with run.device=\"cpu\"",
-         m.attention.local_window);
+         m.attention.dma.local_window);
 #ifdef DMAT_WITH_CUDA
   cuda::AttnShape s;
   s.B = 1;
@@ -135,7 +135,7 @@ namespace {
 void check_resumable(const nlohmann::json& saved_raw, const nlohmann::json& now, const std::string& ckpt) {
   nlohmann::json saved = saved_raw;
   try {
-    saved = parse_config(saved_raw).resolved;
+    saved = parse_saved_config(saved_raw).resolved;
   } catch (const Error&) {
   }
   const auto& a = saved.at("model");
@@ -489,7 +489,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
 EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position) {
   auto ck = latest_checkpoint(run_dir);
   if (!ck) fail("eval: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
-  Config cfg = parse_config(checkpoint_config(ck->path), run_dir);
+  Config cfg = parse_saved_config(checkpoint_config(ck->path), run_dir);
   set_cpu_threads(cfg.run.threads, 1);
   std::unique_ptr<Model> model = make_model(cfg, pick_device(cfg.run.device));
   load_checkpoint(ck->path, *model, nullptr);
