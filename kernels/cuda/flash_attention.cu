@@ -28,6 +28,7 @@
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/flash_tiles.cuh"
 #include "kernels/cuda/flash_wgmma.cuh"
+#include "kernels/cuda/head_dims.h"
 #include "kernels/cuda/kernel_util.cuh"
 
 namespace dmat::cuda {
@@ -1909,9 +1910,9 @@ nv_bf16* nv(bf16* p) { return reinterpret_cast<nv_bf16*>(p); }
 
 void check_args(const AttnShape& s, std::initializer_list<const void*> ptrs) {
   if (!flash_attention_supported(s))
-    fail("flash attention: unsupported shape B={} T={} H={} Hkv={} Dqk={} Dv={} window={} (head dims (32,32), "
-         "(64,64), (128,128) or (192,128); H a multiple of Hkv; 1 <= T < 2^31)",
-         s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window);
+    fail("flash attention: unsupported shape B={} T={} H={} Hkv={} Dqk={} Dv={} window={} (head dims {}; H a "
+         "multiple of Hkv; 1 <= T < 2^31)",
+         s.B, s.T, s.H, s.Hkv, s.Dqk, s.Dv, s.window, head_dims_list(AttnKernel::flash));
   for (const void* p : ptrs)
     DMAT_CHECK(detail::aligned16(p), "flash attention: tensors must be 16-byte aligned ({})", p);
 }
@@ -2075,16 +2076,18 @@ void launch_fwd_wgmma(const FwdParams& p, int64_t B) {
 template <template <int> class KeysT, bool BIAS>
 void forward_dispatch(const FwdParams& p, const AttnShape& s, FlashPath path) {
   static_assert(kWgBM == kFwdBM, "one query tile (and gather list) size for both paths");
-  if (path == FlashPath::wgmma) {
-    if (s.Dqk == 64) launch_fwd_wgmma<64, 64, KeysT<wg_bn<64>()>, BIAS>(p, s.B);
-    else if (s.Dqk == 128) launch_fwd_wgmma<128, 128, KeysT<wg_bn<128>()>, BIAS>(p, s.B);
-    else launch_fwd_wgmma<192, 128, KeysT<wg_bn<192>()>, BIAS>(p, s.B);
-    return;
-  }
-  if (s.Dqk == 32) forward_dims<32, 32, KeysT<kFwdBN>, BIAS>(p, s.B);
-  else if (s.Dqk == 64) forward_dims<64, 64, KeysT<kFwdBN>, BIAS>(p, s.B);
-  else if (s.Dqk == 128) forward_dims<128, 128, KeysT<kFwdBN>, BIAS>(p, s.B);
-  else forward_dims<192, 128, KeysT<kFwdBN>, BIAS>(p, s.B);
+  const bool known = head_dims_switch(s.Dqk, s.Dv, [&](auto dqk, auto dv) {
+    constexpr int DQK = decltype(dqk)::value, DV = decltype(dv)::value;
+    if constexpr (head_dims_wgmma(DQK, DV)) {
+      if (path == FlashPath::wgmma) {
+        launch_fwd_wgmma<DQK, DV, KeysT<wg_bn<DQK>()>, BIAS>(p, s.B);
+        return;
+      }
+    }
+    forward_dims<DQK, DV, KeysT<kFwdBN>, BIAS>(p, s.B);
+  });
+  DMAT_CHECK(known, "flash attention: head dims ({}, {}) not in the table (check_args admits only those)", s.Dqk,
+             s.Dv);
 }
 
 // ---- path selection ------------------------------------------------------------------------
@@ -2110,9 +2113,7 @@ bool device_runs_sm90a() {
   return ok;
 }
 
-bool wgmma_dims(const AttnShape& s) {
-  return (s.Dqk == 64 && s.Dv == 64) || (s.Dqk == 128 && s.Dv == 128) || (s.Dqk == 192 && s.Dv == 128);
-}
+bool wgmma_dims(const AttnShape& s) { return head_dims_wgmma(s.Dqk, s.Dv); }
 
 // DMAT_ATTN_PATH=mma|wgmma, read once; anything else is an error a user can act on.
 FlashPath env_path() {
@@ -2141,7 +2142,9 @@ FlashPath resolve_path(const AttnShape& s, FlashPath requested, Direction dir) {
     fail("flash attention: the wgmma path needs a compute capability 9.0 GPU and a build for sm_90a "
          "(CMAKE_CUDA_ARCHITECTURES containing 90a)");
   if (want == FlashPath::wgmma && explicit_request && !ok)
-    fail("flash attention: no wgmma kernel for head dims ({}, {}) (64/64, 128/128, 192/128)", s.Dqk, s.Dv);
+    fail("flash attention: no wgmma kernel for head dims ({}, {}) (only for the pairs of kernels/cuda/head_dims.h "
+         "marked wgmma)",
+         s.Dqk, s.Dv);
   return ok ? FlashPath::wgmma : FlashPath::mma;  // DMAT_ATTN_PATH=wgmma: head dims without one use mma
 }
 
@@ -2303,9 +2306,7 @@ BwdParams backward_setup(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const b
 }  // namespace
 
 bool flash_attention_supported(const AttnShape& s) {
-  const bool dims = (s.Dqk == 32 && s.Dv == 32) || (s.Dqk == 64 && s.Dv == 64) || (s.Dqk == 128 && s.Dv == 128) ||
-                    (s.Dqk == 192 && s.Dv == 128);
-  return dims && s.B >= 1 && s.T >= 1 && s.T < (int64_t(1) << 31) - 256 && s.Hkv >= 1 && s.H % s.Hkv == 0 &&
+  return head_dims_supported(AttnKernel::flash, s.Dqk, s.Dv) && s.B >= 1 && s.T >= 1 && s.T < (int64_t(1) << 31) - 256 && s.Hkv >= 1 && s.H % s.Hkv == 0 &&
          s.H <= 65535 && s.B <= 65535 && s.window >= 0 && s.window < (int64_t(1) << 31);
 }
 
@@ -2390,10 +2391,10 @@ void flash_attention_backward_path(bf16* dq, bf16* dk, bf16* dv, const bf16* dou
   p.order = dq_order(s), p.order_kv = dkdv_order(s);
   // the wgmma path's dQ pass on a side stream, forked after the delta kernel, beside the dK/dV pass
   SideStream side(attention_side_stream());
-  if (s.Dqk == 32) backward_dims<32, 32>(p, s.B, deterministic, false, &side);
-  else if (s.Dqk == 64) backward_dims<64, 64>(p, s.B, deterministic, wg, &side);
-  else if (s.Dqk == 128) backward_dims<128, 128>(p, s.B, deterministic, wg, &side);
-  else backward_dims<192, 128>(p, s.B, deterministic, wg, &side);
+  // wg is false for a pair without a wgmma kernel (resolve_path)
+  head_dims_switch(s.Dqk, s.Dv, [&](auto dqk, auto dv) {
+    backward_dims<decltype(dqk)::value, decltype(dv)::value>(p, s.B, deterministic, wg, &side);
+  });
   side.join();
 }
 
@@ -2405,10 +2406,10 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
   check_args(s, {dq, dk, dv, dout, out, q, k, v});
   const bool wg = resolve_path(s, path, Direction::backward) == FlashPath::wgmma;
   const bool dense = !groups.keys && !lists;  // dense DMA: no key groups, no lists
-  DMAT_CHECK(s.Dqk == s.Dv && s.Dqk <= 128 && (s.window == 0 || dense),
-             "flash attention (DMA backward): head dims ({}, {}) local window {} (32, 64 or 128, equal; a local "
-             "window only dense)",
-             s.Dqk, s.Dv, s.window);
+  DMAT_CHECK(head_dims_supported(AttnKernel::dma, s.Dqk, s.Dv) && (s.window == 0 || dense),
+             "flash attention (DMA backward): head dims ({}, {}) local window {} (head dims {}; a local window only "
+             "dense)",
+             s.Dqk, s.Dv, s.window, head_dims_list(AttnKernel::dma));
   DMAT_CHECK(key_bias && thr && dbias &&
                  (dense || (groups.keys && groups.range && groups.n_groups > 0 && groups.regions > 0 &&
                             groups.n_groups % groups.regions == 0 && groups.n_groups * kFlashGroupKeys >= s.T &&
@@ -2434,14 +2435,18 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
   p.n_groups = dense ? int((s.T + kFlashGroupKeys - 1) / kFlashGroupKeys) : int(groups.n_groups);
   p.grp_regions = dense ? 1 : int(groups.regions);
   p.order = dq_order(s), p.order_kv = dense ? dkdv_order(s) : dma_dkdv_order(s);
-  if (s.Dqk == 32) dma_dkdv_dims<32>(p, s.B, false);
-  else if (s.Dqk == 64) dma_dkdv_dims<64>(p, s.B, wg);
-  else dma_dkdv_dims<128>(p, s.B, wg);
-  auto dq_pass = [&](int n) {
-    if (s.Dqk == 32) dma_dq_dims<32>(p, s.B, false, n);
-    else if (s.Dqk == 64) dma_dq_dims<64>(p, s.B, wg, n);
-    else dma_dq_dims<128>(p, s.B, wg, n);
+  // the DMA kernels take one head dim (d_qk = d_v, the rows of the table marked dma); wg is false
+  // for a pair without a wgmma kernel (resolve_path)
+  auto dma_dims = [&](auto&& f) {
+    head_dims_switch(s.Dqk, s.Dv, [&](auto dqk, auto dv) {
+      if constexpr (head_dims_dma(decltype(dqk)::value, decltype(dv)::value)) {
+        static_assert(decltype(dqk)::value == decltype(dv)::value, "the DMA kernels take d_qk = d_v");
+        f(dqk);
+      }
+    });
   };
+  dma_dims([&](auto d) { dma_dkdv_dims<decltype(d)::value>(p, s.B, wg); });
+  auto dq_pass = [&](int n) { dma_dims([&](auto d) { dma_dq_dims<decltype(d)::value>(p, s.B, wg, n); }); };
   if (dense) {  // dQ over every causal key (GatherKeys without lists), the mask on every tile
     p.gkeys = nullptr, p.gcount = nullptr, p.gclean = nullptr, p.gcap = 0, p.qt0 = 0;
     on_side([&] { dq_pass(int(all)); });

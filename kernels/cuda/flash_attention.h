@@ -1,7 +1,8 @@
 // Our flash attention (forward and backward) on tensor cores: causal, grouped KV heads, sliding
-// window, d_qk and d_v in {32, 64, 128} plus (192, 128) for MLA. Two kernel families: mma.sync
-// (every GPU, every head dim) and wgmma (compute capability 9.0, built for sm_90a; head dims 64,
-// 128, 192/128); which one runs is chosen per direction (see FlashPath below).
+// window, the (d_qk, d_v) pairs of kernels/cuda/head_dims.h (32/32, 64/64, 128/128, and 192/128 for
+// MLA). Two kernel families: mma.sync (every GPU, every pair) and wgmma (compute capability 9.0,
+// built for sm_90a; the pairs the table marks wgmma); which one runs is chosen per direction (see
+// FlashPath below).
 // Semantics are cpu::attention_* with bf16 q, k, v, out, dq, dk, dv and fp32 lse [B,H,T]
 // (natural log of Σ_j exp(s_ij)).
 // Layout: q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv], out [B,T,H,Dv], row-major.
@@ -16,7 +17,9 @@ namespace dmat::cuda {
 
 using AttnShape = cpu::AttnShape;
 
-bool flash_attention_supported(const AttnShape& s);  // head dims the kernels are built for
+// The head dims (head_dims.h) and the sizes (T < 2^31, H and B <= 65535, H a multiple of Hkv) the
+// kernels are built for.
+bool flash_attention_supported(const AttnShape& s);
 void flash_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                              const AttnShape& s);
 // dq, dk, dv overwrite. deterministic = true: no floating-point atomics (dQ in its own pass);
@@ -82,8 +85,8 @@ struct FlashKeyGroups {
 // DMA backward (flash_attention_backward_dma below; deterministic, no atomics): dq, dk, dv (bf16)
 // and dbias (fp32 [B,Hkv,T], Σ over the group's query heads and queries of dS_ij) overwrite.
 // dK/dV/dbias key-major over `groups`, dQ query-major over gather (with gather.thr, the forward's
-// lists). Dqk == Dv <= 128; s.window is DMA's local window L (thr from dma_thresholds with that L;
-// L > 0 only dense), not a sliding window.
+// lists). Head dims: the pairs head_dims.h marks dma (d_qk = d_v); s.window is DMA's local window L
+// (thr from dma_thresholds with that L; L > 0 only dense), not a sliding window.
 
 
 // ---- kernel path (tests, benchmarks) -----------------------------------------------------------

@@ -19,6 +19,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/head_dims.h"
 #endif
 
 namespace dmat {
@@ -123,15 +124,20 @@ void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void
 
 void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
   cpu::AttnShape s;
-  s.B = o.B, s.T = o.T, s.H = o.H, s.Hkv = o.Hkv, s.Dqk = o.D, s.Dv = o.D == 192 ? 128 : o.D, s.window = o.window;
+  // --dim D: the pair of kernels/cuda/head_dims.h whose d_qk is D (192: MLA's 192/128)
+  int64_t value_dim = 0;
+  for (const cuda::HeadDims& h : cuda::kHeadDims)
+    if (h.dqk == o.D) value_dim = h.dv;
+  const cuda::AttnKernel kernel = o.dma > 0 ? cuda::AttnKernel::dma : cuda::AttnKernel::flash;
+  if (!cuda::head_dims_supported(kernel, o.D, value_dim))
+    fail("bench attention: --dim {} has no {} kernel (d_qk/d_v pairs: {})", o.D, o.dma > 0 ? "DMA" : "attention",
+         cuda::head_dims_list(kernel));
+  s.B = o.B, s.T = o.T, s.H = o.H, s.Hkv = o.Hkv, s.Dqk = o.D, s.Dv = value_dim, s.window = o.window;
   s.scale = 1.0 / std::sqrt(double(s.Dqk));
   s.deterministic = o.deterministic;
-  if (o.dma > 0 && (s.Dqk != s.Dv || s.Dqk > 128))
-    fail("bench attention: --dma needs head dim 32, 64 or 128 (got {})", o.D);
   if (!cuda::flash_attention_supported(s))
-    fail("bench attention: unsupported shape B={} T={} H={} Hkv={} D={} window={} (D in 32, 64, 128, 192; H a "
-         "multiple of Hkv)",
-         o.B, o.T, o.H, o.Hkv, o.D, o.window);
+    fail("bench attention: unsupported shape B={} T={} H={} Hkv={} D={} window={} (H a multiple of Hkv)", o.B, o.T,
+         o.H, o.Hkv, o.D, o.window);
   cuda::FlashPath want = cuda::FlashPath::automatic;
   if (o.path == "mma") want = cuda::FlashPath::mma;
   else if (o.path == "wgmma") want = cuda::FlashPath::wgmma;

@@ -17,7 +17,7 @@
 namespace dmat {
 
 struct AttnBenchOptions {
-  int64_t B = 1, H = 16, Hkv = 16, T = 16384, D = 128, window = 0;  // D = 192 means (Dqk, Dv) = (192, 128); 32, 64, 128 square
+  int64_t B = 1, H = 16, Hkv = 16, T = 16384, D = 128, window = 0;  // D: the head_dims.h pair with d_qk = D (192: 192/128)
   int64_t dma = 0;  // > 0: Dynamic Mask Attention keeping this many keys per query (window must be 0)
   // DMA key biases: "normal" (iid N(0, 1), the anchor's), "increasing" / "decreasing" with position
   // (the thresholds' adversarial orders), "tied" (all equal: every tile takes the dense fallback)

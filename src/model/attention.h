@@ -1,12 +1,18 @@
-// The attention interface every variant implements (MHA/GQA and SWA now; DMA, MLA and NSA plug in
-// here). A variant owns its parameters (declared under `prefix`), declares the activations it
-// saves for backward, and runs forward and backward on the block's normalised input.
+// The attention interface every variant implements (MHA/GQA, SWA, DMA; MLA and NSA plug in here).
+// A variant owns its parameters (declared under `prefix`), declares the activations it saves for
+// backward, runs forward and backward on the block's normalised input, and says what its core
+// asks of the kernels (head dims and kernel family), which the model, the trainer's pre-check
+// and `dmatrain info` read instead of model.head_dim.
+//
+// Adding a variant: its layer in a file of its own (attention_<name>.cpp) with a factory declared
+// below and named in make_attention, its entry in the config (config.h / config.cpp), its kernels.
 #pragma once
 #include <memory>
 #include <string>
 
 #include "config/config.h"
 #include "core/arena.h"
+#include "kernels/cuda/head_dims.h"
 #include "model/params.h"
 
 namespace dmat {
@@ -23,9 +29,21 @@ struct LayerCtx {
   Tensor A(int h) const { return acts->get(h); }
 };
 
+// The core's shape per query head: scores over d_qk dims, of which RoPE rotates the last rope_dim
+// (all of them when rope_dim = d_qk), weighted sums of d_v dims; and the CUDA kernel family that
+// runs it (kernels/cuda/head_dims.h lists the (d_qk, d_v) pairs each family is built for).
+struct AttentionDims {
+  int64_t d_qk = 0, d_v = 0, rope_dim = 0;
+  cuda::AttnKernel kernel = cuda::AttnKernel::flash;
+};
+
 class Attention {
  public:
   virtual ~Attention() = default;
+  virtual AttentionDims dims() const = 0;
+  // Why the CUDA backend cannot train this layer as configured, naming the config keys to change
+  // ("" when it can). Read before a run starts (trainer) and when a CUDA model is built.
+  virtual std::string cuda_unsupported() const = 0;
   virtual void declare_params(ParamTable& t, const std::string& prefix) = 0;
   // Saved activations (per layer: unique names under prefix) and scratch (shared names).
   virtual void declare_acts(TensorTable& t, const std::string& prefix, int64_t B, int64_t T) = 0;
@@ -41,5 +59,9 @@ class Attention {
 std::unique_ptr<Attention> make_attention(const ModelConfig& cfg);
 // The variants in files of their own (make_attention picks by model.attention.type).
 std::unique_ptr<Attention> make_dma_attention(const ModelConfig& cfg);  // attention_dma.cpp
+
+// cuda_unsupported() of the variants whose q, k and v heads all have model.head_dim dims, run by
+// `kernel`: "" or "model.head_dim 48 has no CUDA attention kernel (...)".
+std::string cuda_unsupported_head_dim(const ModelConfig& cfg, cuda::AttnKernel kernel);
 
 }  // namespace dmat

@@ -1,6 +1,8 @@
 // Causal softmax attention with grouped KV heads (MHA/GQA), RoPE, optional per-head QK RMSNorm,
 // and optional sliding window (type "swa": query i sees keys i-w+1 … i). The projections around
 // the softmax are attention_qkv.h's.
+#include <fmt/format.h>
+
 #include "model/attention.h"
 #include "model/attention_qkv.h"
 #include "ops/ops.h"
@@ -11,7 +13,10 @@ namespace {
 class CausalAttention final : public Attention {
  public:
   explicit CausalAttention(const ModelConfig& c)
-      : qkv_(c), H_(c.n_heads), Dh_(c.head_dim), window_(c.attention.type == "swa" ? c.attention.swa.window : 0) {}
+      : cfg_(c), qkv_(c), H_(c.n_heads), Dh_(c.head_dim), window_(c.attention.type == "swa" ? c.attention.swa.window : 0) {}
+
+  AttentionDims dims() const override { return qkv_.dims(cuda::AttnKernel::flash); }
+  std::string cuda_unsupported() const override { return cuda_unsupported_head_dim(cfg_, cuda::AttnKernel::flash); }
 
   void declare_params(ParamTable& t, const std::string& p) override { qkv_.declare_params(t, p); }
 
@@ -54,6 +59,7 @@ class CausalAttention final : public Attention {
   }
 
  private:
+  ModelConfig cfg_;
   QkvBlock qkv_;
   int64_t H_, Dh_;
   int64_t window_;
@@ -61,6 +67,17 @@ class CausalAttention final : public Attention {
 };
 
 }  // namespace
+
+std::string cuda_unsupported_head_dim(const ModelConfig& cfg, cuda::AttnKernel kernel) {
+  if (cuda::head_dims_supported(kernel, cfg.head_dim, cfg.head_dim)) return "";
+  std::string sizes;  // the square pairs: those one head_dim can make
+  for (const cuda::HeadDims& h : cuda::kHeadDims)
+    if (h.dqk == h.dv && cuda::head_dims_supported(kernel, h.dqk, h.dv))
+      sizes += (sizes.empty() ? "" : ", ") + std::to_string(h.dqk);
+  return fmt::format("model.head_dim {} has no CUDA attention kernel for attention type {} (supported: {}); choose "
+                     "one of those or run on the CPU with run.device=\"cpu\"",
+                     cfg.head_dim, cfg.attention.type, sizes);
+}
 
 std::unique_ptr<Attention> make_attention(const ModelConfig& cfg) {
   const std::string& t = cfg.attention.type;

@@ -33,6 +33,8 @@ class QkvBlock {
   Tensors grads(const LayerCtx& c) const;
   // The core's shape for these q, k, v: full causal (window 0), scale 1/√Dh.
   cpu::AttnShape shape(const LayerCtx& c) const;
+  // One head size for q, k and v, all of it rotated: d_qk = d_v = rope_dim = model.head_dim.
+  AttentionDims dims(cuda::AttnKernel kernel) const { return {Dh_, Dh_, Dh_, kernel}; }
 
   // x: [B·T, d_model] → q, k, v (overwrite).
   void forward_qkv(const LayerCtx& c, const Tensor& x) const;

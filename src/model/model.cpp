@@ -154,6 +154,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Device device, bool recompute)
     fail("model: the CUDA backend trains in bf16 with fp32 master weights (asked for {})", dtype_name(dtype));
   if (device == Device::CPU && dtype != DType::F32 && dtype != DType::F64)
     fail("model: the CPU backend runs in f32 or f64 (asked for {})", dtype_name(dtype));
+  if (device == Device::CUDA)
+    if (const std::string why = blocks_.front()->attn->cuda_unsupported(); !why.empty()) fail("model: {}", why);
   dtype_ = dtype;
   device_ = device;
   params_ = Arena(ptable_.table(), dtype, device);

@@ -5,6 +5,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/head_dims.h"
 #include "kernels/cuda/profile.h"
 #endif
 
@@ -282,7 +283,8 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, co
 #ifdef DMAT_WITH_CUDA
     cuda::ProfileScope prof_("attention");
     if (!cuda::flash_attention_supported(s))
-      fail("attention: head dims (qk {}, v {}) have no CUDA kernel (supported: 32/32, 64/64, 128/128, 192/128)", s.Dqk, s.Dv);
+      fail("attention: head dims (qk {}, v {}) have no CUDA kernel (supported: {})", s.Dqk, s.Dv,
+           cuda::head_dims_list(cuda::AttnKernel::flash));
     cuda::flash_attention_forward(bf(out, "attention"), f32(lse, "attention"), bf(q, "attention"), bf(k, "attention"),
                                   bf(v, "attention"), s);
 #endif
@@ -669,8 +671,9 @@ void dma_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q
 #ifdef DMAT_WITH_CUDA
     cuda::ProfileScope prof_("dma_attention");
     const char* op = "dma_attention";
-    DMAT_CHECK(s.Dqk == s.Dv && (s.Dqk == 32 || s.Dqk == 64 || s.Dqk == 128),
-               "dma_attention: head dim {} has no CUDA kernel (32, 64 or 128)", s.Dqk);
+    DMAT_CHECK(cuda::head_dims_supported(cuda::AttnKernel::dma, s.Dqk, s.Dv),
+               "dma_attention: head dims ({}, {}) have no CUDA kernel (supported: {})", s.Dqk, s.Dv,
+               cuda::head_dims_list(cuda::AttnKernel::dma));
     cuda::dma_attention_forward(bf(out, op), f32(lse, op), bf(q, op), bf(k, op), bf(v, op), f32(bias, op),
                                 f32(thr, op), s, window);
 #endif

@@ -40,12 +40,13 @@ MemoryEstimate estimate_memory(const Config& c, Device device, int ranks) {
   e.grads = padded * 4;          // fp32
   e.optimizer = padded * 4 + 2 * moment_elems * 4;  // fp32 master weights (whole) + two moments
   e.activations = int64_t(Model::activation_bytes(c.model, B, T, DType::BF16, c.train.recompute));
-  const int64_t H = c.model.n_heads, Dh = c.model.head_dim;
+  const int64_t H = c.model.n_heads;
+  const AttentionDims d = make_attention(c.model)->dims();
   int64_t ws = 32ll << 20;                             // cuBLASLt workspace
   ws += B * H * T * 4;                                 // attention backward: rowsum(dO∘O)
-  if (!c.run.deterministic) ws += N * H * Dh * 4;      // attention backward: fp32 dQ accumulator
+  if (!c.run.deterministic) ws += N * H * d.d_qk * 4;  // attention backward: fp32 dQ accumulator
   ws += 2 * ((N + 63) / 64 * 64) * 4;                  // tokens and targets
-  ws += T * Dh * 4 + (4ll << 20);                      // RoPE table, reduction partials
+  ws += T * d.rope_dim * 4 + (4ll << 20);              // RoPE table (cos, sin of rope_dim / 2 angles), reduction partials
   e.workspace = ws;
   return e;
 }

@@ -24,6 +24,7 @@
 #include "train/checkpoint.h"
 #include "train/info.h"
 #include "kernels/cuda/device_info.h"
+#include "model/attention.h"
 #ifdef DMAT_WITH_CUDA
 #include "kernels/cuda/flash_attention.h"
 #endif
@@ -99,23 +100,22 @@ Device pick_device(const std::string& d) {
 void check_device_support(const Config& cfg, Device device) {
   if (device != Device::CUDA) return;
   const auto& m = cfg.model;
-  // The CUDA kernels for DMA's local window exist (dense mode, dma.h) but have not yet passed the
-  // gpu test label on a GPU; until they have, a training run on CUDA is refused.
-  if (m.attention.type == "dma" && m.attention.dma.local_window > 0)
-    fail("config: model.attention.local_window {} is not yet verified on CUDA (its kernels await the gpu tests); "
-         "set it to 0 or run on the CPU with run.device=\"cpu\"",
-         m.attention.dma.local_window);
+  // the attention variant knows its head dims and kernel family (kernels/cuda/head_dims.h)
+  if (const std::string why = make_attention(m)->cuda_unsupported(); !why.empty()) fail("config: {}", why);
 #ifdef DMAT_WITH_CUDA
+  const AttentionDims d = make_attention(m)->dims();
   cuda::AttnShape s;
-  s.B = 1;
+  s.B = cfg.train.batch_size;
   s.T = cfg.train.seq_len;
   s.H = m.n_heads;
   s.Hkv = m.n_kv_heads;
-  s.Dqk = s.Dv = m.head_dim;
+  s.Dqk = d.d_qk;
+  s.Dv = d.d_v;
   if (!cuda::flash_attention_supported(s))
-    fail("config: model.head_dim {} has no CUDA attention kernel (supported: 32, 64, 128); choose one of those or "
-         "run on the CPU with run.device=\"cpu\"",
-         m.head_dim);
+    fail("config: the CUDA attention kernels take T < 2^31 − 256 and at most 65535 heads and sequences per "
+         "micro-batch (got train.seq_len {}, model.n_heads {}, train.batch_size {}); run on the CPU with "
+         "run.device=\"cpu\"",
+         s.T, s.H, s.B);
 #endif
 }
 
