@@ -726,6 +726,69 @@ TEST(GpuOps, AdamwMultiTensor) {
   EXPECT_EQ(bad, 0u) << "adamw: " << bad << " of " << N << " elements wrong" << first;
 }
 
+// ---- MLA's operands (rope_unpack_mla / rope_pack_mla_backward) -----------------------------------
+// Against the CPU reference in double on the same bf16 inputs (uniform in [-1, 1)). Copies (k's and
+// kv's nope dims, v) are exact. Rotated values: one bf16 rounding of an fp32 rotation with cos/sin
+// rounded to float, ≤ 2^-24·(|x1| + |x2|) ≤ 2^-23 before the rounding, so 2^-8·|ref| + 1e-6. The
+// rotary key's gradient sums H bf16 values in fp32 first: ≤ H·2^-24·Σ|terms| more, bounded by
+// 1e-6·Σ_h (|x1| + |x2|) for H ≤ 16. In-place q (q = qp) and dq (dqp = dq) give the out-of-place bits,
+// and a rerun the same bits. The paper's shape (nope 128, rope 64, v 128) takes the vector path; the
+// odd ones the scalar path.
+TEST(GpuOps, RopeMlaMatchesCpu) {
+  REQUIRE_GPU();
+  struct S {
+    int64_t B, T, H, nope, R, Dv;
+  };
+  for (S s : {S{2, 64, 6, 128, 64, 128}, S{1, 5, 3, 6, 4, 2}, S{2, 33, 2, 16, 16, 8}}) {
+    const std::string shape = fmt::format("B={} T={} H={} nope={} R={} Dv={}", s.B, s.T, s.H, s.nope, s.R, s.Dv);
+    const int64_t N = s.B * s.T, Dqk = s.nope + s.R, half = s.R / 2;
+    const size_t nq = size_t(N * s.H * Dqk), nkv = size_t(N * s.H * (s.nope + s.Dv)), nr = size_t(N * s.R),
+                 nv = size_t(N * s.H * s.Dv);
+    const double theta = 10000.0;
+    const auto qp = rand_bf(nq, 170 + s.T), kv = rand_bf(nkv, 171 + s.T), kr = rand_bf(nr, 172 + s.T);
+    Dev<bf16> qpd(qp.b), kvd(kv.b), krd(kr.b), qd(nq), kd(nq), vd(nv);
+    qd.poison(), kd.poison(), vd.poison();
+    cuda::rope_unpack_mla(qd.p, kd.p, vd.p, qpd.p, kvd.p, krd.p, s.B, s.T, s.H, s.nope, s.R, s.Dv, theta);
+    std::vector<double> rq(nq), rk(nq), rv(nv);
+    cpu::rope_unpack_mla<double>(rq.data(), rk.data(), rv.data(), qp.d.data(), kv.d.data(), kr.d.data(), s.B, s.T,
+                                 s.H, s.nope, s.R, s.Dv, theta);
+    auto rotated = [&](const std::vector<double>& ref) {
+      return [&ref](size_t i) { return kBf16Half * std::fabs(ref[i]) + 1e-6; };
+    };
+    check_close("mla q " + shape, got_d(qd), rq, rotated(rq));
+    check_close("mla k " + shape, got_d(kd), rk, rotated(rk));
+    check_close("mla v " + shape, got_d(vd), rv, [](size_t) { return 0.0; });
+    Dev<bf16> qin(qp.b), k2(nq), v2(nv);
+    cuda::rope_unpack_mla(qin.p, k2.p, v2.p, qin.p, kvd.p, krd.p, s.B, s.T, s.H, s.nope, s.R, s.Dv, theta);
+    check_bitwise("mla q in place " + shape, qin.down(), qd.down());
+    check_bitwise("mla k rerun " + shape, k2.down(), kd.down());
+
+    // backward, from fresh gradients
+    const auto dq = rand_bf(nq, 173 + s.T), dk = rand_bf(nq, 174 + s.T), dv = rand_bf(nv, 175 + s.T);
+    Dev<bf16> dqd(dq.b), dkd(dk.b), dvd(dv.b), dqpd(nq), dkvd(nkv), dkrd(nr);
+    dqpd.poison(), dkvd.poison(), dkrd.poison();
+    cuda::rope_pack_mla_backward(dqpd.p, dkvd.p, dkrd.p, dqd.p, dkd.p, dvd.p, s.B, s.T, s.H, s.nope, s.R, s.Dv, theta);
+    std::vector<double> rdqp(nq), rdkv(nkv), rdkr(nr);
+    cpu::rope_pack_mla_backward<double>(rdqp.data(), rdkv.data(), rdkr.data(), dq.d.data(), dk.d.data(), dv.d.data(),
+                                        s.B, s.T, s.H, s.nope, s.R, s.Dv, theta);
+    check_close("mla dqp " + shape, got_d(dqpd), rdqp, rotated(rdqp));
+    check_close("mla dkv " + shape, got_d(dkvd), rdkv, [](size_t) { return 0.0; });
+    std::vector<double> terms(nr, 0.0);  // Σ_h |dk| over the pair an element of dkr is rotated from
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < s.R; ++i)
+        for (int64_t h = 0; h < s.H; ++h) {
+          const double* row = dk.d.data() + (n * s.H + h) * Dqk + s.nope;
+          terms[size_t(n * s.R + i)] += std::fabs(row[i % half]) + std::fabs(row[i % half + half]);
+        }
+    check_close("mla dkr " + shape, got_d(dkrd), rdkr,
+                [&](size_t i) { return kBf16Half * std::fabs(rdkr[i]) + 1e-6 * terms[i]; });
+    Dev<bf16> dqin(dq.b), dkv2(nkv), dkr2(nr);
+    cuda::rope_pack_mla_backward(dqin.p, dkv2.p, dkr2.p, dqin.p, dkd.p, dvd.p, s.B, s.T, s.H, s.nope, s.R, s.Dv, theta);
+    check_bitwise("mla dqp in place " + shape, dqin.down(), dqpd.down());
+    check_bitwise("mla dkr rerun " + shape, dkr2.down(), dkrd.down());
+  }
+}
+
 #endif  // DMAT_WITH_CUDA
 
 }  // namespace

@@ -66,6 +66,22 @@ template <class T>
 void rope_pack_qkv_backward(T* dqkv, const T* dq, const T* dk, const T* dv, int64_t B, int64_t Tn, int64_t H,
                             int64_t Hkv, int64_t Dh, double theta);
 
+// Multi-head Latent Attention (DeepSeek-V2/V3): the core's operands from the projections' outputs
+// (src/model/attention_mla.cpp). Per token n = (b, t): qp [B·Tn, H·Dqk], each head [nope | R] with
+// Dqk = nope + R; kv [B·Tn, H·(nope + Dv)], each head [k_nope | v]; kr [B·Tn, R], the rotary key
+// shared by all heads. RoPE as above over the R rotary dims (frequencies theta^(−2i/R)).
+//   q[n,h] = [qp[n,h,:nope] | RoPE(qp[n,h,nope:])],  k[n,h] = [kv[n,h,:nope] | RoPE(kr[n])],
+//   v[n,h] = kv[n,h,nope:];  q, k [B,Tn,H,Dqk], v [B,Tn,H,Dv] (overwrite).
+// q may alias qp (element for element); no other output may overlap an input.
+template <class T>
+void rope_unpack_mla(T* q, T* k, T* v, const T* qp, const T* kv, const T* kr, int64_t B, int64_t Tn, int64_t H,
+                     int64_t nope, int64_t R, int64_t Dv, double theta);
+// Its transpose (overwrite): dqp from dq (RoPEᵀ on the rotary dims), dkv from dk's nope dims and dv,
+// dkr = RoPEᵀ(Σ_h dk[n,h,nope:]), the sum in increasing h. dqp may alias dq.
+template <class T>
+void rope_pack_mla_backward(T* dqp, T* dkv, T* dkr, const T* dq, const T* dk, const T* dv, int64_t B, int64_t Tn,
+                            int64_t H, int64_t nope, int64_t R, int64_t Dv, double theta);
+
 // ---- attention --------------------------------------------------------------------------------
 // Causal softmax attention with grouped KV heads (query head h reads KV head h / (H / Hkv)).
 // Key j is visible to query i iff j <= i and (window == 0 || j > i - window): window w keeps

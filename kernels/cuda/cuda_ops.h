@@ -72,6 +72,13 @@ void rope_unpack_qkv(bf16* q, bf16* k, bf16* v, const bf16* qkv, int64_t B, int6
                      int64_t Dh, double theta);
 void rope_pack_qkv_backward(bf16* dqkv, const bf16* dq, const bf16* dk, const bf16* dv, int64_t B, int64_t T,
                             int64_t H, int64_t Hkv, int64_t Dh, double theta);
+// Multi-head Latent Attention's operands as cpu::rope_unpack_mla / rope_pack_mla_backward (layouts
+// there; R rotary dims per head, table of rope_forward with Dh = R). q may alias qp, dqp may alias
+// dq. The rotary key's gradient sums the heads in fp32, in increasing h, then rotates once.
+void rope_unpack_mla(bf16* q, bf16* k, bf16* v, const bf16* qp, const bf16* kv, const bf16* kr, int64_t B, int64_t T,
+                     int64_t H, int64_t nope, int64_t R, int64_t Dv, double theta);
+void rope_pack_mla_backward(bf16* dqp, bf16* dkv, bf16* dkr, const bf16* dq, const bf16* dk, const bf16* dv,
+                            int64_t B, int64_t T, int64_t H, int64_t nope, int64_t R, int64_t Dv, double theta);
 
 // ---- SwiGLU: out = silu(g)·u -------------------------------------------------------------------
 void swiglu_forward(bf16* out, const bf16* g, const bf16* u, int64_t n);

@@ -267,6 +267,62 @@ void rope_pack_qkv_backward(const Tensor& dqkv, const Tensor& dq, const Tensor& 
   });
 }
 
+namespace {
+// q, k [B,T,H,Dqk], v [B,T,H,Dv], qp N·H·Dqk values, kv N·H·(nope + Dv), kr N·R (N = B·T, R = Dqk − nope).
+void check_mla(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qp, const Tensor& kv,
+               const Tensor& kr, int64_t nope) {
+  DMAT_CHECK(q.shape.n == 4 && k.shape == q.shape && v.shape.n == 4 && v.shape[0] == q.shape[0] &&
+                 v.shape[1] == q.shape[1] && v.shape[2] == q.shape[2] && nope > 0 && nope < q.shape[3] &&
+                 (q.shape[3] - nope) % 2 == 0,
+             "{}: q {} k {} v {} nope {} (expected q, k [B,T,H,nope + R], v [B,T,H,Dv], R even)", op, q.shape.str(),
+             k.shape.str(), v.shape.str(), nope);
+  const int64_t N = q.shape[0] * q.shape[1], H = q.shape[2], R = q.shape[3] - nope, Dv = v.shape[3];
+  DMAT_CHECK(qp.numel() == q.numel() && kv.numel() == N * H * (nope + Dv) && kr.numel() == N * R,
+             "{}: qp {} kv {} kr {} (expected {}, {} and {} values)", op, qp.shape.str(), kv.shape.str(),
+             kr.shape.str(), q.numel(), N * H * (nope + Dv), N * R);
+  for (const Tensor* t : {&k, &v, &qp, &kv, &kr}) same_type(op, q, *t);
+}
+}  // namespace
+
+void rope_unpack_mla(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qp, const Tensor& kv,
+                     const Tensor& kr, int64_t nope, double theta) {
+  check_mla("rope_unpack_mla", q, k, v, qp, kv, kr, nope);
+  const int64_t B = q.shape[0], T = q.shape[1], H = q.shape[2], R = q.shape[3] - nope, Dv = v.shape[3];
+  if (on_cuda("rope", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope");
+    const char* o = "rope_unpack_mla";
+    cuda::rope_unpack_mla(bf(q, o), bf(k, o), bf(v, o), bf(qp, o), bf(kv, o), bf(kr, o), B, T, H, nope, R, Dv, theta);
+#endif
+    return;
+  }
+  dispatch("rope_unpack_mla", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::rope_unpack_mla<T_>(p<T_>(q), p<T_>(k), p<T_>(v), p<T_>(qp), p<T_>(kv), p<T_>(kr), B, T, H, nope, R, Dv,
+                             theta);
+  });
+}
+
+void rope_pack_mla_backward(const Tensor& dqp, const Tensor& dkv, const Tensor& dkr, const Tensor& dq,
+                            const Tensor& dk, const Tensor& dv, int64_t nope, double theta) {
+  check_mla("rope_pack_mla_backward", dq, dk, dv, dqp, dkv, dkr, nope);
+  const int64_t B = dq.shape[0], T = dq.shape[1], H = dq.shape[2], R = dq.shape[3] - nope, Dv = dv.shape[3];
+  if (on_cuda("rope_backward", dq)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope_backward");
+    const char* o = "rope_pack_mla_backward";
+    cuda::rope_pack_mla_backward(bf(dqp, o), bf(dkv, o), bf(dkr, o), bf(dq, o), bf(dk, o), bf(dv, o), B, T, H, nope,
+                                 R, Dv, theta);
+#endif
+    return;
+  }
+  dispatch("rope_pack_mla_backward", dq, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::rope_pack_mla_backward<T_>(p<T_>(dqp), p<T_>(dkv), p<T_>(dkr), p<T_>(dq), p<T_>(dk), p<T_>(dv), B, T, H,
+                                    nope, R, Dv, theta);
+  });
+}
+
 static void check_attn(const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
                        const Tensor& v, const AttnShape& s) {
   DMAT_CHECK(s.H % s.Hkv == 0 && q.numel() == s.B * s.T * s.H * s.Dqk && k.numel() == s.B * s.T * s.Hkv * s.Dqk &&

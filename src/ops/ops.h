@@ -36,6 +36,14 @@ void rope_backward(const Tensor& dx, const Tensor& dy, double theta);
 void rope_unpack_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qkv, double theta);
 void rope_pack_qkv_backward(const Tensor& dqkv, const Tensor& dq, const Tensor& dk, const Tensor& dv, double theta);
 
+// Multi-head Latent Attention's operands (cpu_ops.h, rope_unpack_mla): q, k [B,T,H,Dqk], v [B,T,H,Dv]
+// from qp (H·Dqk values per token; may be q itself), kv (H·(nope + Dv) per token) and the shared
+// rotary key kr (R = Dqk − nope per token); and back (dqp may be dq itself). CUDA: bf16 throughout.
+void rope_unpack_mla(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qp, const Tensor& kv,
+                     const Tensor& kr, int64_t nope, double theta);
+void rope_pack_mla_backward(const Tensor& dqp, const Tensor& dkv, const Tensor& dkr, const Tensor& dq,
+                            const Tensor& dk, const Tensor& dv, int64_t nope, double theta);
+
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const AttnShape& s);
 void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
