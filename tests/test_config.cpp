@@ -186,7 +186,7 @@ TEST(ConfigAttention, KeysOfAnotherVariantNameTheVariantThatHasThem) {
               "did you mean model.attention.bias_form (a key of attention type dma)?"});
   // the type is read first: an unknown type is named as such, whatever else the object holds
   expect_has(error_for({{"model", {{"attention", {{"type", "nope"}, {"window", 4}}}}}}),
-             {"model.attention.type must be one of mha, swa, dma (got \"nope\""});
+             {"model.attention.type must be one of mha, swa, dma, mla (got \"nope\""});
 }
 
 // Run directories written before per-variant options hold every variant's keys at their defaults:
@@ -264,8 +264,8 @@ TEST(ConfigErrors, Ranges) {
       {{{"model", {{"rope_theta", 0}}}}, {"model.rope_theta must be > 0 (got 0"}},
       {{{"model", {{"norm_eps", -1e-6}}}}, {"model.norm_eps must be > 0 (got -1e-06)"}},
       {{{"model", {{"init_std", 0.0}}}}, {"model.init_std must be > 0 (got 0.0)"}},
-      {{{"model", {{"attention", {{"type", "mla"}}}}}},
-       {"model.attention.type must be one of mha, swa, dma (got \"mla\"", "mla, nsa are planned"}},
+      {{{"model", {{"attention", {{"type", "nsa"}}}}}},
+       {"model.attention.type must be one of mha, swa, dma, mla (got \"nsa\"", "nsa is planned"}},
       {{{"model", {{"attention", {{"type", "swa"}}}}}},
        {"model.attention.window must be > 0 for attention type swa", "(got 0)"}},
       {{{"model", {{"attention", {{"type", "swa"}, {"window", -3}}}}}},
@@ -567,18 +567,25 @@ TEST(ConfigShipped, ShapesMatchThePaper) {
   EXPECT_EQ(m20.train.batch_size, 64);
   EXPECT_EQ(m20.train.seq_len, 2048);
 
-  // The attention variants of the paper's shapes change model.attention and the run name only.
+  // The attention variants of the paper's shapes change model.attention and the run name only (MLA
+  // also n_kv_heads: it has no shared KV heads, so n_kv_heads = n_heads).
   for (const char* size : {"80m", "200m"}) {
     const Config mha = load_config((dir / fmt::format("paper-{}.json", size)).string());
-    for (const char* variant : {"dma", "swa"}) {
+    for (const char* variant : {"dma", "swa", "mla"}) {
       const std::string name = fmt::format("paper-{}-{}", size, variant);
       const Config c = load_config((dir / (name + ".json")).string());
       EXPECT_EQ(c.model.attention.type, variant) << name;
-      EXPECT_EQ(c.resolved["model"]["attention"]["window"], 1024) << name;
+      if (std::string(variant) == "mla") {
+        EXPECT_EQ(c.model.attention.mla.kv_rank, c.model.d_model / 4) << name;  // the paper's d_c
+        EXPECT_EQ(c.model.n_kv_heads, c.model.n_heads) << name;
+      } else {
+        EXPECT_EQ(c.resolved["model"]["attention"]["window"], 1024) << name;
+      }
       EXPECT_EQ(c.run.name, name);
       nlohmann::json a = c.resolved, b = mha.resolved;
       for (auto* j : {&a, &b}) {
         (*j)["model"].erase("attention");
+        if (std::string(variant) == "mla") (*j)["model"].erase("n_kv_heads");
         (*j)["run"].erase("name");
         (*j)["run"].erase("dir");  // follows the name
         (*j).erase("comment");

@@ -280,10 +280,28 @@ TEST(Model, GradientCheckDynamicMaskAttentionLinearBiasGqa4) {
 TEST(Model, GradientCheckDynamicMaskAttentionLocalWindow) {
   ModelConfig c = tiny_model();
   c.attention.type = "dma";
-  c.attention.window = 2;
-  c.attention.local_window = 2;
-  check_model_gradient(c, 606, true);
+  c.attention.dma.window = 2;
+  c.attention.dma.local_window = 2;
+  check_model_gradient(c, 808, true);
 }
+
+// Multi-head Latent Attention (DeepSeek-V2/V3): GQA-free, d_qk = nope + rope = 10 ≠ d_v = 4, a latent
+// of rank 6 < d_model; without and with query compression (q_a_proj, q_a_layernorm, q_b_proj).
+ModelConfig mla_model(int64_t q_rank) {
+  ModelConfig c = tiny_model();
+  c.n_kv_heads = c.n_heads;
+  c.qk_norm = false;
+  c.attention.type = "mla";
+  c.attention.mla.kv_rank = 6;
+  c.attention.mla.q_rank = q_rank;
+  c.attention.mla.rope_dim = 4;
+  c.attention.mla.nope_dim = 6;
+  c.attention.mla.v_dim = 4;
+  return c;
+}
+
+TEST(Model, GradientCheckMultiHeadLatentAttention) { check_model_gradient(mla_model(0), 606); }
+TEST(Model, GradientCheckMultiHeadLatentAttentionQueryCompression) { check_model_gradient(mla_model(5), 707); }
 
 }  // namespace
 }  // namespace dmat

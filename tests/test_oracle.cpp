@@ -100,5 +100,18 @@ TEST(Oracle, DynamicMaskAttentionLinear) {
              R"({"model": {"attention": {"type": "dma", "window": 3, "bias_form": "linear"}, "n_kv_heads": 2}})");
 }
 
+// Multi-head Latent Attention (DeepSeek-V2/V3, as HF's DeepseekV3Attention): a latent of rank 8 of
+// d 32, 6 nope + 4 rotary q/k dims per head (d_qk 10) and 5 value dims; without, then with query
+// compression (and residual scales, so the block around the layer is the Doge one too).
+TEST(Oracle, MultiHeadLatentAttention) {
+  run_oracle("mla", R"({"model": {"n_kv_heads": 4, "attention": {"type": "mla", "kv_rank": 8, "rope_dim": 4,
+                                  "nope_dim": 6, "v_dim": 5}}})");
+}
+TEST(Oracle, MultiHeadLatentAttentionQueryCompression) {
+  run_oracle("mla_q", R"({"model": {"n_kv_heads": 4, "residual_scale": true,
+                                    "attention": {"type": "mla", "kv_rank": 8, "q_rank": 12, "rope_dim": 4,
+                                                  "nope_dim": 6, "v_dim": 5}}})");
+}
+
 }  // namespace
 }  // namespace dmat

@@ -30,7 +30,7 @@ namespace fs = std::filesystem;
 
 constexpr std::array kDmaBiasForms = {"exp", "linear"};
 // Attention types that have no layer yet (named in the error for an unknown type).
-constexpr const char* kAttentionPlanned = "mla, nsa are planned";
+constexpr const char* kAttentionPlanned = "nsa is planned";
 
 constexpr std::array kSchedules = {"constant", "cosine", "wsd"};
 constexpr std::array kDevices = {"auto", "cpu", "cuda"};
@@ -318,6 +318,30 @@ void validate_dma(ModelConfig& m) {
   if (d.dt_init_std == 0) d.dt_init_std = m.init_std;
 }
 
+void validate_mla(ModelConfig& m) {
+  MlaConfig& a = m.attention.mla;
+  require(a.kv_rank >= 1 && a.kv_rank <= m.d_model, "model.attention.kv_rank", a.kv_rank,
+          fmt::format("in 1 … model.d_model = {} for attention type mla (the rank d_c of the latent keys and values "
+                      "come from: required; a latent wider than the input it compresses adds parameters, not rank)",
+                      m.d_model));
+  require(a.q_rank >= 0 && a.q_rank <= m.d_model, "model.attention.q_rank", a.q_rank,
+          fmt::format("in 0 … model.d_model = {} (the rank of the compressed queries; 0: no query compression)",
+                      m.d_model));
+  require(a.rope_dim >= 2 && a.rope_dim % 2 == 0, "model.attention.rope_dim", a.rope_dim,
+          "even and >= 2 (RoPE rotates pairs of the rotary key's dims)");
+  require(a.nope_dim >= 0, "model.attention.nope_dim", a.nope_dim, ">= 0 (0: = model.head_dim)");
+  require(a.v_dim >= 0, "model.attention.v_dim", a.v_dim, ">= 0 (0: = model.head_dim)");
+  if (a.nope_dim == 0) a.nope_dim = m.head_dim;
+  if (a.v_dim == 0) a.v_dim = m.head_dim;
+  if (m.n_kv_heads != m.n_heads)
+    fail("config: model.n_kv_heads must equal model.n_heads = {} for attention type mla (got {}): every query head "
+         "has its own keys and values, expanded from the shared latent; leave n_kv_heads out or set it to 0",
+         m.n_heads, m.n_kv_heads);
+  if (m.qk_norm)
+    fail("config: model.qk_norm must be false for attention type mla (got true): MLA normalises its latent "
+         "(kv_a_layernorm) and compressed queries (q_a_layernorm) instead");
+}
+
 const std::vector<AttentionKind>& attention_kinds() {
   static const std::vector<AttentionKind> kinds = {
       {"mha", {}, [](const json&, const std::string&, AttentionConfig&) {},
@@ -331,6 +355,13 @@ const std::vector<AttentionKind>& attention_kinds() {
                                  {"dt_init_std", &DmaConfig::dt_init_std},
                                  {"bias_lr_scale", &DmaConfig::bias_lr_scale}},
                                 validate_dma),
+      attention_kind<MlaConfig>("mla", &AttentionConfig::mla,
+                                {{"kv_rank", &MlaConfig::kv_rank},
+                                 {"q_rank", &MlaConfig::q_rank},
+                                 {"rope_dim", &MlaConfig::rope_dim},
+                                 {"nope_dim", &MlaConfig::nope_dim},
+                                 {"v_dim", &MlaConfig::v_dim}},
+                                validate_mla),
   };
   return kinds;
 }

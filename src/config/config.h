@@ -37,10 +37,20 @@ struct DmaConfig {
   double bias_lr_scale = 1.0; // learning-rate multiplier of A and dt_proj.weight
 };
 
+// Multi-head Latent Attention (DeepSeek-V2/V3; README "MLA"). n_kv_heads must equal n_heads.
+struct MlaConfig {
+  int64_t kv_rank = 0;        // d_c: rank of the latent keys and values come from; required, 1 … d_model
+  int64_t q_rank = 0;         // rank of the compressed queries (q_a_proj / q_b_proj); 0: no compression
+  int64_t rope_dim = 64;      // rotary q/k dims per head (the rotary key is shared by all heads); even
+  int64_t nope_dim = 0;       // q/k dims per head without RoPE; 0: model.head_dim (resolved by validation)
+  int64_t v_dim = 0;          // value dims per head; 0: model.head_dim (resolved by validation)
+};
+
 struct AttentionConfig {
-  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask)
+  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask) | "mla"
   SwaConfig swa;
   DmaConfig dma;
+  MlaConfig mla;
 };
 
 struct ModelConfig {

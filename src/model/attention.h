@@ -54,11 +54,20 @@ class Attention {
   // Forward FLOPs per token of the attention core (scores and weighted sum) at sequence length T,
   // for `dmatrain info` (projections are counted with the parameters).
   virtual double core_flops_per_token(int64_t T) const = 0;
+  // The core's training FLOPs per token (one layer) in the MFU convention (DESIGN.md: 6·N + 6·L·T·d):
+  // the dense causal core at width d_model, whatever keys the variant visits. MLA counts its wider
+  // core (DeepSeek's accounting, attention_mla.cpp).
+  virtual double mfu_core_flops_per_token(int64_t T, int64_t d_model) const {
+    return 6.0 * double(T) * double(d_model);
+  }
+  // The resulting model formula, for messages.
+  virtual std::string mfu_convention() const { return "6·N + 6·L·T·d"; }
 };
 
 std::unique_ptr<Attention> make_attention(const ModelConfig& cfg);
 // The variants in files of their own (make_attention picks by model.attention.type).
 std::unique_ptr<Attention> make_dma_attention(const ModelConfig& cfg);  // attention_dma.cpp
+std::unique_ptr<Attention> make_mla_attention(const ModelConfig& cfg);  // attention_mla.cpp
 
 // cuda_unsupported() of the variants whose q, k and v heads all have model.head_dim dims, run by
 // `kernel`: "" or "model.head_dim 48 has no CUDA attention kernel (...)".

@@ -83,6 +83,7 @@ std::unique_ptr<Attention> make_attention(const ModelConfig& cfg) {
   const std::string& t = cfg.attention.type;
   if (t == "mha" || t == "swa") return std::make_unique<CausalAttention>(cfg);
   if (t == "dma") return make_dma_attention(cfg);
+  if (t == "mla") return make_mla_attention(cfg);
   fail("model.attention.type \"{}\" has no implementation in this build", t);
 }
 

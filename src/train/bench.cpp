@@ -150,8 +150,8 @@ void bench_train(const Config& cfg, const TrainBenchOptions& opt, std::ostream& 
                      tc.grad_accum, cfg.model.attention.type, tc.recompute ? ", recompute" : "");
   out << fmt::format("  step {:.2f} ms, {:.0f} tokens/s", dt * 1e3, tps);
   if (peak_flops > 0)
-    out << fmt::format(", MFU {:.1f}% (6·N + 6·L·T·d = {:.4g} FLOPs/token against {:.0f} TFLOP/s)", 100 * mfu,
-                       counts.flops_per_token, peak_flops / 1e12);
+    out << fmt::format(", MFU {:.1f}% ({} = {:.4g} FLOPs/token against {:.0f} TFLOP/s)", 100 * mfu,
+                       counts.flops_convention, counts.flops_per_token, peak_flops / 1e12);
   out << "\n";
   out << fmt::format("  split (synchronised steps): forward + LM head backward {:.2f} ms, backward {:.2f} ms, "
                      "clip + AdamW {:.2f} ms\n",

@@ -16,10 +16,12 @@ ModelCounts count_model(const ModelConfig& m, int64_t T) {
   }
   const int64_t emb = c.by_group["embedding"], head = c.by_group.count("head") ? c.by_group["head"] : 0;
   c.non_embedding = c.total - emb - head;
-  c.flops_per_token = 6.0 * double(c.total) + 6.0 * double(m.n_layers) * double(T) * double(m.d_model);
+  const auto attn = make_attention(m);
+  c.flops_per_token = 6.0 * double(c.total) + double(m.n_layers) * attn->mfu_core_flops_per_token(T, m.d_model);
+  c.flops_convention = attn->mfu_convention();
   const double lm_head = double(m.vocab_size) * double(m.d_model);  // tied or not, the head is a matmul
-  c.matmul_flops_per_token = 6.0 * (double(c.non_embedding) + lm_head) +
-                             3.0 * double(m.n_layers) * make_attention(m)->core_flops_per_token(T);
+  c.matmul_flops_per_token =
+      6.0 * (double(c.non_embedding) + lm_head) + 3.0 * double(m.n_layers) * attn->core_flops_per_token(T);
   return c;
 }
 
@@ -80,8 +82,10 @@ std::string describe(const Config& c) {
   s += fmt::format("  {:<12} {:>14} ({})  [total minus token embedding and untied LM head]\n", "non-embedding",
                    k.non_embedding, human(double(k.non_embedding)));
   s += fmt::format("FLOPs per token at T={}:\n", c.train.seq_len);
-  s += fmt::format("  {:.6g}  MFU convention (DESIGN.md): 6·N + 6·L·T·d = 6·{} + 6·{}·{}·{}\n", k.flops_per_token,
-                   k.total, m.n_layers, c.train.seq_len, m.d_model);
+  const double core = make_attention(m)->mfu_core_flops_per_token(c.train.seq_len, m.d_model);
+  s += fmt::format("  {:.6g}  MFU convention (DESIGN.md; MLA: DeepSeek's accounting of its wider core): {} = 6·{} + "
+                   "{}·{:.6g}\n",
+                   k.flops_per_token, k.flops_convention, k.total, m.n_layers, core);
   s += fmt::format("  {:.6g}  executed matmuls, forward + backward (6·(N_non-emb + V·d) + 3·attention core)\n",
                    k.matmul_flops_per_token);
   const double tokens = double(c.train.steps) * double(c.train.batch_size * c.train.grad_accum * c.train.seq_len);

@@ -14,8 +14,10 @@ struct ModelCounts {
   std::map<std::string, int64_t> by_group;  // embedding, attention, mlp, norm, residual, head
   int64_t total = 0;
   int64_t non_embedding = 0;  // total minus the token embedding and an untied LM head
-  // MFU convention of DESIGN.md: 6·N + 6·L·T·d with N = total parameters, d = d_model.
+  // MFU convention of DESIGN.md: 6·N + 6·L·T·d with N = total parameters, d = d_model; MLA counts
+  // its wider core, 6·N + 3·L·T·H·(d_qk + d_v). flops_convention names the formula used.
   double flops_per_token = 0;
+  std::string flops_convention;
   // Matmul FLOPs actually executed per token (forward + backward = 3 × forward): projections,
   // MLP and LM head 6·(N − embedding), plus the causal attention core.
   double matmul_flops_per_token = 0;

@@ -328,8 +328,8 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
                         host_buckets != nullptr);
   AdamW adam(model, tc, dp.shard_lo(), dp.shard_hi(), &comm);
   const ModelCounts counts = count_model(cfg.model, tc.seq_len);
-  spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token (6N + 6LTd)", counts.total,
-               counts.non_embedding, counts.flops_per_token);
+  spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token ({})", counts.total,
+               counts.non_embedding, counts.flops_per_token, counts.flops_convention);
   // MFU against the device's dense bf16 peak (DESIGN.md convention); null where the peak is unknown.
   // Every rank's device counts.
   const double peak = device == Device::CUDA ? cuda::peak_bf16_flops(gpu) * double(world) : 0.0;

@@ -3,7 +3,7 @@
 
     /usr/bin/python3 tests/oracle/selftest.py
 
-For a few small random configs (MHA/SWA, GQA/MQA, tied/untied, qk_norm, residual_scale, ignored
+For a few small random configs (MHA/SWA/MLA, GQA/MQA, tied/untied, qk_norm, residual_scale, ignored
 targets) it writes a DIR the way the C++ test does, with "ours" computed by the oracle's own torch
 code in float32, and checks:
   1. the oracle's vectorised float64 model equals a literal loop-by-loop numpy transcription of the
@@ -66,14 +66,32 @@ def naive_logits(c, W, inputs):
     def rms(x, g):
         return x / math.sqrt(sum(float(e) * float(e) for e in x) / len(x) + eps) * g
 
-    def rot(x, t):
+    def rot(x, t):  # rotate-half RoPE over all of x (MLA: its rotary dims)
+        n = len(x)
         y = np.empty_like(x)
-        for i in range(Dh // 2):
-            f = c["theta"] ** (-2.0 * i / Dh)
+        for i in range(n // 2):
+            f = c["theta"] ** (-2.0 * i / n)
             co, si = math.cos(t * f), math.sin(t * f)
-            y[i] = x[i] * co - x[i + Dh // 2] * si
-            y[i + Dh // 2] = x[i + Dh // 2] * co + x[i] * si
+            y[i] = x[i] * co - x[i + n // 2] * si
+            y[i + n // 2] = x[i + n // 2] * co + x[i] * si
         return y
+
+    def mla_qkv(p, a, t):
+        """Per head q, k, v of Multi-head Latent Attention (DeepSeek-V2/V3) at position t."""
+        C, R, P, Dv, Q = c["kv_rank"], c["rope_dim"], c["nope_dim"], c["v_dim"], c["q_rank"]
+        if Q == 0:
+            qf = W[p + "self_attn.q_proj.weight"] @ a
+        else:
+            qf = W[p + "self_attn.q_b_proj.weight"] @ rms(W[p + "self_attn.q_a_proj.weight"] @ a,
+                                                         W[p + "self_attn.q_a_layernorm.weight"])
+        ckv = W[p + "self_attn.kv_a_proj_with_mqa.weight"] @ a
+        kv = W[p + "self_attn.kv_b_proj.weight"] @ rms(ckv[:C], W[p + "self_attn.kv_a_layernorm.weight"])
+        kr = rot(ckv[C:], t)
+        q = [np.concatenate([qf[j * (P + R):j * (P + R) + P], rot(qf[j * (P + R) + P:(j + 1) * (P + R)], t)])
+             for j in range(H)]
+        k = [np.concatenate([kv[j * (P + Dv):j * (P + Dv) + P], kr]) for j in range(H)]
+        v = [kv[j * (P + Dv) + P:(j + 1) * (P + Dv)] for j in range(H)]
+        return q, k, v
 
     B, T = inputs.shape
     out = np.zeros((B, T, V))
@@ -82,25 +100,32 @@ def naive_logits(c, W, inputs):
         for li in range(c["L"]):
             p = f"model.layers.{li}."
             a = [rms(h[t], W[p + "input_layernorm.weight"]) for t in range(T)]
-            q = [[W[p + "self_attn.q_proj.weight"][j * Dh:(j + 1) * Dh] @ a[t] for j in range(H)] for t in range(T)]
-            k = [[W[p + "self_attn.k_proj.weight"][j * Dh:(j + 1) * Dh] @ a[t] for j in range(Hkv)] for t in range(T)]
-            v = [[W[p + "self_attn.v_proj.weight"][j * Dh:(j + 1) * Dh] @ a[t] for j in range(Hkv)] for t in range(T)]
-            if c["qk_norm"]:
-                q = [[rms(x, W[p + "self_attn.q_norm.weight"]) for x in row] for row in q]
-                k = [[rms(x, W[p + "self_attn.k_norm.weight"]) for x in row] for row in k]
-            q = [[rot(x, t) for x in q[t]] for t in range(T)]
-            k = [[rot(x, t) for x in k[t]] for t in range(T)]
+            if c["att"] == "mla":
+                q, k, v = map(list, zip(*[mla_qkv(p, a[t], t) for t in range(T)]))
+                Dq, Dv = c["nope_dim"] + c["rope_dim"], c["v_dim"]
+            else:
+                q = [[W[p + "self_attn.q_proj.weight"][j * Dh:(j + 1) * Dh] @ a[t] for j in range(H)] for t in range(T)]
+                k = [[W[p + "self_attn.k_proj.weight"][j * Dh:(j + 1) * Dh] @ a[t] for j in range(Hkv)]
+                     for t in range(T)]
+                v = [[W[p + "self_attn.v_proj.weight"][j * Dh:(j + 1) * Dh] @ a[t] for j in range(Hkv)]
+                     for t in range(T)]
+                if c["qk_norm"]:
+                    q = [[rms(x, W[p + "self_attn.q_norm.weight"]) for x in row] for row in q]
+                    k = [[rms(x, W[p + "self_attn.k_norm.weight"]) for x in row] for row in k]
+                q = [[rot(x, t) for x in q[t]] for t in range(T)]
+                k = [[rot(x, t) for x in k[t]] for t in range(T)]
+                Dq, Dv = Dh, Dh
             new_h = []
             for t in range(T):
-                o = np.zeros(H * Dh)
+                o = np.zeros(H * Dv)
                 for j in range(H):
                     g = j // (H // Hkv)
-                    keys = [s for s in range(T) if s <= t and (c["att"] == "mha" or s > t - c["window"])]
-                    sc = [float(q[t][j] @ k[s][g]) / math.sqrt(Dh) for s in keys]
+                    keys = [s for s in range(T) if s <= t and (c["att"] != "swa" or s > t - c["window"])]
+                    sc = [float(q[t][j] @ k[s][g]) / math.sqrt(Dq) for s in keys]
                     mx = max(sc)
                     e = [math.exp(x - mx) for x in sc]
                     z = sum(e)
-                    o[j * Dh:(j + 1) * Dh] = sum(e[i] / z * v[s][g] for i, s in enumerate(keys))
+                    o[j * Dv:(j + 1) * Dv] = sum(e[i] / z * v[s][g] for i, s in enumerate(keys))
                 att = W[p + "self_attn.o_proj.weight"] @ o
                 r1 = W[p + "input_residual"] if c["residual_scale"] else 1.0
                 x = r1 * h[t] + att
@@ -164,6 +189,12 @@ def main():
                                "attention": {"type": "swa", "window": 3}}),
         ("mqa_defaults", {"vocab_size": 9, "d_model": 16, "n_layers": 1, "n_heads": 4, "n_kv_heads": 1,
                           "head_dim": 0, "ffn_dim": 0, "attention": {"type": "mha"}}),
+        ("mla", {"vocab_size": 11, "d_model": 12, "n_layers": 2, "n_heads": 3, "n_kv_heads": 3, "head_dim": 4,
+                 "ffn_dim": 10, "rope_theta": 100.0, "attention": {"type": "mla", "kv_rank": 5, "rope_dim": 4,
+                                                                 "nope_dim": 6, "v_dim": 3}}),
+        ("mla_q_rank", {"vocab_size": 11, "d_model": 12, "n_layers": 1, "n_heads": 2, "n_kv_heads": 0,
+                        "head_dim": 4, "ffn_dim": 10, "residual_scale": True, "tie_embeddings": True,
+                        "attention": {"type": "mla", "kv_rank": 4, "q_rank": 5, "rope_dim": 2}}),
     ]
     root = tempfile.mkdtemp(prefix="oracle_selftest_")
     for i, (tag, model) in enumerate(cases):

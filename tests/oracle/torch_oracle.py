@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible; MHA/GQA, SWA, DMA).
+"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible; MHA/GQA, SWA, DMA, MLA).
 
 Written from the model's definition (not from the C++ code): builds the model in float64 from
 DIR/model.safetensors, runs it on DIR/batch.safetensors, and compares logits, loss and every
@@ -94,8 +94,24 @@ def resolve_model_config(m):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w != int(w) or w <= 0:
             raise BadInput(f"config.json: {c['att']} needs model.attention.window > 0 (got {w!r})")
         c["window"] = int(w)
+    elif c["att"] == "mla":
+        # DeepSeek-V2/V3 Multi-head Latent Attention (README "MLA"); nope_dim / v_dim 0 mean head_dim
+        def dim(key, default):
+            v = att.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+                raise BadInput(f"config.json: model.attention.{key} must be a non-negative integer (got {v!r})")
+            return int(v) or default
+        c["kv_rank"] = dim("kv_rank", 0)
+        c["q_rank"] = int(att.get("q_rank", 0))
+        c["rope_dim"] = dim("rope_dim", 64)
+        c["nope_dim"] = dim("nope_dim", c["Dh"])
+        c["v_dim"] = dim("v_dim", c["Dh"])
+        if c["kv_rank"] <= 0 or c["rope_dim"] % 2 or c["q_rank"] < 0:
+            raise BadInput(f"config.json: mla needs kv_rank > 0, an even rope_dim and q_rank >= 0 (got {att!r})")
+        if c["Hkv"] != c["H"]:
+            raise BadInput(f"config.json: mla has no KV-head groups (n_kv_heads {c['Hkv']} != n_heads {c['H']})")
     elif c["att"] != "mha":
-        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa, dma)")
+        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa, dma, mla)")
     if c["att"] == "dma" and c["bias_form"] not in ("exp", "linear"):
         raise BadInput(f"config.json: model.attention.bias_form must be exp or linear (got {c['bias_form']!r})")
     c["local_window"] = int(att.get("local_window", 0) or 0) if c["att"] == "dma" else 0
@@ -111,16 +127,29 @@ def param_shapes(c):
     for i in range(c["L"]):
         p = f"model.layers.{i}."
         s[p + "input_layernorm.weight"] = (D,)
-        s[p + "self_attn.q_proj.weight"] = (H * Dh, D)
-        s[p + "self_attn.k_proj.weight"] = (Hkv * Dh, D)
-        s[p + "self_attn.v_proj.weight"] = (Hkv * Dh, D)
-        if c["qk_norm"]:
-            s[p + "self_attn.q_norm.weight"] = (Dh,)
-            s[p + "self_attn.k_norm.weight"] = (Dh,)
-        s[p + "self_attn.o_proj.weight"] = (D, H * Dh)
-        if c["att"] == "dma":
-            s[p + "self_attn.dt_proj.weight"] = (Hkv, Hkv * Dh)  # nn.Linear(Hkv*Dh -> Hkv), as HF Doge
-            s[p + "self_attn.A"] = (Hkv,)
+        if c["att"] == "mla":  # Hugging Face DeepseekV3Attention's parameters
+            C, R, P, Dv, Q = c["kv_rank"], c["rope_dim"], c["nope_dim"], c["v_dim"], c["q_rank"]
+            if Q == 0:
+                s[p + "self_attn.q_proj.weight"] = (H * (P + R), D)
+            else:
+                s[p + "self_attn.q_a_proj.weight"] = (Q, D)
+                s[p + "self_attn.q_a_layernorm.weight"] = (Q,)
+                s[p + "self_attn.q_b_proj.weight"] = (H * (P + R), Q)
+            s[p + "self_attn.kv_a_proj_with_mqa.weight"] = (C + R, D)
+            s[p + "self_attn.kv_a_layernorm.weight"] = (C,)
+            s[p + "self_attn.kv_b_proj.weight"] = (H * (P + Dv), C)
+            s[p + "self_attn.o_proj.weight"] = (D, H * Dv)
+        else:
+            s[p + "self_attn.q_proj.weight"] = (H * Dh, D)
+            s[p + "self_attn.k_proj.weight"] = (Hkv * Dh, D)
+            s[p + "self_attn.v_proj.weight"] = (Hkv * Dh, D)
+            if c["qk_norm"]:
+                s[p + "self_attn.q_norm.weight"] = (Dh,)
+                s[p + "self_attn.k_norm.weight"] = (Dh,)
+            s[p + "self_attn.o_proj.weight"] = (D, H * Dh)
+            if c["att"] == "dma":
+                s[p + "self_attn.dt_proj.weight"] = (Hkv, Hkv * Dh)  # nn.Linear(Hkv*Dh -> Hkv), as HF Doge
+                s[p + "self_attn.A"] = (Hkv,)
         if c["residual_scale"]:
             s[p + "input_residual"] = (D,)
             s[p + "post_attention_residual"] = (D,)
@@ -202,7 +231,38 @@ def dma_bias_and_mask(v, P, p, c):
     return bias, mask
 
 
+def mla_attention(a, P, p, c):
+    """DeepSeek-V2/V3 Multi-head Latent Attention, as Hugging Face's DeepseekV3Attention computes it
+    (rope_interleave = False): a latent c_kv of rank kv_rank (RMSNorm'd) expanded per head into
+    k_nope and v, one rotary key shared by all heads, queries [q_nope | RoPE(q_rope)] (optionally
+    through a compressed q_a), scores scaled by 1/sqrt(nope + rope), causal."""
+    B, T, _ = a.shape
+    H, C, R, Pn, Dv, Q = c["H"], c["kv_rank"], c["rope_dim"], c["nope_dim"], c["v_dim"], c["q_rank"]
+    if Q == 0:
+        q = a @ P[p + "self_attn.q_proj.weight"].T
+    else:
+        qa = rms_norm(a @ P[p + "self_attn.q_a_proj.weight"].T, P[p + "self_attn.q_a_layernorm.weight"], c["eps"])
+        q = qa @ P[p + "self_attn.q_b_proj.weight"].T
+    q = q.view(B, T, H, Pn + R)
+    q_nope, q_rot = q[..., :Pn], q[..., Pn:]
+    ckv = a @ P[p + "self_attn.kv_a_proj_with_mqa.weight"].T                    # [B,T,C+R]
+    latent, k_rot = ckv[..., :C], ckv[..., C:]
+    kv = rms_norm(latent, P[p + "self_attn.kv_a_layernorm.weight"], c["eps"]) @ P[p + "self_attn.kv_b_proj.weight"].T
+    kv = kv.view(B, T, H, Pn + Dv)
+    k_nope, v = kv[..., :Pn], kv[..., Pn:]
+    q_rot = rope(q_rot, c["theta"])                                             # over the R rotary dims
+    k_rot = rope(k_rot.view(B, T, 1, R), c["theta"]).expand(B, T, H, R)
+    q = torch.cat([q_nope, q_rot], dim=-1).transpose(1, 2)                      # [B,H,T,P+R]
+    k = torch.cat([k_nope, k_rot], dim=-1).transpose(1, 2)
+    v = v.transpose(1, 2)                                                       # [B,H,T,Dv]
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(Pn + R)).masked_fill(~visible_mask(T, c), float("-inf"))
+    o = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, H * Dv)
+    return o @ P[p + "self_attn.o_proj.weight"].T
+
+
 def attention(a, P, p, c):
+    if c["att"] == "mla":
+        return mla_attention(a, P, p, c)
     B, T, _ = a.shape
     H, Hkv, Dh = c["H"], c["Hkv"], c["Dh"]
     q = (a @ P[p + "self_attn.q_proj.weight"].T).view(B, T, H, Dh)
