@@ -290,5 +290,23 @@ TEST(GpuTrain, UnsupportedHeadDimIsRefusedUpFront) {
   EXPECT_FALSE(fs::exists(dir + "/run")) << "the run directory was created";
 }
 
+// MLA whose core has no CUDA kernel (nope 96 + rope 64 = 160 q·k dims with 128 value dims) is
+// refused before anything is written, naming the keys.
+TEST(GpuTrain, MlaHeadDimsWithoutAKernelAreRefusedUpFront) {
+  SKIP_WITHOUT_GPU();
+  namespace fs = std::filesystem;
+  const std::string dir = test::temp_dir("gpu_bad_mla");
+  const std::string cfg = test::source_dir() + "/configs/tiny.json --set run.device=cuda --set model.n_kv_heads=0" +
+                          R"( --set 'model.attention={"type":"mla","kv_rank":32,"nope_dim":96,"v_dim":128}')" +
+                          test::prepare_bundled_data(dir);
+  auto r = test::run(test::dmatrain_bin() + " train " + cfg + " --out " + dir + "/run");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find("model.attention.nope_dim + rope_dim = 96 + 64 (q·k dims) with model.attention.v_dim = 128 "
+                       "has no CUDA attention kernel"),
+            std::string::npos)
+      << r.out;
+  EXPECT_FALSE(fs::exists(dir + "/run")) << "the run directory was created";
+}
+
 }  // namespace
 }  // namespace dmat
