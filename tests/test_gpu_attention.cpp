@@ -36,6 +36,7 @@
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/head_dims.h"
 #endif
 
 namespace dmat {
@@ -210,10 +211,19 @@ std::vector<cuda::FlashPath> forward_paths(const cpu::AttnShape& s) {
 }
 const char* path_name(cuda::FlashPath p) { return p == cuda::FlashPath::wgmma ? "wgmma" : "mma"; }
 
+// The head-dim pairs the kernels are built for (kernels/cuda/head_dims.h), all or those with a
+// wgmma kernel: a row added to the table is tested here without further edits.
+std::vector<std::pair<int64_t, int64_t>> table_dims(bool wgmma_only = false) {
+  std::vector<std::pair<int64_t, int64_t>> v;
+  for (const cuda::HeadDims& h : cuda::kHeadDims)
+    if (!wgmma_only || h.wgmma) v.push_back({h.dqk, h.dv});
+  return v;
+}
+
 // Every head-dim pair x every T x every window; B and the GQA group cycle with the index so
 // each value meets many of the others without the full cross product.
 std::vector<Case> all_cases() {
-  const int64_t dims[4][2] = {{32, 32}, {64, 64}, {128, 128}, {192, 128}};
+  const auto dims = table_dims();
   const int64_t Ts[] = {1, 17, 64, 100, 128, 257, 1000};
   const int64_t windows[] = {0, 1, 16, 100, 129};
   const int64_t heads[3][2] = {{4, 4}, {4, 2}, {8, 2}};
@@ -224,7 +234,7 @@ std::vector<Case> all_cases() {
       for (int64_t w : windows) {
         const int64_t B = 1 + (idx % 2);
         const auto& hh = heads[(idx / 2) % 3];
-        cs.push_back({d[0], d[1], T, w, B, hh[0], hh[1]});
+        cs.push_back({d.first, d.second, T, w, B, hh[0], hh[1]});
         ++idx;
       }
   return cs;
@@ -367,7 +377,7 @@ Gather build_gather(const cpu::AttnShape& s, const std::function<std::vector<int
   return g;
 }
 
-std::vector<std::pair<int64_t, int64_t>> hook_dims() { return {{32, 32}, {64, 64}, {128, 128}, {192, 128}}; }
+std::vector<std::pair<int64_t, int64_t>> hook_dims() { return table_dims(); }
 
 TEST(FlashAttentionHooks, GatherAllCausalKeysEqualsDense) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
@@ -616,7 +626,7 @@ TEST(FlashAttentionWgmma, PathSelection) {
 // rounding P to bf16 in its own tiling, so they agree to the same tolerance as against fp64.
 TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {  // forward, and the dQ pass
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (auto [Dqk, Dv] : std::vector<std::pair<int64_t, int64_t>>{{64, 64}, {128, 128}, {192, 128}})
+  for (auto [Dqk, Dv] : table_dims(/*wgmma_only=*/true))
     for (int64_t window : {0, 1000}) {
       cpu::AttnShape s = hook_shape(Dqk, Dv, 4099, window);
       s.B = 1;
