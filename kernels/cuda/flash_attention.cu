@@ -2232,7 +2232,7 @@ void backward_dims(const BwdParams& p, int64_t B, bool deterministic, bool wgmma
 // dims 64 and 128, else mma.sync; deterministic either way).
 template <int D>
 void dma_dkdv_dims(const BwdParams& p, int64_t B, bool wg) {
-  if constexpr (D == 64 || D == 128) {
+  if constexpr (head_dims_wgmma(D, D)) {  // a wgmma kernel for this head dim (head_dims.h)
     if (wg) {
       using LK = WgKvSmem<D, D>;
       static_assert(LK::BN == kFlashGroupKeys, "one key group per dK/dV block");
@@ -2256,7 +2256,7 @@ void dma_dkdv_dims(const BwdParams& p, int64_t B, bool wg) {
 
 template <int D>
 void dma_dq_dims(const BwdParams& p, int64_t B, bool wg, int n_tiles) {
-  if constexpr (D == 64 || D == 128) {
+  if constexpr (head_dims_wgmma(D, D)) {  // a wgmma kernel for this head dim (head_dims.h)
     if (wg) {
       using L = WgDqSmem<D, D>;
       static_assert(kWgBM == kFwdBM, "the dQ pass reads the forward's per-tile lists");
