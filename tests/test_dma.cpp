@@ -577,9 +577,9 @@ TEST(DmaLayer, InitAndLearningRateOptionsActOnAAndDtProjOnly) {
   const int64_t B = 2, T = 12;
   auto step_once = [&](double lr_scale, Arena& before) {
     ModelConfig c = dma_model(3);
-    c.attention.a_init = 0.25;
-    c.attention.dt_init_std = 0.05;
-    c.attention.bias_lr_scale = lr_scale;
+    c.attention.dma.a_init = 0.25;
+    c.attention.dma.dt_init_std = 0.05;
+    c.attention.dma.bias_lr_scale = lr_scale;
     Model m(c, DType::F64);
     m.init_weights(21);
     before = m.host_weights();

@@ -299,8 +299,6 @@ TEST(MlaConfig, DefaultsResolveAndBadInputIsNamed) {
       {with({{"type", "mla"}, {"kv_rank", 8}, {"rope_dim", 7}}), "model.attention.rope_dim must be even and >= 2 (RoPE"},
       {with({{"type", "mla"}, {"kv_rank", 8}, {"rope_dim", 0}}), "model.attention.rope_dim must be even and >= 2"},
       {with({{"type", "mla"}, {"kv_rank", 8}, {"v_dim", -2}}), "model.attention.v_dim must be >= 0"},
-      {with({{"type", "mla"}, {"kv_rank", 8}}, {{"n_kv_heads", 1}}),
-       "model.n_kv_heads must equal model.n_heads = 2 for attention type mla (got 1)"},
       {with({{"type", "mla"}, {"kv_rank", 8}}, {{"qk_norm", true}}), "model.qk_norm must be false for attention type mla"},
       // MLA's options on another variant, and another variant's on MLA
       {with({{"type", "mha"}, {"kv_rank", 8}}), "model.attention.kv_rank must be absent for attention type mha (only mla has it"},

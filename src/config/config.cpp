@@ -333,10 +333,9 @@ void validate_mla(ModelConfig& m) {
   require(a.v_dim >= 0, "model.attention.v_dim", a.v_dim, ">= 0 (0: = model.head_dim)");
   if (a.nope_dim == 0) a.nope_dim = m.head_dim;
   if (a.v_dim == 0) a.v_dim = m.head_dim;
-  if (m.n_kv_heads != m.n_heads)
-    fail("config: model.n_kv_heads must equal model.n_heads = {} for attention type mla (got {}): every query head "
-         "has its own keys and values, expanded from the shared latent; leave n_kv_heads out or set it to 0",
-         m.n_heads, m.n_kv_heads);
+  // model.n_kv_heads does not apply: every query head gets its own keys and values, expanded from the
+  // shared latent. It is left as written, so the rungs of a size keep one model section besides
+  // model.attention (the ladder compares variants that differ in nothing else).
   if (m.qk_norm)
     fail("config: model.qk_norm must be false for attention type mla (got true): MLA normalises its latent "
          "(kv_a_layernorm) and compressed queries (q_a_layernorm) instead");

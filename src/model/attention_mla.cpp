@@ -29,10 +29,10 @@ class MlaAttention final : public Attention {
         R_(c.attention.mla.rope_dim), nope_(c.attention.mla.nope_dim), Dv_(c.attention.mla.v_dim),
         Dqk_(nope_ + R_), theta_(c.rope_theta), eps_(c.norm_eps), std_(c.init_std),
         out_std_(c.init_std / std::sqrt(2.0 * double(c.n_layers))) {
-    DMAT_CHECK(C_ > 0 && Q_ >= 0 && R_ > 0 && R_ % 2 == 0 && nope_ > 0 && Dv_ > 0 && c.n_kv_heads == c.n_heads,
-               "mla attention: kv_rank {} q_rank {} rope_dim {} nope_dim {} v_dim {} n_kv_heads {} (validated config "
-               "expected)",
-               C_, Q_, R_, nope_, Dv_, c.n_kv_heads);
+    // (model.n_kv_heads does not apply: one key and value head per query head, from the latent)
+    DMAT_CHECK(C_ > 0 && Q_ >= 0 && R_ > 0 && R_ % 2 == 0 && nope_ > 0 && Dv_ > 0,
+               "mla attention: kv_rank {} q_rank {} rope_dim {} nope_dim {} v_dim {} (validated config expected)", C_,
+               Q_, R_, nope_, Dv_);
   }
 
   AttentionDims dims() const override { return {Dqk_, Dv_, R_, cuda::AttnKernel::flash}; }

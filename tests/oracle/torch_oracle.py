@@ -108,8 +108,7 @@ def resolve_model_config(m):
         c["v_dim"] = dim("v_dim", c["Dh"])
         if c["kv_rank"] <= 0 or c["rope_dim"] % 2 or c["q_rank"] < 0:
             raise BadInput(f"config.json: mla needs kv_rank > 0, an even rope_dim and q_rank >= 0 (got {att!r})")
-        if c["Hkv"] != c["H"]:
-            raise BadInput(f"config.json: mla has no KV-head groups (n_kv_heads {c['Hkv']} != n_heads {c['H']})")
+        c["Hkv"] = c["H"]  # n_kv_heads does not apply to mla: one key/value head per query head
     elif c["att"] != "mha":
         raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa, dma, mla)")
     if c["att"] == "dma" and c["bias_form"] not in ("exp", "linear"):
