@@ -557,6 +557,11 @@ TermSize term_size(const cpu::AttnShape& s, const BfInput& q, const BfInput& k, 
     }
   return r;
 }
+// Two host copies hold the same bits.
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
 double abs_max(const std::vector<double>& x) {
   double m = 0;
   for (double v : x) m = std::max(m, std::fabs(v));
@@ -633,9 +638,6 @@ TEST(GpuDma, AttentionOpsForwardAndBackwardMatchCpu) {
             cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
                                          gt.p, s, w, path);
             cuda::testing::set_attention_side_stream(old_side);
-            auto same_bits = [](const auto& a, const auto& b) {
-              return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
-            };
             EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
                         same_bits(gdb.down(), db1))
                 << wm << ": the backward is not bitwise repeatable (with and without the side stream)";
@@ -713,9 +715,6 @@ TEST(GpuDma, LocalWindowOpsMatchCpu) {
             check_close(what + " dbias", to_d(db1), db_ref, [&](size_t x) { return 1e-2 * ts.M[x] + 1e-9 * m_max; });
             cuda::dma_attention_backward(gdq.p, gdk.p, gdv.p, gdb.p, gdo.p, gout.p, glse.p, gq.p, gk.p, gv.p, gb.p,
                                          gt.p, s, w, path);
-            auto same_bits = [](const auto& a, const auto& b) {
-              return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
-            };
             EXPECT_TRUE(same_bits(gdq.down(), dq1) && same_bits(gdk.down(), dk1) && same_bits(gdv.down(), dv1) &&
                         same_bits(gdb.down(), db1))
                 << what << ": the backward is not bitwise repeatable";
