@@ -236,7 +236,7 @@ def cmd_report(args):
     for r in runs:
         by.setdefault(r["arm"], []).append(r)
     mha = mean_std([float(r["val_loss"]) for r in by.get("mha", [])]) if "mha" in by else None
-    print("| arm | what | seeds | val loss (mean ± std) | each seed | vs MHA |")
+    print("| arm | what | seeds | val loss (mean ± std) | each seed | vs its MHA |")
     print("|---|---|---|---|---|---|")
     for name in ARMS:
         if name not in by:
