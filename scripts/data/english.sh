@@ -60,7 +60,8 @@ python3 "$repo/scripts/data/english_extract.py" "$out/text" "${order[@]}"
 } > "$out/SOURCES.tsv"
 column -t -s $'\t' "$out/SOURCES.tsv" 2>/dev/null || cat "$out/SOURCES.tsv"
 echo "total bytes: $(cat "$out"/text/*.txt | wc -c)"
-sha256sum "$out"/text/*.txt > "$out/SHA256SUMS"
+# paths relative to the pack's root, so `cd DIR && sha256sum -c SHA256SUMS` checks it after unpacking
+(cd "$out" && sha256sum text/*.txt > SHA256SUMS)
 
 if [ "$pack" = 1 ]; then
   tar -C "$out" -cf - text SOURCES.tsv SHA256SUMS | xz -9e -T2 > "$out/english-text.tar.xz.tmp"

@@ -64,7 +64,8 @@ fi
 mkdir -p "$work"
 tar -C "$work" -xJf "$pack"
 [ -f "$work/SHA256SUMS" ] || { echo "ladder_corpus.sh: $pack holds no SHA256SUMS: not an english.sh pack" >&2; exit 1; }
-# SHA256SUMS names the files where english.sh wrote them; check each by its name under WORK/text.
+# SHA256SUMS names the files relative to the pack (packs made before that fix: where english.sh
+# wrote them); check each by its name under WORK/text, which works for both.
 while read -r sum path; do
   printf '%s  %s\n' "$sum" "$work/text/$(basename "$path")"
 done < "$work/SHA256SUMS" | sha256sum -c --quiet - || {
