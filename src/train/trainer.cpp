@@ -101,9 +101,10 @@ void check_device_support(const Config& cfg, Device device) {
   if (device != Device::CUDA) return;
   const auto& m = cfg.model;
   // the attention variant knows its head dims and kernel family (kernels/cuda/head_dims.h)
-  if (const std::string why = make_attention(m)->cuda_unsupported(); !why.empty()) fail("config: {}", why);
+  const std::unique_ptr<Attention> attn = make_attention(m);
+  if (const std::string why = attn->cuda_unsupported(); !why.empty()) fail("config: {}", why);
 #ifdef DMAT_WITH_CUDA
-  const AttentionDims d = make_attention(m)->dims();
+  const AttentionDims d = attn->dims();
   cuda::AttnShape s;
   s.B = cfg.train.batch_size;
   s.T = cfg.train.seq_len;
