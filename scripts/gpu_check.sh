@@ -20,11 +20,21 @@ if ! cmake --build "$BUILD" -j"$JOBS" > "$OUT_DIR/build.log" 2>&1; then
   grep -E "error|Error" "$OUT_DIR/build.log" | head -40
   exit 1
 fi
+# A GPU check that used no GPU must fail, not pass with every test skipped: the build must have the
+# CUDA backend and see a device (ctest reports gpu tests that ran without one as skipped).
+if ! grep -q "^DMAT_CUDA:BOOL=ON" "$BUILD/CMakeCache.txt"; then
+  echo "gpu_check: $BUILD was configured with DMAT_CUDA=OFF: no GPU code to check" | tee "$OUT_DIR/ctest.log"
+  exit 1
+fi
+if ! "$BUILD/dmatrain" devices > "$OUT_DIR/devices.txt" 2>&1 || ! grep -q "^cuda:" "$OUT_DIR/devices.txt"; then
+  echo "gpu_check: no CUDA device visible ($(head -1 "$OUT_DIR/devices.txt")): nothing would run on a GPU" | tee "$OUT_DIR/ctest.log"
+  exit 1
+fi
 # Register / spill report of the CUDA kernels (ptxas -v), for docs/perf.md.
 grep -E "ptxas info|bytes stack frame|spill" "$OUT_DIR/build.log" > "$OUT_DIR/ptxas.txt" || true
 ARGS=(-L "$LABELS" --output-on-failure --timeout 900)
 [ -n "$REGEX" ] && ARGS+=(-R "$REGEX")
 (cd "$BUILD" && ctest "${ARGS[@]}" -j4) > "$OUT_DIR/ctest.log" 2>&1
 rc=$?
-grep -E "tests passed|tests failed|\*\*\*Failed|Failed|Passed .* sec" "$OUT_DIR/ctest.log" | tail -60
+grep -E "tests passed|tests failed|\*\*\*Failed|Failed|Passed .* sec|Skipped" "$OUT_DIR/ctest.log" | tail -60
 exit $rc

@@ -1,6 +1,8 @@
 // Config: includes, --set overrides, strict validation messages, derived defaults, round trip,
 // and the shipped configs in configs/.
+#include <chrono>
 #include <cstdio>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -335,6 +337,60 @@ TEST(ConfigErrors, DataIsRequired) {
              {"data.val is required"});
   expect_has(error_of([] { parse_config(json{{"data", {{"val", "v"}}}}); }),
              {"data.train is required"});
+}
+
+// ---- size limits -----------------------------------------------------------------------------
+// Sizes whose arithmetic wrapped further on (a crash in the GEMM, in attention backward, a negative
+// memory estimate, `info` hanging for minutes) are config errors naming the key and the bound, found
+// at once, before anything is sized.
+TEST(ConfigLimits, HugeDimensionsAndProductsAreRefusedFast) {
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  const std::vector<RangeCase> cases = {
+      {{{"model", {{"vocab_size", int64_t(1) << 57}}}},
+       {"model.vocab_size must be <= 2^31 = 2147483648", "(got 144115188075855872)"}},
+      {{{"model", {{"attention", {{"type", "swa"}, {"window", big}}}}}},
+       {"model.attention.window must be <= 2147483647", "(got 9223372036854775807)"}},
+      {{{"model", {{"attention", {{"type", "dma"}, {"window", 8}, {"local_window", big}}}}}},
+       {"model.attention.local_window must be <= 2147483647"}},
+      {{{"train", {{"seq_len", big}}}}, {"train.seq_len must be <= 2^24", "(got 9223372036854775807)"}},
+      {{{"train", {{"batch_size", big}}}}, {"train.batch_size must be <= 2^20", "(got 9223372036854775807)"}},
+      {{{"model", {{"n_layers", 1000000}}}}, {"model.n_layers must be <= 2^12 = 4096", "(got 1000000)"}},
+      {{{"model", {{"d_model", int64_t(1) << 50}}}}, {"model.d_model must be <= 2^16"}},
+      {{{"model", {{"n_heads", 100000}}}}, {"model.n_heads must be <= 2^12"}},
+      {{{"model", {{"ffn_dim", int64_t(1) << 40}}}}, {"model.ffn_dim must be <= 2^20"}},
+      {{{"train", {{"steps", big}}}}, {"train.steps must be <= 2^40"}},
+      {{{"run", {{"threads", int64_t(1) << 40}}}}, {"run.threads must be <= 2^16"}},
+      {{{"run", {{"name", std::string(300, 'a')}}}}, {"run.name must be at most 255 characters"}},
+      // each factor inside its bound, the product not
+      {{{"train", {{"batch_size", 1 << 16}, {"seq_len", 1 << 16}}}},
+       {"train.batch_size × train.seq_len = 65536 × 65536 (tokens per micro-batch) must be <= 2^31"}},
+      {{{"train", {{"steps", int64_t(1) << 39}, {"batch_size", 1 << 10}, {"seq_len", 1 << 10}}}},
+       {"(tokens per rank) must be <= 2^50"}},
+      {{{"model", {{"vocab_size", int64_t(1) << 31}, {"d_model", 1 << 16}, {"n_heads", 512}}}},
+       {"the parameter count", "must be <= 2^40"}},
+      {{{"model", {{"n_layers", 4096}}}, {"train", {{"batch_size", 1 << 12}, {"seq_len", 1 << 18}}}},
+       {"the activations per micro-batch", "must be <= 2^46"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.patch.dump().substr(0, 200));
+    const auto t0 = std::chrono::steady_clock::now();
+    expect_has(error_for(c.patch), c.pieces);
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  }
+  // the largest values of each bound are accepted
+  json j = minimal();
+  j["model"] = {{"vocab_size", int64_t(1) << 31}, {"d_model", 64}, {"n_layers", 4096}, {"n_heads", 4},
+                {"attention", {{"type", "swa"}, {"window", (int64_t(1) << 31) - 1}}}};
+  j["train"] = {{"seq_len", 1 << 24}, {"batch_size", 1}};
+  EXPECT_NO_THROW(parse_config(j));
+}
+
+// Library exceptions reach the user with the file or key and what was expected.
+TEST(ConfigLimits, NumbersBeyondTheDoubleRangeNameTheFileOrKey) {
+  std::string d = test::temp_dir("config_1e400");
+  write(d + "/big.json", "{\n  \"data\": {\"train\": \"t\", \"val\": \"v\"},\n  \"train\": {\"lr\": 1e400}\n}\n");
+  expect_has(error_of([&] { load_config(d + "/big.json"); }), {"big.json:3", "must fit a double", "1e400"});
+  expect_has(error_for({}, {"train.lr=1e400"}), {"train.lr must fit a double", "1e400"});
 }
 
 // ---- --set overrides -------------------------------------------------------------------------

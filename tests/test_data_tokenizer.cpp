@@ -354,6 +354,18 @@ TEST(TokenizerJson, RejectsWhatItCannotRead) {
   noeot["added_tokens"][0]["content"] = "<|something|>";
   const std::string ne = write("noeot.json", noeot);
   expect_error([&] { BpeTokenizer::load(ne); }, {ne, "end-of-document"});
+  // one id far beyond the tokens the file defines: an error at once, not gigabytes of empty entries
+  for (const int64_t id : {int64_t(1) << 27, (int64_t(1) << 31) - 1}) {
+    auto huge = good;
+    huge["model"]["vocab"]["Ā"] = id;
+    const std::string hv = write("huge_id.json", huge);
+    expect_error([&] { BpeTokenizer::load(hv); }, {hv, "token id " + std::to_string(id) + " is outside the vocabulary",
+                                                   "ids must be <"});
+    auto added = good;
+    added["added_tokens"][0]["id"] = id;
+    const std::string ha = write("huge_added_id.json", added);
+    expect_error([&] { BpeTokenizer::load(ha); }, {ha, "token id " + std::to_string(id) + " is outside"});
+  }
   spit(dir + "/broken.json", "{\"model\": ");
   expect_error([&] { BpeTokenizer::load(dir + "/broken.json"); }, {"broken.json", "not valid JSON"});
   expect_error([&] { BpeTokenizer::load(dir + "/missing.json"); }, {"missing.json", "cannot open"});

@@ -231,6 +231,26 @@ TEST(IoSafetensors, MissingFileAndMissingTensor) {
   }
 }
 
+// A directory where the file should be was once read as a file: uninitialised bytes, a different
+// "header length" each run. Now it is an error saying what the path is.
+TEST(IoSafetensors, ADirectoryIsNotAFile) {
+  const std::string dir = test::temp_dir("io_dir_not_file");
+  std::filesystem::create_directories(dir + "/model.safetensors");
+  try {
+    SafetensorsFile f(dir + "/model.safetensors");
+    FAIL() << "a directory was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.safetensors: not a safetensors file: a directory"), std::string::npos)
+        << e.what();
+  }
+  try {
+    read_file(dir + "/model.safetensors");
+    FAIL() << "a directory was read";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("a directory, expected a file"), std::string::npos) << e.what();
+  }
+}
+
 TEST(IoSafetensors, CopyToChecksDtypeAndShape) {
   const std::string dir = test::temp_dir("io_copy");
   std::vector<float> x(6, 1.f);

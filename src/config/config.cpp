@@ -437,8 +437,7 @@ void validate_model(ModelConfig& m) {
   require(m.n_kv_heads >= 0, "model.n_kv_heads", m.n_kv_heads, ">= 0 (0: = n_heads)");
   require(m.head_dim >= 0, "model.head_dim", m.head_dim, ">= 0 (0: = d_model / n_heads)");
   require(m.ffn_dim >= 0, "model.ffn_dim", m.ffn_dim, ">= 0 (0: = 8/3 d_model rounded up to 64)");
-  // Guards the 8 * d_model below against overflow; far above any real model.
-  require(m.d_model <= (int64_t(1) << 40), "model.d_model", m.d_model, "<= 2^40");
+  // (check_dimensions bounded d_model, so the 8 · d_model below cannot overflow)
 
   if (m.n_kv_heads == 0) m.n_kv_heads = m.n_heads;
   if (m.n_heads % m.n_kv_heads != 0)
@@ -507,12 +506,122 @@ void validate_run(RunConfig& r) {
                  });
   require(name_ok, "run.name", r.name,
           "a non-empty name of letters, digits, '.', '_' and '-' (it names the run directory)");
+  require(r.name.size() <= 255, "run.name", r.name, "at most 255 characters (it names the run directory)");
   require_choice(r.device, "run.device", {kDevices.begin(), kDevices.end()});
   require(r.threads >= 0, "run.threads", r.threads, ">= 0 (0: all cores)");
   require(r.log_interval >= 1, "run.log_interval", r.log_interval, ">= 1");
   require(r.keep_checkpoints >= 0, "run.keep_checkpoints", r.keep_checkpoints, ">= 0 (0 keeps all)");
   require(r.collective_timeout_s >= 0, "run.collective_timeout_s", r.collective_timeout_s, ">= 0 (0: no limit)");
   if (r.dir.empty()) r.dir = "runs/" + r.name;
+}
+
+// ---- size limits -----------------------------------------------------------------------------
+// Every dimension has an upper bound, and so have the size products made of them: far above any
+// model this framework trains, low enough that no size arithmetic after the config (int64 element
+// and byte counts, int32 token ids, the CUDA kernels' 32-bit window and row arithmetic) can wrap,
+// and checked before anything is sized or allocated. check_dimensions bounds the values as written
+// (the derived ones, head_dim = d_model / n_heads and the like, then stay inside the same bounds);
+// check_products the products, once the derived values are filled in.
+struct Limit {
+  std::string what;   // the key, or the product's factors
+  int64_t value;
+  int64_t max;
+  const char* why;
+};
+
+std::string pow2(int64_t v) {
+  for (int e = 0; e < 63; ++e)
+    if (v == int64_t(1) << e) return fmt::format("2^{} = {}", e, v);
+  return std::to_string(v);
+}
+
+void check_limits(const std::vector<Limit>& limits) {
+  for (const Limit& l : limits)
+    if (l.value > l.max) fail("config: {} must be <= {} ({}) (got {})", l.what, pow2(l.max), l.why, l.value);
+}
+
+// a · b, or INT64_MAX where that does not fit (every product below is bounded far lower)
+int64_t mul_sat(int64_t a, int64_t b) {
+  int64_t r = 0;
+  return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+}
+template <class... T>
+int64_t mul_sat(int64_t a, int64_t b, T... rest) {
+  return mul_sat(mul_sat(a, b), rest...);
+}
+
+int64_t add_sat(int64_t a, int64_t b) {
+  int64_t r = 0;
+  return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+}
+
+constexpr int64_t k2(int e) { return int64_t(1) << e; }
+
+void check_dimensions(const Config& c) {
+  const ModelConfig& m = c.model;
+  const TrainConfig& t = c.train;
+  const char* width = "a layer width far above any trained model";
+  std::vector<Limit> dims = {
+      {"model.vocab_size", m.vocab_size, k2(31), "token ids are 32-bit"},
+      {"model.d_model", m.d_model, k2(16), width},
+      {"model.n_layers", m.n_layers, k2(12), "the deepest trained models have ~10^2 layers"},
+      {"model.n_heads", m.n_heads, k2(12), "far above any trained model"},
+      {"model.n_kv_heads", m.n_kv_heads, k2(12), "at most model.n_heads"},
+      {"model.head_dim", m.head_dim, k2(16), width},
+      {"model.ffn_dim", m.ffn_dim, k2(20), width},
+      {"train.seq_len", t.seq_len, k2(24), "positions are 32-bit in the kernels"},
+      {"train.batch_size", t.batch_size, k2(20), "sequences per micro-batch"},
+      {"train.grad_accum", t.grad_accum, k2(20), "micro-batches per step"},
+      {"train.steps", t.steps, k2(40), "step counters"},
+      {"train.eval_interval", t.eval_interval, k2(40), "a step count"},
+      {"train.eval_batches", t.eval_batches, k2(40), "a batch count"},
+      {"train.checkpoint_interval", t.checkpoint_interval, k2(40), "a step count"},
+      {"run.threads", c.run.threads, k2(16), "threads per process"},
+      {"run.log_interval", c.run.log_interval, k2(40), "a step count"},
+      {"run.keep_checkpoints", c.run.keep_checkpoints, k2(20), "a checkpoint count"},
+  };
+  const AttentionConfig& a = m.attention;
+  const char* window = "the attention kernels' window arithmetic is 32-bit; a window >= train.seq_len sees every "
+                       "earlier key";
+  if (a.type == "swa") dims.push_back({"model.attention.window", a.swa.window, k2(31) - 1, window});
+  if (a.type == "dma") {
+    dims.push_back({"model.attention.window", a.dma.window, k2(31) - 1, window});
+    dims.push_back({"model.attention.local_window", a.dma.local_window, k2(31) - 1, window});
+  }
+  if (a.type == "mla") {
+    dims.push_back({"model.attention.rope_dim", a.mla.rope_dim, k2(16), width});
+    dims.push_back({"model.attention.nope_dim", a.mla.nope_dim, k2(16), width});
+    dims.push_back({"model.attention.v_dim", a.mla.v_dim, k2(16), width});
+  }
+  check_limits(dims);
+}
+
+void check_products(const Config& c) {
+  const ModelConfig& m = c.model;
+  const TrainConfig& t = c.train;
+  // the widest per-token activation of a block, and a bound on one block's weights
+  int64_t head = m.head_dim;
+  if (m.attention.type == "mla")
+    head = std::max(m.attention.mla.nope_dim + m.attention.mla.rope_dim, m.attention.mla.v_dim);
+  const int64_t attn_width = mul_sat(m.n_heads, head);
+  const int64_t widest = std::max({m.d_model, m.ffn_dim, attn_width});
+  const int64_t block_weights = mul_sat(m.d_model, 4 * attn_width + 3 * m.ffn_dim + 4);
+  const int64_t params = add_sat(mul_sat(m.n_layers, block_weights), mul_sat(2, m.vocab_size, m.d_model));
+  check_limits({
+      {fmt::format("train.batch_size × train.seq_len = {} × {} (tokens per micro-batch)", t.batch_size, t.seq_len),
+       mul_sat(t.batch_size, t.seq_len), k2(31), "token positions are 32-bit in the kernels"},
+      {fmt::format("train.steps × train.grad_accum × train.batch_size × train.seq_len = {} × {} × {} × {} (tokens "
+                   "per rank)",
+                   t.steps, t.grad_accum, t.batch_size, t.seq_len),
+       mul_sat(t.steps, t.grad_accum, t.batch_size, t.seq_len), k2(50), "token counters over every rank are int64"},
+      {"the parameter count (about model.n_layers × d_model × (4 · n_heads · head_dim + 3 · ffn_dim) + 2 · "
+       "vocab_size × d_model)",
+       params, k2(40), "4 TiB of fp32 weights"},
+      {fmt::format("the activations per micro-batch (about train.batch_size × train.seq_len × (model.n_layers + 1) × "
+                   "the widest layer {})",
+                   widest),
+       mul_sat(t.batch_size, t.seq_len, m.n_layers + 1, widest), k2(46), "256 TiB of fp32 activations"},
+  });
 }
 
 // ---- includes --------------------------------------------------------------------------------
@@ -537,6 +646,15 @@ std::string show_chain(const std::vector<std::string>& chain, const std::string&
   return join(all, " -> ");
 }
 
+// ":LINE" of the first occurrence in `text` of the token a JSON error message quotes ('1e400'), or "".
+std::string line_of_quoted(const std::string& text, const std::string& message) {
+  const size_t a = message.find('\''), b = message.rfind('\'');
+  if (a == std::string::npos || b <= a + 1) return "";
+  const size_t at = text.find(message.substr(a + 1, b - a - 1));
+  if (at == std::string::npos) return "";
+  return fmt::format(":{}", 1 + std::count(text.begin(), text.begin() + std::ptrdiff_t(at), '\n'));
+}
+
 json read_json_file(const fs::path& path, const std::vector<std::string>& chain) {
   std::string where = chain.empty() ? "" : fmt::format(" (included via {})", show_chain(chain));
   std::error_code ec;
@@ -548,9 +666,14 @@ json read_json_file(const fs::path& path, const std::vector<std::string>& chain)
   if (!in) fail("config: cannot open config file {}: {}{}", path.string(), std::strerror(errno), where);
   std::stringstream ss;
   ss << in.rdbuf();
+  const std::string text = ss.str();
   try {
-    return json::parse(ss.str());
-  } catch (const json::parse_error& e) {
+    return json::parse(text);
+  } catch (const json::out_of_range& e) {
+    // a number beyond the double range (1e400): the library names the number, not where it is
+    fail("config: cannot parse {}{}: a number must fit a double (|x| < 1.8e308): {}{}", path.string(),
+         line_of_quoted(text, e.what()), e.what(), where);
+  } catch (const json::exception& e) {
     fail("config: cannot parse {}: {}{}", path.string(), e.what(), where);
   }
 }
@@ -635,7 +758,9 @@ void apply_override(json& root, const std::string& spec, const json& defaults) {
   json value;
   try {
     value = json::parse(text);
-  } catch (const json::parse_error&) {
+  } catch (const json::out_of_range&) {
+    fail("config: override '{}': {} must fit a double (|x| < 1.8e308; got {})", spec, key, text);
+  } catch (const json::exception&) {
     value = text;
   }
   if (def && def->is_string() && !value.is_string()) value = text;
@@ -688,10 +813,12 @@ Config build(const json& j) {
   check_section(jr, "run", field_keys(kRunFields));
   read_fields(jr, "run", kRunFields, c.run);
 
+  check_dimensions(c);
   validate_model(c.model);
   validate_train(c.train);
   validate_data(jd, c.data);
   validate_run(c.run);
+  check_products(c);
   c.resolved = to_json(c);
   return c;
 }

@@ -49,6 +49,8 @@ void rename_or_fail(const fs::path& from, const fs::path& to) {
 
 }  // namespace
 
+std::optional<int64_t> checkpoint_step_of(const std::string& folder_name) { return parse_step_name(folder_name); }
+
 std::string checkpoint_dir_name(int64_t step) {
   if (step < 0) fail("checkpoint step must be >= 0 (got {})", step);
   return fmt::format("{}{:08d}", kStepPrefix, step);
@@ -138,6 +140,8 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 }
 
 std::string read_file(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail("cannot read {}: a directory, expected a file", path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("cannot read {}: {}", path, std::strerror(errno));
   std::ostringstream ss;

@@ -18,6 +18,8 @@ struct CheckpointRef {
 };
 
 std::string checkpoint_dir_name(int64_t step);  // "step_00000200"
+// The step a checkpoint folder's name gives ("step_00000200" -> 200); nullopt for any other name.
+std::optional<int64_t> checkpoint_step_of(const std::string& folder_name);
 
 // Creates a fresh temp folder for `step` (removing a stale one of the same step) and returns its path.
 std::string begin_checkpoint(const std::string& run_dir, int64_t step);

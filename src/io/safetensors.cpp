@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <set>
@@ -89,6 +90,10 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+    fail("{}: not a safetensors file: {} (expected a regular file)", path,
+         std::filesystem::is_directory(path, ec) ? "a directory" : "not a regular file");
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) fail("{}: cannot open safetensors file", path);
   const uint64_t file_size = static_cast<uint64_t>(in.tellg());

@@ -317,7 +317,13 @@ BpeTokenizer BpeTokenizer::from_hf_json(const nlohmann::json& j, const std::stri
     max_id = std::max<int64_t>(max_id, a["id"].get<int64_t>());
   }
   if (max_id < 0) fail("tokenizer {}: empty vocabulary", origin);
-  if (max_id >= int64_t(1) << 31) fail("tokenizer {}: token id {} is too large", origin, max_id);
+  // Ids may have gaps, but not more ids than the file defines tokens: the table below has max_id + 1
+  // entries, and an id of 2^31 in a 3 KB file must not allocate gigabytes.
+  const int64_t defined = int64_t(m["vocab"].size() + added_json.size());
+  if (max_id >= defined)
+    fail("tokenizer {}: token id {} is outside the vocabulary: the file defines {} tokens (model.vocab and "
+         "added_tokens), so ids must be < {}",
+         origin, max_id, defined, defined);
   d.tokens.assign(size_t(max_id + 1), std::string());
   std::unordered_map<std::string, uint32_t> by_text;
   std::string bytes;

@@ -1,5 +1,8 @@
 #include "train/checkpoint.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
 
 #include "io/checkpoint_dir.h"
@@ -68,7 +71,8 @@ std::string save_checkpoint(const std::string& run_dir, const Model& m, const Ad
   nlohmann::json s = {{"format", kStateFormat},   {"step", st.step},
                       {"sequences", st.sequences}, {"tokens", st.tokens},
                       {"elapsed_s", st.elapsed_s}, {"world_size", st.world_size},
-                      {"adam_steps", opt.steps_done()}};
+                      {"adam_steps", opt.steps_done()}, {"skipped_steps", st.skipped},
+                      {"recent_losses", st.recent_losses}};
   std::string tmp;
   {
     // moments first (a collective under ZeRO), then rank 0 writes the shared files
@@ -107,22 +111,66 @@ nlohmann::json checkpoint_config(const std::string& ckpt_dir) {
   }
 }
 
-TrainState load_checkpoint(const std::string& ckpt_dir, Model& m, AdamW* opt) {
-  load_model_weights(m, ckpt_dir + "/model.safetensors");
+namespace {
+
+// One field of a state file: present, of the right type, inside [lo, hi].
+const nlohmann::json& state_field(const nlohmann::json& s, const char* key, const std::string& file) {
+  if (!s.contains(key)) fail("checkpoint state {}: {} is missing", file, key);
+  return s[key];
+}
+
+int64_t state_int(const nlohmann::json& s, const char* key, const std::string& file, int64_t lo, int64_t hi,
+                  const char* what) {
+  const nlohmann::json& v = state_field(s, key, file);
+  const bool fits = v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX));
+  if (!fits || v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+    fail("checkpoint state {}: {} must be {} (got {})", file, key, what, v.dump());
+  return v.get<int64_t>();
+}
+
+}  // namespace
+
+TrainState read_checkpoint_state(const std::string& ckpt_dir) {
+  const std::string file = ckpt_dir + "/state_rank0.json";
   nlohmann::json s;
   try {
-    s = nlohmann::json::parse(read_file(ckpt_dir + "/state_rank0.json"));
+    s = nlohmann::json::parse(read_file(file));
   } catch (const nlohmann::json::exception& e) {
-    fail("checkpoint {}: state_rank0.json does not parse: {}", ckpt_dir, e.what());
+    fail("checkpoint state {} does not parse: {}", file, e.what());
   }
-  if (s.value("format", 0) != kStateFormat)
-    fail("checkpoint {}: state format {} (this build reads {})", ckpt_dir, s.value("format", 0), kStateFormat);
+  if (!s.is_object()) fail("checkpoint state {}: expected a JSON object (got {})", file, s.dump().substr(0, 80));
+  const int64_t max = INT64_MAX;
+  state_int(s, "format", file, kStateFormat, kStateFormat, fmt::format("{} (the format this build reads)", kStateFormat).c_str());
   TrainState st;
-  st.step = s.at("step").get<int64_t>();
-  st.sequences = s.at("sequences").get<int64_t>();
-  st.tokens = s.at("tokens").get<int64_t>();
-  st.elapsed_s = s.at("elapsed_s").get<double>();
-  st.world_size = s.value("world_size", int64_t(1));
+  st.step = state_int(s, "step", file, 0, max, "an integer >= 0");
+  if (auto named = checkpoint_step_of(fs::path(ckpt_dir).filename().string()); named && *named != st.step)
+    fail("checkpoint state {}: step must be {}, the step of its folder (got {})", file, *named, st.step);
+  st.sequences = state_int(s, "sequences", file, 0, max, "an integer >= 0");
+  st.tokens = state_int(s, "tokens", file, 0, max, "an integer >= 0");
+  const nlohmann::json& e = state_field(s, "elapsed_s", file);
+  if (!e.is_number() || !std::isfinite(e.get<double>()) || e.get<double>() < 0)
+    fail("checkpoint state {}: elapsed_s must be a number >= 0 (got {})", file, e.dump());
+  st.elapsed_s = e.get<double>();
+  st.world_size = s.contains("world_size") ? state_int(s, "world_size", file, 1, max, "an integer >= 1") : 1;
+  st.adam_steps = state_int(s, "adam_steps", file, 0, st.step, "an integer in [0, step]");
+  // written since the non-finite and loss-spike handling; absent in older checkpoints
+  if (s.contains("skipped_steps"))
+    st.skipped = state_int(s, "skipped_steps", file, 0, st.step, "an integer in [0, step]");
+  if (s.contains("recent_losses")) {
+    const nlohmann::json& r = s["recent_losses"];
+    const bool ok = r.is_array() && std::all_of(r.begin(), r.end(), [](const nlohmann::json& x) {
+      return x.is_number() && std::isfinite(x.get<double>());
+    });
+    if (!ok) fail("checkpoint state {}: recent_losses must be an array of finite numbers (got {})", file,
+                  r.dump().substr(0, 80));
+    st.recent_losses = r.get<std::vector<double>>();
+  }
+  return st;
+}
+
+TrainState load_checkpoint(const std::string& ckpt_dir, Model& m, AdamW* opt) {
+  const TrainState st = read_checkpoint_state(ckpt_dir);
+  load_model_weights(m, ckpt_dir + "/model.safetensors");
   if (opt) {
     // the full moments on the host, then this optimizer's range of them
     SafetensorsFile f(ckpt_dir + "/optim_rank0.safetensors");
@@ -132,7 +180,7 @@ TrainState load_checkpoint(const std::string& ckpt_dir, Model& m, AdamW* opt) {
     ops::copy(opt->m(), h.flat().rows(opt->lo(), n));
     load_named(f, m, h, "v.");
     ops::copy(opt->v(), h.flat().rows(opt->lo(), n));
-    opt->set_steps_done(s.at("adam_steps").get<int64_t>());
+    opt->set_steps_done(st.adam_steps);
   }
   return st;
 }

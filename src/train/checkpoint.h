@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -21,11 +22,14 @@
 namespace dmat {
 
 struct TrainState {
-  int64_t step = 0;         // optimizer updates done
+  int64_t step = 0;         // training steps done (updates applied plus updates skipped)
   int64_t sequences = 0;    // global training sequences consumed (the data loader's position)
   int64_t tokens = 0;       // training tokens consumed
   double elapsed_s = 0;     // wall time spent training before this process
   int64_t world_size = 1;   // ranks of the run that wrote the checkpoint
+  int64_t adam_steps = 0;   // updates AdamW applied (its bias correction counts these)
+  int64_t skipped = 0;      // steps whose update was skipped (train.on_nonfinite "skip", the spike guard)
+  std::vector<double> recent_losses;  // the loss-spike guard's window, oldest first
 };
 
 void save_model_weights(const Model& m, const std::string& path);
@@ -39,6 +43,9 @@ std::string save_checkpoint(const std::string& run_dir, const Model& m, const Ad
                             const dist::Partition* shards = nullptr);
 // Loads a checkpoint folder into m and opt (the moments of opt's range); returns its state.
 TrainState load_checkpoint(const std::string& ckpt_dir, Model& m, AdamW* opt);
+// The state of a checkpoint folder (its state_rank0.json), every field checked: a wrong type, a
+// negative count or a step other than the folder's is an error naming the file and the key.
+TrainState read_checkpoint_state(const std::string& ckpt_dir);
 // The saved config of a checkpoint folder.
 nlohmann::json checkpoint_config(const std::string& ckpt_dir);
 

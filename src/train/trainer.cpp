@@ -266,6 +266,7 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   // ---- run directory: never overwrite a user's run unless asked to continue it. Rank 0 decides
   // and writes; the others wait, then see the same directory (it must be on a shared filesystem).
   std::optional<CheckpointRef> ckpt;
+  RunLog run_log;
   if (root) {
     if (fs::exists(run_dir)) {
       ckpt = latest_checkpoint(run_dir);
@@ -275,7 +276,7 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
              run_dir);
     }
     fs::create_directories(run_dir);
-    log_to_file(run_dir + "/train.log");
+    run_log.attach(run_dir + "/train.log");
     spdlog::info("dmatrain train: run directory {}", run_dir);
     spdlog::info("resolved config:\n{}", cfg.resolved.dump(2));
     if (fs::exists(run_dir + "/config.json") && !ckpt) {
@@ -496,7 +497,11 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_pos
   load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
   spdlog::info("eval: checkpoint {} (step {})", ck->path, ck->step);
-  return evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position);
+  EvalResult r = evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position);
+  if (!std::isfinite(r.loss))
+    fail("eval: the validation loss of checkpoint {} is {} ({} tokens): its weights hold or produce non-finite values",
+         ck->path, r.loss, r.tokens);
+  return r;
 }
 
 }  // namespace dmat
