@@ -142,7 +142,7 @@ TEST(ConfigRoundTrip, ToJsonWritesEveryField) {
   EXPECT_EQ(out["model"].size(), 14u);  // 13 fields + attention
   // the chosen variant's keys only: mha has none besides its type
   EXPECT_EQ(out["model"]["attention"], json({{"type", "mha"}}));
-  EXPECT_EQ(out["train"].size(), 20u);
+  EXPECT_EQ(out["train"].size(), 23u);
   EXPECT_EQ(out["data"].size(), 2u);
   EXPECT_EQ(out["run"].size(), 8u);
 }

@@ -69,17 +69,30 @@ TEST(Train, TinyConfigLearnsWellBelowUnigramEntropy) {
   const std::string log = file_bytes(dir + "/run/train.log");
   for (const char* k : {"step 200/200", "loss", "lr", "grad norm", "tok/s", "elapsed", "eta", "val ppl"})
     EXPECT_NE(log.find(k), std::string::npos) << k;
-  // eval on the run reproduces the final validation loss: the same checkpoint, the same windows (all
-  // of them: train.eval_batches is 0), so the same number to the printed digits
-  auto e = run(bin() + " eval " + dir + "/run");
+  // eval on the run reproduces the final validation loss: the same checkpoint, the same windows (the
+  // first train.eval_batches = 8 batches), so the same number to the printed digits; and it prints
+  // training's evaluation of that checkpoint beside its own, with the token counts
+  auto e = run(bin() + " eval " + dir + "/run --batches 8");
   ASSERT_EQ(e.rc, 0) << e.out;
   const auto at = e.out.find("validation loss ");
   ASSERT_NE(at, std::string::npos) << e.out;
-  double printed = 0, ppl = 0;
-  ASSERT_EQ(std::sscanf(e.out.c_str() + at, "validation loss %lf, validation perplexity %lf", &printed, &ppl), 2)
+  double printed = 0, ppl = 0, trained = 0;
+  long long tokens = 0, trained_tokens = 0;
+  ASSERT_EQ(std::sscanf(e.out.c_str() + at, "validation loss %lf, validation perplexity %lf (%lld tokens)", &printed,
+                        &ppl, &tokens),
+            3)
       << e.out;
   EXPECT_NEAR(printed, val, 0.5e-4 + 1e-9) << e.out;
   EXPECT_NEAR(ppl, std::exp(val), 0.5e-3 * std::exp(val)) << e.out;
+  EXPECT_EQ(tokens, 8 * 16 * 128) << e.out;  // eval_batches × batch_size × seq_len
+  const auto tr = e.out.find("training's evaluation at step 200: ");
+  ASSERT_NE(tr, std::string::npos) << e.out;
+  ASSERT_EQ(std::sscanf(e.out.c_str() + tr, "training's evaluation at step 200: validation loss %lf (%lld tokens)",
+                        &trained, &trained_tokens),
+            2)
+      << e.out;
+  EXPECT_EQ(trained, printed);
+  EXPECT_EQ(trained_tokens, tokens);
 }
 
 const char* kSmall =

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <iostream>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -74,23 +75,33 @@ backward / optimizer split (measured on separately synchronised steps) and peak 
 compare against ../shared/anchors run in the same session (scripts/bench_train.sh does both).
 )";
 
-const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume] [--stop-at STEP]
+const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-train-changes]] [--stop-at STEP]
 
 Trains the model CONFIG describes (README: "Config reference").
   --set a.b=value   override a config key (value parsed as JSON, else taken as a string); repeatable
   --out DIR         run directory (default: run.dir, i.e. runs/<run.name>)
-  --resume          continue from the newest complete checkpoint in the run directory; refuses a
-                    checkpoint whose model differs from CONFIG. Without --resume, a run directory
-                    that already holds a run is refused (nothing is overwritten).
-  --stop-at STEP    write a checkpoint after STEP and exit 0 (for time-sliced jobs; --resume continues)
-Writes RUN_DIR/config.json (resolved), train.log, metrics.jsonl and checkpoints/step_*/.
+  --resume          continue from the newest complete checkpoint in the run directory (it says which,
+                    and why); refuses a checkpoint whose model differs from CONFIG, and a config that
+                    changes the data order or the batch (train.seed, train.seq_len, the global
+                    batch) or shards that changed since the start; prints every other change.
+                    Without --resume, a run directory that already holds a run is refused.
+  --allow-train-changes
+                    with --resume: continue even with a changed data order or batch
+  --stop-at STEP    write a checkpoint after STEP and exit 0 (for time-sliced jobs; --resume continues);
+                    STEP must be after the checkpoint --resume continues from
+One process at a time: a run directory in use by another dmatrain (RUN_DIR/train.lock) is refused.
+A refused start changes nothing in the run directory.
+Writes RUN_DIR/config.json (resolved), train.log (errors too), metrics.jsonl, data.json (the shards'
+checksums: a resumed run refuses shards that changed) and checkpoints/step_*/.
 )";
 
 const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N] [--positions FILE.csv]
 
 Loads the newest complete checkpoint of RUN_DIR and prints its validation loss and perplexity on
 the validation shards named in its config (paths relative to the current directory).
-  --batches N          number of validation micro-batches (default: all full batches)
+  --batches N          number of validation micro-batches (default: all full batches; training
+                       evaluates train.eval_batches of them: eval prints training's result for the
+                       same checkpoint beside its own, each with its token count)
   --positions FILE     also write the mean loss at each position of the sequence as CSV
                        (columns position,loss,tokens; position t predicts token t+1 from tokens
                        0 … t); an existing FILE is refused
@@ -179,7 +190,12 @@ int cmd_train(const std::vector<std::string>& a) {
   const std::string path = parse_config_args(a, sets, [&](const std::vector<std::string>& v, size_t& i) {
     if (v[i] == "--out") return out = need_value(v, i), true;
     if (v[i] == "--resume") return opt.resume = true, true;
-    if (v[i] == "--stop-at") return opt.stop_at = parse_int(v[i], need_value(v, i)), true;
+    if (v[i] == "--stop-at") {
+      opt.stop_at = parse_int(v[i], need_value(v, i));
+      if (opt.stop_at < 1) throw Usage("--stop-at must be a step >= 1 (got " + std::to_string(opt.stop_at) + ")");
+      return true;
+    }
+    if (v[i] == "--allow-train-changes") return opt.allow_train_changes = true, true;
     return false;
   });
   if (!out.empty()) sets.push_back("run.dir=" + nlohmann::json(out).dump());
@@ -219,6 +235,25 @@ int cmd_eval(const std::vector<std::string>& a) {
     dmat::write_file_atomic(positions, csv);
   }
   std::printf("validation loss %.4f, validation perplexity %.3f (%lld tokens)\n", r.loss, r.ppl, (long long)r.tokens);
+  // Training's own evaluation of this checkpoint may cover fewer windows (train.eval_batches): both
+  // numbers, each with its token count, so a difference is never a puzzle.
+  std::ifstream metrics(run + "/metrics.jsonl");
+  std::string line;
+  nlohmann::json same;
+  while (std::getline(metrics, line)) {
+    nlohmann::json row;
+    try {
+      row = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception&) {
+      continue;
+    }
+    if (row.is_object() && row.contains("val_loss") && row.value("step", int64_t(-1)) == r.step) same = row;
+  }
+  if (same.is_object() && same["val_loss"].is_number())
+    std::printf("training's evaluation at step %lld: validation loss %.4f (%s)\n", (long long)r.step,
+                same["val_loss"].get<double>(),
+                same.contains("val_tokens") ? fmt::format("{} tokens", same["val_tokens"].dump()).c_str()
+                                            : "train.eval_batches batches");
   return 0;
 }
 

@@ -34,6 +34,7 @@ constexpr const char* kAttentionPlanned = "nsa is planned";
 
 constexpr std::array kSchedules = {"constant", "cosine", "wsd"};
 constexpr std::array kDevices = {"auto", "cpu", "cuda"};
+constexpr std::array kOnNonfinite = {"stop", "skip"};
 
 // Top-level keys besides the four sections. "comment" (any JSON value) is ignored: it lets a
 // config file document itself, since JSON has no comments.
@@ -88,6 +89,9 @@ const std::vector<Field<TrainConfig>> kTrainFields = {
     {"checkpoint_interval", &TrainConfig::checkpoint_interval},
     {"recompute", &TrainConfig::recompute},
     {"zero", &TrainConfig::zero},
+    {"on_nonfinite", &TrainConfig::on_nonfinite},
+    {"loss_spike_z", &TrainConfig::loss_spike_z},
+    {"loss_spike_window", &TrainConfig::loss_spike_window},
 };
 
 const std::vector<Field<DataConfig>> kDataFields = {
@@ -487,6 +491,10 @@ void validate_train(const TrainConfig& t) {
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0 (0: the whole set)");
   require(t.checkpoint_interval >= 0, "train.checkpoint_interval", t.checkpoint_interval,
           ">= 0 (0: only at the end)");
+  require_choice(t.on_nonfinite, "train.on_nonfinite", {kOnNonfinite.begin(), kOnNonfinite.end()});
+  require(t.loss_spike_z >= 0 && std::isfinite(t.loss_spike_z), "train.loss_spike_z", t.loss_spike_z,
+          ">= 0 (0: no loss-spike guard)");
+  require(t.loss_spike_window >= 2, "train.loss_spike_window", t.loss_spike_window, ">= 2");
 }
 
 void validate_data(const json& j, const DataConfig& d) {
@@ -576,6 +584,7 @@ void check_dimensions(const Config& c) {
       {"train.eval_interval", t.eval_interval, k2(40), "a step count"},
       {"train.eval_batches", t.eval_batches, k2(40), "a batch count"},
       {"train.checkpoint_interval", t.checkpoint_interval, k2(40), "a step count"},
+      {"train.loss_spike_window", t.loss_spike_window, k2(20), "losses kept in checkpoints"},
       {"run.threads", c.run.threads, k2(16), "threads per process"},
       {"run.log_interval", c.run.log_interval, k2(40), "a step count"},
       {"run.keep_checkpoints", c.run.keep_checkpoints, k2(20), "a checkpoint count"},

@@ -91,6 +91,13 @@ struct TrainConfig {
   int64_t checkpoint_interval = 0; // steps between checkpoints; 0: only at the end
   bool recompute = false;          // recompute each block's activations in backward (less memory, ~1/3 more compute)
   int64_t zero = 0;                // ZeRO stage: 0 plain data parallel, 1 optimizer state sharded across ranks
+  // A step whose loss or gradient norm is not finite: "stop" writes a checkpoint of the last good
+  // state (the weights before that step) and fails; "skip" drops the step's update, counts it and goes on.
+  std::string on_nonfinite = "stop";
+  // Loss-spike guard (llm.c style), off at 0: a step whose loss lies more than loss_spike_z standard
+  // deviations above the mean of the previous loss_spike_window steps' losses has its update skipped.
+  double loss_spike_z = 0.0;
+  int64_t loss_spike_window = 128;
 };
 
 struct DataConfig {

@@ -174,6 +174,8 @@ InputFiles collect_input_files(const std::vector<std::string>& inputs, const Inp
     std::error_code ec;
     if (fs::is_directory(in, ec)) {
       std::vector<std::string> found;
+      int64_t skipped_here = 0;
+      fs::path example;  // a file the filters skipped
       auto it = fs::recursive_directory_iterator(in, fs::directory_options::skip_permission_denied, ec);
       for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
         const fs::path rel = it->path().lexically_relative(in);  // no symlink resolution
@@ -186,11 +188,22 @@ InputFiles collect_input_files(const std::vector<std::string>& inputs, const Inp
                                                      : any_match(filter.include, rel);
         if (!selected || any_match(filter.exclude, rel)) {
           ++r.skipped;
+          if (skipped_here++ == 0) example = rel;
           continue;
         }
         found.push_back(it->path().string());
       }
       if (ec) fail("{}: cannot list input directory {}: {}", what, in, ec.message());
+      if (found.empty() && skipped_here > 0) {
+        const std::string ext = example.extension().string();
+        if (filter.include.empty())
+          spdlog::warn("{}: input {}: all {} files skipped (e.g. {}): inside a directory only .txt .md .rst .text and "
+                       ".jsonl files are read unless --include selects others (e.g. --include '*{}')",
+                       what, in, skipped_here, example.string(), ext.empty() ? "" : ext);
+        else
+          spdlog::warn("{}: input {}: none of its {} files matches --include or all are --exclude'd (e.g. {})", what,
+                       in, skipped_here, example.string());
+      }
       std::sort(found.begin(), found.end());
       for (auto& f : found) {
         r.files.push_back(std::move(f));

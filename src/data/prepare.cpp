@@ -28,13 +28,7 @@ using ojson = nlohmann::ordered_json;
 
 namespace {
 
-constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull, kFnvPrime = 0x100000001b3ull;
-
-uint64_t fnv1a64(const unsigned char* p, size_t n, uint64_t h = kFnvOffset) {
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * kFnvPrime;
-  return h;
-}
-uint64_t fnv1a64(std::string_view s) { return fnv1a64(reinterpret_cast<const unsigned char*>(s.data()), s.size()); }
+uint64_t fnv1a64(std::string_view s) { return dmat::fnv1a64(s.data(), s.size()); }
 
 // A second, independent 64-bit hash (splitmix over 8-byte words); with FNV-1a it keys the
 // duplicate filter by 128 bits, so "exact duplicate" is exact up to a ~2^-64 collision chance.
@@ -88,18 +82,6 @@ struct SplitWriter {
     buf.clear();
   }
 };
-
-uint64_t file_checksum(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail("prepare: cannot reopen {} to checksum it", path);
-  uint64_t h = kFnvOffset;
-  std::vector<char> buf(1 << 20);
-  while (f) {
-    f.read(buf.data(), std::streamsize(buf.size()));
-    h = fnv1a64(reinterpret_cast<const unsigned char*>(buf.data()), size_t(f.gcount()), h);
-  }
-  return h;
-}
 
 std::vector<std::string> existing_shards(const fs::path& out) {
   std::vector<std::string> found;
@@ -261,9 +243,14 @@ PrepareResult prepare_data(const PrepareOptions& opt) {
     res.val_tokens = val.tokens;
     if (res.documents == 0)
       fail("prepare: no documents found in {} ({} files read, {} skipped as binary, {} skipped by type; text "
-           "files: .txt .md .rst .text, or .jsonl with a \"text\" field)",
-           join(opt.inputs), read_files, binary_files, skipped);
-    if (val.documents == 0 && opt.val_fraction > 0)
+           "files: .txt .md .rst .text, or .jsonl with a \"text\" field{})",
+           join(opt.inputs), read_files, binary_files, skipped,
+           skipped > 0 && opt.include.empty() ? "; --include GLOB reads other files inside directories" : "");
+    if (opt.val_fraction == 0)
+      spdlog::warn("prepare: --val-fraction 0: no validation shards are written ({} has no val/ shards); training "
+                   "needs a validation set (data.val): prepare one, or use a val fraction > 0",
+                   opt.out_dir);
+    else if (val.documents == 0)
       spdlog::warn("prepare: the validation split is empty ({} documents, val_fraction {}): raise --val-fraction",
                    res.documents, opt.val_fraction);
     if (train.documents == 0) spdlog::warn("prepare: the training split is empty: lower --val-fraction");

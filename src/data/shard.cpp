@@ -5,7 +5,9 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <limits>
+#include <vector>
 
 #include <fcntl.h>
 #include <glob.h>
@@ -214,6 +216,25 @@ void ShardReader::read(uint64_t offset, uint64_t n, int32_t* out) const {
       out[i0 + i] = int32_t(t);
     }
   }
+}
+
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+uint64_t file_checksum(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail("cannot open {} to checksum it: {}", path, std::strerror(errno));
+  uint64_t h = kFnv1aOffset;
+  std::vector<char> buf(1 << 20);
+  while (f) {
+    f.read(buf.data(), std::streamsize(buf.size()));
+    h = fnv1a64(buf.data(), size_t(f.gcount()), h);
+  }
+  if (f.bad()) fail("cannot read {} to checksum it", path);
+  return h;
 }
 
 std::vector<std::string> list_shards(const std::string& spec) {

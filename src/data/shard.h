@@ -56,6 +56,12 @@ class ShardReader {
   int fd_ = -1;
 };
 
+// FNV-1a-64 of bytes, continuing from h: the checksum the data manifest records for each shard file.
+constexpr uint64_t kFnv1aOffset = 0xcbf29ce484222325ull;
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h = kFnv1aOffset);
+// fnv1a64 of a whole file's bytes (error naming the file when it cannot be read).
+uint64_t file_checksum(const std::string& path);
+
 // Resolves a shard set spec: a directory (its *.bin files, sorted by name), a glob pattern, or a
 // single file. Errors if nothing matches, naming the spec.
 std::vector<std::string> list_shards(const std::string& spec);

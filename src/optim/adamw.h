@@ -35,6 +35,9 @@ class AdamW {
   double clip();
   // One update at learning rate lr; increments the step counter (bias correction uses it).
   void step(double lr);
+  // Drops the update the last clip() prepared (a step whose update is skipped): the moments, the
+  // weights and the step counter stay as they are.
+  void discard_step() { clip_scale_ = 1.f; }
 
   int64_t steps_done() const { return t_; }
   void set_steps_done(int64_t t) { t_ = t; }

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <thread>
 
 #include <spdlog/spdlog.h>
@@ -23,6 +24,7 @@
 #include "optim/schedule.h"
 #include "train/checkpoint.h"
 #include "train/info.h"
+#include "train/run_dir.h"
 #include "kernels/cuda/device_info.h"
 #include "model/attention.h"
 #ifdef DMAT_WITH_CUDA
@@ -57,9 +59,10 @@ std::string hms(double s) {
   return fmt::format("{}:{:02d}:{:02d}", t / 3600, (t / 60) % 60, t % 60);
 }
 
-// An interruption every rank agreed on (signals are combined across ranks at step boundaries):
-// a collective, orderly exit, unlike a fault on one rank, which aborts the job.
-class Interrupted : public Error {
+// A stop every rank agreed on (signals are combined across ranks at step boundaries; numerical
+// faults are found on all-reduced values): a collective, orderly exit, unlike a fault on one rank,
+// which aborts the job.
+class AgreedStop : public Error {
  public:
   using Error::Error;
 };
@@ -129,33 +132,6 @@ std::unique_ptr<Model> make_model(const Config& cfg, Device device) {
 }
 
 namespace {
-
-// Model changes that make a checkpoint unusable: any difference in the `model` section. The saved
-// config is resolved again first, so options added to the model since it was written compare at
-// their defaults (a config that no longer parses is compared as written).
-void check_resumable(const nlohmann::json& saved_raw, const nlohmann::json& now, const std::string& ckpt) {
-  nlohmann::json saved = saved_raw;
-  try {
-    saved = parse_saved_config(saved_raw).resolved;
-  } catch (const Error&) {
-  }
-  const auto& a = saved.at("model");
-  const auto& b = now.at("model");
-  if (a != b) {
-    std::string diff;
-    for (auto& [k, v] : b.items())
-      if (!a.contains(k) || a.at(k) != v)
-        diff += fmt::format(" model.{}: {} -> {};", k, a.contains(k) ? a.at(k).dump() : "absent", v.dump());
-    fail("--resume: the config changes the model, so checkpoint {} cannot be continued:{} start a new run "
-         "(another --out) or restore the model settings",
-         ckpt, diff);
-  }
-  for (const char* k : {"seed", "seq_len"})
-    if (saved.at("train").at(k) != now.at("train").at(k))
-      spdlog::warn("--resume: train.{} changed from {} to {}: the data order after step {} differs from the "
-                   "original run's",
-                   k, saved.at("train").at(k).dump(), now.at("train").at(k).dump(), "the checkpoint");
-}
 
 // Keeps metrics rows up to `step`; rows from after it (the part of an interrupted run that is
 // about to be redone) move to metrics.superseded.jsonl, so nothing is lost.
@@ -245,7 +221,64 @@ EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches
 
 namespace {
 
-TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Communicator& comm) {
+// The first parameter tensor (in table order) with a non-finite gradient element in [lo, hi) of the
+// flat arena on any rank; -1 when there is none. Run on the fault path only: it copies the gradients
+// to the host. Collective (every rank takes the fault path at the same step).
+int64_t first_nonfinite_grad(const Model& m, int64_t lo, int64_t hi, dist::Communicator& comm) {
+  Arena h = m.grads().like(Device::CPU);
+  h.copy_from(m.grads());
+  const float* g = h.flat().as<float>();
+  const int64_t n = int64_t(m.param_info().size());
+  int64_t first = n;
+  for (int64_t i = 0; i < n && first == n; ++i) {
+    const int64_t off = h.offset(int(i)), a = std::max(off, lo), b = std::min(off + h.get(int(i)).numel(), hi);
+    for (int64_t k = a; k < b; ++k)
+      if (!std::isfinite(g[k])) {
+        first = i;
+        break;
+      }
+  }
+  first = -int64_t(comm.all_reduce(-double(first), dist::ReduceOp::Max));  // the smallest over ranks
+  return first < n ? first : -1;
+}
+
+// Whether every weight is finite on every rank (collective).
+bool weights_finite(const Model& m, dist::Communicator& comm) {
+  const Arena h = m.host_weights();
+  const Tensor w = h.flat();
+  const float* p = w.as<float>();
+  double bad = 0;
+  for (int64_t i = 0; i < w.numel(); ++i)
+    if (!std::isfinite(p[i])) {
+      bad = 1;
+      break;
+    }
+  return comm.all_reduce(bad, dist::ReduceOp::Max) == 0;
+}
+
+// The loss-spike guard's z-score of `loss` against the window (the previous losses), or 0 while
+// the window is not full.
+double spike_zscore(const std::vector<double>& window, int64_t size, double loss) {
+  if (int64_t(window.size()) < size) return 0;
+  double mean = 0, var = 0;
+  for (double x : window) mean += x;
+  mean /= double(window.size());
+  for (double x : window) var += (x - mean) * (x - mean);
+  const double sd = std::sqrt(var / double(window.size()));
+  return sd > 0 ? (loss - mean) / sd : 0;
+}
+
+// A run directory this process created, removed again if the start fails before anything is written
+// into it (a refused start leaves no trace).
+struct NewRunDir {
+  std::string path;
+  bool armed = false;
+  ~NewRunDir() {
+    if (armed) discard_new_run_dir(path);
+  }
+};
+
+TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Communicator& comm, RunLog& run_log) {
   const auto& tc = cfg.train;
   const int64_t world = comm.size(), rank = comm.rank();
   const bool root = rank == 0;
@@ -263,27 +296,51 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   const Device device = pick_device(cfg.run.device);
   check_device_support(cfg, device);  // before the run directory exists
 
-  // ---- run directory: never overwrite a user's run unless asked to continue it. Rank 0 decides
-  // and writes; the others wait, then see the same directory (it must be on a shared filesystem).
+  // ---- run directory: one process at a time, and a run is continued only when asked, from a
+  // checkpoint that can be read, by a config that continues it. Rank 0 decides, reading only: nothing
+  // is written into the directory before the start is accepted (the others wait, then see the same
+  // directory: it must be on a filesystem every rank shares).
+  NewRunDir new_dir{run_dir};
+  std::optional<RunDirLock> lock;
   std::optional<CheckpointRef> ckpt;
-  RunLog run_log;
+  nlohmann::json shards;
   if (root) {
-    if (fs::exists(run_dir)) {
-      ckpt = latest_checkpoint(run_dir);
-      const bool has_run = fs::exists(run_dir + "/config.json") || fs::exists(metrics_path) || ckpt;
-      if (has_run && !opt.resume)
+    std::error_code ec;
+    const bool existed = fs::exists(run_dir, ec);
+    if (existed && !opt.resume) {
+      const bool has_run = fs::exists(run_dir + "/config.json") || fs::exists(metrics_path) || latest_checkpoint(run_dir);
+      if (has_run)
         fail("run directory {} already holds a run: pass --resume to continue it, or choose another --out / run.name",
              run_dir);
     }
-    fs::create_directories(run_dir);
-    run_log.attach(run_dir + "/train.log");
-    spdlog::info("dmatrain train: run directory {}", run_dir);
-    spdlog::info("resolved config:\n{}", cfg.resolved.dump(2));
-    if (fs::exists(run_dir + "/config.json") && !ckpt) {
-      // an earlier attempt that never reached a checkpoint: keep its files beside the new ones
-      fs::rename(run_dir + "/config.json", run_dir + "/config.previous.json");
+    fs::create_directories(run_dir, ec);
+    if (ec) fail("cannot create the run directory {} (run.dir, or --out): {}", run_dir, ec.message());
+    new_dir.armed = !existed;
+    lock.emplace(run_dir);
+    if (opt.resume) ckpt = resume_checkpoint(run_dir);
+    if (ckpt) {
+      TrainState saved_state;
+      nlohmann::json saved_config;
+      try {
+        saved_state = read_checkpoint_state(ckpt->path);
+        saved_config = checkpoint_config(ckpt->path);
+      } catch (const Error& e) {
+        fail_unusable_checkpoint(run_dir, *ckpt, e.what());
+      }
+      check_resume_config(saved_config, cfg, saved_state, world, opt.allow_train_changes, ckpt->path);
+      if (opt.stop_at > 0 && opt.stop_at <= saved_state.step)
+        fail("--stop-at {}: the run is already at step {} (checkpoint {}); give a later step", opt.stop_at,
+             saved_state.step, ckpt->path);
     }
-    write_file_atomic(run_dir + "/config.json", cfg.resolved.dump(2) + "\n");
+    shards = describe_shards(cfg);
+    if (ckpt) {
+      try {
+        verify_shards(run_dir, shards);
+      } catch (const Error& e) {
+        if (!opt.allow_train_changes) throw;
+        spdlog::warn("{} (continuing: --allow-train-changes)", e.what());
+      }
+    }
   }
   comm.barrier();
   std::string ckpt_path = ckpt ? ckpt->path : "";
@@ -293,7 +350,7 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
       fail("rank {} cannot see checkpoint {} that rank 0 resumes from: the run directory must be on a filesystem "
            "shared by all ranks",
            rank, ckpt_path);
-    ckpt = CheckpointRef{0, ckpt_path};
+    ckpt = CheckpointRef{checkpoint_step_of(fs::path(ckpt_path).filename().string()).value_or(0), ckpt_path};
   }
 
   // ---- ranks: one GPU per rank (chosen by the node-local rank), NCCL for device buffers
@@ -305,6 +362,40 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
     nccl->set_timeout(cfg.run.collective_timeout_s);
   }
   const int threads = set_cpu_threads(cfg.run.threads, comm.local_size());
+
+  // ---- model and optimizer, and the checkpoint's state: still nothing written
+  std::unique_ptr<Model> model_ptr = make_model(cfg, device);
+  Model& model = *model_ptr;
+  model.init_weights(tc.seed);
+  // DMAT_TEST_HOST_BUCKETS=BYTES (tests): the GPU path's gradient buckets, on the host communicator.
+  const char* host_buckets = std::getenv("DMAT_TEST_HOST_BUCKETS");
+  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero), host_buckets ? std::atoll(host_buckets) : 32 << 20,
+                        host_buckets != nullptr);
+  AdamW adam(model, tc, dp.shard_lo(), dp.shard_hi(), &comm);
+  TrainState st;
+  if (ckpt) {
+    try {
+      st = load_checkpoint(ckpt->path, model, &adam);
+    } catch (const Error& e) {
+      fail_unusable_checkpoint(run_dir, *ckpt, e.what());
+    }
+  }
+
+  // ---- the start is accepted: rank 0 writes the run's files
+  if (root) {
+    lock->announce();
+    run_log.attach(run_dir + "/train.log");
+    if (fs::exists(run_dir + "/config.json") && !ckpt) {
+      // an earlier attempt that never reached a checkpoint: keep its files beside the new ones
+      fs::rename(run_dir + "/config.json", run_dir + "/config.previous.json");
+    }
+    write_file_atomic(run_dir + "/config.json", cfg.resolved.dump(2) + "\n");
+    if (!ckpt || opt.allow_train_changes || !fs::exists(run_dir + "/data.json")) record_shards(run_dir, shards);
+    if (opt.resume && fs::exists(metrics_path)) truncate_metrics(metrics_path, ckpt ? st.step : 0);
+    new_dir.armed = false;
+  }
+  spdlog::info("dmatrain train: run directory {}", run_dir);
+  spdlog::info("resolved config:\n{}", cfg.resolved.dump(2));
   if (device == Device::CUDA)
     spdlog::info("backend: cuda ({}; bf16 weights and activations, fp32 master weights and gradients; {} host "
                  "threads{})",
@@ -316,40 +407,27 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
                  "timeout {} s",
                  world, comm.backend(), nccl ? " + nccl" : "", comm.local_size(),
                  tc.batch_size * tc.grad_accum * world, tc.zero, cfg.run.collective_timeout_s);
-
-  spdlog::info("data: train {} tokens ({} windows of {}), val {} tokens ({} windows)", train_data.total_tokens(),
-               train_data.num_windows(), tc.seq_len + 1, val_data.total_tokens(), val_data.num_windows());
-
-  // ---- model and optimizer
-  std::unique_ptr<Model> model_ptr = make_model(cfg, device);
-  Model& model = *model_ptr;
-  model.init_weights(tc.seed);
-  // DMAT_TEST_HOST_BUCKETS=BYTES (tests): the GPU path's gradient buckets, on the host communicator.
-  const char* host_buckets = std::getenv("DMAT_TEST_HOST_BUCKETS");
-  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero), host_buckets ? std::atoll(host_buckets) : 32 << 20,
-                        host_buckets != nullptr);
-  AdamW adam(model, tc, dp.shard_lo(), dp.shard_hi(), &comm);
+  const int64_t B = tc.batch_size, T = tc.seq_len;
+  const int64_t seqs_per_step = B * tc.grad_accum * world;
+  const int64_t windows = train_data.num_windows();
+  spdlog::info("data: train {} tokens ({} windows of {}: the run's {} steps read {:.2f} epochs), val {} tokens ({} "
+               "windows)",
+               train_data.total_tokens(), windows, T + 1, tc.steps,
+               double(tc.steps) * double(seqs_per_step) / double(windows), val_data.total_tokens(),
+               val_data.num_windows());
   const ModelCounts counts = count_model(cfg.model, tc.seq_len);
   spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token ({})", counts.total,
                counts.non_embedding, counts.flops_per_token, counts.flops_convention);
   // MFU against the device's dense bf16 peak (DESIGN.md convention); null where the peak is unknown.
   // Every rank's device counts.
   const double peak = device == Device::CUDA ? cuda::peak_bf16_flops(gpu) * double(world) : 0.0;
-
-  TrainState st;
-  if (opt.resume) {
-    if (ckpt) {
-      check_resumable(checkpoint_config(ckpt->path), cfg.resolved, ckpt->path);
-      st = load_checkpoint(ckpt->path, model, &adam);
-      spdlog::info("resumed from {} (step {}, {} tokens{})", ckpt->path, st.step, st.tokens,
-                   st.world_size != world ? fmt::format("; written by {} rank(s), continued on {}", st.world_size, world)
-                                          : "");
-      if (root) truncate_metrics(metrics_path, st.step);
-    } else {
-      spdlog::info("--resume: no complete checkpoint in {}, starting from step 0", run_dir);
-      if (root && fs::exists(metrics_path)) truncate_metrics(metrics_path, 0);
-    }
-  }
+  if (ckpt)
+    spdlog::info("resumed from {} (step {}, {} tokens{}{})", ckpt->path, st.step, st.tokens,
+                 st.world_size != world ? fmt::format("; written by {} rank(s), continued on {}", st.world_size, world)
+                                        : "",
+                 st.skipped > 0 ? fmt::format("; {} updates skipped so far", st.skipped) : "");
+  if (st.sequences >= windows)
+    spdlog::info("data: the run is in epoch {} of the training set", st.sequences / windows + 1);
   st.world_size = world;
   if (st.step >= tc.steps) spdlog::info("nothing to do: the run is at step {} of {}", st.step, tc.steps);
 
@@ -363,8 +441,6 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
 
   SignalGuard signals;
 
-  const int64_t B = tc.batch_size, T = tc.seq_len;
-  const int64_t seqs_per_step = B * tc.grad_accum * world;
   const double grad_scale = 1.0 / double(B * T * tc.grad_accum * world);
   std::vector<int32_t> x(B * T), y(B * T);
 
@@ -379,12 +455,18 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   double window_start = elapsed(), loss_acc = 0;
   int64_t loss_n = 0;
   int64_t last_ckpt = ckpt ? st.step : -1, last_eval = -1;
+  std::string last_ckpt_dir = ckpt ? ckpt->path : "";
 
   auto run_eval = [&] {
     EvalResult ev = evaluate(model, val_data, B, tc.eval_batches, &comm);
     spdlog::info("eval step {}/{} | val loss {:.4f} | val ppl {:.3f} | {} tokens", st.step, tc.steps, ev.loss, ev.ppl,
                  ev.tokens);
-    emit({{"step", st.step}, {"tokens", st.tokens}, {"val_loss", ev.loss}, {"ppl", ev.ppl}, {"time", elapsed()}});
+    if (!std::isfinite(ev.loss))
+      throw AgreedStop(fmt::format("the validation loss is {} at step {} ({} tokens): the weights produce non-finite "
+                                   "values; the newest complete checkpoint is {}",
+                                   ev.loss, st.step, ev.tokens, last_ckpt_dir.empty() ? "none" : last_ckpt_dir));
+    emit({{"step", st.step}, {"tokens", st.tokens}, {"val_loss", ev.loss}, {"ppl", ev.ppl},
+          {"val_tokens", ev.tokens}, {"time", elapsed()}});
     res.val_loss = ev.loss;
     res.val_ppl = ev.ppl;
     last_eval = st.step;
@@ -392,15 +474,42 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   auto checkpoint = [&] {
     st.elapsed_s = elapsed();
     dp.gather_master();
-    std::string dir = save_checkpoint(run_dir, model, adam, st, cfg.resolved, cfg.run.keep_checkpoints, comm,
-                                      dp.zero() == 1 && world > 1 ? &dp.partition() : nullptr);
-    spdlog::info("checkpoint {}", dir);
+    last_ckpt_dir = save_checkpoint(run_dir, model, adam, st, cfg.resolved, cfg.run.keep_checkpoints, comm,
+                                    dp.zero() == 1 && world > 1 ? &dp.partition() : nullptr);
+    spdlog::info("checkpoint {}", last_ckpt_dir);
     last_ckpt = st.step;
   };
+  // train.on_nonfinite = "stop": the weights are still those before the faulty step, the last good
+  // state; it is checkpointed (unless it is already), and every rank stops at this step.
+  auto stop_on_fault = [&](const std::string& fault) {
+    std::string saved;
+    if (last_ckpt == st.step) {
+      saved = fmt::format("is checkpoint {}", last_ckpt_dir);
+    } else if (weights_finite(model, comm)) {
+      checkpoint();
+      saved = fmt::format("was written to checkpoint {}", last_ckpt_dir);
+    } else {
+      saved = fmt::format("is not finite either, so no checkpoint was written (the newest complete one: {})",
+                          last_ckpt_dir.empty() ? "none" : last_ckpt_dir);
+    }
+    throw AgreedStop(fmt::format("training stopped: {} (train.on_nonfinite = \"stop\"). The last good state, step {}, "
+                                 "{}: continue from it with --resume (a lower train.lr, say), or set "
+                                 "train.on_nonfinite = \"skip\" to drop such steps' updates",
+                                 fault, st.step, saved));
+  };
 
+  const auto& params = model.param_info();
   while (st.step < tc.steps) {
-    inject_test_fault(int(rank), st.step + 1);
+    const int64_t s = st.step + 1;  // the step being made
+    inject_test_fault(int(rank), s);
+    // a new epoch of the training set: the epoch of this step's last sequence is past the last one's
+    const int64_t epoch = (st.sequences + seqs_per_step - 1) / windows;
+    if (st.sequences > 0 && epoch > (st.sequences - 1) / windows)
+      spdlog::info("data: step {} begins epoch {} of the training set (all {} windows were read {} time(s); they "
+                   "repeat in a new order)",
+                   s, epoch + 1, windows, epoch);
     model.zero_grad();
+    if (opt.before_forward) opt.before_forward(s, model);
     double step_loss = 0;
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
       // global micro-batch `micro` is sequences [(micro·world)·B, (micro·world + world)·B) after the
@@ -411,19 +520,48 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
       if (micro + 1 == tc.grad_accum) dp.begin_last_backward();
       model.backward();
     }
+    if (opt.after_backward) opt.after_backward(s, model);
     dp.reduce_grads();
     step_loss = comm.all_reduce(step_loss, dist::ReduceOp::Sum) / double(B * T * tc.grad_accum * world);
-    if (!std::isfinite(step_loss)) fail("training diverged: loss is {} at step {}", step_loss, st.step + 1);
     const double norm = adam.clip();
-    const double lr = learning_rate(tc, st.step + 1);
-    adam.step(lr);
-    dp.gather_weights();
+
+    // ---- numerical faults, decided on all-reduced values: every rank takes the same branch
+    std::string fault;
+    if (!std::isfinite(step_loss) || !std::isfinite(norm)) {
+      const int64_t p = first_nonfinite_grad(model, adam.lo(), adam.hi(), comm);
+      fault = fmt::format("step {} has loss {} and gradient norm {}{}", s, step_loss, norm,
+                          p >= 0 ? fmt::format(" (the first tensor with a non-finite gradient: {}, group {})",
+                                               params[size_t(p)].name, params[size_t(p)].group)
+                                 : "");
+      if (tc.on_nonfinite == "stop") {
+        emit({{"step", s}, {"nonfinite", fault}});
+        stop_on_fault(fault);
+      }
+    } else if (tc.loss_spike_z > 0) {
+      const double z = spike_zscore(st.recent_losses, tc.loss_spike_window, step_loss);
+      if (z > tc.loss_spike_z)
+        fault = fmt::format("step {} has loss {:.4f}, {:.1f} standard deviations above the mean of the previous {} "
+                            "steps (train.loss_spike_z = {})",
+                            s, step_loss, z, tc.loss_spike_window, tc.loss_spike_z);
+      st.recent_losses.push_back(step_loss);
+      if (int64_t(st.recent_losses.size()) > tc.loss_spike_window) st.recent_losses.erase(st.recent_losses.begin());
+    }
+    const double lr = learning_rate(tc, s);
+    if (fault.empty()) {
+      adam.step(lr);
+      dp.gather_weights();
+      loss_acc += step_loss;
+      ++loss_n;
+    } else {
+      adam.discard_step();
+      ++st.skipped;
+      spdlog::warn("{}: update skipped ({} skipped so far)", fault, st.skipped);
+      emit({{"step", s}, {"skipped", fault}, {"skipped_total", st.skipped}});
+    }
     ++st.step;
     st.sequences += seqs_per_step;
     st.tokens += seqs_per_step * T;
     window_tokens += seqs_per_step * T;
-    loss_acc += step_loss;
-    ++loss_n;
     res.final_loss = step_loss;
 
     const bool last = st.step == tc.steps;
@@ -435,7 +573,8 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
                    st.step, tc.steps, step_loss, lr, norm, si(tps),
                    peak > 0 ? fmt::format(" | MFU {:.1f}%", 100.0 * tps * counts.flops_per_token / peak) : "",
                    hms(now), hms(eta));
-      emit({{"step", st.step}, {"tokens", st.tokens}, {"loss", step_loss}, {"loss_avg", loss_acc / double(loss_n)},
+      emit({{"step", st.step}, {"tokens", st.tokens}, {"loss", step_loss},
+            {"loss_avg", loss_n > 0 ? nlohmann::json(loss_acc / double(loss_n)) : nlohmann::json(nullptr)},
             {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tps},
             {"mfu", peak > 0 ? nlohmann::json(tps * counts.flops_per_token / peak) : nlohmann::json(nullptr)},
             {"time", now}});
@@ -458,13 +597,14 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
       spdlog::warn("signal {} received{}: writing a checkpoint at step {} and stopping", sig,
                    world > 1 ? " (by at least one rank)" : "", st.step);
       if (last_ckpt != st.step) checkpoint();
-      throw Interrupted(fmt::format("interrupted by signal {} at step {} (checkpoint written; continue with --resume)",
-                                    sig, st.step));
+      throw AgreedStop(fmt::format("interrupted by signal {} at step {} (checkpoint written; continue with --resume)",
+                                   sig, st.step));
     }
   }
   if (last_eval != st.step) run_eval();
   res.steps = st.step;
-  spdlog::info("done: {} steps, val loss {:.4f}, val perplexity {:.3f}", st.step, res.val_loss, res.val_ppl);
+  spdlog::info("done: {} steps, val loss {:.4f}, val perplexity {:.3f}{}", st.step, res.val_loss, res.val_ppl,
+               st.skipped > 0 ? fmt::format(" ({} updates skipped)", st.skipped) : "");
   return res;
 }
 
@@ -472,13 +612,23 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
   dist::Communicator& comm = dist::world();
-  if (comm.size() == 1) return train_ranks(cfg, opt, comm);
+  if (comm.size() == 1) {
+    RunLog run_log;
+    try {
+      return train_ranks(cfg, opt, comm, run_log);
+    } catch (const std::exception& e) {
+      run_log.error(e.what());  // train.log too, once the run was accepted
+      throw;
+    }
+  }
   // Rank-tagged logs; info only from rank 0 (the others log warnings and errors).
   init_logging(comm.rank());
   comm.set_timeout(cfg.run.collective_timeout_s);
+  RunLog run_log;
   try {
-    return train_ranks(cfg, opt, comm);
-  } catch (const Interrupted&) {
+    return train_ranks(cfg, opt, comm, run_log);
+  } catch (const AgreedStop& e) {
+    run_log.error(e.what());
     throw;  // every rank took this decision at the same step: an orderly exit
   } catch (const std::exception& e) {
     // A fault on this rank: the others may be waiting in a collective, so end them all now.
@@ -498,6 +648,7 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_pos
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
   spdlog::info("eval: checkpoint {} (step {})", ck->path, ck->step);
   EvalResult r = evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position);
+  r.step = ck->step;
   if (!std::isfinite(r.loss))
     fail("eval: the validation loss of checkpoint {} is {} ({} tokens): its weights hold or produce non-finite values",
          ck->path, r.loss, r.tokens);

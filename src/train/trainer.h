@@ -2,6 +2,7 @@
 // validation, log lines, metrics.jsonl rows and atomic checkpoints (README "Training").
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -15,6 +16,13 @@ namespace dmat {
 struct TrainOptions {
   bool resume = false;  // continue from the newest complete checkpoint of the run directory
   int64_t stop_at = 0;  // > 0: write a checkpoint after this step and stop (a planned interruption)
+  // --resume: continue even when the config changes the data order or the batch (README "Command line")
+  bool allow_train_changes = false;
+  // Test seams, unset in production: called on every rank with the step being made (1-based) before
+  // its first forward, and after its last backward (before the gradients are reduced). Tests inject
+  // faults through them: a NaN gradient, a loss spike (weights disturbed before the forward and
+  // restored after the backward).
+  std::function<void(int64_t step, Model& model)> before_forward, after_backward;
 };
 
 struct TrainResult {
@@ -30,6 +38,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt);
 struct EvalResult {
   double loss = 0, ppl = 0;
   int64_t tokens = 0;
+  int64_t step = 0;  // evaluate_run: the step of the checkpoint evaluated
   // With by_position: the mean loss at each position t = 0 … T−1 of the sequences, and the number
   // of tokens it averages (position t predicts token t+1 from tokens 0 … t).
   std::vector<double> position_loss;
