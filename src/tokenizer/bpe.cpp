@@ -317,13 +317,14 @@ BpeTokenizer BpeTokenizer::from_hf_json(const nlohmann::json& j, const std::stri
     max_id = std::max<int64_t>(max_id, a["id"].get<int64_t>());
   }
   if (max_id < 0) fail("tokenizer {}: empty vocabulary", origin);
-  // Ids may have gaps, but not more ids than the file defines tokens: the table below has max_id + 1
-  // entries, and an id of 2^31 in a 3 KB file must not allocate gigabytes.
-  const int64_t defined = int64_t(m["vocab"].size() + added_json.size());
-  if (max_id >= defined)
+  // Ids may leave gaps (reserved ids, an added token at a round number), but the table below has
+  // max_id + 1 entries: an id of 2^31 in a 3 KB file must not allocate gigabytes. So the ids are
+  // bounded by the tokens the file defines plus at most 2^20 unused ids.
+  const int64_t defined = int64_t(m["vocab"].size() + added_json.size()), limit = defined + (int64_t(1) << 20);
+  if (max_id >= limit)
     fail("tokenizer {}: token id {} is outside the vocabulary: the file defines {} tokens (model.vocab and "
-         "added_tokens), so ids must be < {}",
-         origin, max_id, defined, defined);
+         "added_tokens) and ids may leave at most 2^20 unused, so ids must be < {}",
+         origin, max_id, defined, limit);
   d.tokens.assign(size_t(max_id + 1), std::string());
   std::unordered_map<std::string, uint32_t> by_text;
   std::string bytes;
