@@ -1,5 +1,5 @@
-// Hopper (sm_90a) building blocks of the flash-attention forward (private to
-// kernels/cuda/flash_attention.cu): 128-byte-swizzled shared tiles filled by cp.async, wgmma
+// Hopper (sm_90a) building blocks of the flash-attention kernels (private to
+// kernels/cuda/flash_*_sm90.cu): 128-byte-swizzled shared tiles filled by cp.async, wgmma
 // shared-memory descriptors, the warpgroup MMAs used (m64n64k16 / m64n128k16, bf16 -> fp32),
 // mbarriers and the fences between the generic and async proxies. Everything here assembles only
 // for sm_90a: callers guard with DMAT_FLASH_SM90A.
