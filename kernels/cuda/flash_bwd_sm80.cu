@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
     Acc<BMQ> s;
     s.zero();
     mma_ss_abt<DQK, BMQ, DQK, DQK>(s, sK, warp * 16, sQs, 0, lane);
-    const bool mask =
+    const bool masked =
         DMA || q0 < k0 + BN - 1 || q0 + BMQ > T || (p.window > 0 && q0 + BMQ - 1 - p.window >= k0);
 #pragma unroll
     for (int nb = 0; nb < BMQ / 8; ++nb) {
@@ -125,9 +125,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dkdv_kernel(const Bwd
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
           x = fast_exp2(fmaf(x, p.scale_log2, kb2[hf] - li));
-          if (mask && (i >= T || !visible(i, kj[hf], p.window))) x = 0.f;
-          if constexpr (DMA)
-            if (dma_drops(kbraw[hf], sThrs[c], i, kj[hf], p.local)) x = 0.f;
+          if (masked) CausalMask::apply(p, x, 0.f, i, kj[hf], kbraw[hf], DMA ? sThrs[c] : -INFINITY, i >= T);
         }
       }
     }
@@ -308,7 +306,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
     Acc<BN> s;  // P = exp2(Q K^T · scale·log2e − lse2)
     s.zero();
     mma_ss_abt<DQK, BN, DQK, DQK>(s, sQ, warp * 16, sKs, 0, lane);
-    const bool mask = keys.needs_mask(n);
+    const bool masked = keys.needs_mask(n);
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
@@ -321,8 +319,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_bwd_dq_kernel(const BwdPa
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
           x = fast_exp2(fmaf(x, p.scale_log2, bj - li[hf]));
-          if (mask && (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local)))
-            x = 0.f;
+          if (masked) CausalMask::apply(p, x, 0.f, row0 + 8 * hf, j, braw, thr_r[hf]);
         }
       }
     }

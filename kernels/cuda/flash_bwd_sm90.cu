@@ -178,9 +178,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dq_wgmma_kernel(const
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
               float pv = fast_exp2(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, bj - li[hf]));
-              if (masked &&
-                  (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local)))
-                pv = 0.f;
+              if (masked) CausalMask::apply(p, pv, 0.f, row0 + 8 * hf, j, braw, thr_r[hf]);
               dp.c[nb][2 * hf + e] = pv * (dp.c[nb][2 * hf + e] - di[hf]);
             }
           }
@@ -468,13 +466,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_bwd_dkdv_wgmma_kernel(con
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
               float pv = fast_exp2(fmaf(sc.c[nb][2 * hf + e], p.scale_log2, kb2[hf] - li));
-              if constexpr (decltype(masked)::value) {  // branch-free: & rather than short-circuits
-                bool keep = kjm[hf] <= i;
-                // (past T th is NaN and i >= T: no key kept there, local window or not)
-                if constexpr (DMA) keep &= (kbraw[hf] >= th) | ((kjm[hf] > i - p.local) & (i < T));
-                else keep &= (i < T) & ((p.window <= 0) | (kjm[hf] > i - p.window));
-                pv = keep ? pv : 0.f;
-              }
+              if constexpr (decltype(masked)::value)  // branch-free over the tile
+                pv = CausalMask::keeps_branchless<DMA>(p, i, kjm[hf], kbraw[hf], th, T) ? pv : 0.f;
               sc.c[nb][2 * hf + e] = pv;
               const float dsv = pv * (dp.c[nb][2 * hf + e] - di);
               dp.c[nb][2 * hf + e] = dsv;

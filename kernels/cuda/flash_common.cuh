@@ -43,14 +43,52 @@ constexpr int kWgBM = 128, kWgStages = 3, kWgThreads = 384;
 constexpr int kWgDqBN = 64;
 constexpr int kWgKvBN = 128, kWgKvBM = 64;
 
-__device__ __forceinline__ bool visible(int i, int j, int window) {
-  return j >= 0 && j <= i && (window <= 0 || j > i - window);
-}
-// DMA: visible key j is dropped for query i when its raw bias is below the query's threshold and it
-// is outside the local window (local = 0: every key is outside; then this is braw < thr).
-__device__ __forceinline__ bool dma_drops(float braw, float thr, int i, int j, int local) {
-  return braw < thr && j <= i - local;
-}
+// ---- element mask ----------------------------------------------------------------------------
+// Which (query i, key j) pairs of a visited key tile are dropped. A mask policy is a type of static
+// functions reading what they need from the kernel's parameter block P (FwdParams or BwdParams),
+// as MakeKeys does; every kernel applies it once per score, at one place, on the tiles its key-tile
+// policy marks (needs_mask: every pair of the other tiles is kept):
+//   apply(p, x, dropped, i, j, kb, qt[, past_end])  x = dropped where i drops j (or past_end: a
+//       query past the sequence, which the key-major dK/dV tiles reach);
+//   keeps_branchless<THR>(p, i, j, kb, qt, T)  the same decision as a value, without short-circuits,
+//       for a kernel that masks whole register tiles branch-free (the Hopper dK/dV pass).
+// Besides the positions a policy may compare two per-element values the kernel holds: the key's
+// raw bias kb and the query's threshold qt (bit-exact copies of the fp32 values the CPU reference
+// compares; kernels without a threshold pass qt = −inf, which drops nothing, and the test folds
+// away). A variant with another mask (NSA's compressed or selected blocks) adds its policy here.
+//
+// CausalMask: i keeps j when 0 <= j <= i, j is inside the sliding window (p.window: keys
+// i − window + 1 .. i; 0: none) and, for DMA, kb >= qt or j is inside the local window (p.local:
+// keys j > i − local; 0: none) — cpu::attention_* and cpu::dma_attention_*'s kept(i, j).
+struct CausalMask {
+  template <class P, class T>
+  __device__ __forceinline__ static void apply(const P& p, T& x, T dropped, int i, int j, float kb, float qt,
+                                               bool past_end = false) {
+    if (past_end || !visible(i, j, p.window) || below_threshold(kb, qt, i, j, p.local)) x = dropped;
+  }
+  // Padding keys come as j = INT_MAX, and queries i >= T are dropped. THR (DMA, whose p.window is
+  // 0): with a threshold, which the caller passes as NaN for i >= T; the sliding window is not
+  // tested. j is taken by reference only to keep the compiled comparisons' operand order as the
+  // caller wrote them (a value parameter gets them swapped, which moves that kernel's SASS).
+  template <bool THR, class P>
+  __device__ __forceinline__ static bool keeps_branchless(const P& p, int i, const int& j, float kb, float qt,
+                                                          int T) {
+    bool keep = j <= i;
+    if constexpr (THR) keep &= (kb >= qt) | ((j > i - p.local) & (i < T));
+    else keep &= (i < T) & ((p.window <= 0) | (j > i - p.window));
+    return keep;
+  }
+
+ private:
+  __device__ __forceinline__ static bool visible(int i, int j, int window) {
+    return j >= 0 && j <= i && (window <= 0 || j > i - window);
+  }
+  // DMA: a visible key whose raw bias is below the query's threshold is dropped unless it is
+  // inside the local window (local = 0: every key is outside; then this is kb < qt)
+  __device__ __forceinline__ static bool below_threshold(float kb, float qt, int i, int j, int local) {
+    return kb < qt && j <= i - local;
+  }
+};
 
 // ---- key-tile policies -----------------------------------------------------------------------
 // A policy answers, for one query tile: how many key tiles, the key position at (tile n, row r)

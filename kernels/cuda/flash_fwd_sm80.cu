@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
     }
 
     // log2-domain scores, bias, mask
-    const bool mask = keys.needs_mask(n);
+    const bool masked = keys.needs_mask(n);
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
@@ -107,8 +107,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
         for (int hf = 0; hf < 2; ++hf) {
           float& x = s.c[nb][2 * hf + e];
           x = fmaf(x, p.scale_log2, bj);
-          if (mask && (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local)))
-            x = -INFINITY;
+          if (masked) CausalMask::apply(p, x, -INFINITY, row0 + 8 * hf, j, braw, thr_r[hf]);
         }
       }
     }

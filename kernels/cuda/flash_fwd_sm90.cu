@@ -262,8 +262,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_fwd_wgmma_kernel(const Fw
             for (int hf = 0; hf < 2; ++hf) {
               float& x = s.c[nb][2 * hf + e];
               x = fmaf(x, p.scale_log2, bj);
-              if (!visible(row0 + 8 * hf, j, p.window) || dma_drops(braw, thr_r[hf], row0 + 8 * hf, j, p.local))
-                x = -INFINITY;
+              CausalMask::apply(p, x, -INFINITY, row0 + 8 * hf, j, braw, thr_r[hf]);
             }
           }
         }
