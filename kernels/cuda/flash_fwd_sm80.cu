@@ -5,8 +5,9 @@
 // its Q fragments in registers; K/V tiles of kBN keys stream through a 2-stage cp.async pipeline;
 // scores are pre-scaled by scale·log2(e) so the online softmax uses exp2 (fast_exp2). The key tiles
 // a query tile visits come from a key-tile policy (DenseKeys: causal ± window, GatherKeys: an
-// explicit key list per query tile) and an optional per-key bias is added to the scores; the
-// DMA/NSA kernels reuse this loop through those two template parameters.
+// explicit key list per query tile), the pairs of those tiles it keeps from the element mask
+// (CausalMask), and an optional per-key bias is added to the scores; DMA reuses this loop through
+// the key-tile policy and the bias template parameters.
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_tiles.cuh"
 
