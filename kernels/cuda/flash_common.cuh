@@ -300,7 +300,8 @@ void launch_fwd_sm80(const FwdParams& p, const AttnShape& s, KeyTiles keys, bool
 void launch_fwd_sm90(const FwdParams& p, const AttnShape& s, KeyTiles keys, bool bias, bool overlap, bool tma);
 
 // dK/dV over ceil(T / 128) key blocks; dma (the pairs marked dma): over p.n_groups key groups with
-// the key bias, threshold and dbias; atomic_dq (not with dma): dQ += dS·K into p.dq_acc too.
+// the key bias, threshold and dbias; atomic_dq (not with dma): also dQ += dS·K into p.dq_acc,
+// which it zeroes first.
 void launch_bwd_dkdv_sm80(const BwdParams& p, const AttnShape& s, bool dma, bool atomic_dq);
 // Deterministic dQ over n_tiles query tiles from p.qt0: dense keys, or (dma) the gathered lists.
 void launch_bwd_dq_sm80(const BwdParams& p, const AttnShape& s, bool dma, int n_tiles);
