@@ -1,4 +1,4 @@
-// dmatrain command line: train, eval, info, data prepare, data inspect.
+// dmatrain command line: train, eval, info, export, import, data, tokenizer, bench, devices.
 // Exit code 0 on success; 1 with a one-line cause on stderr when something fails; 2 for bad usage.
 #include <cstdio>
 #include <cstring>
@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/prepare.h"
+#include "interop/hf_convert.h"
 #include "io/checkpoint_dir.h"
 #include "dist/communicator.h"
 #include "kernels/cuda/device_info.h"
@@ -42,10 +43,14 @@ usage: dmatrain COMMAND [ARGS...]      (dmatrain COMMAND --help for each)
 commands:
   train CONFIG [--set key=value ...] [--out DIR] [--resume] [--stop-at STEP]
                            train a model; writes logs, metrics and checkpoints to the run directory
-  eval RUN_DIR [--batches N]
+  eval RUN_DIR [--batches N] [--positions FILE.csv] [--logits FILE.safetensors]
                            validation loss and perplexity of the run's newest checkpoint
   info CONFIG [--set key=value ...] [--json]
                            parameter counts, FLOPs per token, memory estimate
+  export RUN_DIR --format hf --out DIR [--step N] [--dtype fp32|bf16] [--tokenizer T.json|byte]
+                           a checkpoint as a Hugging Face model folder (transformers loads it as is)
+  import DIR --out RUN_DIR [--set key=value ...]
+                           a Hugging Face Llama or Doge model folder as a run that train --resume continues
   data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N] [--overwrite] INPUTS...
                            turn text files / directories / JSONL into token shards
   data inspect PATH        describe a shard file or a prepared data directory
@@ -95,7 +100,7 @@ Writes RUN_DIR/config.json (resolved), train.log (errors too), metrics.jsonl, da
 checksums: a resumed run refuses shards that changed) and checkpoints/step_*/.
 )";
 
-const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N] [--positions FILE.csv]
+const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N] [--positions FILE.csv] [--logits FILE.safetensors]
 
 Loads the newest complete checkpoint of RUN_DIR and prints its validation loss and perplexity on
 the validation shards named in its config (paths relative to the current directory).
@@ -105,6 +110,36 @@ the validation shards named in its config (paths relative to the current directo
   --positions FILE     also write the mean loss at each position of the sequence as CSV
                        (columns position,loss,tokens; position t predicts token t+1 from tokens
                        0 … t); an existing FILE is refused
+  --logits FILE        also write the evaluated sequences and their logits as safetensors (inputs and
+                       targets I32 [N, T], logits F32 [N, T, vocab]); the model then runs on the CPU
+                       backend in fp32 whatever run.device (a reference to compare other
+                       implementations with); an existing FILE is refused
+)";
+
+const char* kExportHelp = R"(usage: dmatrain export RUN_DIR --format hf --out DIR [--step N] [--dtype fp32|bf16] [--tokenizer T.json|byte]
+
+Writes a checkpoint of RUN_DIR (the newest complete one, or that of --step N) as a Hugging Face model
+folder that transformers' AutoModelForCausalLM and AutoTokenizer load without custom code:
+config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json.
+Attention type mha exports as LlamaForCausalLM, swa as MistralForCausalLM, dma as DogeForCausalLM
+(needs model.qk_norm and model.residual_scale), mla as DeepseekV3ForCausalLM with dense MLPs; nsa and
+anything a peer cannot express are refused, naming the config key (README "Hugging Face interop").
+  --dtype bf16     round the fp32 weights to bf16 (nearest even); default fp32
+  --tokenizer T    the run's tokenizer when it cannot be found (RUN_DIR/tokenizer.json, else the one
+                   named in the training data's manifest.json)
+An existing DIR that is not empty is refused.
+)";
+
+const char* kImportHelp = R"(usage: dmatrain import DIR --out RUN_DIR [--set key=value ...]
+
+Turns a Hugging Face model folder (config.json of a LlamaForCausalLM or DogeForCausalLM,
+model.safetensors in fp32 or bf16, tokenizer.json) into a run directory holding a step-0 checkpoint,
+which `dmatrain train RUN_DIR/config.json --resume` continues (the optimizer state starts fresh).
+The model section comes from config.json (fields dmatrain does not map are refused by name);
+train.seq_len defaults to max_position_embeddings and data.train / data.val to RUN_DIR/data/{train,val}
+(prepare them with dmatrain data prepare --tokenizer RUN_DIR/tokenizer.json --out RUN_DIR/data ...).
+  --set a.b=value  override a config key (train.*, data.*, run.*); repeatable
+An existing RUN_DIR that is not empty is refused.
 )";
 
 const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...] [--json]
@@ -214,11 +249,12 @@ int cmd_train(const std::vector<std::string>& a) {
 
 int cmd_eval(const std::vector<std::string>& a) {
   if (wants_help(a)) return std::fputs(kEvalHelp, stdout), 0;
-  std::string run, positions;
+  std::string run, positions, logits;
   int64_t batches = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i] == "--batches") batches = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--positions") positions = need_value(a, i);
+    else if (a[i] == "--logits") logits = need_value(a, i);
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
     else if (run.empty()) run = a[i];
     else throw Usage("unexpected argument " + a[i]);
@@ -227,7 +263,9 @@ int cmd_eval(const std::vector<std::string>& a) {
   if (!std::filesystem::is_directory(run)) fail("eval: run directory {} does not exist", run);
   if (!positions.empty() && std::filesystem::exists(positions))
     fail("eval: {} already exists; remove it or name another file for --positions", positions);
-  auto r = dmat::evaluate_run(run, batches, !positions.empty());
+  if (!logits.empty() && std::filesystem::exists(logits))
+    fail("eval: {} already exists; remove it or name another file for --logits", logits);
+  auto r = dmat::evaluate_run(run, batches, !positions.empty(), logits);
   if (!positions.empty()) {
     std::string csv = "position,loss,tokens\n";
     for (size_t t = 0; t < r.position_loss.size(); ++t)
@@ -268,6 +306,53 @@ int cmd_info(const std::vector<std::string>& a) {
   dmat::Config cfg = dmat::load_config(path, sets);
   if (json) std::printf("%s\n", dmat::describe_json(cfg).dump(2).c_str());
   else std::fputs(dmat::describe(cfg).c_str(), stdout);
+  return 0;
+}
+
+int cmd_export(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kExportHelp, stdout), 0;
+  dmat::HfExportOptions o;
+  std::string format;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--format") format = need_value(a, i);
+    else if (a[i] == "--out") o.out_dir = need_value(a, i);
+    else if (a[i] == "--step") o.step = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--dtype") o.dtype = need_value(a, i);
+    else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
+    else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+    else if (o.run_dir.empty()) o.run_dir = a[i];
+    else throw Usage("unexpected argument " + a[i]);
+  }
+  if (o.run_dir.empty()) throw Usage("missing RUN_DIR");
+  if (format.empty()) throw Usage("export needs --format hf (the only format so far)");
+  if (format != "hf") throw Usage("--format must be hf (got \"" + format + "\")");
+  if (o.out_dir.empty()) throw Usage("export needs --out DIR");
+  if (o.step < -1) throw Usage("--step must be >= 0");
+  if (o.dtype != "fp32" && o.dtype != "bf16") throw Usage("--dtype must be fp32 or bf16 (got \"" + o.dtype + "\")");
+  const auto r = dmat::export_hf(o);
+  std::printf("exported %s as %s to %s (%lld tensors, %s, tokenizer %s)\n", r.checkpoint.c_str(),
+              r.architecture.c_str(), o.out_dir.c_str(), (long long)r.tensors, o.dtype.c_str(), r.tokenizer.c_str());
+  return 0;
+}
+
+int cmd_import(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kImportHelp, stdout), 0;
+  dmat::HfImportOptions o;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--out") o.run_dir = need_value(a, i);
+    else if (a[i] == "--set") o.sets.push_back(need_value(a, i));
+    else if (a[i].rfind("--set=", 0) == 0) o.sets.push_back(a[i].substr(6));
+    else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+    else if (o.hf_dir.empty()) o.hf_dir = a[i];
+    else throw Usage("unexpected argument " + a[i]);
+  }
+  if (o.hf_dir.empty()) throw Usage("missing DIR (a Hugging Face model folder)");
+  if (o.run_dir.empty()) throw Usage("import needs --out RUN_DIR");
+  const auto r = dmat::import_hf(o);
+  std::printf("imported %s (%s, %lld parameters) as %s; the optimizer state starts fresh (zero AdamW moments). "
+              "Continue with: dmatrain train %s/config.json --resume\n",
+              o.hf_dir.c_str(), r.architecture.c_str(), (long long)r.parameters, r.checkpoint.c_str(),
+              o.run_dir.c_str());
   return 0;
 }
 
@@ -371,6 +456,8 @@ int main(int argc, char** argv) {
     if (cmd == "train") return cmd_train(args);
     if (cmd == "eval") return cmd_eval(args);
     if (cmd == "info") return cmd_info(args);
+    if (cmd == "export") return cmd_export(args);
+    if (cmd == "import") return cmd_import(args);
     if (cmd == "data") return cmd_data(args);
     if (cmd == "tokenizer") return dmat::cli::cmd_tokenizer(args);
     if (cmd == "bench") return cmd_bench(args);
@@ -378,7 +465,9 @@ int main(int argc, char** argv) {
     throw Usage("unknown command \"" + cmd + "\"");
   } catch (const Usage& e) {
     std::fprintf(stderr, "dmatrain %s: %s (see dmatrain %s--help)\n", cmd.c_str(), e.what(),
-                 cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" || cmd == "bench" ? (cmd + " ").c_str()
+                 cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" || cmd == "bench" ||
+                         cmd == "export" || cmd == "import"
+                     ? (cmd + " ").c_str()
                                                                                                : "");
     return 2;
   } catch (const std::exception& e) {

@@ -73,6 +73,7 @@ std::string save_checkpoint(const std::string& run_dir, const Model& m, const Ad
                       {"elapsed_s", st.elapsed_s}, {"world_size", st.world_size},
                       {"adam_steps", opt.steps_done()}, {"skipped_steps", st.skipped},
                       {"recent_losses", st.recent_losses}};
+  if (!st.origin.empty()) s["origin"] = st.origin;
   std::string tmp;
   {
     // moments first (a collective under ZeRO), then rank 0 writes the shared files
@@ -164,6 +165,11 @@ TrainState read_checkpoint_state(const std::string& ckpt_dir) {
     if (!ok) fail("checkpoint state {}: recent_losses must be an array of finite numbers (got {})", file,
                   r.dump().substr(0, 80));
     st.recent_losses = r.get<std::vector<double>>();
+  }
+  if (s.contains("origin")) {  // written by dmatrain import
+    if (!s["origin"].is_string())
+      fail("checkpoint state {}: origin must be a string (got {})", file, s["origin"].dump().substr(0, 80));
+    st.origin = s["origin"].get<std::string>();
   }
   return st;
 }

@@ -30,6 +30,7 @@ struct TrainState {
   int64_t adam_steps = 0;   // updates AdamW applied (its bias correction counts these)
   int64_t skipped = 0;      // steps whose update was skipped (train.on_nonfinite "skip", the spike guard)
   std::vector<double> recent_losses;  // the loss-spike guard's window, oldest first
+  std::string origin;       // the model folder a run was imported from (dmatrain import); "" otherwise
 };
 
 void save_model_weights(const Model& m, const std::string& path);

@@ -20,6 +20,7 @@
 #include "dist/communicator.h"
 #include "dist/data_parallel.h"
 #include "io/checkpoint_dir.h"
+#include "io/safetensors.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
 #include "train/checkpoint.h"
@@ -179,7 +180,7 @@ static int64_t full_val_batches(const TokenLoader& val, int64_t seqs, const std:
 }
 
 EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches, dist::Communicator* comm,
-                    bool by_position) {
+                    bool by_position, const EvalBatchHook& on_batch) {
   const int64_t T = val.seq_len();
   const int64_t world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   const int64_t full = full_val_batches(val, B * world, "validation set");
@@ -193,6 +194,7 @@ EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches
     int64_t valid = 0;
     acc[0] += m.forward(x.data(), y.data(), B, T, 0.0, &valid);
     acc[1] += double(valid);
+    if (on_batch) on_batch(x.data(), y.data(), B, T, m);
     if (!by_position) continue;
     const std::vector<double> l = m.position_losses();
     for (int64_t r = 0; r < B * T; ++r) {
@@ -426,6 +428,10 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
                  st.world_size != world ? fmt::format("; written by {} rank(s), continued on {}", st.world_size, world)
                                         : "",
                  st.skipped > 0 ? fmt::format("; {} updates skipped so far", st.skipped) : "");
+  if (ckpt && !st.origin.empty() && adam.steps_done() == 0)
+    spdlog::info("the checkpoint was imported from {} (dmatrain import): the optimizer state starts fresh (zero "
+                 "AdamW moments, no step taken)",
+                 st.origin);
   if (st.sequences >= windows)
     spdlog::info("data: the run is in epoch {} of the training set", st.sequences / windows + 1);
   st.world_size = world;
@@ -638,20 +644,38 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   }
 }
 
-EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position) {
+EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position,
+                        const std::string& logits_path) {
   auto ck = latest_checkpoint(run_dir);
   if (!ck) fail("eval: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
   Config cfg = parse_saved_config(checkpoint_config(ck->path), run_dir);
   set_cpu_threads(cfg.run.threads, 1);
-  std::unique_ptr<Model> model = make_model(cfg, pick_device(cfg.run.device));
+  const bool dump = !logits_path.empty();
+  std::unique_ptr<Model> model = make_model(cfg, dump ? Device::CPU : pick_device(cfg.run.device));
   load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
-  spdlog::info("eval: checkpoint {} (step {})", ck->path, ck->step);
-  EvalResult r = evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position);
+  spdlog::info("eval: checkpoint {} (step {}){}", ck->path, ck->step, dump ? ", CPU backend (fp32) for --logits" : "");
+  std::vector<int32_t> inputs, targets;
+  std::vector<float> logits;
+  EvalBatchHook keep = [&](const int32_t* x, const int32_t* y, int64_t B, int64_t T, const Model& m) {
+    inputs.insert(inputs.end(), x, x + B * T);
+    targets.insert(targets.end(), y, y + B * T);
+    const Tensor l = m.logits();
+    const float* p = static_cast<const float*>(l.data);
+    logits.insert(logits.end(), p, p + l.numel());
+  };
+  EvalResult r = evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position, dump ? keep : nullptr);
   r.step = ck->step;
   if (!std::isfinite(r.loss))
     fail("eval: the validation loss of checkpoint {} is {} ({} tokens): its weights hold or produce non-finite values",
          ck->path, r.loss, r.tokens);
+  if (dump) {
+    const int64_t T = cfg.train.seq_len, N = int64_t(inputs.size()) / T, V = cfg.model.vocab_size;
+    write_safetensors(logits_path, {{"inputs", Tensor{inputs.data(), {N, T}, DType::I32, Device::CPU}},
+                                    {"targets", Tensor{targets.data(), {N, T}, DType::I32, Device::CPU}},
+                                    {"logits", Tensor{logits.data(), {N, T, V}, DType::F32, Device::CPU}}},
+                      {{"format", "dmatrain"}, {"checkpoint", ck->path}});
+  }
   return r;
 }
 
