@@ -50,9 +50,10 @@ class Staging {
   Staging(const std::string& dir, const char* cmd) : dir_(dir), cmd_(cmd) {
     refuse_existing(dir, cmd);
     fs::path p = fs::path(dir).lexically_normal();
-    if (p.filename().empty()) p = p.parent_path();
+    if (p.filename().empty()) p = p.parent_path();  // "out/" names out
+    target_ = p.string();
     if (!p.parent_path().empty()) fs::create_directories(p.parent_path());
-    path_ = p.string() + fmt::format(".tmp-{}", ::getpid());
+    path_ = target_ + fmt::format(".tmp-{}", ::getpid());
     fs::remove_all(path_);
     fs::create_directories(path_);
   }
@@ -63,12 +64,12 @@ class Staging {
   const std::string& path() const { return path_; }
   void commit() {
     refuse_existing(dir_, cmd_);  // still nothing there (or an empty folder, which rename replaces)
-    fs::rename(path_, fs::path(dir_).lexically_normal());
+    fs::rename(path_, target_);
     done_ = true;
   }
 
  private:
-  std::string dir_, path_;
+  std::string dir_, target_, path_;
   const char* cmd_;
   bool done_ = false;
 };
