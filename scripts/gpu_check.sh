@@ -30,7 +30,7 @@ if ! "$BUILD/dmatrain" devices > "$OUT_DIR/devices.txt" 2>&1 || ! grep -q "^cuda
   echo "gpu_check: no CUDA device visible ($(head -1 "$OUT_DIR/devices.txt")): nothing would run on a GPU" | tee "$OUT_DIR/ctest.log"
   exit 1
 fi
-# Register / spill report of the CUDA kernels (ptxas -v), for docs/perf.md.
+# Register / spill report of the CUDA kernels (ptxas -v), for docs/perf-log.md.
 grep -E "ptxas info|bytes stack frame|spill" "$OUT_DIR/build.log" > "$OUT_DIR/ptxas.txt" || true
 ARGS=(-L "$LABELS" --output-on-failure --timeout 900)
 [ -n "$REGEX" ] && ARGS+=(-R "$REGEX")

@@ -34,7 +34,7 @@ __global__ void flash_grid_order_kernel(int32_t* out, int order) {
 
 // delta = Σ_d dO∘O and lse2 = lse·log2(e), TPR threads per (b, i, h) row (DV/8 up to 32: every
 // lane holds one 16-byte chunk of O and of dO at head dim 128, where a warp per row left half the
-// lanes idle; the attention backward did not measurably change with it — docs/perf.md).
+// lanes idle; the attention backward did not measurably change with it — docs/perf-log.md).
 template <int TPR>
 __global__ void __launch_bounds__(256) flash_bwd_pre_kernel(const nv_bf16* out, const nv_bf16* dout,
                                                             const float* lse, float* delta, float* lse2,
@@ -152,7 +152,7 @@ FlashPath env_path() {
   return p;
 }
 
-// automatic picks, per direction, the path measured faster on the H200 (docs/perf.md, 2026-11-29,
+// automatic picks, per direction, the path measured faster on the H200 (docs/perf-log.md, 2026-11-29,
 // causal N = 16384, H = 16, D = 128): forward wgmma with the TMA producer (475 TFLOP/s; mma.sync
 // 271, wgmma with cp.async 229, so without TMA the forward stays on mma.sync), backward wgmma
 // (10.7 ms against 15.2). DMAT_ATTN_PATH overrides both directions.

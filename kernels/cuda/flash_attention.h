@@ -34,7 +34,7 @@ int flash_attention_block_q();
 // stream of the greatest priority, 2 one of the compute stream's): with 1 or 2 the wgmma path's dQ
 // pass runs beside its dK/dV pass, and the DMA backward's key groups, lists and dQ passes beside
 // its delta kernel and dK/dV pass. DMAT_ATTN_SIDE_STREAM=0|1|2 (read once; default 2, measured
-// fastest, docs/perf.md).
+// fastest, docs/perf-log.md).
 int attention_side_stream();
 // Gathered keys: keys[((b·Hkv + hk)·n_tiles + tile)·capacity + n], n < count[(b·Hkv + hk)·n_tiles
 // + tile], n_tiles = ceil(T / flash_attention_block_q()); key positions, each still masked per
