@@ -1,8 +1,9 @@
 // Dynamic Mask Attention, CPU reference (definitions and tie rule in cpu_ops.h): the per-key bias
 // from the values and its backward, the per-query thresholds, and masked attention with the bias.
-// Exact and simple, the oracle the CUDA kernels are checked against: attention is O(T²) per head
-// like attention.cpp (a key is tested against the query's threshold, not gathered), and each output
-// element is reduced in a fixed order, so results do not depend on the thread count.
+// Exact and simple, the oracle the CUDA kernels are checked against: attention is attend.h's loop
+// over the kept keys, O(T²) per head like attention.cpp (a key is tested against the query's
+// threshold, not gathered), and each output element is reduced in a fixed order, so results do not
+// depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -10,52 +11,44 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/attend.h"
 #include "kernels/cpu/column_chunks.h"
 #include "kernels/cpu/cpu_ops.h"
 
 namespace dmat::cpu {
 namespace {
 
-template <class T>
-T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-
 // softplus(z) = log(1 + e^z) without overflow; its derivative is the logistic sigmoid.
 template <class T>
 T softplus(T z) {
   return std::max(z, T(0)) + std::log1p(std::exp(-std::abs(z)));
 }
-template <class T>
-T sigmoid(T z) {
-  if (z >= 0) return T(1) / (T(1) + std::exp(-z));
-  const T e = std::exp(z);
-  return e / (T(1) + e);
-}
 
-// Which keys query i keeps (cpu_ops.h): j <= i, and j among the L most recent keys (local window;
-// none when L = 0) or bias_j >= thr_i, thr as dma_thresholds wrote it for that L.
+// The keys query i keeps (cpu_ops.h): j <= i, and j among the L most recent keys (local window;
+// none when L = 0) or b_j >= thr_i, thr as dma_thresholds wrote it for that L. Every kept key's
+// score carries its bias b_j.
 template <class T>
-struct KeptRule {
-  const T* bias;  // the KV head's biases [T]
-  const T* thr;   // its thresholds [T]
-  int64_t local;  // L
-  bool operator()(int64_t i, int64_t j) const {
-    return j <= i && (j > i - local || bias[j] >= thr[i]);  // ties at the threshold kept
+struct KeptKeys {
+  static constexpr bool kBias = true;
+  const T* b;    // biases [B,Hkv,T]
+  const T* thr;  // thresholds [B,Hkv,T]
+  int64_t Hkv, T_, local;
+  int64_t at(int64_t bi, int64_t hk, int64_t t) const { return (bi * Hkv + hk) * T_ + t; }
+  bool kept(int64_t bi, int64_t hk, int64_t i, int64_t j) const {
+    return j <= i && (j > i - local || b[at(bi, hk, j)] >= thr[at(bi, hk, i)]);  // ties at the threshold kept
   }
-};
-
-struct Layout {
-  const AttnShape& s;
-  int64_t q(int64_t b, int64_t t, int64_t h) const { return ((b * s.T + t) * s.H + h) * s.Dqk; }
-  int64_t k(int64_t b, int64_t t, int64_t hk) const { return ((b * s.T + t) * s.Hkv + hk) * s.Dqk; }
-  int64_t v(int64_t b, int64_t t, int64_t hk) const { return ((b * s.T + t) * s.Hkv + hk) * s.Dv; }
-  int64_t o(int64_t b, int64_t t, int64_t h) const { return ((b * s.T + t) * s.H + h) * s.Dv; }
-  int64_t stat(int64_t b, int64_t h, int64_t t) const { return (b * s.H + h) * s.T + t; }
-  int64_t key(int64_t b, int64_t hk, int64_t t) const { return (b * s.Hkv + hk) * s.T + t; }  // bias, thr
+  int64_t max_keys() const { return T_; }
+  template <class F>
+  void keys(int64_t bi, int64_t hk, int64_t i, F&& f) const {
+    for (int64_t j = 0; j <= i; ++j)
+      if (kept(bi, hk, i, j)) f(j);
+  }
+  template <class F>
+  void queries(int64_t bi, int64_t hk, int64_t j, F&& f) const {
+    for (int64_t i = j; i < T_; ++i)
+      if (kept(bi, hk, i, j)) f(i);
+  }
+  T bias(int64_t bi, int64_t hk, int64_t j) const { return b[at(bi, hk, j)]; }
 };
 
 void check_shape(const AttnShape& s) {
@@ -160,109 +153,19 @@ void dma_thresholds(T* thr, const T* bias, int64_t rows, int64_t Tn, int64_t win
 template <class T>
 void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* bias, const T* thr,
                            const AttnShape& s) {
+  // Key i itself (local window) or the largest bias among the tested keys is kept: no row is empty.
   check_shape(s);
-  const Layout L{s};
-  const int64_t group = s.H / s.Hkv;
-  const T scale = T(s.scale);
-#pragma omp parallel
-  {
-    std::vector<T> score(size_t(s.T));
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-      const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
-      const T* qi = q + L.q(b, i, h);
-      const T* bk = bias + L.key(b, hk, 0);
-      const KeptRule<T> kept{bk, thr + L.key(b, hk, 0), s.window};
-      T mx = -INFINITY;
-      for (int64_t j = 0; j <= i; ++j) {
-        if (!kept(i, j)) continue;
-        score[size_t(j)] = scale * dot(qi, k + L.k(b, j, hk), s.Dqk) + bk[j];
-        mx = std::max(mx, score[size_t(j)]);
-      }
-      T* oi = out + L.o(b, i, h);
-      std::fill(oi, oi + s.Dv, T(0));
-      T sum = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        if (!kept(i, j)) continue;
-        const T p = std::exp(score[size_t(j)] - mx);
-        sum += p;
-        const T* vj = v + L.v(b, j, hk);
-#pragma omp simd
-        for (int64_t d = 0; d < s.Dv; ++d) oi[d] += p * vj[d];
-      }
-      // Key i itself (local window) or the largest bias among the tested keys is kept: sum >= 1.
-      const T inv = T(1) / sum;
-#pragma omp simd
-      for (int64_t d = 0; d < s.Dv; ++d) oi[d] *= inv;
-      lse[L.stat(b, h, i)] = mx + std::log(sum);
-    }
-  }
+  attend::forward(out, lse, q, k, v, attend::dims_of(s), KeptKeys<T>{bias, thr, s.Hkv, s.T, s.window});
 }
 
 template <class T>
 void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const T* out, const T* lse, const T* q,
                             const T* k, const T* v, const T* bias, const T* thr, const AttnShape& s) {
-  // As attention_backward (attention.cpp), over kept keys only and with the bias in the scores;
-  // since ∂s_ij/∂bias_j = 1, dbias_j = Σ_i dS_ij, gathered with dk and dv per key row.
+  // As attention_backward, over kept keys only and with the bias in the scores; since
+  // ∂s_ij/∂bias_j = 1, dbias_j = Σ_i dS_ij, gathered with dk and dv per key row (attend.h).
   check_shape(s);
-  const Layout L{s};
-  const int64_t group = s.H / s.Hkv;
-  const T scale = T(s.scale);
-  std::vector<T> Di(size_t(s.B * s.H * s.T));
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-    const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H);
-    Di[size_t(L.stat(b, h, i))] = dot(dout + L.o(b, i, h), out + L.o(b, i, h), s.Dv);
-  }
-
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-    const int64_t i = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
-    const T* qi = q + L.q(b, i, h);
-    const T* doi = dout + L.o(b, i, h);
-    const T* bk = bias + L.key(b, hk, 0);
-    const KeptRule<T> kept{bk, thr + L.key(b, hk, 0), s.window};
-    const T lse_i = lse[L.stat(b, h, i)], D_i = Di[size_t(L.stat(b, h, i))];
-    T* dqi = dq + L.q(b, i, h);
-    std::fill(dqi, dqi + s.Dqk, T(0));
-    for (int64_t j = 0; j <= i; ++j) {
-      if (!kept(i, j)) continue;
-      const T* kj = k + L.k(b, j, hk);
-      const T p = std::exp(scale * dot(qi, kj, s.Dqk) + bk[j] - lse_i);
-      const T ds = p * (dot(doi, v + L.v(b, j, hk), s.Dv) - D_i);
-#pragma omp simd
-      for (int64_t d = 0; d < s.Dqk; ++d) dqi[d] += scale * ds * kj[d];
-    }
-  }
-
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.Hkv * s.T; ++row) {
-    const int64_t j = row % s.T, hk = (row / s.T) % s.Hkv, b = row / (s.T * s.Hkv);
-    const T* kj = k + L.k(b, j, hk);
-    const T* vj = v + L.v(b, j, hk);
-    const T b_j = bias[L.key(b, hk, j)];
-    const KeptRule<T> kept{bias + L.key(b, hk, 0), thr + L.key(b, hk, 0), s.window};
-    T* dkj = dk + L.k(b, j, hk);
-    T* dvj = dv + L.v(b, j, hk);
-    std::fill(dkj, dkj + s.Dqk, T(0));
-    std::fill(dvj, dvj + s.Dv, T(0));
-    T db = 0;
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      for (int64_t i = j; i < s.T; ++i) {
-        if (!kept(i, j)) continue;
-        const T* qi = q + L.q(b, i, h);
-        const T* doi = dout + L.o(b, i, h);
-        const T p = std::exp(scale * dot(qi, kj, s.Dqk) + b_j - lse[L.stat(b, h, i)]);
-        const T ds = p * (dot(doi, vj, s.Dv) - Di[size_t(L.stat(b, h, i))]);
-        db += ds;
-#pragma omp simd
-        for (int64_t d = 0; d < s.Dv; ++d) dvj[d] += p * doi[d];
-#pragma omp simd
-        for (int64_t d = 0; d < s.Dqk; ++d) dkj[d] += scale * ds * qi[d];
-      }
-    }
-    dbias[L.key(b, hk, j)] = db;
-  }
+  attend::backward(dq, dk, dv, dbias, dout, out, lse, q, k, v, attend::dims_of(s),
+                   KeptKeys<T>{bias, thr, s.Hkv, s.T, s.window});
 }
 
 #define DMAT_INSTANTIATE(T)                                                                                      \

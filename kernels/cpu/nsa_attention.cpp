@@ -40,8 +40,9 @@
 // - Forward FLOPs per token beyond the projections (nsa_core_flops_per_token):
 //   4·H·D·(n̄_cmp + n̄_slc + n̄_win) + 4·Hkv·F·D·(l + 1)·Nc/T, n̄ the mean keys per query of a branch.
 //
-// Like attention.cpp, every kernel is exact and simple (O(keys) per query row, probabilities
-// recomputed from the saved lse in backward), and every output element is reduced in a fixed order
+// The compressed and selected attentions are attend.h's loop with their key sets (as attention.cpp
+// and dma_attention.cpp): exact and simple (O(keys) per query row, probabilities recomputed from the
+// saved lse in backward); every output element is reduced in a fixed order
 // by one thread, so results do not depend on the thread count. Memory: the compression keeps its
 // gathered blocks and hidden activations, [B·Nc·Hkv, l·D] and [B·Nc·Hkv, F] (about l/d times k);
 // the selected backward keeps, per (batch, KV head), the queries that selected each block (T·n
@@ -51,57 +52,24 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/attend.h"
 #include "kernels/cpu/column_chunks.h"
 #include "kernels/cpu/nsa_ops.h"
 
 namespace dmat::cpu {
 namespace {
 
-template <class T>
-T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-
-template <class T>
-T sigmoid(T z) {
-  if (z >= 0) return T(1) / (T(1) + std::exp(-z));
-  const T e = std::exp(z);
-  return e / (T(1) + e);
-}
-
-// Offsets into the [B, T|Nc, heads, D] tensors and the [B, H, T] statistics.
-struct Layout {
-  const NsaShape& s;
-  int64_t q(int64_t b, int64_t t, int64_t h) const { return ((b * s.T + t) * s.H + h) * s.D; }
-  int64_t k(int64_t b, int64_t t, int64_t hk) const { return ((b * s.T + t) * s.Hkv + hk) * s.D; }
-  int64_t kc(int64_t b, int64_t c, int64_t hk) const { return ((b * s.n_cmp() + c) * s.Hkv + hk) * s.D; }
-  int64_t stat(int64_t b, int64_t h, int64_t t) const { return (b * s.H + h) * s.T + t; }
-  const int32_t* list(const int32_t* idx, int64_t b, int64_t hk, int64_t t) const {
-    return idx + ((b * s.Hkv + hk) * s.T + t) * s.sel_count;
-  }
-};
-
-// D_i = dout_i · out_i for every query row (attention_backward's softmax correction).
-template <class T>
-std::vector<T> row_dots(const T* dout, const T* out, const NsaShape& s) {
-  const Layout L{s};
-  std::vector<T> Di(size_t(s.B * s.H * s.T));
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-    const int64_t t = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H);
-    Di[size_t(L.stat(b, h, t))] = dot(dout + L.q(b, t, h), out + L.q(b, t, h), s.D);
-  }
-  return Di;
+// attend.h's dims (and the layouts of nsa_ops.h) of a branch with Tk keys per sequence: T
+// positions, or the Nc compressed blocks.
+attend::Dims dims_of(const NsaShape& s, int64_t Tk) {
+  return {.B = s.B, .Tq = s.T, .Tk = Tk, .H = s.H, .Hkv = s.Hkv, .Dqk = s.D, .Dv = s.D, .scale = s.scale};
 }
 
 // The gathered compression inputs u_r = flatten_j(x[b, c·d + j, hk, :] + pos[j, :]), [R, l·D].
 template <class T>
 std::vector<T> gather_blocks(const T* x, const T* pos, const NsaShape& s) {
   const int64_t Nc = s.n_cmp(), l = s.cmp_block, D = s.D, R = s.B * Nc * s.Hkv;
-  const Layout L{s};
+  const attend::Dims L = dims_of(s, s.T);
   std::vector<T> u(size_t(R * l * D));
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < R; ++r) {
@@ -145,15 +113,57 @@ void rotate_compressed(T* y, const T* x, double theta, double sign, const NsaSha
   }
 }
 
-// Keys of query t in the selected branch: for each listed block, [first, last] clipped to t.
-struct SelectedSpan {
-  int64_t first, last;  // inclusive; empty when first > last
+// The compressed branch's keys: query t attends blocks 0 … cmp_visible(t) − 1; block c is attended
+// by the queries t >= c·d + l − 1.
+struct CompressedKeys {
+  static constexpr bool kBias = false;
+  const NsaShape& s;
+  int64_t max_keys() const { return s.n_cmp(); }
+  template <class F>
+  void keys(int64_t, int64_t, int64_t t, F&& f) const {
+    for (int64_t c = 0; c < s.cmp_visible(t); ++c) f(c);
+  }
+  template <class F>
+  void queries(int64_t, int64_t, int64_t c, F&& f) const {
+    for (int64_t t = c * s.cmp_stride + s.cmp_block - 1; t < s.T; ++t) f(t);
+  }
+  double bias(int64_t, int64_t, int64_t) const { return 0; }
 };
-inline SelectedSpan span_of(int32_t j, int64_t t, const NsaShape& s) {
-  if (j < 0) return {1, 0};
-  const int64_t p0 = int64_t(j) * s.sel_block;
-  return {p0, std::min(p0 + s.sel_block - 1, t)};
-}
+
+// The selected branch's keys: query t attends the keys p <= t of the blocks in its list; key p is
+// attended by the queries t >= p that selected its block, found in a per-(batch, KV head) index of
+// the queries that selected each block (CSR: who[start[j] … start[j+1]), ascending). The index is
+// built only for backward (queries()).
+struct SelectedKeys {
+  static constexpr bool kBias = false;
+  const NsaShape& s;
+  const int32_t* idx;                 // [B,Hkv,T,n]
+  const std::vector<int64_t>* start;  // [B·Hkv, Ns + 1]
+  const std::vector<int32_t>* who;    // [B·Hkv, T·n]
+  int64_t Ns() const { return (s.T + s.sel_block - 1) / s.sel_block; }
+  const int32_t* list(int64_t b, int64_t hk, int64_t t) const {
+    return idx + ((b * s.Hkv + hk) * s.T + t) * s.sel_count;
+  }
+  int64_t max_keys() const { return s.sel_count * s.sel_block; }
+  template <class F>
+  void keys(int64_t b, int64_t hk, int64_t t, F&& f) const {
+    const int32_t* l = list(b, hk, t);
+    for (int64_t i = 0; i < s.sel_count; ++i) {
+      if (l[i] < 0) continue;
+      const int64_t p0 = int64_t(l[i]) * s.sel_block, p1 = std::min(p0 + s.sel_block - 1, t);
+      for (int64_t p = p0; p <= p1; ++p) f(p);
+    }
+  }
+  template <class F>
+  void queries(int64_t b, int64_t hk, int64_t p, F&& f) const {
+    const int64_t r = b * s.Hkv + hk, j = p / s.sel_block;
+    const int64_t* st = start->data() + r * (Ns() + 1);
+    const int32_t* w = who->data() + r * s.T * s.sel_count;
+    for (int64_t x = st[j]; x < st[j + 1]; ++x)
+      if (w[x] >= p) f(int64_t(w[x]));  // causal inside the own block
+  }
+  double bias(int64_t, int64_t, int64_t) const { return 0; }
+};
 
 }  // namespace
 
@@ -220,7 +230,7 @@ void nsa_compress_backward(T* dx, T* dpos, T* dw1, T* dw2, const T* dy, const T*
   gemm(du.data(), dhid.data(), w1, R, K, F, false, false, T(1), T(0));  // dU = dhid · W1
 
   // dx: each position gathers the rows of the blocks covering it, c ascending.
-  const Layout Lo{s};
+  const attend::Dims Lo = dims_of(s, s.T);
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < s.B * s.T * s.Hkv; ++row) {
     const int64_t hk = row % s.Hkv, p = (row / s.Hkv) % s.T, b = row / (s.Hkv * s.T);
@@ -258,92 +268,15 @@ void nsa_compressed_rope_backward(T* dx, const T* dy, double theta, const NsaSha
 template <class T>
 void nsa_cmp_attention_forward(T* out, T* lse, const T* q, const T* kc, const T* vc, const NsaShape& s) {
   nsa_check_shape(s);
-  const Layout L{s};
-  const int64_t group = s.H / s.Hkv;
-  const T scale = T(s.scale);
-#pragma omp parallel
-  {
-    std::vector<T> score(size_t(std::max<int64_t>(s.n_cmp(), 1)));
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-      const int64_t t = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
-      const int64_t nv = s.cmp_visible(t);
-      T* ot = out + L.q(b, t, h);
-      std::fill(ot, ot + s.D, T(0));
-      if (nv == 0) {
-        lse[L.stat(b, h, t)] = T(-INFINITY);
-        continue;
-      }
-      const T* qt = q + L.q(b, t, h);
-      T mx = -INFINITY;
-      for (int64_t c = 0; c < nv; ++c) {
-        score[size_t(c)] = scale * dot(qt, kc + L.kc(b, c, hk), s.D);
-        mx = std::max(mx, score[size_t(c)]);
-      }
-      T sum = 0;
-      for (int64_t c = 0; c < nv; ++c) {
-        const T p = std::exp(score[size_t(c)] - mx);
-        sum += p;
-        const T* vr = vc + L.kc(b, c, hk);
-#pragma omp simd
-        for (int64_t e = 0; e < s.D; ++e) ot[e] += p * vr[e];
-      }
-      const T inv = T(1) / sum;
-#pragma omp simd
-      for (int64_t e = 0; e < s.D; ++e) ot[e] *= inv;
-      lse[L.stat(b, h, t)] = mx + std::log(sum);
-    }
-  }
+  attend::forward(out, lse, q, kc, vc, dims_of(s, s.n_cmp()), CompressedKeys{s});
 }
 
 template <class T>
 void nsa_cmp_attention_backward(T* dq, T* dkc, T* dvc, const T* dout, const T* out, const T* lse, const T* q,
                                 const T* kc, const T* vc, const NsaShape& s) {
-  // attention_backward's algebra over the visible compressed blocks.
   nsa_check_shape(s);
-  const Layout L{s};
-  const int64_t group = s.H / s.Hkv, Nc = s.n_cmp();
-  const T scale = T(s.scale);
-  const std::vector<T> Di = row_dots(dout, out, s);
-
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-    const int64_t t = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
-    const T* qt = q + L.q(b, t, h);
-    const T* dot_ = dout + L.q(b, t, h);
-    const T lse_t = lse[L.stat(b, h, t)], D_t = Di[size_t(L.stat(b, h, t))];
-    T* dqt = dq + L.q(b, t, h);
-    std::fill(dqt, dqt + s.D, T(0));
-    for (int64_t c = 0; c < s.cmp_visible(t); ++c) {
-      const T* kr = kc + L.kc(b, c, hk);
-      const T p = std::exp(scale * dot(qt, kr, s.D) - lse_t);
-      const T ds = p * (dot(dot_, vc + L.kc(b, c, hk), s.D) - D_t);
-#pragma omp simd
-      for (int64_t e = 0; e < s.D; ++e) dqt[e] += scale * ds * kr[e];
-    }
-  }
-
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * Nc * s.Hkv; ++row) {
-    const int64_t hk = row % s.Hkv, c = (row / s.Hkv) % Nc, b = row / (s.Hkv * Nc);
-    const T* kr = kc + L.kc(b, c, hk);
-    const T* vr = vc + L.kc(b, c, hk);
-    T* dkr = dkc + L.kc(b, c, hk);
-    T* dvr = dvc + L.kc(b, c, hk);
-    std::fill(dkr, dkr + s.D, T(0));
-    std::fill(dvr, dvr + s.D, T(0));
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-      for (int64_t t = c * s.cmp_stride + s.cmp_block - 1; t < s.T; ++t) {
-        const T* qt = q + L.q(b, t, h);
-        const T* dot_ = dout + L.q(b, t, h);
-        const T p = std::exp(scale * dot(qt, kr, s.D) - lse[L.stat(b, h, t)]);
-        const T ds = p * (dot(dot_, vr, s.D) - Di[size_t(L.stat(b, h, t))]);
-#pragma omp simd
-        for (int64_t e = 0; e < s.D; ++e) dvr[e] += p * dot_[e];
-#pragma omp simd
-        for (int64_t e = 0; e < s.D; ++e) dkr[e] += scale * ds * qt[e];
-      }
-  }
+  attend::backward(dq, dkc, dvc, static_cast<T*>(nullptr), dout, out, lse, q, kc, vc, dims_of(s, s.n_cmp()),
+                   CompressedKeys{s});
 }
 
 // ---- selection ----------------------------------------------------------------------------------
@@ -351,7 +284,7 @@ void nsa_cmp_attention_backward(T* dq, T* dkc, T* dvc, const T* dout, const T* o
 template <class T>
 void nsa_select(int32_t* idx, const T* q, const T* kc, const T* lse_cmp, const NsaShape& s) {
   nsa_check_shape(s);
-  const Layout L{s};
+  const attend::Dims L = dims_of(s, s.n_cmp());  // q and the compressed keys
   const int64_t group = s.H / s.Hkv, n = s.sel_count;
   const int64_t per_sel = s.sel_block / s.cmp_stride, per_cmp = s.cmp_block / s.cmp_stride;  // in d-strides
   DMAT_CHECK(group * std::min(per_sel, per_cmp) < (int64_t(1) << 22), "nsa selection: fixed-point importance "
@@ -371,7 +304,7 @@ void nsa_select(int32_t* idx, const T* q, const T* kc, const T* lse_cmp, const N
         const T* qt = q + L.q(b, t, h);
         const T lse_t = lse_cmp[L.stat(b, h, t)];
         for (int64_t c = 0; c < nv; ++c) {
-          const T p = std::exp(scale * dot(qt, kc + L.kc(b, c, hk), s.D) - lse_t);
+          const T p = std::exp(scale * dot(qt, kc + L.k(b, c, hk), s.D) - lse_t);
           if (std::isnan(p)) {
             nan = true;
             continue;
@@ -412,131 +345,46 @@ template <class T>
 void nsa_slc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const int32_t* idx,
                                const NsaShape& s) {
   nsa_check_shape(s);
-  const Layout L{s};
-  const int64_t group = s.H / s.Hkv, n = s.sel_count;
-  const T scale = T(s.scale);
-#pragma omp parallel
-  {
-    std::vector<T> score(size_t(n * s.sel_block));
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-      const int64_t t = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
-      const int32_t* list = L.list(idx, b, hk, t);
-      const T* qt = q + L.q(b, t, h);
-      T mx = -INFINITY;
-      int64_t m = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const SelectedSpan sp = span_of(list[i], t, s);
-        for (int64_t p = sp.first; p <= sp.last; ++p, ++m) {
-          score[size_t(m)] = scale * dot(qt, k + L.k(b, p, hk), s.D);
-          mx = std::max(mx, score[size_t(m)]);
-        }
-      }
-      DMAT_CHECK(m > 0, "nsa selected attention: query {} has no selected key", t);
-      T* ot = out + L.q(b, t, h);
-      std::fill(ot, ot + s.D, T(0));
-      T sum = 0;
-      m = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const SelectedSpan sp = span_of(list[i], t, s);
-        for (int64_t p = sp.first; p <= sp.last; ++p, ++m) {
-          const T e = std::exp(score[size_t(m)] - mx);
-          sum += e;
-          const T* vp = v + L.k(b, p, hk);
-#pragma omp simd
-          for (int64_t c = 0; c < s.D; ++c) ot[c] += e * vp[c];
-        }
-      }
-      const T inv = T(1) / sum;
-#pragma omp simd
-      for (int64_t c = 0; c < s.D; ++c) ot[c] *= inv;
-      lse[L.stat(b, h, t)] = mx + std::log(sum);
-    }
+  const SelectedKeys keys{s, idx, nullptr, nullptr};
+  // Every list holds the query's own block (nsa_select), so no row is empty.
+  for (int64_t r = 0; r < s.B * s.Hkv * s.T; ++r) {
+    const int64_t t = r % s.T;
+    const int32_t* l = idx + r * s.sel_count;
+    DMAT_CHECK(std::find(l, l + s.sel_count, int32_t(t / s.sel_block)) != l + s.sel_count,
+               "nsa selected attention: query {} has not selected its own block {}", t, t / s.sel_block);
   }
+  attend::forward(out, lse, q, k, v, dims_of(s, s.T), keys);
 }
 
 template <class T>
 void nsa_slc_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const T* lse, const T* q,
                                 const T* k, const T* v, const int32_t* idx, const NsaShape& s) {
   nsa_check_shape(s);
-  const Layout L{s};
-  const int64_t group = s.H / s.Hkv, n = s.sel_count, Ns = (s.T + s.sel_block - 1) / s.sel_block;
-  const T scale = T(s.scale);
-  const std::vector<T> Di = row_dots(dout, out, s);
-
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.H * s.T; ++row) {
-    const int64_t t = row % s.T, h = (row / s.T) % s.H, b = row / (s.T * s.H), hk = h / group;
-    const int32_t* list = L.list(idx, b, hk, t);
-    const T* qt = q + L.q(b, t, h);
-    const T* dot_ = dout + L.q(b, t, h);
-    const T lse_t = lse[L.stat(b, h, t)], D_t = Di[size_t(L.stat(b, h, t))];
-    T* dqt = dq + L.q(b, t, h);
-    std::fill(dqt, dqt + s.D, T(0));
-    for (int64_t i = 0; i < n; ++i) {
-      const SelectedSpan sp = span_of(list[i], t, s);
-      for (int64_t p = sp.first; p <= sp.last; ++p) {
-        const T* kp = k + L.k(b, p, hk);
-        const T pr = std::exp(scale * dot(qt, kp, s.D) - lse_t);
-        const T ds = pr * (dot(dot_, v + L.k(b, p, hk), s.D) - D_t);
-#pragma omp simd
-        for (int64_t c = 0; c < s.D; ++c) dqt[c] += scale * ds * kp[c];
-      }
-    }
-  }
-
-  // Per (batch, KV head): the queries that selected each block, ascending (CSR: start[j] … start[j+1]).
-  const int64_t rows = s.B * s.Hkv;
+  const int64_t n = s.sel_count, Ns = (s.T + s.sel_block - 1) / s.sel_block, rows = s.B * s.Hkv;
+  // Per (batch, KV head): the queries that selected each block, ascending.
   std::vector<int64_t> start(size_t(rows * (Ns + 1)), 0);
   std::vector<int32_t> who(size_t(rows * s.T * n));
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / s.Hkv, hk = r % s.Hkv;
     int64_t* st = start.data() + r * (Ns + 1);
     int32_t* w = who.data() + r * s.T * n;
+    const int32_t* lists = idx + r * s.T * n;
     std::vector<int64_t> fill_at(size_t(Ns), 0);
-    for (int64_t t = 0; t < s.T; ++t)
-      for (int64_t i = 0; i < n; ++i) {
-        const int32_t j = L.list(idx, b, hk, t)[i];
-        if (j >= 0) {
-          DMAT_CHECK(j < Ns, "nsa selected attention: block {} out of range (blocks {})", j, Ns);
-          ++st[j + 1];
-        }
+    for (int64_t x = 0; x < s.T * n; ++x) {
+      const int32_t j = lists[x];
+      if (j >= 0) {
+        DMAT_CHECK(j < Ns, "nsa selected attention: block {} out of range (blocks {})", j, Ns);
+        ++st[j + 1];
       }
+    }
     for (int64_t j = 0; j < Ns; ++j) st[j + 1] += st[j];
-    for (int64_t t = 0; t < s.T; ++t)
-      for (int64_t i = 0; i < n; ++i) {
-        const int32_t j = L.list(idx, b, hk, t)[i];
-        if (j >= 0) w[st[j] + fill_at[size_t(j)]++] = int32_t(t);
-      }
+    for (int64_t x = 0; x < s.T * n; ++x) {
+      const int32_t j = lists[x];
+      if (j >= 0) w[st[j] + fill_at[size_t(j)]++] = int32_t(x / n);
+    }
   }
-
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < s.B * s.T * s.Hkv; ++row) {
-    const int64_t hk = row % s.Hkv, p = (row / s.Hkv) % s.T, b = row / (s.Hkv * s.T);
-    const int64_t r = b * s.Hkv + hk, j = p / s.sel_block;
-    const int64_t* st = start.data() + r * (Ns + 1);
-    const int32_t* w = who.data() + r * s.T * n;
-    const T* kp = k + L.k(b, p, hk);
-    const T* vp = v + L.k(b, p, hk);
-    T* dkp = dk + L.k(b, p, hk);
-    T* dvp = dv + L.k(b, p, hk);
-    std::fill(dkp, dkp + s.D, T(0));
-    std::fill(dvp, dvp + s.D, T(0));
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-      for (int64_t x = st[j]; x < st[j + 1]; ++x) {
-        const int64_t t = w[x];
-        if (t < p) continue;  // causal inside the own block
-        const T* qt = q + L.q(b, t, h);
-        const T* dot_ = dout + L.q(b, t, h);
-        const T pr = std::exp(scale * dot(qt, kp, s.D) - lse[L.stat(b, h, t)]);
-        const T ds = pr * (dot(dot_, vp, s.D) - Di[size_t(L.stat(b, h, t))]);
-#pragma omp simd
-        for (int64_t c = 0; c < s.D; ++c) dvp[c] += pr * dot_[c];
-#pragma omp simd
-        for (int64_t c = 0; c < s.D; ++c) dkp[c] += scale * ds * qt[c];
-      }
-  }
+  attend::backward(dq, dk, dv, static_cast<T*>(nullptr), dout, out, lse, q, k, v, dims_of(s, s.T),
+                   SelectedKeys{s, idx, &start, &who});
 }
 
 // ---- gates and combination ------------------------------------------------------------------------
