@@ -429,9 +429,12 @@ double nsa_core_flops_per_token(const NsaShape& s, int64_t F) {
     keys += double((std::min(J + 1, s.sel_count) - 1) * s.sel_block + t % s.sel_block + 1);
     keys += double(std::min(t + 1, s.window));
   }
-  const double cores = 4.0 * double(s.H * s.D) * keys / double(s.T);
-  const double mlp = 2.0 * 2.0 * double(s.Hkv * F * s.D * (s.cmp_block + 1)) * double(s.n_cmp()) / double(s.T);
-  return cores + mlp;
+  return 4.0 * double(s.H * s.D) * keys / double(s.T) + nsa_compress_flops_per_token(s, F);
+}
+
+double nsa_compress_flops_per_token(const NsaShape& s, int64_t F) {
+  nsa_check_shape(s);
+  return 2.0 * 2.0 * double(s.Hkv * F * s.D * (s.cmp_block + 1)) * double(s.n_cmp()) / double(s.T);
 }
 
 #define DMAT_INSTANTIATE(T)                                                                                        \

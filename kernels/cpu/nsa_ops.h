@@ -128,8 +128,12 @@ void nsa_gate_backward(T* dz, T* do_cmp, T* do_slc, T* do_win, const T* dout, co
 // ---- cost ---------------------------------------------------------------------------------------
 // Forward FLOPs per token of the layer's attention work (2 per multiply-add), averaged over the
 // positions 0 … T−1: the three cores, 4·H·D·(n̄_cmp + n̄_slc + n̄_win) with n̄ the mean number of keys
-// a query attends in each branch, plus the compression MLPs (keys and values), which run once per
-// block per KV head: 2 · 2·Hkv·F·D·(l + 1) · Nc / T. Projections and gates are not counted here.
+// a query attends in each branch, plus the compression MLPs (nsa_compress_flops_per_token).
+// Projections and gates are not counted here, nor the selection's scores (a kernel reuses the
+// compressed branch's probabilities; this reference recomputes them).
 double nsa_core_flops_per_token(const NsaShape& s, int64_t F);
+// The compression MLPs' share of it (keys and values), run once per block per KV head:
+// 2 · 2·Hkv·F·D·(l + 1) · Nc / T (fc1 l·D → F, fc2 F → D).
+double nsa_compress_flops_per_token(const NsaShape& s, int64_t F);
 
 }  // namespace dmat::cpu

@@ -766,4 +766,172 @@ void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv
   });
 }
 
+// ---- Native Sparse Attention (CPU only) ---------------------------------------------------------
+
+namespace {
+
+int64_t nsa_numel_t(const NsaShape& s, int64_t heads) { return s.B * s.T * heads * s.D; }
+int64_t nsa_numel_c(const NsaShape& s) { return s.B * s.n_cmp() * s.Hkv * s.D; }
+
+void check_nsa_attn(const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
+                    const Tensor& v, int64_t keys, const NsaShape& s) {
+  cpu::nsa_check_shape(s);
+  DMAT_CHECK(q.numel() == nsa_numel_t(s, s.H) && out.numel() == q.numel() && lse.numel() == s.B * s.H * s.T &&
+                 k.numel() == keys && v.numel() == keys,
+             "{}: shapes q {} k {} v {} out {} lse {} (B {} T {} H {} Hkv {} D {}, {} key values)", op, q.shape.str(),
+             k.shape.str(), v.shape.str(), out.shape.str(), lse.shape.str(), s.B, s.T, s.H, s.Hkv, s.D, keys);
+  same_type(op, q, k);
+  same_type(op, q, v);
+  same_type(op, q, out);
+}
+
+void check_nsa_idx(const char* op, const Tensor& idx, const NsaShape& s) {
+  DMAT_CHECK(idx.dtype == DType::I32 && idx.numel() == s.B * s.Hkv * s.T * s.sel_count,
+             "{}: idx {} {} (expected int32 [B, Hkv, T, sel_count] = [{}, {}, {}, {}])", op, dtype_name(idx.dtype),
+             idx.shape.str(), s.B, s.Hkv, s.T, s.sel_count);
+}
+
+void check_nsa_compress(const char* op, const Tensor& y, const Tensor& hid, const Tensor& x, const Tensor& pos,
+                        const Tensor& w1, const Tensor& w2, const NsaShape& s) {
+  cpu::nsa_check_shape(s);
+  const int64_t F = w1.shape.n == 2 ? w1.shape[0] : -1;
+  DMAT_CHECK(F > 0 && w1.shape[1] == s.cmp_block * s.D && w2.numel() == s.D * F && pos.numel() == s.cmp_block * s.D &&
+                 x.numel() == nsa_numel_t(s, s.Hkv) && y.numel() == nsa_numel_c(s) &&
+                 hid.numel() == s.B * s.n_cmp() * s.Hkv * F,
+             "{}: shapes x {} pos {} fc1 {} fc2 {} y {} hid {} (B {} T {} Hkv {} D {} l {} d {})", op, x.shape.str(),
+             pos.shape.str(), w1.shape.str(), w2.shape.str(), y.shape.str(), hid.shape.str(), s.B, s.T, s.Hkv, s.D,
+             s.cmp_block, s.cmp_stride);
+  same_type(op, x, y);
+  same_type(op, x, w1);
+}
+
+}  // namespace
+
+void nsa_compress_forward(const Tensor& y, const Tensor& hid, const Tensor& x, const Tensor& pos, const Tensor& w1,
+                          const Tensor& w2, const NsaShape& s) {
+  check_nsa_compress("nsa_compress", y, hid, x, pos, w1, w2, s);
+  dispatch("nsa_compress", x, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_compress_forward<T_>(p<T_>(y), p<T_>(hid), p<T_>(x), p<T_>(pos), p<T_>(w1), p<T_>(w2), w1.shape[0], s);
+  });
+}
+
+void nsa_compress_backward(const Tensor& dx, const Tensor& dpos, const Tensor& dw1, const Tensor& dw2,
+                           const Tensor& dy, const Tensor& hid, const Tensor& x, const Tensor& pos, const Tensor& w1,
+                           const Tensor& w2, const NsaShape& s) {
+  check_nsa_compress("nsa_compress_backward", dy, hid, x, pos, w1, w2, s);
+  DMAT_CHECK(dx.numel() == x.numel() && dpos.numel() == pos.numel() && dw1.numel() == w1.numel() &&
+                 dw2.numel() == w2.numel(),
+             "nsa_compress_backward: gradient shapes");
+  dispatch("nsa_compress_backward", x, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_compress_backward<T_>(p<T_>(dx), p<T_>(dpos), p<T_>(dw1), p<T_>(dw2), p<T_>(dy), p<T_>(hid), p<T_>(x),
+                                   p<T_>(pos), p<T_>(w1), p<T_>(w2), w1.shape[0], s);
+  });
+}
+
+void nsa_compressed_rope_forward(const Tensor& y, const Tensor& x, double theta, const NsaShape& s) {
+  cpu::nsa_check_shape(s);
+  DMAT_CHECK(x.numel() == nsa_numel_c(s) && y.numel() == x.numel(), "nsa_compressed_rope: x {} y {}", x.shape.str(),
+             y.shape.str());
+  dispatch("nsa_compressed_rope", x, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_compressed_rope_forward<T_>(p<T_>(y), p<T_>(x), theta, s);
+  });
+}
+
+void nsa_compressed_rope_backward(const Tensor& dx, const Tensor& dy, double theta, const NsaShape& s) {
+  cpu::nsa_check_shape(s);
+  DMAT_CHECK(dy.numel() == nsa_numel_c(s) && dx.numel() == dy.numel(), "nsa_compressed_rope_backward: dx {} dy {}",
+             dx.shape.str(), dy.shape.str());
+  dispatch("nsa_compressed_rope_backward", dy, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_compressed_rope_backward<T_>(p<T_>(dx), p<T_>(dy), theta, s);
+  });
+}
+
+void nsa_cmp_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
+                               const Tensor& vc, const NsaShape& s) {
+  check_nsa_attn("nsa_cmp_attention", out, lse, q, kc, vc, nsa_numel_c(s), s);
+  dispatch("nsa_cmp_attention", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_cmp_attention_forward<T_>(p<T_>(out), p<T_>(lse), p<T_>(q), p<T_>(kc), p<T_>(vc), s);
+  });
+}
+
+void nsa_cmp_attention_backward(const Tensor& dq, const Tensor& dkc, const Tensor& dvc, const Tensor& dout,
+                                const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
+                                const Tensor& vc, const NsaShape& s) {
+  check_nsa_attn("nsa_cmp_attention_backward", out, lse, q, kc, vc, nsa_numel_c(s), s);
+  DMAT_CHECK(dq.numel() == q.numel() && dkc.numel() == kc.numel() && dvc.numel() == vc.numel() &&
+                 dout.numel() == out.numel(),
+             "nsa_cmp_attention_backward: gradient shapes");
+  dispatch("nsa_cmp_attention_backward", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_cmp_attention_backward<T_>(p<T_>(dq), p<T_>(dkc), p<T_>(dvc), p<T_>(dout), p<T_>(out), p<T_>(lse),
+                                        p<T_>(q), p<T_>(kc), p<T_>(vc), s);
+  });
+}
+
+void nsa_select(const Tensor& idx, const Tensor& q, const Tensor& kc, const Tensor& lse_cmp, const NsaShape& s) {
+  check_nsa_attn("nsa_select", q, lse_cmp, q, kc, kc, nsa_numel_c(s), s);
+  check_nsa_idx("nsa_select", idx, s);
+  dispatch("nsa_select", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_select<T_>(idx.as<int32_t>(), p<T_>(q), p<T_>(kc), p<T_>(lse_cmp), s);
+  });
+}
+
+void nsa_slc_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& idx, const NsaShape& s) {
+  check_nsa_attn("nsa_slc_attention", out, lse, q, k, v, nsa_numel_t(s, s.Hkv), s);
+  check_nsa_idx("nsa_slc_attention", idx, s);
+  dispatch("nsa_slc_attention", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_slc_attention_forward<T_>(p<T_>(out), p<T_>(lse), p<T_>(q), p<T_>(k), p<T_>(v), idx.as<int32_t>(), s);
+  });
+}
+
+void nsa_slc_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
+                                const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
+                                const Tensor& v, const Tensor& idx, const NsaShape& s) {
+  check_nsa_attn("nsa_slc_attention_backward", out, lse, q, k, v, nsa_numel_t(s, s.Hkv), s);
+  check_nsa_idx("nsa_slc_attention_backward", idx, s);
+  DMAT_CHECK(dq.numel() == q.numel() && dk.numel() == k.numel() && dv.numel() == v.numel() &&
+                 dout.numel() == out.numel(),
+             "nsa_slc_attention_backward: gradient shapes");
+  dispatch("nsa_slc_attention_backward", q, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_slc_attention_backward<T_>(p<T_>(dq), p<T_>(dk), p<T_>(dv), p<T_>(dout), p<T_>(out), p<T_>(lse),
+                                        p<T_>(q), p<T_>(k), p<T_>(v), idx.as<int32_t>(), s);
+  });
+}
+
+void nsa_gate_forward(const Tensor& out, const Tensor& z, const Tensor& o_cmp, const Tensor& o_slc,
+                      const Tensor& o_win, int64_t H) {
+  const int64_t rows = z.numel() / (3 * H), D = rows > 0 ? out.numel() / (rows * H) : 0;
+  DMAT_CHECK(H > 0 && z.numel() == rows * 3 * H && out.numel() == rows * H * D && o_cmp.numel() == out.numel() &&
+                 o_slc.numel() == out.numel() && o_win.numel() == out.numel(),
+             "nsa_gate: z {} out {} (H {})", z.shape.str(), out.shape.str(), H);
+  dispatch("nsa_gate", out, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_gate_forward<T_>(p<T_>(out), p<T_>(z), p<T_>(o_cmp), p<T_>(o_slc), p<T_>(o_win), rows, H, D);
+  });
+}
+
+void nsa_gate_backward(const Tensor& dz, const Tensor& do_cmp, const Tensor& do_slc, const Tensor& do_win,
+                       const Tensor& dout, const Tensor& z, const Tensor& o_cmp, const Tensor& o_slc,
+                       const Tensor& o_win, int64_t H) {
+  const int64_t rows = z.numel() / (3 * H), D = rows > 0 ? dout.numel() / (rows * H) : 0;
+  DMAT_CHECK(H > 0 && z.numel() == rows * 3 * H && dz.numel() == z.numel() && dout.numel() == rows * H * D &&
+                 o_cmp.numel() == dout.numel() && o_slc.numel() == dout.numel() && o_win.numel() == dout.numel() &&
+                 do_cmp.numel() == dout.numel() && do_slc.numel() == dout.numel() && do_win.numel() == dout.numel(),
+             "nsa_gate_backward: z {} dout {} (H {})", z.shape.str(), dout.shape.str(), H);
+  dispatch("nsa_gate_backward", dout, [&](auto t) {
+    using T_ = decltype(t);
+    cpu::nsa_gate_backward<T_>(p<T_>(dz), p<T_>(do_cmp), p<T_>(do_slc), p<T_>(do_win), p<T_>(dout), p<T_>(z),
+                               p<T_>(o_cmp), p<T_>(o_slc), p<T_>(o_win), rows, H, D);
+  });
+}
+
 }  // namespace dmat::ops

@@ -6,6 +6,7 @@
 
 #include "core/tensor.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/nsa_ops.h"
 
 namespace dmat::ops {
 
@@ -104,5 +105,41 @@ void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv
                             const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
                             const Tensor& k, const Tensor& v, const Tensor& bias, const Tensor& thr,
                             const AttnShape& s, int64_t window);
+
+// Native Sparse Attention (definitions, layouts and the selection's tie rule in kernels/cpu/nsa_ops.h).
+// CPU only: a CUDA tensor is refused (the layer refuses CUDA before a run starts). Every branch's
+// q, k, v, out [B,T,heads,D]; compressed kc, vc [B,Nc,Hkv,D]; lse [B,H,T]; idx I32 [B,Hkv,T,n].
+using cpu::NsaShape;
+// y [B,Nc,Hkv,D], hid [B,Nc,Hkv,F] overwrite from x [B,T,Hkv,D], pos [l,D], w1 [F,l·D], w2 [D,F].
+void nsa_compress_forward(const Tensor& y, const Tensor& hid, const Tensor& x, const Tensor& pos, const Tensor& w1,
+                          const Tensor& w2, const NsaShape& s);
+// dx overwrite; dpos, dw1, dw2 +=.
+void nsa_compress_backward(const Tensor& dx, const Tensor& dpos, const Tensor& dw1, const Tensor& dw2,
+                           const Tensor& dy, const Tensor& hid, const Tensor& x, const Tensor& pos, const Tensor& w1,
+                           const Tensor& w2, const NsaShape& s);
+// RoPE of the compressed keys at each block's last position (y may alias x), and its transpose.
+void nsa_compressed_rope_forward(const Tensor& y, const Tensor& x, double theta, const NsaShape& s);
+void nsa_compressed_rope_backward(const Tensor& dx, const Tensor& dy, double theta, const NsaShape& s);
+void nsa_cmp_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
+                               const Tensor& vc, const NsaShape& s);
+// dq, dkc, dvc overwrite
+void nsa_cmp_attention_backward(const Tensor& dq, const Tensor& dkc, const Tensor& dvc, const Tensor& dout,
+                                const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
+                                const Tensor& vc, const NsaShape& s);
+// idx overwrite, from the compressed branch's q, kc (rotated) and lse.
+void nsa_select(const Tensor& idx, const Tensor& q, const Tensor& kc, const Tensor& lse_cmp, const NsaShape& s);
+void nsa_slc_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& idx, const NsaShape& s);
+// dq, dk, dv overwrite
+void nsa_slc_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
+                                const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
+                                const Tensor& v, const Tensor& idx, const NsaShape& s);
+// z [rows, 3H] gate logits; o_* and out [rows, H, D] (any shape of rows·H·D values, H given).
+void nsa_gate_forward(const Tensor& out, const Tensor& z, const Tensor& o_cmp, const Tensor& o_slc,
+                      const Tensor& o_win, int64_t H);
+// dz, do_cmp, do_slc, do_win overwrite
+void nsa_gate_backward(const Tensor& dz, const Tensor& do_cmp, const Tensor& do_slc, const Tensor& do_win,
+                       const Tensor& dout, const Tensor& z, const Tensor& o_cmp, const Tensor& o_slc,
+                       const Tensor& o_win, int64_t H);
 
 }  // namespace dmat::ops
