@@ -57,7 +57,7 @@ std::string device_error(const Config& c) {
 }
 
 TEST(HeadDims, VariantsReportTheirCoreDims) {
-  for (const char* type : {"mha", "swa", "dma"}) {
+  for (const char* type : {"mha", "swa", "dma", "nsa"}) {
     nlohmann::json m = {{"d_model", 64}, {"n_heads", 2}, {"attention", {{"type", type}}}};
     if (std::string(type) != "mha") m["attention"]["window"] = 4;
     const AttentionDims d = make_attention(config_with(m).model)->dims();
@@ -97,6 +97,11 @@ TEST(HeadDims, UnsupportedHeadDimsAreRefusedNamingTheKey) {
   EXPECT_NE(device_error(local).find("config: model.attention.local_window 2 is not yet verified on CUDA"),
             std::string::npos)
       << device_error(local);
+  // NSA: no CUDA kernels at all (its layer runs on the CPU backend)
+  const Config nsa = config_with({{"d_model", 64}, {"n_heads", 2}, {"attention", {{"type", "nsa"}}}});
+  EXPECT_EQ(device_error(nsa), "config: model.attention.type nsa has no CUDA kernels yet (its layer runs on the CPU "
+                               "backend only); run on the CPU with run.device=\"cpu\"");
+  check_device_support(nsa, Device::CPU);
 }
 
 }  // namespace

@@ -304,7 +304,7 @@ TEST(MlaConfig, DefaultsResolveAndBadInputIsNamed) {
       {with({{"type", "mha"}, {"kv_rank", 8}}), "model.attention.kv_rank must be absent for attention type mha (only mla has it"},
       {with({{"type", "swa"}, {"window", 4}, {"rope_dim", 64}}), "model.attention.rope_dim must be absent for attention type swa"},
       {with({{"type", "mla"}, {"kv_rank", 8}, {"window", 4}}),
-       "model.attention.window must be absent for attention type mla (only swa, dma have it; got 4); the keys of mla: "
+       "model.attention.window must be absent for attention type mla (only swa, dma, nsa have it; got 4); the keys of mla: "
        "type, kv_rank, q_rank, rope_dim, nope_dim, v_dim"},
       {with({{"type", "mla"}, {"kv_rank", 8}, {"kv_rnak", 4}}), "did you mean model.attention.kv_rank?"},
   };

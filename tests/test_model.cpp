@@ -56,11 +56,11 @@ Batch random_batch(const ModelConfig& m, int64_t B, int64_t T, uint64_t seed) {
   return b;
 }
 
-// distinct_tokens: no token repeats within a sequence. DMA needs it: a run of equal tokens at the
+// distinct_tokens: no token repeats within a sequence (T <= vocab_size). DMA needs it: a run of equal tokens at the
 // start of a sequence gives positions whose states are equal in exact arithmetic but differ by
 // rounding, so their biases tie only up to rounding and a finite-difference step reorders them.
-void check_model_gradient(const ModelConfig& cfg, uint64_t seed, bool distinct_tokens = false) {
-  const int64_t B = 2, T = 7;
+void check_model_gradient(const ModelConfig& cfg, uint64_t seed, bool distinct_tokens = false, int64_t T = 7) {
+  const int64_t B = 2;
   Model m(cfg, DType::F64);
   randomize(m, seed);
   Batch b = random_batch(cfg, B, T, seed + 1);
@@ -302,6 +302,33 @@ ModelConfig mla_model(int64_t q_rank) {
 
 TEST(Model, GradientCheckMultiHeadLatentAttention) { check_model_gradient(mla_model(0), 606); }
 TEST(Model, GradientCheckMultiHeadLatentAttentionQueryCompression) { check_model_gradient(mla_model(5), 707); }
+
+// Native Sparse Attention (GQA 4/2): compression blocks of 2 at stride 1, selection blocks of 2,
+// 4 selected, a window of 2, T = 11: query 0 sees no compressed block, the window drops keys from
+// t = 2 on, and from t = 8 on the ranking picks 1 of the blocks between the first and the 2 most
+// recent. Through the gates, the compression MLPs and their position embeddings, every projection.
+// Distinct tokens: repeated ones make equal blocks, whose importances tie only up to rounding, and a
+// finite-difference step could then flip the selection.
+ModelConfig nsa_model() {
+  ModelConfig c = tiny_model();
+  c.qk_norm = false;
+  c.vocab_size = 13;
+  c.attention.type = "nsa";
+  c.attention.nsa = {.cmp_block = 2, .cmp_stride = 1, .sel_block = 2, .sel_count = 4, .window = 2, .cmp_hidden = 3};
+  return c;
+}
+
+TEST(Model, GradientCheckNativeSparseAttention) { check_model_gradient(nsa_model(), 909, true, 11); }
+
+// MQA, l' = 2l (a selection block's importance sums 4 strides of compression blocks 2 strides long),
+// the ranking active from t = 16 on (T = 20).
+TEST(Model, GradientCheckNativeSparseAttentionMqa) {
+  ModelConfig c = nsa_model();
+  c.n_kv_heads = 1;
+  c.vocab_size = 23;
+  c.attention.nsa = {.cmp_block = 2, .cmp_stride = 1, .sel_block = 4, .sel_count = 4, .window = 3, .cmp_hidden = 4};
+  check_model_gradient(c, 910, true, 20);
+}
 
 }  // namespace
 }  // namespace dmat

@@ -2,7 +2,8 @@
 // version written here from the definition, every backward against central finite differences in
 // fp64, the selection against a brute-force one (ties, early queries, forced blocks, GQA sums), the
 // whole layer composed from the ops (finite differences, fp32 against fp64, 1 against 2 threads),
-// and the layer against an independent PyTorch version (tests/oracle/nsa_oracle.py).
+// the model's layer (attention_nsa.cpp) against that composition, and the layer against an
+// independent PyTorch version (tests/oracle/nsa_oracle.py).
 //
 // Tolerances: forwards against the naive versions 1e-12 relative (both fp64, only the summation
 // order differs: ~1e-16 per operation over at most a few hundred terms); gradients against finite
@@ -29,6 +30,7 @@
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "kernels/cpu/nsa_ops.h"
+#include "model/attention.h"
 #include "test_gradcheck.h"
 #include "test_util.h"
 
@@ -885,6 +887,86 @@ TEST(NsaDeterminism, OneAndTwoThreadsAgreeBitForBit) {
   for (size_t i = 0; i < one.size(); ++i) {
     ASSERT_EQ(one[i].size(), two[i].size());
     EXPECT_EQ(std::memcmp(one[i].data(), two[i].data(), one[i].size() * sizeof(float)), 0) << "result " << i;
+  }
+}
+
+// ---- the model's layer (src/model/attention_nsa.cpp) against the ops composed here ---------------
+
+// model.attention.type "nsa" with the shape's settings: d_model dm, compression MLP width F.
+ModelConfig nsa_model_config(const NsaShape& s, int64_t dm, int64_t F, double theta) {
+  ModelConfig m;
+  m.d_model = dm;
+  m.n_layers = 2;
+  m.n_heads = s.H;
+  m.n_kv_heads = s.Hkv;
+  m.head_dim = s.D;
+  m.rope_theta = theta;
+  m.attention.type = "nsa";
+  m.attention.nsa = {.cmp_block = s.cmp_block, .cmp_stride = s.cmp_stride, .sel_block = s.sel_block,
+                     .sel_count = s.sel_count, .window = s.window, .cmp_hidden = F};
+  return m;
+}
+
+// The layer the model runs (through the ops layer and the activation arena), on the same weights and
+// inputs as NsaLayer: the same outputs, selection and gradients to 1e-13 relative (both fp64; the
+// model's layer calls the same kernels in the same order, through GEMMs that may overwrite where
+// NsaLayer accumulates onto zeros). Once with the selection ranking, once with T < l (no compressed
+// block exists: the compressed branch gives 0 everywhere), recomputed twice to show the arena's
+// scratch and statistics are rewritten, not accumulated.
+TEST(NsaModelLayer, ForwardAndBackwardMatchTheOps) {
+  for (const NsaShape& s : {layer_shape(), make_shape(2, 3, 4, 2, 4, 4, 2, 8, 4, 6)}) {
+    SCOPED_TRACE(tag(s));
+    const int64_t dm = 6, F = 5, N = s.B * s.T;
+    NsaLayer<double> ref(s, dm, F, 100.0);
+    ref.init(21);
+    Vec x = rnd(size_t(N * dm), 22), G = rnd(x.size(), 23), dx_ref;
+    ref.forward(x);
+    ref.zero_grad();
+    ref.backward(x, G, dx_ref);
+
+    const ModelConfig m = nsa_model_config(s, dm, F, 100.0);
+    auto attn = make_attention(m);
+    ParamTable pt;
+    attn->declare_params(pt, "");
+    ASSERT_EQ(pt.info().size(), ref.params.size());
+    Arena params(pt.table(), DType::F64, Device::CPU), grads(pt.table(), DType::F64, Device::CPU);
+    TensorTable at;
+    attn->declare_acts(at, "attn.", s.B, s.T);
+    Arena acts(at, DType::F64, Device::CPU);
+    for (size_t i = 0; i < pt.info().size(); ++i) {
+      ASSERT_EQ(pt.info()[i].name, ref.params[i].name);
+      Tensor t = params.get(int(i));
+      ASSERT_EQ(size_t(t.numel()), ref.params[i].value.size()) << ref.params[i].name;
+      std::copy(ref.params[i].value.begin(), ref.params[i].value.end(), t.as<double>());
+    }
+    LayerCtx c;
+    c.params = &params;
+    c.grads = &grads;
+    c.acts = &acts;
+    c.B = s.B;
+    c.T = s.T;
+    Vec out(size_t(N * dm)), dx(x.size());
+    const Tensor tx{x.data(), Shape{N, dm}, DType::F64}, tout{out.data(), Shape{N, dm}, DType::F64},
+        tG{G.data(), Shape{N, dm}, DType::F64}, tdx{dx.data(), Shape{N, dm}, DType::F64};
+    for (int rep = 0; rep < 2; ++rep) {
+      grads.zero();
+      attn->forward(c, tx, tout);
+      attn->backward(c, tx, tG, tdx);
+    }
+    EXPECT_LT(rel_err(out, ref.out), 1e-13);
+    EXPECT_LT(rel_err(dx, dx_ref), 1e-13);
+    for (size_t i = 0; i < pt.info().size(); ++i) {
+      const Tensor g = grads.get(int(i));
+      EXPECT_LT(rel_err(Vec(g.as<double>(), g.as<double>() + g.numel()), ref.params[i].grad), 1e-13)
+          << ref.params[i].name;
+    }
+    const Tensor sel = acts.get(at.find("attn.selection"));
+    EXPECT_EQ(Idx(static_cast<const int32_t*>(sel.data), static_cast<const int32_t*>(sel.data) + ref.idx.size()),
+              ref.idx);
+    if (s.T < s.cmp_block) {
+      EXPECT_EQ(norm(ref.oc), 0.0);
+      EXPECT_GT(norm(ref.out), 0.0);
+    }
   }
 }
 

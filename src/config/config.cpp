@@ -29,8 +29,6 @@ using json = nlohmann::json;
 namespace fs = std::filesystem;
 
 constexpr std::array kDmaBiasForms = {"exp", "linear"};
-// Attention types that have no layer yet (named in the error for an unknown type).
-constexpr const char* kAttentionPlanned = "nsa is planned";
 
 constexpr std::array kSchedules = {"constant", "cosine", "wsd"};
 constexpr std::array kDevices = {"auto", "cpu", "cuda"};
@@ -345,6 +343,29 @@ void validate_mla(ModelConfig& m) {
          "(kv_a_layernorm) and compressed queries (q_a_layernorm) instead");
 }
 
+void validate_nsa(ModelConfig& m) {
+  NsaConfig& a = m.attention.nsa;
+  require(a.cmp_stride >= 1, "model.attention.cmp_stride", a.cmp_stride,
+          ">= 1 for attention type nsa (the compression stride d)");
+  require(a.cmp_block >= 1 && a.cmp_block % a.cmp_stride == 0, "model.attention.cmp_block", a.cmp_block,
+          fmt::format("a positive multiple of model.attention.cmp_stride = {} for attention type nsa (the "
+                      "compression block length l; the selection maps blocks by whole strides)",
+                      a.cmp_stride));
+  require(a.sel_block >= 1 && a.sel_block % a.cmp_stride == 0, "model.attention.sel_block", a.sel_block,
+          fmt::format("a positive multiple of model.attention.cmp_stride = {} for attention type nsa (the "
+                      "selection block length l'; its importance sums whole compression strides, eq. 9)",
+                      a.cmp_stride));
+  require(a.sel_count >= 3, "model.attention.sel_count", a.sel_count,
+          ">= 3 for attention type nsa (the first block and the 2 most recent blocks are always selected and "
+          "count in it)");
+  require(a.window >= 1, "model.attention.window", a.window, "> 0 for attention type nsa (keys i-window+1 ... i)");
+  require(a.cmp_hidden >= 0, "model.attention.cmp_hidden", a.cmp_hidden,
+          ">= 0 (the compression MLPs' hidden width; 0: = model.head_dim)");
+  if (a.cmp_hidden == 0) a.cmp_hidden = m.head_dim;
+  if (m.qk_norm)
+    fail("config: model.qk_norm must be false for attention type nsa (got true): the NSA layer has no QK-norm");
+}
+
 const std::vector<AttentionKind>& attention_kinds() {
   static const std::vector<AttentionKind> kinds = {
       {"mha", {}, [](const json&, const std::string&, AttentionConfig&) {},
@@ -365,6 +386,14 @@ const std::vector<AttentionKind>& attention_kinds() {
                                  {"nope_dim", &MlaConfig::nope_dim},
                                  {"v_dim", &MlaConfig::v_dim}},
                                 validate_mla),
+      attention_kind<NsaConfig>("nsa", &AttentionConfig::nsa,
+                                {{"cmp_block", &NsaConfig::cmp_block},
+                                 {"cmp_stride", &NsaConfig::cmp_stride},
+                                 {"sel_block", &NsaConfig::sel_block},
+                                 {"sel_count", &NsaConfig::sel_count},
+                                 {"window", &NsaConfig::window},
+                                 {"cmp_hidden", &NsaConfig::cmp_hidden}},
+                                validate_nsa),
   };
   return kinds;
 }
@@ -379,8 +408,7 @@ std::vector<std::string> attention_names() {
 const AttentionKind& find_attention_kind(const std::string& type) {
   for (const auto& k : attention_kinds())
     if (k.name == type) return k;
-  require_choice(type, "model.attention.type", attention_names(),
-                 fmt::format("; {} but not implemented yet", kAttentionPlanned));
+  require_choice(type, "model.attention.type", attention_names());
   fail("unreachable");
 }
 

@@ -46,11 +46,24 @@ struct MlaConfig {
   int64_t v_dim = 0;          // value dims per head; 0: model.head_dim (resolved by validation)
 };
 
+// Native Sparse Attention (DeepSeek, arXiv 2502.11089; README "NSA"): compressed, selected and
+// window branches with their own keys and values, combined by sigmoid gates. The defaults are the
+// paper's (and the DMA paper's comparison's) settings.
+struct NsaConfig {
+  int64_t cmp_block = 32;     // l: compression block length; a multiple of cmp_stride
+  int64_t cmp_stride = 16;    // d: compression stride (block c covers positions c·d … c·d + l − 1); > 0
+  int64_t sel_block = 64;     // l': selection block length; a multiple of cmp_stride
+  int64_t sel_count = 16;     // n: selected blocks per query, the first block and the 2 most recent included; >= 3
+  int64_t window = 512;       // w: the window branch sees keys i-window+1 … i; > 0
+  int64_t cmp_hidden = 0;     // F: hidden width of the compression MLPs; 0: model.head_dim (resolved by validation)
+};
+
 struct AttentionConfig {
-  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask) | "mla"
+  std::string type = "mha";   // "mha" (causal, GQA) | "swa" (sliding window) | "dma" (dynamic mask) | "mla" | "nsa"
   SwaConfig swa;
   DmaConfig dma;
   MlaConfig mla;
+  NsaConfig nsa;
 };
 
 struct ModelConfig {

@@ -1,4 +1,4 @@
-// The attention interface every variant implements (MHA/GQA, SWA, DMA; MLA and NSA plug in here).
+// The attention interface every variant implements (MHA/GQA, SWA, DMA, MLA, NSA).
 // A variant owns its parameters (declared under `prefix`), declares the activations it saves for
 // backward, runs forward and backward on the block's normalised input, and says what its core
 // asks of the kernels (head dims and kernel family), which the model, the trainer's pre-check
@@ -62,12 +62,18 @@ class Attention {
   }
   // The resulting model formula, for messages.
   virtual std::string mfu_convention() const { return "6·N + 6·L·T·d"; }
+  // Parameters of the layer that are not applied once per token (NSA's compression MLPs run once
+  // per block and KV head; their position embeddings are added, not multiplied): `dmatrain info`
+  // leaves them out of 6·N, and the layer counts their FLOPs as run in core_flops_per_token and
+  // mfu_core_flops_per_token. 0 for every other variant.
+  virtual int64_t params_not_per_token() const { return 0; }
 };
 
 std::unique_ptr<Attention> make_attention(const ModelConfig& cfg);
 // The variants in files of their own (make_attention picks by model.attention.type).
 std::unique_ptr<Attention> make_dma_attention(const ModelConfig& cfg);  // attention_dma.cpp
 std::unique_ptr<Attention> make_mla_attention(const ModelConfig& cfg);  // attention_mla.cpp
+std::unique_ptr<Attention> make_nsa_attention(const ModelConfig& cfg);  // attention_nsa.cpp
 
 // cuda_unsupported() of the variants whose q, k and v heads all have model.head_dim dims, run by
 // `kernel`: "" or "model.head_dim 48 has no CUDA attention kernel (...)".

@@ -84,6 +84,7 @@ std::unique_ptr<Attention> make_attention(const ModelConfig& cfg) {
   if (t == "mha" || t == "swa") return std::make_unique<CausalAttention>(cfg);
   if (t == "dma") return make_dma_attention(cfg);
   if (t == "mla") return make_mla_attention(cfg);
+  if (t == "nsa") return make_nsa_attention(cfg);
   fail("model.attention.type \"{}\" has no implementation in this build", t);
 }
 

@@ -17,11 +17,14 @@ ModelCounts count_model(const ModelConfig& m, int64_t T) {
   const int64_t emb = c.by_group["embedding"], head = c.by_group.count("head") ? c.by_group["head"] : 0;
   c.non_embedding = c.total - emb - head;
   const auto attn = make_attention(m);
-  c.flops_per_token = 6.0 * double(c.total) + double(m.n_layers) * attn->mfu_core_flops_per_token(T, m.d_model);
+  // parameters not applied once per token (NSA's compression MLPs): their FLOPs are in the core's
+  const double per_block = double(m.n_layers) * double(attn->params_not_per_token());
+  c.flops_per_token =
+      6.0 * (double(c.total) - per_block) + double(m.n_layers) * attn->mfu_core_flops_per_token(T, m.d_model);
   c.flops_convention = attn->mfu_convention();
   const double lm_head = double(m.vocab_size) * double(m.d_model);  // tied or not, the head is a matmul
-  c.matmul_flops_per_token =
-      6.0 * (double(c.non_embedding) + lm_head) + 3.0 * double(m.n_layers) * attn->core_flops_per_token(T);
+  c.matmul_flops_per_token = 6.0 * (double(c.non_embedding) - per_block + lm_head) +
+                             3.0 * double(m.n_layers) * attn->core_flops_per_token(T);
   return c;
 }
 
@@ -83,10 +86,12 @@ std::string describe(const Config& c) {
                    k.non_embedding, human(double(k.non_embedding)));
   s += fmt::format("FLOPs per token at T={}:\n", c.train.seq_len);
   const double core = make_attention(m)->mfu_core_flops_per_token(c.train.seq_len, m.d_model);
-  s += fmt::format("  {:.6g}  MFU convention (DESIGN.md; MLA: DeepSeek's accounting of its wider core): {} = 6·{} + "
-                   "{}·{:.6g}\n",
-                   k.flops_per_token, k.flops_convention, k.total, m.n_layers, core);
-  s += fmt::format("  {:.6g}  executed matmuls, forward + backward (6·(N_non-emb + V·d) + 3·attention core)\n",
+  const int64_t per_block = m.n_layers * make_attention(m)->params_not_per_token();
+  s += fmt::format("  {:.6g}  MFU convention (DESIGN.md; MLA: DeepSeek's accounting of its wider core; NSA: its "
+                   "compression MLPs as run): {} = 6·{} + {}·{:.6g}\n",
+                   k.flops_per_token, k.flops_convention, k.total - per_block, m.n_layers, core);
+  s += fmt::format("  {:.6g}  executed matmuls, forward + backward (6·(N_non-emb + V·d) + 3·attention core; NSA: "
+                   "6·(N_non-emb − N_cmp + V·d) + 3·(cores and compression MLPs as run))\n",
                    k.matmul_flops_per_token);
   const double tokens = double(c.train.steps) * double(c.train.batch_size * c.train.grad_accum * c.train.seq_len);
   s += fmt::format("training: {} steps × {} tokens/step (1 rank) = {} tokens, {:.3g} FLOPs (MFU convention), {:.1f} "

@@ -15,11 +15,14 @@ struct ModelCounts {
   int64_t total = 0;
   int64_t non_embedding = 0;  // total minus the token embedding and an untied LM head
   // MFU convention of DESIGN.md: 6·N + 6·L·T·d with N = total parameters, d = d_model; MLA counts
-  // its wider core, 6·N + 3·L·T·H·(d_qk + d_v). flops_convention names the formula used.
+  // its wider core, 6·N + 3·L·T·H·(d_qk + d_v); NSA leaves its compression MLPs (N_cmp parameters,
+  // run once per block) out of 6·N and counts them as run: 6·(N − N_cmp) + L·(6·T·d + 3·C_cmp).
+  // flops_convention names the formula used.
   double flops_per_token = 0;
   std::string flops_convention;
   // Matmul FLOPs actually executed per token (forward + backward = 3 × forward): projections,
-  // MLP and LM head 6·(N − embedding), plus the causal attention core.
+  // MLP and LM head 6·(N − embedding), plus the attention core as run (NSA: its three cores and
+  // compression MLPs, the MLPs' parameters left out of the 6·N term).
   double matmul_flops_per_token = 0;
 };
 

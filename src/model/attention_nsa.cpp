@@ -1,0 +1,228 @@
+// Native Sparse Attention (type "nsa"; Yuan et al., DeepSeek, arXiv 2502.11089), on the CPU backend.
+// Three branches over the same RoPE'd queries q = RoPE(x·W_qᵀ), each with its own keys and values
+// projected from the block input (the paper gives each branch independent keys and values against
+// shortcut learning), combined per query head by sigmoid gates z = x·W_gᵀ (3 per head):
+//   compressed  blocks of l = cmp_block keys at stride d = cmp_stride, each block's keys and values
+//               turned into one by an MLP with an intra-block position embedding (one MLP for keys,
+//               one for values, shared by the KV heads); the compressed key rotated at the block's
+//               last position; query t sees the blocks that end at or before t (none while t < l − 1:
+//               output 0)
+//   selected    n = sel_count blocks of l' = sel_block keys per query, the first block and the 2 most
+//               recent always among them, the rest by the compressed branch's attention mass on them
+//               (eq. 9), summed over the query heads of a GQA group (the group shares one selection;
+//               not differentiated); causal inside the query's own block
+//   window      keys t − w + 1 … t (w = window)
+//   o = σ(z_cmp)·o_cmp + σ(z_slc)·o_slc + σ(z_win)·o_win,   out = o·W_oᵀ
+// The exact definitions (MLP form, RoPE placement, early queries, the eq. 9 reading, the tie rule)
+// are the CPU reference ops' (kernels/cpu/nsa_ops.h, nsa_attention.cpp), which this layer runs;
+// there are no CUDA kernels for it yet.
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "model/attention.h"
+#include "ops/ops.h"
+
+namespace dmat {
+namespace {
+
+class NsaAttention final : public Attention {
+ public:
+  explicit NsaAttention(const ModelConfig& c)
+      : D_(c.d_model), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), l_(c.attention.nsa.cmp_block),
+        d_(c.attention.nsa.cmp_stride), lp_(c.attention.nsa.sel_block), n_(c.attention.nsa.sel_count),
+        w_(c.attention.nsa.window), F_(c.attention.nsa.cmp_hidden), theta_(c.rope_theta), std_(c.init_std),
+        out_std_(c.init_std / std::sqrt(2.0 * double(c.n_layers))) {
+    DMAT_CHECK(F_ > 0, "nsa attention: cmp_hidden {} (validated config expected)", F_);
+    cpu::nsa_check_shape(shape(1, std::max<int64_t>(l_, 1)));
+  }
+
+  AttentionDims dims() const override { return {Dh_, Dh_, Dh_, cuda::AttnKernel::flash}; }
+
+  std::string cuda_unsupported() const override {
+    return "model.attention.type nsa has no CUDA kernels yet (its layer runs on the CPU backend only); run on the "
+           "CPU with run.device=\"cpu\"";
+  }
+
+  void declare_params(ParamTable& t, const std::string& p) override {
+    wq_ = t.add({p + "q_proj.weight", {H_ * Dh_, D_}, "attention", Init::Normal, std_, true});
+    for (int b = 0; b < 3; ++b) {
+      wk_[b] = t.add({p + kBranch[b] + "_k_proj.weight", {Hkv_ * Dh_, D_}, "attention", Init::Normal, std_, true});
+      wv_[b] = t.add({p + kBranch[b] + "_v_proj.weight", {Hkv_ * Dh_, D_}, "attention", Init::Normal, std_, true});
+    }
+    for (int kv = 0; kv < 2; ++kv) {
+      const std::string m = p + (kv == 0 ? "cmp_k_mlp." : "cmp_v_mlp.");
+      pos_[kv] = t.add({m + "pos_embed", {l_, Dh_}, "attention", Init::Normal, std_, true});
+      fc1_[kv] = t.add({m + "fc1.weight", {F_, l_ * Dh_}, "attention", Init::Normal, std_, true});
+      fc2_[kv] = t.add({m + "fc2.weight", {Dh_, F_}, "attention", Init::Normal, std_, true});
+    }
+    wg_ = t.add({p + "g_proj.weight", {3 * H_, D_}, "attention", Init::Normal, std_, true});
+    wo_ = t.add({p + "o_proj.weight", {D_, H_ * Dh_}, "attention", Init::Normal, out_std_, true});
+  }
+
+  void declare_acts(TensorTable& t, const std::string& p, int64_t B, int64_t T) override {
+    const int64_t N = B * T, Nc = shape(B, T).n_cmp();
+    q_ = t.add(p + "q", {B, T, H_, Dh_});  // after RoPE
+    kraw_ = t.add(p + "cmp_k", {B, T, Hkv_, Dh_});  // the compression MLPs' inputs
+    vraw_ = t.add(p + "cmp_v", {B, T, Hkv_, Dh_});
+    hk_ = t.add(p + "cmp_k_hidden", {B, Nc, Hkv_, F_});
+    hv_ = t.add(p + "cmp_v_hidden", {B, Nc, Hkv_, F_});
+    kc_ = t.add(p + "kc", {B, Nc, Hkv_, Dh_});  // compressed keys (rotated) and values
+    vc_ = t.add(p + "vc", {B, Nc, Hkv_, Dh_});
+    ks_ = t.add(p + "slc_k", {B, T, Hkv_, Dh_});  // after RoPE
+    vs_ = t.add(p + "slc_v", {B, T, Hkv_, Dh_});
+    kw_ = t.add(p + "win_k", {B, T, Hkv_, Dh_});  // after RoPE
+    vw_ = t.add(p + "win_v", {B, T, Hkv_, Dh_});
+    z_ = t.add(p + "gate_logits", {N, 3 * H_});
+    for (int b = 0; b < 3; ++b) {
+      ob_[b] = t.add(p + "o_" + kBranch[b], {B, T, H_, Dh_});
+      lse_[b] = t.add_stat(p + "lse_" + kBranch[b], {B, H_, T});
+    }
+    o_ = t.add(p + "o", {N, H_ * Dh_});  // the gated sum, o_proj's input
+    // The selection, int32 [B, Hkv, T, n], kept in a statistic of as many elements (fp32 or wider:
+    // room for an int32 each; selection()).
+    sel_ = t.add_stat(p + "selection", {B, Hkv_, T, n_});
+    // Shared by all layers (backward runs one layer at a time); dq, dk, dv, do as every variant names them.
+    dq_ = t.add_shared("scratch.attn.dq", {B, T, H_, Dh_});
+    dq2_ = t.add_shared("scratch.attn.nsa_dq_branch", {B, T, H_, Dh_});
+    dk_ = t.add_shared("scratch.attn.dk", {B, T, Hkv_, Dh_});
+    dv_ = t.add_shared("scratch.attn.dv", {B, T, Hkv_, Dh_});
+    do_ = t.add_shared("scratch.attn.do", {N, H_ * Dh_});
+    dz_ = t.add_shared("scratch.attn.nsa_dz", {N, 3 * H_});
+    for (int b = 0; b < 3; ++b) dob_[b] = t.add_shared(std::string("scratch.attn.nsa_do_") + kBranch[b], {B, T, H_, Dh_});
+    dkc_ = t.add_shared("scratch.attn.nsa_dkc", {B, Nc, Hkv_, Dh_});
+    dvc_ = t.add_shared("scratch.attn.nsa_dvc", {B, Nc, Hkv_, Dh_});
+  }
+
+  void forward(const LayerCtx& c, const Tensor& x, const Tensor& out) override {
+    const cpu::NsaShape s = shape(c.B, c.T);
+    const Tensor q = c.A(q_), kc = c.A(kc_), vc = c.A(vc_);
+    ops::linear_forward(q, x, c.P(wq_));
+    ops::rope_forward(q, q, theta_);
+    // compressed: the MLPs over the raw blocks, then RoPE at each block's last position
+    ops::linear_forward(c.A(kraw_), x, c.P(wk_[kCmp]));
+    ops::linear_forward(c.A(vraw_), x, c.P(wv_[kCmp]));
+    ops::nsa_compress_forward(kc, c.A(hk_), c.A(kraw_), c.P(pos_[0]), c.P(fc1_[0]), c.P(fc2_[0]), s);
+    ops::nsa_compress_forward(vc, c.A(hv_), c.A(vraw_), c.P(pos_[1]), c.P(fc1_[1]), c.P(fc2_[1]), s);
+    ops::nsa_compressed_rope_forward(kc, kc, theta_, s);
+    ops::nsa_cmp_attention_forward(c.A(ob_[kCmp]), c.A(lse_[kCmp]), q, kc, vc, s);
+    // selected: blocks chosen from the compressed branch's probabilities
+    ops::nsa_select(selection(c), q, kc, c.A(lse_[kCmp]), s);
+    ops::linear_forward(c.A(ks_), x, c.P(wk_[kSlc]));
+    ops::rope_forward(c.A(ks_), c.A(ks_), theta_);
+    ops::linear_forward(c.A(vs_), x, c.P(wv_[kSlc]));
+    ops::nsa_slc_attention_forward(c.A(ob_[kSlc]), c.A(lse_[kSlc]), q, c.A(ks_), c.A(vs_), selection(c), s);
+    // window
+    ops::linear_forward(c.A(kw_), x, c.P(wk_[kWin]));
+    ops::rope_forward(c.A(kw_), c.A(kw_), theta_);
+    ops::linear_forward(c.A(vw_), x, c.P(wv_[kWin]));
+    ops::attention_forward(c.A(ob_[kWin]), c.A(lse_[kWin]), q, c.A(kw_), c.A(vw_), window_shape(c, s));
+    // gates, o_proj
+    ops::linear_forward(c.A(z_), x, c.P(wg_));
+    ops::nsa_gate_forward(c.A(o_), c.A(z_), c.A(ob_[kCmp]), c.A(ob_[kSlc]), c.A(ob_[kWin]), H_);
+    ops::linear_forward(out, c.A(o_), c.P(wo_));
+  }
+
+  void backward(const LayerCtx& c, const Tensor& x, const Tensor& dout, const Tensor& dx) override {
+    const cpu::NsaShape s = shape(c.B, c.T);
+    const int64_t N = c.B * c.T, Nc = s.n_cmp();
+    const Tensor q = c.A(q_);
+    const Tensor dq = view(c, dq_, {c.B, c.T, H_, Dh_}), dq2 = view(c, dq2_, {c.B, c.T, H_, Dh_}),
+                 dk = view(c, dk_, {c.B, c.T, Hkv_, Dh_}), dv = view(c, dv_, {c.B, c.T, Hkv_, Dh_}),
+                 dO = view(c, do_, {N, H_ * Dh_}), dz = view(c, dz_, {N, 3 * H_}),
+                 dkc = view(c, dkc_, {c.B, Nc, Hkv_, Dh_}), dvc = view(c, dvc_, {c.B, Nc, Hkv_, Dh_});
+    Tensor dob[3];
+    for (int b = 0; b < 3; ++b) dob[b] = view(c, dob_[b], {c.B, c.T, H_, Dh_});
+    const Tensor dk2 = dk.view({N, Hkv_ * Dh_}), dv2 = dv.view({N, Hkv_ * Dh_});
+
+    ops::linear_backward(dO, c.G(wo_), dout, c.A(o_), c.P(wo_), false);
+    ops::nsa_gate_backward(dz, dob[kCmp], dob[kSlc], dob[kWin], dO, c.A(z_), c.A(ob_[kCmp]), c.A(ob_[kSlc]),
+                           c.A(ob_[kWin]), H_);
+    ops::linear_backward(dx, c.G(wg_), dz, x, c.P(wg_), false);
+    // window (dq starts here)
+    ops::attention_backward(dq, dk, dv, dob[kWin], c.A(ob_[kWin]), c.A(lse_[kWin]), q, c.A(kw_), c.A(vw_),
+                            window_shape(c, s));
+    ops::rope_backward(dk, dk, theta_);
+    ops::linear_backward(dx, c.G(wk_[kWin]), dk2, x, c.P(wk_[kWin]), true);
+    ops::linear_backward(dx, c.G(wv_[kWin]), dv2, x, c.P(wv_[kWin]), true);
+    // selected
+    ops::nsa_slc_attention_backward(dq2, dk, dv, dob[kSlc], c.A(ob_[kSlc]), c.A(lse_[kSlc]), q, c.A(ks_), c.A(vs_),
+                                    selection(c), s);
+    ops::add_inplace(dq, dq2);
+    ops::rope_backward(dk, dk, theta_);
+    ops::linear_backward(dx, c.G(wk_[kSlc]), dk2, x, c.P(wk_[kSlc]), true);
+    ops::linear_backward(dx, c.G(wv_[kSlc]), dv2, x, c.P(wv_[kSlc]), true);
+    // compressed: through the attention, the compressed keys' RoPE, the MLPs
+    ops::nsa_cmp_attention_backward(dq2, dkc, dvc, dob[kCmp], c.A(ob_[kCmp]), c.A(lse_[kCmp]), q, c.A(kc_), c.A(vc_),
+                                    s);
+    ops::add_inplace(dq, dq2);
+    ops::nsa_compressed_rope_backward(dkc, dkc, theta_, s);
+    ops::nsa_compress_backward(dk, c.G(pos_[0]), c.G(fc1_[0]), c.G(fc2_[0]), dkc, c.A(hk_), c.A(kraw_), c.P(pos_[0]),
+                               c.P(fc1_[0]), c.P(fc2_[0]), s);
+    ops::linear_backward(dx, c.G(wk_[kCmp]), dk2, x, c.P(wk_[kCmp]), true);
+    ops::nsa_compress_backward(dv, c.G(pos_[1]), c.G(fc1_[1]), c.G(fc2_[1]), dvc, c.A(hv_), c.A(vraw_), c.P(pos_[1]),
+                               c.P(fc1_[1]), c.P(fc2_[1]), s);
+    ops::linear_backward(dx, c.G(wv_[kCmp]), dv2, x, c.P(wv_[kCmp]), true);
+    // the shared query
+    ops::rope_backward(dq, dq, theta_);
+    ops::linear_backward(dx, c.G(wq_), dq.view({N, H_ * Dh_}), x, c.P(wq_), true);
+  }
+
+  // Forward FLOPs per token as run (cpu::nsa_core_flops_per_token): the three cores,
+  // 4·H·Dh·(n̄_cmp + n̄_slc + n̄_win), with n̄ the keys a query attends averaged over t = 0 … T−1
+  // (n_cmp(t) = visible compressed blocks, ⌊(t + 1 − l)/d⌋ + 1 once t ≥ l − 1; n_slc(t) =
+  // (min(J + 1, n) − 1)·l' + t mod l' + 1 with J = ⌊t/l'⌋; n_win(t) = min(t + 1, w)), plus the
+  // compression MLPs, C_cmp = 4·Hkv·F·Dh·(l + 1)·Nc/T (once per block and KV head, keys and values).
+  double core_flops_per_token(int64_t T) const override { return cpu::nsa_core_flops_per_token(shape(1, T), F_); }
+
+  // The MFU convention's dense core (as for SWA and DMA: 6·T·d whatever keys are visited), plus the
+  // compression MLPs as run, forward and backward (3·C_cmp), since 6·N leaves their parameters out.
+  double mfu_core_flops_per_token(int64_t T, int64_t d_model) const override {
+    return 6.0 * double(T) * double(d_model) + 3.0 * cpu::nsa_compress_flops_per_token(shape(1, T), F_);
+  }
+  std::string mfu_convention() const override { return "6·(N − N_cmp) + L·(6·T·d + 3·C_cmp)"; }
+  // N_cmp per layer: the two MLPs and their position embeddings, 2·(l·Dh + F·l·Dh + Dh·F).
+  int64_t params_not_per_token() const override { return 2 * (l_ * Dh_ + F_ * l_ * Dh_ + Dh_ * F_); }
+
+ private:
+  static constexpr int kCmp = 0, kSlc = 1, kWin = 2;
+  static constexpr const char* kBranch[3] = {"cmp", "slc", "win"};
+
+  cpu::NsaShape shape(int64_t B, int64_t T) const {
+    cpu::NsaShape s;
+    s.B = B, s.T = T, s.H = H_, s.Hkv = Hkv_, s.D = Dh_;
+    s.scale = 1.0 / std::sqrt(double(Dh_));
+    s.cmp_block = l_, s.cmp_stride = d_, s.sel_block = lp_, s.sel_count = n_, s.window = w_;
+    return s;
+  }
+  cpu::AttnShape window_shape(const LayerCtx& c, const cpu::NsaShape& s) const {
+    cpu::AttnShape a = cpu::nsa_window_shape(s);
+    a.deterministic = c.deterministic;
+    return a;
+  }
+  // The selection lists as int32 (the statistic's memory holds 4 or more bytes per element).
+  Tensor selection(const LayerCtx& c) const {
+    const Tensor t = c.A(sel_);
+    return Tensor{t.data, t.shape, DType::I32, t.device};
+  }
+  // Scratch at this micro-batch's shape (it is sized for the largest).
+  static Tensor view(const LayerCtx& c, int h, Shape s) {
+    const Tensor t = c.A(h);
+    DMAT_CHECK(s.numel() <= t.numel(), "nsa attention: scratch {} too small for {}", t.shape.str(), s.str());
+    return Tensor{t.data, s, t.dtype, t.device};
+  }
+
+  int64_t D_, H_, Hkv_, Dh_, l_, d_, lp_, n_, w_, F_;
+  double theta_, std_, out_std_;
+  int wq_ = -1, wk_[3] = {-1, -1, -1}, wv_[3] = {-1, -1, -1}, pos_[2] = {-1, -1}, fc1_[2] = {-1, -1},
+      fc2_[2] = {-1, -1}, wg_ = -1, wo_ = -1;
+  int q_ = -1, kraw_ = -1, vraw_ = -1, hk_ = -1, hv_ = -1, kc_ = -1, vc_ = -1, ks_ = -1, vs_ = -1, kw_ = -1, vw_ = -1,
+      z_ = -1, o_ = -1, sel_ = -1, ob_[3] = {-1, -1, -1}, lse_[3] = {-1, -1, -1};
+  int dq_ = -1, dq2_ = -1, dk_ = -1, dv_ = -1, do_ = -1, dz_ = -1, dob_[3] = {-1, -1, -1}, dkc_ = -1, dvc_ = -1;
+};
+
+}  // namespace
+
+std::unique_ptr<Attention> make_nsa_attention(const ModelConfig& cfg) { return std::make_unique<NsaAttention>(cfg); }
+
+}  // namespace dmat
