@@ -25,12 +25,18 @@
 
 namespace dmat::cpu {
 
+// a·b summed in a fixed order: 8 partial sums (element d into sum d mod 8), combined pairwise. An
+// `omp simd` reduction would leave the order to the vectoriser, which chooses per call site once
+// inlined, and the backward's recomputed scores must round as the forward's did: a probability that
+// disagrees with the forward's lse by an ulp of a large score spoils the cancelling sums (DMA's dbias).
 template <class T>
 inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
+  T s[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int u = 0; u < 8; ++u) s[u] += a[d + u] * b[d + u];
+  for (int u = 0; d < n; ++d, ++u) s[u] += a[d] * b[d];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 template <class T>
@@ -60,6 +66,16 @@ inline Dims dims_of(const AttnShape& s) {
   return {.B = s.B, .Tq = s.T, .Tk = s.T, .H = s.H, .Hkv = s.Hkv, .Dqk = s.Dqk, .Dv = s.Dv, .scale = s.scale};
 }
 
+// s_ij, rounded the same way wherever it is computed (forward, and backward's recomputed P_ij): with a
+// bias, one explicit fma, so that no contraction the compiler may or may not apply in one context
+// makes the backward's probabilities disagree with the forward's lse (the bias can be large, the
+// softmax of biased scores then sums terms that cancel in dbias).
+template <class T, class Keys>
+inline T score(T scale, const T* qi, const T* kj, int64_t n, const Keys& keys, int64_t b, int64_t hk, int64_t j) {
+  if constexpr (Keys::kBias) return std::fma(scale, dot(qi, kj, n), T(keys.bias(b, hk, j)));
+  else return scale * dot(qi, kj, n);
+}
+
 // out, lse overwrite. A query without keys gets out = 0 and lse = −inf (the log of an empty sum).
 template <class T, class Keys>
 void forward(T* out, T* lse, const T* q, const T* k, const T* v, const Dims& s, const Keys& keys) {
@@ -67,7 +83,7 @@ void forward(T* out, T* lse, const T* q, const T* k, const T* v, const Dims& s, 
   const T scale = T(s.scale);
 #pragma omp parallel
   {
-    std::vector<T> score(size_t(std::max<int64_t>(keys.max_keys(), 1)));  // one row of scores per thread
+    std::vector<T> score_row(size_t(std::max<int64_t>(keys.max_keys(), 1)));  // one row of scores per thread
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < s.B * s.H * s.Tq; ++row) {
       const int64_t i = row % s.Tq, h = (row / s.Tq) % s.H, b = row / (s.Tq * s.H), hk = h / group;
@@ -75,10 +91,8 @@ void forward(T* out, T* lse, const T* q, const T* k, const T* v, const Dims& s, 
       T mx = -INFINITY;
       size_t m = 0;
       keys.keys(b, hk, i, [&](int64_t j) {
-        T sc;
-        if constexpr (Keys::kBias) sc = scale * dot(qi, k + s.k(b, j, hk), s.Dqk) + keys.bias(b, hk, j);
-        else sc = scale * dot(qi, k + s.k(b, j, hk), s.Dqk);
-        score[m++] = sc;
+        const T sc = score(scale, qi, k + s.k(b, j, hk), s.Dqk, keys, b, hk, j);
+        score_row[m++] = sc;
         mx = std::max(mx, sc);
       });
       T* oi = out + s.o(b, i, h);
@@ -90,7 +104,7 @@ void forward(T* out, T* lse, const T* q, const T* k, const T* v, const Dims& s, 
       T sum = 0;
       m = 0;
       keys.keys(b, hk, i, [&](int64_t j) {
-        const T p = std::exp(score[m++] - mx);
+        const T p = std::exp(score_row[m++] - mx);
         sum += p;
         const T* vj = v + s.v(b, j, hk);
 #pragma omp simd
@@ -122,8 +136,7 @@ void backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const T* out, const 
   }
   // P_ij recomputed from the forward's lse
   auto prob = [&](const T* qi, const T* kj, int64_t b, int64_t hk, int64_t j, T lse_i) {
-    if constexpr (Keys::kBias) return std::exp(scale * dot(qi, kj, s.Dqk) + keys.bias(b, hk, j) - lse_i);
-    else return std::exp(scale * dot(qi, kj, s.Dqk) - lse_i);
+    return std::exp(score(scale, qi, kj, s.Dqk, keys, b, hk, j) - lse_i);
   };
 
 #pragma omp parallel for schedule(static)
