@@ -1,6 +1,8 @@
 // An independent oracle: tests/oracle/torch_oracle.py rebuilds the model in PyTorch (Debian's
 // python3-torch, float64) from its written definition, loads our safetensors weights, and must
 // match our fp32 logits, loss and every parameter gradient to 1e-5 relative (‖ours − ref‖ / ‖ref‖).
+// NSA's selection is the oracle's own (float64): an fp32 near-tie that flipped a block would show
+// as a mismatch, so these cases keep clear of ties (random weights, init_std 0.3).
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -111,6 +113,21 @@ TEST(Oracle, MultiHeadLatentAttentionQueryCompression) {
   run_oracle("mla_q", R"({"model": {"n_kv_heads": 4, "residual_scale": true,
                                     "attention": {"type": "mla", "kv_rank": 8, "q_rank": 12, "rope_dim": 4,
                                                   "nope_dim": 6, "v_dim": 5}}})");
+}
+
+// Native Sparse Attention (its selection re-implemented in the oracle, in float64): GQA 4/2, compression
+// blocks of 4 at stride 2, 4 selected blocks of 2 (the ranking picks 1 from t = 8 on), a window of 5;
+// then MQA at T = 24 with selection blocks spanning two compression blocks (l' = 4 = 2l, stride 1)
+// and residual scales.
+TEST(Oracle, NativeSparseAttention) {
+  run_oracle("nsa", R"({"model": {"attention": {"type": "nsa", "cmp_block": 4, "cmp_stride": 2, "sel_block": 2,
+                                                "sel_count": 4, "window": 5, "cmp_hidden": 7}}})");
+}
+TEST(Oracle, NativeSparseAttentionMqa) {
+  run_oracle("nsa_mqa", R"({"model": {"n_kv_heads": 1, "residual_scale": true,
+                                      "attention": {"type": "nsa", "cmp_block": 2, "cmp_stride": 1, "sel_block": 4,
+                                                    "sel_count": 4, "window": 3}},
+                            "train": {"seq_len": 24}})");
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible; MHA/GQA, SWA, DMA, MLA).
+"""Independent PyTorch oracle for the dmatrain model (LLaMA-style, Doge-compatible; MHA/GQA, SWA, DMA, MLA, NSA).
 
 Written from the model's definition (not from the C++ code): builds the model in float64 from
 DIR/model.safetensors, runs it on DIR/batch.safetensors, and compares logits, loss and every
@@ -11,7 +11,8 @@ DIR: config.json (resolved dmatrain config; its `model` section is used), model.
 weights), batch.safetensors (`inputs`, `targets` I32 [B,T]; target < 0 ignored), ours.safetensors
 (`logits` F32 [B,T,V], `loss` F32 [1], `grad.<param>` F32 for every parameter).
 Per compared tensor one JSON line {"name", "rel", "ok"} with rel = ||ours - ref|| / max(||ref||, 1e-30);
-then a summary line. DMA's A is the exception: its gradient is one sum per KV head, sum_j dbias_j *
+then a summary line. NSA's selection is re-implemented here (in float64, from the compressed branch's
+probabilities), not read from ours. DMA's A is the exception: its gradient is one sum per KV head, sum_j dbias_j *
 dbias_j/dA, whose terms cancel (sum_j dbias_j = 0 for every query), so fp32 can only be asked to get
 it right relative to the size of its terms: rel = ||ours - ref|| / max(||ref||, ||sum_j |term_j| ||). Exit 0: all pass; 1: a mismatch, a missing or an extra tensor; 2: bad input.
 """
@@ -109,8 +110,22 @@ def resolve_model_config(m):
         if c["kv_rank"] <= 0 or c["rope_dim"] % 2 or c["q_rank"] < 0:
             raise BadInput(f"config.json: mla needs kv_rank > 0, an even rope_dim and q_rank >= 0 (got {att!r})")
         c["Hkv"] = c["H"]  # n_kv_heads does not apply to mla: one key/value head per query head
+    elif c["att"] == "nsa":
+        # Native Sparse Attention (README "NSA"); cmp_hidden 0 means head_dim
+        for key, default in (("cmp_block", 32), ("cmp_stride", 16), ("sel_block", 64), ("sel_count", 16),
+                             ("window", 512), ("cmp_hidden", 0)):
+            v = att.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+                raise BadInput(f"config.json: model.attention.{key} must be a non-negative integer (got {v!r})")
+            c[key] = int(v)
+        c["cmp_hidden"] = c["cmp_hidden"] or c["Dh"]
+        if (c["cmp_stride"] <= 0 or c["cmp_block"] <= 0 or c["cmp_block"] % c["cmp_stride"] or c["sel_block"] <= 0
+                or c["sel_block"] % c["cmp_stride"] or c["sel_count"] < 3 or c["window"] <= 0 or c["qk_norm"]):
+            raise BadInput(f"config.json: nsa needs cmp_stride | cmp_block, cmp_stride | sel_block, sel_count >= 3, "
+                           f"window > 0 and no qk_norm (got {att!r})")
     elif c["att"] != "mha":
-        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle (mha, swa, dma, mla)")
+        raise BadInput(f"config.json: attention type {c['att']!r} is not covered by this oracle "
+                       "(mha, swa, dma, mla, nsa)")
     if c["att"] == "dma" and c["bias_form"] not in ("exp", "linear"):
         raise BadInput(f"config.json: model.attention.bias_form must be exp or linear (got {c['bias_form']!r})")
     c["local_window"] = int(att.get("local_window", 0) or 0) if c["att"] == "dma" else 0
@@ -138,6 +153,8 @@ def param_shapes(c):
             s[p + "self_attn.kv_a_layernorm.weight"] = (C,)
             s[p + "self_attn.kv_b_proj.weight"] = (H * (P + Dv), C)
             s[p + "self_attn.o_proj.weight"] = (D, H * Dv)
+        elif c["att"] == "nsa":
+            s.update(nsa_param_shapes(c, p + "self_attn."))
         else:
             s[p + "self_attn.q_proj.weight"] = (H * Dh, D)
             s[p + "self_attn.k_proj.weight"] = (Hkv * Dh, D)
@@ -168,13 +185,14 @@ def rms_norm(x, g, eps):
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * g
 
 
-def rope(x, theta):
-    """x [B,T,heads,Dh]; rotate-half convention; position t = 0..T-1."""
+def rope(x, theta, positions=None):
+    """x [B,T,heads,Dh]; rotate-half convention; position of row t: positions[t] (default t = 0..T-1)."""
     T, Dh = x.shape[1], x.shape[3]
     half = Dh // 2
     i = torch.arange(half, dtype=torch.float64)
     freq = theta ** (-2.0 * i / Dh)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]  # [T, half]
+    pos = torch.arange(T) if positions is None else positions
+    ang = pos.to(torch.float64)[:, None] * freq[None, :]  # [T, half]
     cos = torch.cos(ang).to(x.dtype)[None, :, None, :]
     sin = torch.sin(ang).to(x.dtype)[None, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
@@ -259,9 +277,149 @@ def mla_attention(a, P, p, c):
     return o @ P[p + "self_attn.o_proj.weight"].T
 
 
+
+# ---- Native Sparse Attention --------------------------------------------------------------------
+
+def nsa_param_shapes(c, pre):
+    """NSA's parameters under `pre` (…self_attn.) and their shapes, in the model's order."""
+    H, Hkv, Dh, D, F, l = c["H"], c["Hkv"], c["Dh"], c["D"], c["cmp_hidden"], c["cmp_block"]
+    s = {"q_proj.weight": (H * Dh, D)}
+    for branch in ("cmp", "slc", "win"):
+        for kv in ("k", "v"):
+            s[f"{branch}_{kv}_proj.weight"] = (Hkv * Dh, D)
+    for kv in ("k", "v"):
+        s[f"cmp_{kv}_mlp.pos_embed"] = (l, Dh)
+        s[f"cmp_{kv}_mlp.fc1.weight"] = (F, l * Dh)
+        s[f"cmp_{kv}_mlp.fc2.weight"] = (Dh, F)
+    s["g_proj.weight"] = (3 * H, D)
+    s["o_proj.weight"] = (D, H * Dh)
+    return {pre + k: v for k, v in s.items()}
+
+
+def masked_attention(q, k, v, mask, scale):
+    """q [B,H,T,Dh], k/v [B,H,S,Dh], mask [B or 1,H or 1,T,S] bool. Rows without any key give 0.
+    Returns the output and the masked scores."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    has = mask.any(dim=-1, keepdim=True)
+    scores = torch.where(has, scores, torch.zeros_like(scores))  # keep empty rows finite
+    return (torch.softmax(scores, dim=-1) @ v) * has.to(q.dtype), scores
+
+
+def nsa_compress(x, pos_embed, w1, w2, l, d):
+    """x [B,T,Hkv,Dh] -> [B,Nc,Hkv,Dh]: block c = positions c*d .. c*d+l-1, W2 silu(W1 flatten(block + pos))."""
+    B, T, Hkv, Dh = x.shape
+    Nc = (T - l) // d + 1 if T >= l else 0
+    out = []
+    for c in range(Nc):
+        block = x[:, c * d:c * d + l] + pos_embed[None, :, None, :]          # [B,l,Hkv,Dh]
+        u = block.permute(0, 2, 1, 3).reshape(B, Hkv, l * Dh)               # flatten j-major
+        out.append(torch.nn.functional.silu(u @ w1.T) @ w2.T)               # [B,Hkv,Dh]
+    if not out:
+        return x.new_zeros(B, 0, Hkv, Dh)
+    return torch.stack(out, dim=1)
+
+
+def nsa_select(p, c):
+    """p [B,H,T,Nc] compressed attention probabilities (0 where not visible) -> idx [B,Hkv,T,n] and
+    the mask of selected selection blocks [B,Hkv,T,Ns].
+
+    Importance of block j for query t: eq. 9, sum_{m < l'/d} sum_{n < l/d} p[(l'/d) j + m - n], each p
+    rounded to a multiple of 2^-40 and summed exactly (int64), summed over the query heads of a KV
+    head. Blocks 0, J-1, J (J = t // l') are always taken; then the other blocks <= J by importance,
+    ties to the lower index, up to min(J+1, n) blocks in all."""
+    B, H, T, Nc = p.shape
+    Hkv, lp, l, d, n = c["Hkv"], c["sel_block"], c["cmp_block"], c["cmp_stride"], c["sel_count"]
+    Ns = -(-T // lp)
+    R, C = lp // d, l // d
+    ov = torch.zeros(Ns, Nc, dtype=torch.int64)
+    for j in range(Ns):
+        for m in range(R):
+            for nn in range(C):
+                cc = R * j + m - nn
+                if 0 <= cc < Nc:
+                    ov[j, cc] += 1
+    fixed = torch.floor(p.detach().to(torch.float64) * 2.0 ** 40 + 0.5).to(torch.int64)  # halves rounded up
+    imp = (fixed[..., None, :] * ov).sum(-1)                            # [B,H,T,Ns]
+    imp = imp.reshape(B, Hkv, H // Hkv, T, Ns).sum(2)                   # [B,Hkv,T,Ns]
+    idx = torch.full((B, Hkv, T, n), -1, dtype=torch.int32)
+    chosen = torch.zeros(B, Hkv, T, Ns, dtype=torch.bool)
+    big = torch.iinfo(torch.int64).max
+    for t in range(T):
+        J = t // lp
+        key = imp[:, :, t, :J + 1].clone()
+        for f in {0, J - 1, J}:
+            if f >= 0:
+                key[..., f] = big
+        # stable descending sort: equal keys keep ascending block order
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :min(J + 1, n)]
+        top = torch.sort(order, dim=-1).values
+        idx[:, :, t, :top.shape[-1]] = top.to(torch.int32)
+        chosen[:, :, t].scatter_(-1, top, True)
+    return idx, chosen
+
+
+def nsa_attention(x, P, pre, c):
+    """Native Sparse Attention (README "NSA") on x [B,T,D] with the parameters P[pre + name]: returns
+    the layer's output [B,T,D] and the selection idx [B,Hkv,T,n]. Three branches with their own keys
+    and values over q = RoPE(x W_q^T): compressed (an MLP per block of l keys at stride d, the
+    compressed key rotated at the block's last position; query t sees blocks ending at or before t),
+    selected (n blocks of l' keys chosen from the compressed probabilities, shared by a GQA group,
+    causal in the own block), window (keys t-w+1 .. t); o = sum_c sigmoid(x W_g^T)_c o_c, then o_proj."""
+    B, T, _ = x.shape
+    H, Hkv, Dh, theta = c["H"], c["Hkv"], c["Dh"], c["theta"]
+    l, d, lp, w = c["cmp_block"], c["cmp_stride"], c["sel_block"], c["window"]
+    scale = 1.0 / math.sqrt(Dh)
+    g = H // Hkv
+    pos = torch.arange(T)
+
+    def proj(name, heads):
+        return (x @ P[pre + name].T).view(B, T, heads, Dh)
+
+    def heads_first(t, expand):  # [B,T,h,Dh] -> [B,H,T,Dh], KV heads repeated over their group
+        t = t.transpose(1, 2)
+        return t.repeat_interleave(g, dim=1) if expand else t
+
+    q = heads_first(rope(proj("q_proj.weight", H), theta), False)
+
+    # compressed branch: compress raw keys/values, rotate the compressed keys at their last position
+    kc = nsa_compress(proj("cmp_k_proj.weight", Hkv), P[pre + "cmp_k_mlp.pos_embed"],
+                      P[pre + "cmp_k_mlp.fc1.weight"], P[pre + "cmp_k_mlp.fc2.weight"], l, d)
+    vc = nsa_compress(proj("cmp_v_proj.weight", Hkv), P[pre + "cmp_v_mlp.pos_embed"],
+                      P[pre + "cmp_v_mlp.fc1.weight"], P[pre + "cmp_v_mlp.fc2.weight"], l, d)
+    Nc = kc.shape[1]
+    last = torch.arange(Nc) * d + l - 1
+    kc = rope(kc, theta, last)
+    cmp_mask = (last[None, :] <= pos[:, None])[None, None]                 # [1,1,T,Nc]
+    o_cmp, cmp_scores = masked_attention(q, heads_first(kc, True), heads_first(vc, True), cmp_mask, scale)
+
+    # selection, from the compressed branch's probabilities (not differentiated)
+    p = torch.softmax(cmp_scores.detach(), dim=-1) * cmp_mask  # early rows: all 0
+    idx, chosen = nsa_select(p, c)
+    block_of = pos // lp
+    slc_mask = chosen[..., block_of] & (pos[None, :] <= pos[:, None])       # [B,Hkv,T,T]
+    slc_mask = slc_mask.repeat_interleave(g, dim=1)
+    ks = heads_first(rope(proj("slc_k_proj.weight", Hkv), theta), True)
+    vs = heads_first(proj("slc_v_proj.weight", Hkv), True)
+    o_slc, _ = masked_attention(q, ks, vs, slc_mask, scale)
+
+    # window branch: keys t-w+1 .. t
+    kw = heads_first(rope(proj("win_k_proj.weight", Hkv), theta), True)
+    vw = heads_first(proj("win_v_proj.weight", Hkv), True)
+    win_mask = ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - w))[None, None]
+    o_win, _ = masked_attention(q, kw, vw, win_mask, scale)
+
+    gates = torch.sigmoid(x @ P[pre + "g_proj.weight"].T).view(B, T, H, 3).permute(0, 2, 1, 3)  # [B,H,T,3]
+    o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win      # [B,H,T,Dh]
+    o = o.transpose(1, 2).reshape(B, T, H * Dh)
+    return o @ P[pre + "o_proj.weight"].T, idx
+
+
 def attention(a, P, p, c):
     if c["att"] == "mla":
         return mla_attention(a, P, p, c)
+    if c["att"] == "nsa":
+        return nsa_attention(a, P, p + "self_attn.", c)[0]
     B, T, _ = a.shape
     H, Hkv, Dh = c["H"], c["Hkv"], c["Dh"]
     q = (a @ P[p + "self_attn.q_proj.weight"].T).view(B, T, H, Dh)
