@@ -645,8 +645,8 @@ TEST(NsaCost, CoreFlopsMatchAHandCount) {
 
 // ---- the layer, composed from the ops -----------------------------------------------------------
 
-// The layer as the model will run it (nsa_ops.h, README "NSA (CPU reference)"), on x [B·T, dm]:
-// projections by GEMM, RoPE on q and the selected/window keys, the compressed keys rotated after
+// The layer composed from the ops by hand (nsa_ops.h, README "NSA"; the model's is attention_nsa.cpp),
+// on x [B·T, dm]: projections by GEMM, RoPE on q and the selected/window keys, the compressed keys rotated after
 // compression, three branches, gates, o_proj. Parameters by their Hugging Face names under self_attn.
 template <class T>
 struct NsaLayer {

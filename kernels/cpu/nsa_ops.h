@@ -1,7 +1,7 @@
 // Native Sparse Attention (NSA; Yuan et al., arXiv 2502.11089), CPU reference: the ops of the
 // layer, forward and backward, fp32 and fp64, deterministic across thread counts (as cpu_ops.h).
 // The exact definitions (MLP form, RoPE, early queries, the eq. 9 mapping, the tie rule) are written
-// at the top of nsa_attention.cpp and in the README ("NSA (CPU reference)"); the contracts are here.
+// at the top of nsa_attention.cpp and in the README ("NSA"); the contracts are here.
 //
 // The layer, per query t and query head h (KV head hk = h / (H / Hkv)), three branches with their
 // own keys and values over the same RoPE'd queries q, combined by sigmoid gates:

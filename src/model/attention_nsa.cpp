@@ -181,7 +181,7 @@ class NsaAttention final : public Attention {
     return 6.0 * double(T) * double(d_model) + 3.0 * cpu::nsa_compress_flops_per_token(shape(1, T), F_);
   }
   std::string mfu_convention() const override { return "6·(N − N_cmp) + L·(6·T·d + 3·C_cmp)"; }
-  // N_cmp per layer: the two MLPs and their position embeddings, 2·(l·Dh + F·l·Dh + Dh·F).
+  // The two MLPs and their position embeddings, 2·(l·Dh + F·l·Dh + Dh·F) per layer (N_cmp: all layers').
   int64_t params_not_per_token() const override { return 2 * (l_ * Dh_ + F_ * l_ * Dh_ + Dh_ * F_); }
 
  private:

@@ -2,8 +2,9 @@
 """The ladder launcher end to end on the CPU (ctest Ladder.Smoke, label cpu): the smoke ladder of
 configs/ladder/smoke/ (byte tokenizer, T = 64, a few steps per run) through plan -> run -> gather -> report,
 with a run stopped mid-way and resumed by the launcher (same final loss as an uninterrupted run, bit for
-bit), finished runs skipped, a size whose variants differ beyond model.attention refused, a foreign run
-directory left alone, and the lr rule and the power-law fit on numbers whose answer is known.
+bit), finished runs skipped, a variant dmatrain refuses listed as not yet available, a size whose variants
+differ beyond model.attention refused, a foreign run directory left alone, and the lr rule and the
+power-law fit on numbers whose answer is known.
 
 usage: test_ladder.py --dmatrain BIN   (run from anywhere; needs matplotlib for the report)
 """
@@ -68,15 +69,13 @@ def run_all(bin_, tmp):
         os.path.join(REPO, "data", "english", "devils_dictionary.txt")])
     common = ["--spec", SPEC, "--dmatrain", bin_, "--data", data, "--runs", runs, "--results", results]
 
-    # ---- plan: the variants this dmatrain accepts planned (nsa, not built yet, listed as not yet
-    # available), seeds wait for the sweep; per available variant 2 sweep runs, 1 + 2 + 1 waiting
+    # ---- plan: every variant this dmatrain accepts planned (all five), seeds wait for the sweep; per
+    # variant 2 sweep runs, 1 + 2 + 1 waiting
     p = sh([py, LADDER, "plan"] + common + ["--json"])
     plan = json.loads(p.stdout)
     ids = [r["run_id"] for r in plan["runs"]]
     nv = 5 - len(plan["unavailable"])
-    check("nsa" in plan["unavailable"] and set(plan["unavailable"]) <= {"mla", "nsa"} and nv >= 3,
-          f"mha, swa, dma available, nsa not yet (got {plan['unavailable']})")
-    check(all("model.attention" in why for why in plan["unavailable"].values()), "unavailability names model.attention")
+    check(nv == 5, f"mha, swa, dma, mla, nsa available (unavailable: {plan['unavailable']})")
     sweep = [r for r in plan["runs"] if r["kind"] == "sweep"]
     check(len(sweep) == 2 * nv and all(r["size"] == "s1" and r["seed"] == 1 for r in sweep),
           f"sweep: 2 lrs x {nv} variants at s1, seed 1")
@@ -84,8 +83,25 @@ def run_all(bin_, tmp):
     check(sum(r["status"] == "blocked" for r in plan["runs"]) == 4 * nv, f"{4 * nv} runs wait for the lr choice")
     check(all(r["command"] and "--set train.lr=" in r["command"] and r["flops"] > 0 for r in sweep),
           "sweep runs carry their command and FLOPs")
-    text = sh([py, LADDER, "plan"] + common).stdout
-    check(all(f"not yet available: {v}" in text for v in plan["unavailable"]), "plan prints not-yet-available variants")
+
+    # ---- a variant whose configs this dmatrain refuses for their model.attention is listed, not planned
+    future = os.path.join(tmp, "future")
+    shutil.copytree(os.path.join(REPO, "configs", "ladder", "smoke"), future)
+    spec = json.load(open(os.path.join(future, "ladder.json")))
+    spec["estimate"]["references"][0]["config"] = os.path.join(REPO, "configs", "tiny.json")
+    json.dump(spec, open(os.path.join(future, "ladder.json"), "w"))
+    for size in ("s1", "s2", "s3"):
+        cfg = json.load(open(os.path.join(future, f"{size}-nsa.json")))
+        cfg["model"]["attention"] = {"type": "future"}
+        json.dump(cfg, open(os.path.join(future, f"{size}-nsa.json"), "w"))
+    fargs = ["--spec", os.path.join(future, "ladder.json"), "--dmatrain", bin_, "--data", data,
+             "--runs", os.path.join(tmp, "runs_future"), "--results", os.path.join(tmp, "results_future")]
+    fplan = json.loads(sh([py, LADDER, "plan"] + fargs + ["--json"]).stdout)
+    check(list(fplan["unavailable"]) == ["nsa"] and "model.attention" in fplan["unavailable"]["nsa"],
+          f"a variant dmatrain refuses is not yet available, naming model.attention (got {fplan['unavailable']})")
+    check(len(fplan["runs"]) == 6 * 4 and all(r["variant"] != "nsa" for r in fplan["runs"]),
+          "the other four variants are planned")
+    check("not yet available: nsa" in sh([py, LADDER, "plan"] + fargs).stdout, "plan prints not-yet-available variants")
 
     # ---- a run stopped mid-way (--stop-at through --slice-steps), then everything with two runs at a time
     target = "s1/mha/lr0.01-s1"
@@ -145,7 +161,7 @@ def run_all(bin_, tmp):
     # ---- report: tables, fits, plots; hand-written text between the keep markers survives
     sh([py, LADDER, "report", "--spec", SPEC, "--results", results])
     readme = open(os.path.join(results, "README.md")).read()
-    check(all(f"| {v} |" in readme for v in ("mha", "swa", "dma")), "the report has a row per variant")
+    check(all(f"| {v} |" in readme for v in ("mha", "swa", "dma", "mla", "nsa")), "the report has a row per variant")
     check(readme.count("α = ") == nv, "a fit per variant (3 sizes)")
     for png in ("loss_vs_compute.png", "val_curves.png", "lr_sweep.png"):
         path = os.path.join(results, png)
