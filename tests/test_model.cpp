@@ -7,6 +7,7 @@
 
 #include "model/model.h"
 #include "ops/ops.h"
+#include "test_gradcheck.h"
 #include "test_util.h"
 #include "train/info.h"
 
@@ -76,7 +77,11 @@ void check_model_gradient(const ModelConfig& cfg, uint64_t seed, bool distinct_t
   m.zero_grad();
   m.forward(b.x.data(), b.y.data(), B, T, 1.0);
   m.backward();
-  // Central differences of L = Σ loss, coordinate by coordinate, on every parameter.
+  // Central differences of L = Σ loss, coordinate by coordinate, on every parameter. One thread, as
+  // test::numeric_grad: ~10^4 forwards of a tiny model, which the parallel regions' synchronisation
+  // would dominate on a busy second core; the analytic side above ran with the default thread count.
+  test::ThreadCountGuard guard;
+  omp_set_num_threads(1);
   const auto& info = m.param_info();
   for (size_t i = 0; i < info.size(); ++i) {
     Tensor p = m.params().get(int(i));
