@@ -72,6 +72,14 @@ TokenLoader::TokenLoader(const std::vector<std::string>& shard_paths, int64_t se
     else if (info.vocab_size != vocab_size_)
       fail("shard set {}: mixed vocab sizes: {} has {}, {} has {} (all shards of a set must share one tokenizer)",
            set, shard_paths[0], vocab_size_, p, info.vocab_size);
+    if (shards_.size() == 1) has_mask_ = info.has_mask;
+    else if (info.has_mask != has_mask_)
+      fail("shard set {}: {} has {} loss mask but {} has {} (all shards of a set must agree)", set, shard_paths[0],
+           has_mask_ ? "a" : "no", p, info.has_mask ? "one" : "none");
+    if (info.sequence_length > 0 && uint64_t(seq_len) != info.sequence_length)
+      fail("shard set {}: {} holds whole sequences of {} tokens (e.g. generated examples), so train.seq_len must be "
+           "{} (got {})",
+           set, p, info.sequence_length, info.sequence_length, seq_len);
     total_tokens_ += info.n_tokens;
     longest = std::max(longest, info.n_tokens);
     // Window c covers [c·T, c·T+T+1): it fits iff c·T + T + 1 <= n, so there are floor((n-1)/T).
@@ -107,6 +115,16 @@ void TokenLoader::get(int64_t g, int32_t* inputs, int32_t* targets) const {
   r.read(offset, uint64_t(seq_len_), inputs);
   std::copy(inputs + 1, inputs + seq_len_, targets);
   r.read(offset + uint64_t(seq_len_), 1, targets + seq_len_ - 1);
+  if (!has_mask_) return;
+  // the mask of the targets: window tokens 1 … seq_len
+  constexpr int64_t kChunk = 4096;
+  uint8_t m[kChunk];
+  for (int64_t t0 = 0; t0 < seq_len_; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, seq_len_ - t0);
+    r.read_mask(offset + 1 + uint64_t(t0), uint64_t(n), m);
+    for (int64_t t = 0; t < n; ++t)
+      if (!m[t]) targets[t0 + t] = -1;
+  }
 }
 
 void TokenLoader::get_batch(int64_t g0, int64_t n, int32_t* inputs, int32_t* targets) const {

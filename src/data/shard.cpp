@@ -85,21 +85,34 @@ ShardInfo read_info_fd(int fd, const std::string& path) {
   info.token_bytes = get_u32(h + 12);
   info.n_tokens = get_u64(h + 16);
   info.vocab_size = get_u32(h + 24);
-  if (info.version != kShardVersion)
-    fail("shard {}: unsupported format version {} (this build reads version {})", path, info.version, kShardVersion);
+  if (info.version < 1 || info.version > kShardVersion)
+    fail("shard {}: unsupported format version {} (this build reads versions 1 to {})", path, info.version,
+         kShardVersion);
   if (info.token_bytes != 2 && info.token_bytes != 4)
     fail("shard {}: invalid token width {} bytes (expected 2 or 4)", path, info.token_bytes);
   if (info.vocab_size == 0) fail("shard {}: vocab size is 0 in the header (expected > 0)", path);
-  const uint64_t max_tokens = (std::numeric_limits<uint64_t>::max() - kShardHeaderBytes) / info.token_bytes;
+  if (info.version >= 2) {
+    const uint32_t flags = get_u32(h + 28);
+    if (flags & ~kShardFlagLossMask)
+      fail("shard {}: unknown header flags {:#x} (this build knows bit 0, the loss mask)", path, flags);
+    info.has_mask = (flags & kShardFlagLossMask) != 0;
+    info.sequence_length = get_u32(h + 32);
+    if (info.sequence_length > 0 && info.n_tokens > 0 && (info.n_tokens - 1) % info.sequence_length != 0)
+      fail("shard {}: {} tokens are not whole sequences of {} tokens plus one (corrupt header?)", path,
+           info.n_tokens, info.sequence_length);
+  }
+  const uint64_t per_token = info.token_bytes + (info.has_mask ? 1 : 0);
+  const uint64_t max_tokens = (std::numeric_limits<uint64_t>::max() - kShardHeaderBytes) / per_token;
   if (info.n_tokens > max_tokens)
     fail("shard {}: header token count {} is impossibly large (corrupt header?)", path, info.n_tokens);
-  const uint64_t expected = kShardHeaderBytes + info.n_tokens * info.token_bytes;
+  const uint64_t expected = kShardHeaderBytes + info.n_tokens * per_token;
+  const char* what = info.has_mask ? " and mask" : "";
   if (size < expected)
-    fail("shard {}: truncated: header says {} tokens ({} bytes), file has {} bytes", path, info.n_tokens, expected,
-         size);
+    fail("shard {}: truncated: header says {} tokens{} ({} bytes), file has {} bytes", path, info.n_tokens, what,
+         expected, size);
   if (size > expected)
-    fail("shard {}: {} trailing bytes: header says {} tokens ({} bytes), file has {} bytes", path, size - expected,
-         info.n_tokens, expected, size);
+    fail("shard {}: {} trailing bytes: header says {} tokens{} ({} bytes), file has {} bytes", path, size - expected,
+         info.n_tokens, what, expected, size);
   return info;
 }
 
@@ -107,8 +120,11 @@ bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std
 
 }  // namespace
 
-void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size,
-                 uint32_t token_bytes, bool overwrite) {
+namespace {
+
+// Version 1 without a mask and a sequence length, else version 2 (shard.h).
+void write_shard_file(const std::string& path, const std::vector<uint32_t>& tokens, const std::vector<uint8_t>* mask,
+                      uint32_t sequence_length, uint32_t vocab_size, uint32_t token_bytes, bool overwrite) {
   if (vocab_size == 0) fail("shard {}: vocab size must be > 0", path);
   if (token_bytes == 0) token_bytes = vocab_size <= 65536u ? 2 : 4;
   if (token_bytes != 2 && token_bytes != 4)
@@ -118,6 +134,16 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, u
   for (size_t i = 0; i < tokens.size(); ++i)
     if (tokens[i] >= vocab_size)
       fail("shard {}: token {} at position {} is >= vocab size {}", path, tokens[i], i, vocab_size);
+  if (mask) {
+    if (mask->size() != tokens.size())
+      fail("shard {}: {} mask values for {} tokens (one per token expected)", path, mask->size(), tokens.size());
+    for (size_t i = 0; i < mask->size(); ++i)
+      if ((*mask)[i] > 1) fail("shard {}: mask value {} at position {} (expected 0 or 1)", path, (*mask)[i], i);
+  }
+  if (sequence_length > 0 && !tokens.empty() && (tokens.size() - 1) % sequence_length != 0)
+    fail("shard {}: {} tokens are not whole sequences of {} tokens plus one trailing token", path, tokens.size(),
+         sequence_length);
+  const bool v2 = mask != nullptr || sequence_length > 0;
   std::error_code ec;
   if (fs::exists(path, ec) && !overwrite)
     fail("shard {}: already exists (refusing to overwrite; remove it or ask for overwrite)", path);
@@ -128,10 +154,14 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, u
   try {
     unsigned char h[kShardHeaderBytes] = {};
     std::memcpy(h, kShardMagic, sizeof kShardMagic);
-    put_u32(h + 8, kShardVersion);
+    put_u32(h + 8, v2 ? 2u : 1u);
     put_u32(h + 12, token_bytes);
     put_u64(h + 16, tokens.size());
     put_u32(h + 24, vocab_size);
+    if (v2) {
+      put_u32(h + 28, mask ? kShardFlagLossMask : 0u);
+      put_u32(h + 32, sequence_length);
+    }
     write_all(fd, h, sizeof h, tmp);
     // Tokens go out little-endian in chunks, whatever the host byte order.
     constexpr size_t kChunk = 1 << 16;
@@ -150,6 +180,7 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, u
       }
       write_all(fd, buf.data(), n * token_bytes, tmp);
     }
+    if (mask && !mask->empty()) write_all(fd, mask->data(), mask->size(), tmp);
     if (::fsync(fd) != 0) fail("shard {}: fsync failed: {}", tmp, std::strerror(errno));
     if (::close(fd) != 0) {
       fd = -1;
@@ -163,6 +194,18 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, u
     ::unlink(tmp.c_str());
     throw;
   }
+}
+
+}  // namespace
+
+void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size,
+                 uint32_t token_bytes, bool overwrite) {
+  write_shard_file(path, tokens, nullptr, 0, vocab_size, token_bytes, overwrite);
+}
+
+void write_masked_shard(const std::string& path, const std::vector<uint32_t>& tokens, const std::vector<uint8_t>& mask,
+                        uint32_t vocab_size, uint32_t sequence_length, bool overwrite) {
+  write_shard_file(path, tokens, &mask, sequence_length, vocab_size, 0, overwrite);
 }
 
 ShardInfo read_shard_info(const std::string& path) {
@@ -235,6 +278,18 @@ uint64_t file_checksum(const std::string& path) {
   }
   if (f.bad()) fail("cannot read {} to checksum it", path);
   return h;
+}
+
+void ShardReader::read_mask(uint64_t offset, uint64_t n, uint8_t* out) const {
+  if (!info_.has_mask) fail("shard {}: has no loss mask", info_.path);
+  if (offset > info_.n_tokens || n > info_.n_tokens - offset)
+    fail("shard {}: read of mask [{}, {}) is past the end ({} tokens)", info_.path, offset, offset + n,
+         info_.n_tokens);
+  if (n == 0) return;
+  pread_all(fd_, out, n, kShardHeaderBytes + info_.n_tokens * info_.token_bytes + offset, info_.path);
+  for (uint64_t i = 0; i < n; ++i)
+    if (out[i] > 1)
+      fail("shard {}: mask value {} at position {} (expected 0 or 1; corrupt shard?)", info_.path, out[i], offset + i);
 }
 
 std::vector<std::string> list_shards(const std::string& spec) {

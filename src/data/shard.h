@@ -2,15 +2,23 @@
 //
 //   offset  size  field
 //   0       8     magic "DMATOKS\0"
-//   8       4     format version (uint32 LE), currently 1
+//   8       4     format version (uint32 LE): 1, or 2 for a shard with the fields below
 //   12      4     bytes per token: 2 (uint16) or 4 (uint32)
 //   16      8     token count n (uint64 LE)
 //   24      4     vocab size V (uint32 LE); every token must be < V
-//   28      36    reserved, zero
+//   28      4     version 2: flags (uint32 LE); bit 0: a loss mask follows the tokens. Version 1: 0
+//   32      4     version 2: sequence length S (uint32 LE), 0 for a free-running token stream; S > 0:
+//                 the tokens are whole sequences of S tokens plus one trailing token, and a loader
+//                 must cut them at seq_len = S. Version 1: 0
+//   36      28    reserved, zero
 //   64      n·b   tokens, little-endian
+//   64+n·b  n     (flag bit 0) the loss mask: one byte per token, 1 where the token is a target
+//                 whose prediction counts in the loss, 0 where it does not
 //
-// Readers reject a wrong magic, an unknown version or token width, and a file whose size is not
-// exactly 64 + n·b (truncated or trailing bytes), naming the file.
+// Writers emit version 1 unless a mask or a sequence length is given, so every shard without them
+// reads in older builds. Readers reject a wrong magic, an unknown version, flags or token width, a
+// file whose size is not exactly 64 + n·b (+ n with a mask; truncated or trailing bytes) and mask
+// bytes other than 0 and 1, naming the file.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -19,15 +27,18 @@
 namespace dmat {
 
 constexpr char kShardMagic[8] = {'D', 'M', 'A', 'T', 'O', 'K', 'S', '\0'};
-constexpr uint32_t kShardVersion = 1;
+constexpr uint32_t kShardVersion = 2;  // the newest version read and written
+constexpr uint32_t kShardFlagLossMask = 1;
 constexpr size_t kShardHeaderBytes = 64;
 
 struct ShardInfo {
   std::string path;
-  uint32_t version = kShardVersion;
+  uint32_t version = 1;
   uint32_t token_bytes = 2;
   uint64_t n_tokens = 0;
   uint32_t vocab_size = 0;
+  bool has_mask = false;         // a loss mask follows the tokens (version 2)
+  uint32_t sequence_length = 0;  // S > 0: whole sequences of S tokens + 1 (version 2)
 };
 
 // Writes atomically (temp file + rename). token_bytes 0 picks uint16 when vocab_size <= 65536,
@@ -35,6 +46,11 @@ struct ShardInfo {
 // an error. Refuses to overwrite an existing file unless overwrite is true.
 void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size,
                  uint32_t token_bytes = 0, bool overwrite = false);
+// The same with a loss mask (one 0/1 per token, as many as tokens) and a sequence length (0: none):
+// a version 2 shard. Mask values other than 0 and 1, or a token count that is not
+// k·sequence_length + 1, are errors.
+void write_masked_shard(const std::string& path, const std::vector<uint32_t>& tokens, const std::vector<uint8_t>& mask,
+                        uint32_t vocab_size, uint32_t sequence_length, bool overwrite = false);
 
 // Reads and validates the header (and the file size). Throws dmat::Error naming the file.
 ShardInfo read_shard_info(const std::string& path);
@@ -50,6 +66,8 @@ class ShardReader {
   const ShardInfo& info() const { return info_; }
   // Tokens [offset, offset+n) into out; each checked < vocab (error names file and position).
   void read(uint64_t offset, uint64_t n, int32_t* out) const;
+  // Mask bytes [offset, offset+n) into out (a shard with a mask only).
+  void read_mask(uint64_t offset, uint64_t n, uint8_t* out) const;
 
  private:
   ShardInfo info_;
