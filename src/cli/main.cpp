@@ -1,4 +1,5 @@
-// dmatrain command line: train, eval, info, export, import, data, tokenizer, bench, devices.
+// dmatrain command line: train, eval, generate, info, export, import, data prepare / inspect / mqar, tokenizer,
+// bench, devices.
 // Exit code 0 on success; 1 with a one-line cause on stderr when something fails; 2 for bad usage.
 #include <cstdio>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include "config/config.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "data/mqar.h"
 #include "data/prepare.h"
 #include "interop/hf_convert.h"
 #include "io/checkpoint_dir.h"
@@ -54,6 +56,8 @@ commands:
   data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N] [--overwrite] INPUTS...
                            turn text files / directories / JSONL into token shards
   data inspect PATH        describe a shard file or a prepared data directory
+  data mqar --out DIR [--vocab V --pairs P --seq-len T --train-examples N --test-examples M --seed S]
+                           multi-query associative recall data (train/test disjoint, loss on answers)
   tokenizer train|encode|decode|info|bench ...
                            byte-level BPE tokenizers (Hugging Face tokenizer.json)
   bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
@@ -152,6 +156,8 @@ convention 6·N + 6·L·T·d, and the matmul FLOPs actually executed) and a memo
 const char* kDataHelp = R"(usage: dmatrain data prepare --out DIR [--tokenizer byte|T.json] [--val-fraction F] [--shard-tokens N]
                              [--include GLOB ...] [--exclude GLOB ...] [--threads N] [--overwrite] INPUTS...
        dmatrain data inspect PATH
+       dmatrain data mqar --out DIR [--vocab V] [--pairs P] [--seq-len T] [--train-examples N]
+                          [--test-examples M] [--seed S] [--gap-power A] [--shard-tokens N] [--overwrite]
 
 prepare: reads text files, directories (recursively) and JSONL files with a "text" field, drops
 exact duplicate documents, splits train/validation by a hash of each document, and writes
@@ -160,6 +166,15 @@ unless --overwrite. --include/--exclude: globs selecting files inside directorie
 tokenizers").
 --threads: encoding threads (default: all cores).
 inspect: header, counts and a decoded sample of a shard file, or the manifest of a directory.
+mqar: multi-query associative recall (Zoology, Arora et al. 2023). Each example of T tokens holds
+P key-value pairs (keys from [1, V/2), values from [V/2, V)), then every key queried once at a
+random slot (weight (slot+1)^(A-1)) followed by its value; filler tokens elsewhere. The loss mask
+keeps only the answers. Writes DIR/train/*.bin, DIR/test/*.bin (shards with the mask, read only at
+train.seq_len = T) and DIR/manifest.json. No test example's set of key-value pairs occurs in train
+(train examples that drew one are redrawn). Deterministic in the options.
+  defaults: --vocab 8192 --pairs 32 --seq-len 256 --train-examples 100000 --test-examples 3000
+            --seed 1234 --gap-power 0.01 (Zoology's; 1: uniform) --shard-tokens 134217728
+  constraints: P <= V/2 - 1, T >= 4P
 )";
 
 bool wants_help(const std::vector<std::string>& a) {
@@ -364,7 +379,35 @@ int cmd_data(const std::vector<std::string>& a) {
     std::fputs(dmat::inspect_data(a[1]).c_str(), stdout);
     return 0;
   }
-  if (sub != "prepare") throw Usage("unknown data command \"" + sub + "\" (prepare, inspect)");
+  if (sub == "mqar") {
+    dmat::MqarOptions o;
+    for (size_t i = 1; i < a.size(); ++i) {
+      if (a[i] == "--out") o.out_dir = need_value(a, i);
+      else if (a[i] == "--vocab") o.vocab = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--pairs") o.pairs = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--seq-len") o.seq_len = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--train-examples") o.train_examples = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--test-examples") o.test_examples = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--seed") {
+        const int64_t seed = parse_int(a[i], need_value(a, i));
+        if (seed < 0) throw Usage("--seed must be >= 0");
+        o.seed = uint64_t(seed);
+      } else if (a[i] == "--gap-power") o.gap_power = parse_double(a[i], need_value(a, i));
+      else if (a[i] == "--shard-tokens") o.shard_tokens = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--overwrite") o.overwrite = true;
+      else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+      else throw Usage("unexpected argument " + a[i] + " (data mqar takes options only)");
+    }
+    if (o.out_dir.empty()) throw Usage("data mqar needs --out DIR");
+    auto r = dmat::write_mqar(o);
+    std::printf("wrote %s: %lld train examples (%lld tokens, %lld redrawn to keep the test set disjoint), %lld test "
+                "examples (%lld tokens), %lld pairs of %lld-token sequences, vocab %lld\n",
+                o.out_dir.c_str(), (long long)o.train_examples, (long long)r.train_tokens, (long long)r.redrawn,
+                (long long)o.test_examples, (long long)r.test_tokens, (long long)o.pairs, (long long)o.seq_len,
+                (long long)o.vocab);
+    return 0;
+  }
+  if (sub != "prepare") throw Usage("unknown data command \"" + sub + "\" (prepare, inspect, mqar)");
   dmat::PrepareOptions o;
   for (size_t i = 1; i < a.size(); ++i) {
     if (a[i] == "--out") o.out_dir = need_value(a, i);

@@ -358,6 +358,20 @@ std::string inspect_shard(const std::string& path, int64_t sample_tokens) {
   o += fmt::format("  token width     {} bytes (uint{})\n", info.token_bytes, info.token_bytes * 8);
   o += fmt::format("  vocab size      {}\n", info.vocab_size);
   o += fmt::format("  tokens          {}\n", info.n_tokens);
+  if (info.sequence_length > 0)
+    o += fmt::format("  sequences       {} of {} tokens (+ 1 trailing token): read only at seq_len {}\n",
+                     info.n_tokens > 0 ? (info.n_tokens - 1) / info.sequence_length : 0, info.sequence_length,
+                     info.sequence_length);
+  if (info.has_mask && info.n_tokens > 0) {
+    uint64_t on = 0;
+    std::vector<uint8_t> m(1 << 16);
+    for (uint64_t i0 = 0; i0 < info.n_tokens; i0 += m.size()) {
+      const uint64_t n = std::min<uint64_t>(m.size(), info.n_tokens - i0);
+      r.read_mask(i0, n, m.data());
+      for (uint64_t i = 0; i < n; ++i) on += m[i];
+    }
+    o += fmt::format("  loss mask       {} of {} tokens are targets in the loss\n", on, info.n_tokens);
+  }
   if (info.n_tokens == 0) return o;
   // Full scan (also validates every token against the vocab).
   uint32_t lo = std::numeric_limits<uint32_t>::max(), hi = 0;
@@ -414,6 +428,34 @@ std::string inspect_dir(const fs::path& dir) {
     m = ojson::parse(f);
   } catch (const nlohmann::json::exception& e) {
     fail("inspect: {}: invalid JSON ({})", mpath.string(), e.what());
+  }
+  if (m.contains("generator")) {  // generated data (data mqar): its options and shards
+    try {
+      o += fmt::format("generated data {} ({})\n", dir.string(), m.at("generator").get<std::string>());
+      for (const auto& [k, v] : m.at("options").items()) o += fmt::format("  {:<15} {}\n", k, v.dump());
+      for (const char* split : {"train", "test"}) {
+        const auto& sp = m.at(split);
+        o += fmt::format("  {:<5}           {} examples, {} tokens, {} answers in {} shards\n", split,
+                         sp.at("examples").get<int64_t>(), sp.at("tokens").get<int64_t>(),
+                         sp.at("answers").get<int64_t>(), sp.at("shards").size());
+        for (const auto& sh : sp.at("shards")) {
+          const std::string file = sh.at("file").get<std::string>();
+          std::string status;
+          try {
+            const ShardInfo i = read_shard_info((dir / file).string());
+            status = i.n_tokens == sh.at("tokens").get<uint64_t>() ? "ok" : "MISMATCH";
+          } catch (const Error& e) {
+            status = fmt::format("BAD: {}", e.what());
+          }
+          o += fmt::format("    {}  {} tokens  [{}]\n", file, sh.at("tokens").get<int64_t>(), status);
+        }
+      }
+      o += fmt::format("  disjoint        {} ({} train examples redrawn)\n", m.at("disjoint").get<std::string>(),
+                       m.at("train_redrawn").get<int64_t>());
+    } catch (const nlohmann::json::exception& e) {
+      fail("inspect: {}: not a dmatrain data manifest ({})", mpath.string(), e.what());
+    }
+    return o;
   }
   try {
     o += fmt::format("prepared data {}\n", dir.string());
