@@ -45,8 +45,9 @@ usage: dmatrain COMMAND [ARGS...]      (dmatrain COMMAND --help for each)
 commands:
   train CONFIG [--set key=value ...] [--out DIR] [--resume] [--stop-at STEP]
                            train a model; writes logs, metrics and checkpoints to the run directory
-  eval RUN_DIR [--batches N] [--positions FILE.csv] [--logits FILE.safetensors]
-                           validation loss and perplexity of the run's newest checkpoint
+  eval RUN_DIR [--batches N] [--positions FILE.csv] [--logits FILE.safetensors] [--accuracy] [--json]
+                           validation loss and perplexity of the run's newest checkpoint (and the
+                           answer accuracy on masked data such as MQAR)
   info CONFIG [--set key=value ...] [--json]
                            parameter counts, FLOPs per token, memory estimate
   export RUN_DIR --format hf --out DIR [--step N] [--dtype fp32|bf16] [--tokenizer T.json|byte]
@@ -105,9 +106,13 @@ checksums: a resumed run refuses shards that changed) and checkpoints/step_*/.
 )";
 
 const char* kEvalHelp = R"(usage: dmatrain eval RUN_DIR [--batches N] [--positions FILE.csv] [--logits FILE.safetensors]
+                             [--accuracy] [--json]
 
 Loads the newest complete checkpoint of RUN_DIR and prints its validation loss and perplexity on
-the validation shards named in its config (paths relative to the current directory).
+the validation shards named in its config (paths relative to the current directory). On shards
+with a loss mask (data mqar) the loss is over the masked-in targets (the answers) and the answer
+accuracy is printed too: the fraction of answers whose argmax prediction (lowest id among equal
+maxima) is the right token, i.e. exact match per query.
   --batches N          number of validation micro-batches (default: all full batches; training
                        evaluates train.eval_batches of them: eval prints training's result for the
                        same checkpoint beside its own, each with its token count)
@@ -118,6 +123,9 @@ the validation shards named in its config (paths relative to the current directo
                        targets I32 [N, T], logits F32 [N, T, vocab]); the model then runs on the CPU
                        backend in fp32 whatever run.device (a reference to compare other
                        implementations with); an existing FILE is refused
+  --accuracy           the argmax accuracy on data without a mask too (next-token accuracy)
+  --json               print one JSON object instead: run, step, loss, ppl, tokens, and with an
+                       accuracy, accuracy and correct
 )";
 
 const char* kExportHelp = R"(usage: dmatrain export RUN_DIR --format hf --out DIR [--step N] [--dtype fp32|bf16] [--tokenizer T.json|byte]
@@ -266,10 +274,13 @@ int cmd_eval(const std::vector<std::string>& a) {
   if (wants_help(a)) return std::fputs(kEvalHelp, stdout), 0;
   std::string run, positions, logits;
   int64_t batches = 0;
+  bool accuracy = false, json = false;
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i] == "--batches") batches = parse_int(a[i], need_value(a, i));
     else if (a[i] == "--positions") positions = need_value(a, i);
     else if (a[i] == "--logits") logits = need_value(a, i);
+    else if (a[i] == "--accuracy") accuracy = true;
+    else if (a[i] == "--json") json = true;
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
     else if (run.empty()) run = a[i];
     else throw Usage("unexpected argument " + a[i]);
@@ -280,14 +291,23 @@ int cmd_eval(const std::vector<std::string>& a) {
     fail("eval: {} already exists; remove it or name another file for --positions", positions);
   if (!logits.empty() && std::filesystem::exists(logits))
     fail("eval: {} already exists; remove it or name another file for --logits", logits);
-  auto r = dmat::evaluate_run(run, batches, !positions.empty(), logits);
+  auto r = dmat::evaluate_run(run, batches, !positions.empty(), logits, accuracy);
   if (!positions.empty()) {
     std::string csv = "position,loss,tokens\n";
     for (size_t t = 0; t < r.position_loss.size(); ++t)
       csv += fmt::format("{},{:.6f},{}\n", t, r.position_loss[t], r.position_tokens[t]);
     dmat::write_file_atomic(positions, csv);
   }
+  if (json) {
+    nlohmann::ordered_json j = {{"run", run}, {"step", r.step}, {"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens}};
+    if (r.has_accuracy) j["accuracy"] = r.accuracy, j["correct"] = r.correct;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
   std::printf("validation loss %.4f, validation perplexity %.3f (%lld tokens)\n", r.loss, r.ppl, (long long)r.tokens);
+  if (r.has_accuracy)
+    std::printf("accuracy %.4f (%lld of %lld targets predicted exactly)\n", r.accuracy, (long long)r.correct,
+                (long long)r.tokens);
   // Training's own evaluation of this checkpoint may cover fewer windows (train.eval_batches): both
   // numbers, each with its token count, so a difference is never a puzzle.
   std::ifstream metrics(run + "/metrics.jsonl");

@@ -285,7 +285,8 @@ LayerCtx Model::ctx() const {
 }
 
 double Model::forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, double grad_scale,
-                      int64_t* n_valid) {
+                      int64_t* n_valid, int64_t* n_correct) {
+  DMAT_CHECK(!(n_correct && grad_scale > 0), "forward: n_correct is for evaluation (grad_scale 0)");
   reserve(B, T);
   const int64_t N = B * T, V = cfg_.vocab_size;
   inputs_.assign(inputs, inputs + N);
@@ -313,7 +314,7 @@ double Model::forward(const int32_t* inputs, const int32_t* targets, int64_t B, 
   ops::rmsnorm_forward(acts_.get(a_lnf_), acts_.get(a_rstdf_), acts_.get(a_resid_[cfg_.n_layers]),
                        params_.get(h_norm_), cfg_.norm_eps);
   have_grad_ = grad_scale > 0;
-  head_loss(tok_tgt, grad_scale);
+  head_loss(tok_tgt, grad_scale, n_correct);
 
   int64_t valid = 0;
   for (int64_t i = 0; i < N; ++i) valid += targets_[i] >= 0;
@@ -323,8 +324,39 @@ double Model::forward(const int32_t* inputs, const int32_t* targets, int64_t B, 
 
 // LM head and cross-entropy, chunk by chunk of rows. In training the head's backward follows each
 // chunk at once (dln_final and the head's gradient), so only one chunk of logits ever exists.
-void Model::head_loss(const int32_t* targets, double grad_scale) {
+namespace {
+
+// Rows of a logits chunk [n, V] whose argmax (the lowest id among equal maxima) is their target;
+// rows with target < 0 are skipped. targets: host.
+template <class T, class F>
+int64_t argmax_hits(const T* lg, const int32_t* targets, int64_t n, int64_t V, F&& value) {
+  int64_t hits = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    if (targets[r] < 0) continue;
+    const T* x = lg + r * V;
+    int64_t best = 0;
+    for (int64_t j = 1; j < V; ++j)
+      if (value(x[j]) > value(x[best])) best = j;
+    hits += best == targets[r];
+  }
+  return hits;
+}
+
+int64_t count_hits(const Tensor& lg, const int32_t* targets, int64_t n, int64_t V) {
+  if (lg.device == Device::CUDA) {
+    std::vector<bf16> h(size_t(n * V));
+    ops::copy(Tensor{h.data(), lg.shape, DType::BF16, Device::CPU}, lg);
+    return argmax_hits(h.data(), targets, n, V, [](bf16 x) { return to_float(x); });
+  }
+  if (lg.dtype == DType::F64) return argmax_hits(lg.as<double>(), targets, n, V, [](double x) { return x; });
+  return argmax_hits(lg.as<float>(), targets, n, V, [](float x) { return x; });
+}
+
+}  // namespace
+
+void Model::head_loss(const int32_t* targets, double grad_scale, int64_t* n_correct) {
   const int64_t N = B_ * T_;
+  if (n_correct) *n_correct = 0;
   const int h_out = h_head_ >= 0 ? h_head_ : h_embed_;
   Tensor W = params_.get(h_out), lnf = acts_.get(a_lnf_), loss = acts_.get(a_loss_), dln = acts_.get(s_dln_);
   Tensor logits = acts_.get(a_logits_);
@@ -332,6 +364,7 @@ void Model::head_loss(const int32_t* targets, double grad_scale) {
     const int64_t n = std::min(head_rows_, N - r0);
     Tensor lg = logits.rows(0, n), x = lnf.rows(r0, n);
     ops::linear_forward(lg, x, W);
+    if (n_correct) *n_correct += count_hits(lg, targets_.data() + r0, n, cfg_.vocab_size);
     ops::softmax_xent(loss.rows(r0, n), have_grad_ ? lg : Tensor{}, lg, targets + r0, grad_scale);
     if (have_grad_) ops::linear_backward(dln.rows(r0, n), grads_.get(h_out), lg, x, W, false);
   }

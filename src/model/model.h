@@ -56,8 +56,11 @@ class Model {
   // Sum of the loss over positions whose target is >= 0; *n_valid gets their count. When
   // grad_scale > 0 the logits' gradient (grad_scale · ∂Σloss/∂logits) is prepared for backward();
   // otherwise logits() holds the logits afterwards (CPU). inputs/targets: host arrays [B·T].
+  // n_correct (evaluation, grad_scale = 0): the positions with target >= 0 whose argmax over the
+  // logits (the lowest id among equal maxima) is the target (CUDA: each logits chunk is copied to
+  // the host for it).
   double forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, double grad_scale,
-                 int64_t* n_valid = nullptr);
+                 int64_t* n_valid = nullptr, int64_t* n_correct = nullptr);
   // Accumulates parameter gradients (+=) for the last forward (which must have had grad_scale > 0).
   void backward();
   Tensor logits() const;  // [B·T, vocab]
@@ -86,7 +89,7 @@ class Model {
   void reserve(int64_t B, int64_t T);
   LayerCtx ctx() const;
 
-  void head_loss(const int32_t* targets, double grad_scale);
+  void head_loss(const int32_t* targets, double grad_scale, int64_t* n_correct);
   double sum_loss(int64_t N);
 
   ModelConfig cfg_;

@@ -180,27 +180,29 @@ static int64_t full_val_batches(const TokenLoader& val, int64_t seqs, const std:
 }
 
 EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches, dist::Communicator* comm,
-                    bool by_position, const EvalBatchHook& on_batch) {
+                    bool by_position, bool accuracy, const EvalBatchHook& on_batch) {
   const int64_t T = val.seq_len();
   const int64_t world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   const int64_t full = full_val_batches(val, B * world, "validation set");
   const int64_t n = batches > 0 ? std::min(batches, full) : full;
   std::vector<int32_t> x(B * T), y(B * T);
-  // [sum, count] then, by position, T sums and T counts: one all-reduce for everything.
-  std::vector<double> acc(2 + (by_position ? 2 * size_t(T) : 0), 0.0);
+  // [sum, count, correct] then, by position, T sums and T counts: one all-reduce for everything.
+  constexpr size_t kPos = 3;
+  std::vector<double> acc(kPos + (by_position ? 2 * size_t(T) : 0), 0.0);
   for (int64_t i = 0; i < n; ++i) {
     // global batch i is sequences [i·B·world, (i+1)·B·world); this rank takes its B of them
     val.get_batch((i * world + rank) * B, B, x.data(), y.data());
-    int64_t valid = 0;
-    acc[0] += m.forward(x.data(), y.data(), B, T, 0.0, &valid);
+    int64_t valid = 0, correct = 0;
+    acc[0] += m.forward(x.data(), y.data(), B, T, 0.0, &valid, accuracy ? &correct : nullptr);
     acc[1] += double(valid);
+    acc[2] += double(correct);
     if (on_batch) on_batch(x.data(), y.data(), B, T, m);
     if (!by_position) continue;
     const std::vector<double> l = m.position_losses();
     for (int64_t r = 0; r < B * T; ++r) {
       if (y[size_t(r)] < 0) continue;
-      acc[2 + size_t(r % T)] += l[size_t(r)];
-      acc[2 + size_t(T + r % T)] += 1.0;
+      acc[kPos + size_t(r % T)] += l[size_t(r)];
+      acc[kPos + size_t(T + r % T)] += 1.0;
     }
   }
   if (comm && world > 1) comm->all_reduce(acc.data(), int64_t(acc.size()), DType::F64, dist::ReduceOp::Sum);
@@ -209,13 +211,16 @@ EvalResult evaluate(Model& m, const TokenLoader& val, int64_t B, int64_t batches
   r.tokens = int64_t(count);
   r.loss = count > 0 ? sum / count : 0.0;
   r.ppl = std::exp(r.loss);
+  r.has_accuracy = accuracy;
+  r.correct = int64_t(acc[2]);
+  r.accuracy = count > 0 ? acc[2] / count : 0.0;
   if (by_position) {
     r.position_loss.resize(size_t(T));
     r.position_tokens.resize(size_t(T));
     for (int64_t t = 0; t < T; ++t) {
-      const double c = acc[2 + size_t(T + t)];
+      const double c = acc[kPos + size_t(T + t)];
       r.position_tokens[size_t(t)] = int64_t(c);
-      r.position_loss[size_t(t)] = c > 0 ? acc[2 + size_t(t)] / c : 0.0;
+      r.position_loss[size_t(t)] = c > 0 ? acc[kPos + size_t(t)] / c : 0.0;
     }
   }
   return r;
@@ -447,8 +452,8 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
 
   SignalGuard signals;
 
-  const double grad_scale = 1.0 / double(B * T * tc.grad_accum * world);
-  std::vector<int32_t> x(B * T), y(B * T);
+  std::vector<int32_t> x(B * T * tc.grad_accum), y(B * T * tc.grad_accum);
+  if (train_data.has_mask()) spdlog::info("data: loss mask: the loss is the mean over the targets the mask keeps");
 
   TrainResult res;
   res.run_dir = run_dir;
@@ -464,15 +469,20 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   std::string last_ckpt_dir = ckpt ? ckpt->path : "";
 
   auto run_eval = [&] {
-    EvalResult ev = evaluate(model, val_data, B, tc.eval_batches, &comm);
-    spdlog::info("eval step {}/{} | val loss {:.4f} | val ppl {:.3f} | {} tokens", st.step, tc.steps, ev.loss, ev.ppl,
-                 ev.tokens);
+    // with a loss mask (MQAR answers) the accuracy is what the run is for
+    EvalResult ev = evaluate(model, val_data, B, tc.eval_batches, &comm, false, val_data.has_mask());
+    spdlog::info("eval step {}/{} | val loss {:.4f} | val ppl {:.3f}{} | {} {}", st.step, tc.steps, ev.loss, ev.ppl,
+                 ev.has_accuracy ? fmt::format(" | val accuracy {:.4f}", ev.accuracy) : "", ev.tokens,
+                 val_data.has_mask() ? "targets in the loss mask" : "tokens");
     if (!std::isfinite(ev.loss))
       throw AgreedStop(fmt::format("the validation loss is {} at step {} ({} tokens): the weights produce non-finite "
                                    "values; the newest complete checkpoint is {}",
                                    ev.loss, st.step, ev.tokens, last_ckpt_dir.empty() ? "none" : last_ckpt_dir));
-    emit({{"step", st.step}, {"tokens", st.tokens}, {"val_loss", ev.loss}, {"ppl", ev.ppl},
-          {"val_tokens", ev.tokens}, {"time", elapsed()}});
+    nlohmann::json row = {{"step", st.step}, {"tokens", st.tokens}, {"val_loss", ev.loss}, {"ppl", ev.ppl},
+                          {"val_tokens", ev.tokens}};
+    if (ev.has_accuracy) row["val_accuracy"] = ev.accuracy;
+    row["time"] = elapsed();
+    emit(row);
     res.val_loss = ev.loss;
     res.val_ppl = ev.ppl;
     last_eval = st.step;
@@ -516,19 +526,28 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
                    s, epoch + 1, windows, epoch);
     model.zero_grad();
     if (opt.before_forward) opt.before_forward(s, model);
+    // global micro-batch `micro` is sequences [(micro·world)·B, (micro·world + world)·B) after the
+    // ones consumed: disjoint across ranks, and the same set for any split of B·world
+    for (int64_t micro = 0; micro < tc.grad_accum; ++micro)
+      train_data.get_batch(st.sequences + (micro * world + rank) * B, B, x.data() + micro * B * T,
+                           y.data() + micro * B * T);
+    // The loss is the mean over the update's targets: all B·T·grad_accum·world of them, or with a loss
+    // mask those it keeps, counted over every rank before the first backward (none: a zero gradient).
+    double targets = double(B * T * tc.grad_accum * world);
+    if (train_data.has_mask()) {
+      const double local = double(std::count_if(y.begin(), y.end(), [](int32_t t) { return t >= 0; }));
+      targets = std::max(1.0, comm.all_reduce(local, dist::ReduceOp::Sum));
+    }
+    const double grad_scale = 1.0 / targets;
     double step_loss = 0;
     for (int64_t micro = 0; micro < tc.grad_accum; ++micro) {
-      // global micro-batch `micro` is sequences [(micro·world)·B, (micro·world + world)·B) after the
-      // ones consumed: disjoint across ranks, and the same set for any split of B·world
-      const int64_t g0 = st.sequences + (micro * world + rank) * B;
-      train_data.get_batch(g0, B, x.data(), y.data());
-      step_loss += model.forward(x.data(), y.data(), B, T, grad_scale);
+      step_loss += model.forward(x.data() + micro * B * T, y.data() + micro * B * T, B, T, grad_scale);
       if (micro + 1 == tc.grad_accum) dp.begin_last_backward();
       model.backward();
     }
     if (opt.after_backward) opt.after_backward(s, model);
     dp.reduce_grads();
-    step_loss = comm.all_reduce(step_loss, dist::ReduceOp::Sum) / double(B * T * tc.grad_accum * world);
+    step_loss = comm.all_reduce(step_loss, dist::ReduceOp::Sum) / targets;
     const double norm = adam.clip();
 
     // ---- numerical faults, decided on all-reduced values: every rank takes the same branch
@@ -645,7 +664,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
 }
 
 EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position,
-                        const std::string& logits_path) {
+                        const std::string& logits_path, bool accuracy) {
   auto ck = latest_checkpoint(run_dir);
   if (!ck) fail("eval: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
   Config cfg = parse_saved_config(checkpoint_config(ck->path), run_dir);
@@ -664,7 +683,8 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_pos
     const float* p = static_cast<const float*>(l.data);
     logits.insert(logits.end(), p, p + l.numel());
   };
-  EvalResult r = evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position, dump ? keep : nullptr);
+  EvalResult r = evaluate(*model, val, cfg.train.batch_size, batches, nullptr, by_position, accuracy || val.has_mask(),
+                          dump ? keep : nullptr);
   r.step = ck->step;
   if (!std::isfinite(r.loss))
     fail("eval: the validation loss of checkpoint {} is {} ({} tokens): its weights hold or produce non-finite values",

@@ -37,8 +37,13 @@ TrainResult train(const Config& cfg, const TrainOptions& opt);
 
 struct EvalResult {
   double loss = 0, ppl = 0;
-  int64_t tokens = 0;
-  int64_t step = 0;  // evaluate_run: the step of the checkpoint evaluated
+  int64_t tokens = 0;  // targets in the loss (with a loss mask: the answers)
+  // With accuracy: the targets whose argmax prediction is right (exact match; MQAR: per query), and
+  // their fraction of `tokens`.
+  bool has_accuracy = false;
+  int64_t correct = 0;
+  double accuracy = 0;
+  int64_t step = -1;  // evaluate_run: the checkpoint's step
   // With by_position: the mean loss at each position t = 0 … T−1 of the sequences, and the number
   // of tokens it averages (position t predicts token t+1 from tokens 0 … t).
   std::vector<double> position_loss;
@@ -47,20 +52,22 @@ struct EvalResult {
 // Mean loss over the first `batches` global batches (0: all full ones) of a sequential loader. A
 // global batch is batch_size × ranks sequences; each rank evaluates its batch_size of them and the
 // sums are reduced over comm (null: one process), so any split of a global batch gives one result.
-// on_batch, when given, sees every evaluated micro-batch after its forward (inputs and targets
-// [B·T] on the host, the model holding that forward's state).
+// accuracy: also count argmax hits (Model::forward's n_correct). on_batch, when given, sees every
+// evaluated micro-batch after its forward (inputs and targets [B·T] on the host, the model holding
+// that forward's state).
 using EvalBatchHook = std::function<void(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
                                          const Model& m)>;
 EvalResult evaluate(Model& m, const TokenLoader& val, int64_t batch_size, int64_t batches,
-                    dist::Communicator* comm = nullptr, bool by_position = false,
+                    dist::Communicator* comm = nullptr, bool by_position = false, bool accuracy = false,
                     const EvalBatchHook& on_batch = nullptr);
 
-// `dmatrain eval RUN_DIR`: the newest checkpoint's validation loss on the run's validation set.
+// `dmatrain eval RUN_DIR`: the newest checkpoint's validation loss on the run's validation set, and
+// the accuracy when the set has a loss mask (MQAR answers) or `accuracy` asks for it.
 // logits_path: also write the logits of the evaluated sequences as safetensors (inputs I32 [N, T],
 // targets I32 [N, T], logits F32 [N, T, vocab]); the model then runs on the CPU backend in fp32
 // whatever run.device (a reference for other implementations, e.g. transformers).
 EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_position = false,
-                        const std::string& logits_path = "");
+                        const std::string& logits_path = "", bool accuracy = false);
 
 // run.device: "cpu", "cuda" (an error without a visible GPU), "auto" (CUDA when a GPU is visible).
 Device pick_device(const std::string& device);
