@@ -1,12 +1,14 @@
 // Recall evaluations end to end through the CLI on tiny MQAR data (`data mqar`): the training loss
 // is the mean over the answers only (the loss mask), whatever the split into micro-batches, and
 // `eval` reports the answer accuracy (exact match per query) that an independent count over the
-// logits gives.
+// logits gives. `generate` streams the tokens that greedy decoding with the model's caches picks,
+// from token ids (MQAR) and from text (the byte tokenizer of the bundled corpus).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -115,6 +117,75 @@ TEST(Recall, EvalReportsTheAnswerAccuracy) {
   r = run(bin() + " eval " + dir + "/run");
   EXPECT_NE(r.out.find("accuracy"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("of 48 targets"), std::string::npos) << r.out;
+}
+
+// The ids a generate run printed on stdout (the line of numbers after stderr's log lines).
+std::vector<int32_t> printed_ids(const std::string& out) {
+  std::vector<int32_t> ids;
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] != ' ') continue;
+    std::istringstream w(line);
+    int32_t id;
+    while (w >> id) ids.push_back(id);
+  }
+  return ids;
+}
+
+TEST(Recall, GenerateStreamsWhatGreedyDecodingPicks) {
+  const std::string dir = test::temp_dir("recall_generate");
+  const std::string cfg_path = setup(dir);
+  auto r = run(bin() + " train " + cfg_path + " --out " + dir + "/run --set train.steps=3");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const std::string gen = bin() + " generate " + dir + "/run --prompt-ids '1 17 2 20 1' --max-new-tokens 6";
+  r = run(gen);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("6 new tokens"), std::string::npos) << r.out;
+  const std::vector<int32_t> ids = printed_ids(r.out);
+  ASSERT_EQ(ids.size(), 6u) << r.out;
+  // the Model API: the checkpoint, its caches, argmax after each step
+  const Config cfg = load_config(cfg_path);
+  Model m(cfg.model, DType::F32, Device::CPU);
+  load_model_weights(m, latest_checkpoint(dir + "/run")->path + "/model.safetensors");
+  auto st = m.start_decode(11);
+  const std::vector<int32_t> prompt = {1, 17, 2, 20, 1};
+  std::vector<double> logits = m.decode(*st, prompt.data(), 5);
+  for (int k = 0; k < 6; ++k) {
+    const int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    EXPECT_EQ(ids[size_t(k)], next) << k;
+    if (k < 5) logits = m.decode(*st, &next, 1);
+  }
+  // sampling: the same seed, the same tokens
+  r = run(gen + " --temperature 1 --top-k 8 --seed 3");
+  auto again = run(gen + " --temperature 1 --top-k 8 --seed 3");
+  EXPECT_EQ(printed_ids(r.out), printed_ids(again.out));
+  // refusals naming the way out
+  r = run(bin() + " generate " + dir + "/run --prompt 'abc'");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.out.find("--prompt-ids"), std::string::npos) << r.out;
+  r = run(gen + " --step 999");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.out.find("no complete checkpoint of step 999 (steps: 3)"), std::string::npos) << r.out;
+  r = run(bin() + " generate " + dir + "/run --prompt-ids '1 40'");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.out.find("outside the model's vocabulary"), std::string::npos) << r.out;
+}
+
+TEST(Recall, GenerateTextWithTheRunsTokenizer) {
+  const std::string dir = test::temp_dir("recall_generate_text");
+  const std::string data = test::prepare_bundled_data(dir);
+  auto r = run(bin() + " train " + test::source_dir() + "/configs/tiny.json --set run.threads=2 --set run.device=cpu" +
+               data + " --out " + dir + "/run --set train.steps=3 --set train.eval_interval=0 --set train.eval_batches=1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  // the byte tokenizer from the data manifest; 40 new bytes at most (less after an end of document)
+  r = run(bin() + " generate " + dir + "/run --prompt 'The cat ' --max-new-tokens 40 --temperature 0.8 --seed 1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("generate: 8 prompt tokens"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("tokens/s"), std::string::npos) << r.out;
+  r = run(bin() + " generate " + dir + "/run --prompt 'x' --tokenizer no-such.json");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.out.find("no-such.json"), std::string::npos) << r.out;
 }
 
 }  // namespace

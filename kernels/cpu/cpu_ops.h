@@ -7,7 +7,11 @@
 // Conventions: "overwrite" outputs are written completely; "+=" outputs are accumulated into
 // (gradients of parameters accumulate across micro-steps). Sizes are int64_t.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 namespace dmat::cpu {
 
@@ -76,6 +80,12 @@ void rope_pack_qkv_backward(T* dqkv, const T* dq, const T* dk, const T* dv, int6
 template <class T>
 void rope_unpack_mla(T* q, T* k, T* v, const T* qp, const T* kv, const T* kr, int64_t B, int64_t Tn, int64_t H,
                      int64_t nope, int64_t R, int64_t Dv, double theta);
+// RoPE of one sequence's rows at positions pos0 … pos0+n−1 (incremental decoding): the R dims of
+// each of H heads per row rotated exactly as rope_forward rotates those positions. Row r of x starts
+// at r·ldx and its head h at r·ldx + h·hsx (y likewise). y may alias x.
+template <class T>
+void rope_rows(T* y, const T* x, int64_t n, int64_t H, int64_t R, int64_t pos0, double theta, int64_t ldy,
+               int64_t ldx, int64_t hsy, int64_t hsx);
 // Its transpose (overwrite): dqp from dq (RoPEᵀ on the rotary dims), dkv from dk's nope dims and dv,
 // dkr = RoPEᵀ(Σ_h dk[n,h,nope:]), the sum in increasing h. dqp may alias dq.
 template <class T>
@@ -183,5 +193,56 @@ void dma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, c
 template <class T>
 void dma_attention_backward(T* dq, T* dk, T* dv, T* dbias, const T* dout, const T* out, const T* lse, const T* q,
                             const T* k, const T* v, const T* bias, const T* thr, const AttnShape& s);
+
+// ---- incremental decoding (one sequence against a cache of its earlier positions) --------------
+// n queries at positions pos0 … pos0+n−1, q [n, H, Dqk]; the cache holds the keys and values of
+// positions 0 … pos0+n−1 at least: key j of KV head hk at kc[j·ldk + hk·Dqk], its value at
+// vc[j·ldv + hk·Dv] (query head h reads KV head h / (H / Hkv)). out [n, H, Dv] (overwrite).
+// Keys visible to query i: without a bias, attention_forward's (window w > 0: keys i−w+1 … i);
+// with DMA's bias (bias[hk·ldb + j]) and thresholds (thr[r·Hkv + hk] for query r), DMA's kept rule
+// with local window L = window: j <= i && (j > i − L || bias_j >= thr), the bias added to the
+// scores. Each output is the same sum in the same order as attention_forward /
+// dma_attention_forward computes for that query row.
+template <class T>
+void attention_decode(T* out, const T* q, const T* kc, const T* vc, int64_t n, int64_t pos0, int64_t H, int64_t Hkv,
+                      int64_t Dqk, int64_t Dv, int64_t ldk, int64_t ldv, double scale, int64_t window,
+                      const T* bias = nullptr, int64_t ldb = 0, const T* thr = nullptr);
+
+// MLA decoding with the up-projection absorbed (DeepSeek-V2): with W_kvb [H·(nope + Dv), C] holding
+// per head h W_k,h [nope, C] then W_v,h [Dv, C], a query head's score against key j is
+// q_nope·(W_k,h·c_j) + q_rope·kr_j = [W_k,hᵀ·q_nope | q_rope]·[c_j | kr_j], and its output is
+// W_v,h·Σ_j p_j·c_j. mla_absorb_query: qa [n, H, C + R] (overwrite) from q [n, H, nope + R] (rotary
+// dims already rotated). mla_expand_output: o [n, H, Dv] (overwrite) = W_v,h · ctx [n, H, C].
+template <class T>
+void mla_absorb_query(T* qa, const T* q, const T* w_kvb, int64_t n, int64_t H, int64_t nope, int64_t R, int64_t C,
+                      int64_t Dv);
+template <class T>
+void mla_expand_output(T* o, const T* ctx, const T* w_kvb, int64_t n, int64_t H, int64_t nope, int64_t C, int64_t Dv);
+
+// DMA's thresholds one query at a time (decoding): push the biases of the keys a query tests, in
+// key order (0, 1, …; with a local window L, key i − L before query i); threshold() is then the w-th
+// largest pushed value, equal values counted separately, −inf while fewer than w were pushed:
+// exactly dma_thresholds' thr for that query. Values are held in double (exact for f32 and f64),
+// O(log w) per key. A NaN bias is an error (as in dma_thresholds).
+class DmaTopW {
+ public:
+  explicit DmaTopW(int64_t window) : w_(window) {}
+  void push(double bias) {
+    if (std::isnan(bias)) nan_ = true;
+    heap_.push_back(bias);
+    std::push_heap(heap_.begin(), heap_.end(), std::greater<double>());
+    if (int64_t(heap_.size()) > w_) {
+      std::pop_heap(heap_.begin(), heap_.end(), std::greater<double>());
+      heap_.pop_back();
+    }
+  }
+  double threshold() const { return int64_t(heap_.size()) == w_ ? heap_.front() : -INFINITY; }
+  bool saw_nan() const { return nan_; }
+
+ private:
+  int64_t w_;
+  std::vector<double> heap_;  // min-heap of the w largest pushed
+  bool nan_ = false;
+};
 
 }  // namespace dmat::cpu

@@ -7,13 +7,14 @@
 namespace dmat::cpu {
 namespace {
 
-// Rotates every (i, i + Dh/2) pair of x by sign·a(t, i). The cos/sin table [Tn, Dh/2] is built in
+// Rotates every (i, i + Dh/2) pair of x by sign·a(pos0 + t, i). The cos/sin table [Tn, Dh/2] is built in
 // double once per call and shared by all batches and heads. Token rows lie ldy / ldx elements apart
 // (H·Dh: contiguous [B, Tn, H, Dh]), heads hsy / hsx apart within a row (Dh: contiguous heads; more
 // when the rotated dims are part of a wider head, as MLA's rotary dims are).
+// Row t of a sequence sits at position pos0 + t (0 in training; the next position when decoding).
 template <class T>
 void rotate(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta, double sign, int64_t ldy,
-            int64_t ldx, int64_t hsy = 0, int64_t hsx = 0) {
+            int64_t ldx, int64_t hsy = 0, int64_t hsx = 0, int64_t pos0 = 0) {
   if (hsy == 0) hsy = Dh;
   if (hsx == 0) hsx = Dh;
   const int64_t half = Dh / 2;
@@ -22,7 +23,7 @@ void rotate(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, doub
   for (int64_t t = 0; t < Tn; ++t)
     for (int64_t i = 0; i < half; ++i) {
       const double f = std::pow(theta, -2.0 * double(i) / double(Dh));
-      const double a = double(t) * f;
+      const double a = double(pos0 + t) * f;
       cosv[size_t(t * half + i)] = T(std::cos(a));
       sinv[size_t(t * half + i)] = T(sign * std::sin(a));
     }
@@ -57,6 +58,12 @@ void copy_heads(T* y, const T* x, int64_t rows, int64_t width, int64_t ldy, int6
 template <class T>
 void rope_forward(T* y, const T* x, int64_t B, int64_t Tn, int64_t H, int64_t Dh, double theta) {
   rotate(y, x, B, Tn, H, Dh, theta, 1.0, H * Dh, H * Dh);
+}
+
+template <class T>
+void rope_rows(T* y, const T* x, int64_t n, int64_t H, int64_t R, int64_t pos0, double theta, int64_t ldy,
+               int64_t ldx, int64_t hsy, int64_t hsx) {
+  rotate(y, x, 1, n, H, R, theta, 1.0, ldy, ldx, hsy, hsx, pos0);
 }
 
 template <class T>
@@ -118,6 +125,8 @@ void rope_pack_mla_backward(T* dqp, T* dkv, T* dkr, const T* dq, const T* dk, co
 #define DMAT_INSTANTIATE(T)                                                                                     \
   template void rope_forward<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double);                      \
   template void rope_backward<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double);                     \
+  template void rope_rows<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, int64_t,  \
+                             int64_t);                                                                          \
   template void rope_unpack_qkv<T>(T*, T*, T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, double);  \
   template void rope_pack_qkv_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
                                           int64_t, double);                                                     \

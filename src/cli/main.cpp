@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -23,6 +24,7 @@
 #include "bench/attention_bench.h"
 #include "bench/ops_bench.h"
 #include "train/bench.h"
+#include "train/generate.h"
 #include "train/info.h"
 #include "train/trainer.h"
 
@@ -48,6 +50,9 @@ commands:
   eval RUN_DIR [--batches N] [--positions FILE.csv] [--logits FILE.safetensors] [--accuracy] [--json]
                            validation loss and perplexity of the run's newest checkpoint (and the
                            answer accuracy on masked data such as MQAR)
+  generate RUN_DIR --prompt TEXT | --prompt-ids IDS [--max-new-tokens N] [--temperature T] [--top-k K]
+                   [--top-p P] [--seed S] [--step N]
+                           text from a trained model, streamed as it comes (CPU, with a KV cache)
   info CONFIG [--set key=value ...] [--json]
                            parameter counts, FLOPs per token, memory estimate
   export RUN_DIR --format hf --out DIR [--step N] [--dtype fp32|bf16] [--tokenizer T.json|byte]
@@ -152,6 +157,29 @@ train.seq_len defaults to max_position_embeddings and data.train / data.val to R
 (prepare them with dmatrain data prepare --tokenizer RUN_DIR/tokenizer.json --out RUN_DIR/data ...).
   --set a.b=value  override a config key (train.*, data.*, run.*); repeatable
 An existing RUN_DIR that is not empty is refused.
+)";
+
+const char* kGenerateHelp = R"(usage: dmatrain generate RUN_DIR (--prompt TEXT | --prompt-ids "ID ID ...") [--max-new-tokens N]
+                         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N]
+                         [--tokenizer byte|T.json] [--no-stop] [--threads N]
+
+Loads the newest complete checkpoint of RUN_DIR (or that of --step N) and continues the prompt one
+token at a time, printing each token as it comes. Decoding runs on the CPU backend with a cache
+per layer (mha, swa: keys and values; dma: keys, values and key biases, each new query's kept keys
+by the training rule; mla: the latent and the rotated shared key, attention in the absorbed form);
+a run trained on CUDA is loaded from its fp32 checkpoint into a CPU model. The prompt is encoded
+with the tokenizer recorded in the run's data manifest (path relative to the current directory;
+--tokenizer overrides); data of token ids (data mqar) takes --prompt-ids and prints ids.
+  --max-new-tokens N   tokens to generate (default 64); generation also stops after the
+                       tokenizer's end-of-document token unless --no-stop
+  --temperature T      0 (default): greedy, the most likely token (the lower id on ties);
+                       T > 0: sample from softmax(logits / T)
+  --top-k K            sample among the K most likely tokens only (0, default: all)
+  --top-p P            sample among the smallest set of most likely tokens whose probability
+                       reaches P (1, default: all); applied after --top-k
+  --seed S             sampling seed (default 0); the same seed gives the same text
+  --step N             the checkpoint of step N instead of the newest
+Prints the continuation on stdout and, on stderr, the token counts and tokens/s.
 )";
 
 const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...] [--json]
@@ -327,6 +355,48 @@ int cmd_eval(const std::vector<std::string>& a) {
                 same["val_loss"].get<double>(),
                 same.contains("val_tokens") ? fmt::format("{} tokens", same["val_tokens"].dump()).c_str()
                                             : "train.eval_batches batches");
+  return 0;
+}
+
+int cmd_generate(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kGenerateHelp, stdout), 0;
+  std::string run;
+  dmat::GenerateOptions o;
+  bool have_prompt = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--prompt") o.prompt = need_value(a, i), have_prompt = true;
+    else if (a[i] == "--prompt-ids") {
+      std::istringstream in(need_value(a, i));
+      std::string w;
+      while (in >> w) o.prompt_ids.push_back(int32_t(parse_int("--prompt-ids", w)));
+      o.use_ids = have_prompt = true;
+    } else if (a[i] == "--max-new-tokens") o.max_new_tokens = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--temperature") o.temperature = parse_double(a[i], need_value(a, i));
+    else if (a[i] == "--top-k") o.top_k = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--top-p") o.top_p = parse_double(a[i], need_value(a, i));
+    else if (a[i] == "--seed") o.seed = uint64_t(parse_int(a[i], need_value(a, i)));
+    else if (a[i] == "--step") o.step = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
+    else if (a[i] == "--threads") o.threads = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--no-stop") o.stop_at_eot = false;
+    else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+    else if (run.empty()) run = a[i];
+    else throw Usage("unexpected argument " + a[i]);
+  }
+  if (run.empty()) throw Usage("missing RUN_DIR");
+  if (!have_prompt) throw Usage("missing --prompt TEXT or --prompt-ids IDS");
+  if (!o.prompt.empty() && o.use_ids) throw Usage("--prompt and --prompt-ids are alternatives; give one");
+  if (!std::filesystem::is_directory(run)) fail("generate: run directory {} does not exist", run);
+  auto r = dmat::generate_run(run, o, [&](int32_t id, const std::string& text) {
+    if (o.use_ids) std::printf(" %d", id);
+    else std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+  });
+  std::printf("\n");
+  const double tps = r.decode_s > 0 ? double(r.tokens.size()) / r.decode_s : 0.0;
+  std::fprintf(stderr, "generate: %lld prompt tokens in %.3f s, %lld new tokens in %.3f s (%.1f tokens/s), step %lld\n",
+               (long long)r.prompt_tokens, r.prefill_s, (long long)r.tokens.size(), r.decode_s, tps,
+               (long long)r.step);
   return 0;
 }
 
@@ -521,6 +591,7 @@ int main(int argc, char** argv) {
     if (cmd == "info") return cmd_info(args);
     if (cmd == "export") return cmd_export(args);
     if (cmd == "import") return cmd_import(args);
+    if (cmd == "generate") return cmd_generate(args);
     if (cmd == "data") return cmd_data(args);
     if (cmd == "tokenizer") return dmat::cli::cmd_tokenizer(args);
     if (cmd == "bench") return cmd_bench(args);
@@ -529,7 +600,7 @@ int main(int argc, char** argv) {
   } catch (const Usage& e) {
     std::fprintf(stderr, "dmatrain %s: %s (see dmatrain %s--help)\n", cmd.c_str(), e.what(),
                  cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" || cmd == "bench" ||
-                         cmd == "export" || cmd == "import"
+                         cmd == "export" || cmd == "import" || cmd == "generate"
                      ? (cmd + " ").c_str()
                                                                                                : "");
     return 2;

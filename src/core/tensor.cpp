@@ -42,4 +42,18 @@ Tensor join_rows(const Tensor& a, const Tensor& b) {
   return t;
 }
 
+double host_element(const Tensor& t, int64_t i) {
+  DMAT_CHECK(t.device == Device::CPU && i >= 0 && i < t.numel(), "host_element: {} of a {} tensor on {}", i,
+             t.shape.str(), device_name(t.device));
+  if (t.dtype == DType::F64) return t.as<double>()[i];
+  return t.as<float>()[i];
+}
+
+void set_host_element(const Tensor& t, int64_t i, double v) {
+  DMAT_CHECK(t.device == Device::CPU && i >= 0 && i < t.numel(), "set_host_element: {} of a {} tensor on {}", i,
+             t.shape.str(), device_name(t.device));
+  if (t.dtype == DType::F64) t.as<double>()[i] = v;
+  else t.as<float>()[i] = float(v);
+}
+
 }  // namespace dmat

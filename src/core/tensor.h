@@ -92,4 +92,9 @@ struct Tensor {
 // in an arena, used by one GEMM. Undefined (data == nullptr) where they are not adjacent.
 Tensor join_rows(const Tensor& a, const Tensor& b);
 
+// One element i (flat index) of a host tensor of f32 or f64, read or written as double: scalar
+// bookkeeping on the CPU (decoding's thresholds), never a kernel's inner loop.
+double host_element(const Tensor& t, int64_t i);
+void set_host_element(const Tensor& t, int64_t i, double v);
+
 }  // namespace dmat

@@ -6,7 +6,10 @@
 //
 // Adding a variant: its layer in a file of its own (attention_<name>.cpp) with a factory declared
 // below and named in make_attention, its entry in the config (config.h / config.cpp), its kernels.
+// Incremental decoding (make_decode_cache / decode) is optional: without it `dmatrain generate`
+// refuses the variant with a message naming it.
 #pragma once
+#include <initializer_list>
 #include <memory>
 #include <string>
 
@@ -35,6 +38,28 @@ struct LayerCtx {
 struct AttentionDims {
   int64_t d_qk = 0, d_v = 0, rope_dim = 0;
   cuda::AttnKernel kernel = cuda::AttnKernel::flash;
+};
+
+// Incremental decoding (`dmatrain generate`; CPU backend, one sequence): what a variant keeps of the
+// positions decoded so far (keys and values, or what it derives them from), for up to `capacity`
+// positions. A cache belongs to the weights it was made with.
+class DecodeCache {
+ public:
+  virtual ~DecodeCache() = default;
+  int64_t len = 0;       // positions held (the next one decoded is position len)
+  int64_t capacity = 0;  // positions it can hold
+  std::string what;      // what is cached per position, e.g. "k, v: 2 × 64 values each"
+  int64_t values_per_position = 0;
+};
+
+// Host tensors for one decoding step: the given shapes in one arena of dtype.
+class DecodeScratch {
+ public:
+  DecodeScratch(DType dtype, std::initializer_list<Shape> shapes);
+  Tensor operator[](int i) const { return arena_.get(i); }
+
+ private:
+  Arena arena_;
 };
 
 class Attention {
@@ -67,6 +92,14 @@ class Attention {
   // leaves them out of 6·N, and the layer counts their FLOPs as run in core_flops_per_token and
   // mfu_core_flops_per_token. 0 for every other variant.
   virtual int64_t params_not_per_token() const { return 0; }
+
+  // Incremental decoding (CPU). make_decode_cache: an empty cache for up to max_len positions, in
+  // the dtype of c's parameters. decode: x [n, d_model] holds the normalised block inputs of
+  // positions cache.len … cache.len + n − 1; out [n, d_model] (overwrite) gets what forward() computes
+  // at those positions given the cached earlier ones (n > 1: a prompt at once, causal within it);
+  // the positions join the cache (len += n). The defaults refuse.
+  virtual std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const;
+  virtual void decode(const LayerCtx& c, DecodeCache& cache, const Tensor& x, const Tensor& out) const;
 };
 
 std::unique_ptr<Attention> make_attention(const ModelConfig& cfg);

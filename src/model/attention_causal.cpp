@@ -47,6 +47,26 @@ class CausalAttention final : public Attention {
     qkv_.backward_qkv(c, x, dx);
   }
 
+  // Decoding caches k and v of every position (SWA too: its window needs only the last w, but one
+  // cache layout serves both; the window is applied when reading).
+  std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const override {
+    auto cache = std::make_unique<QkvBlock::KvCache>();
+    qkv_.init_cache(*cache, c, max_len);
+    return cache;
+  }
+
+  void decode(const LayerCtx& c, DecodeCache& dc, const Tensor& x, const Tensor& out) const override {
+    auto& cache = dynamic_cast<QkvBlock::KvCache&>(dc);
+    const int64_t n = x.shape[0];
+    const DecodeScratch s(x.dtype, {{n, H_, Dh_}, {n, H_ * Dh_}});
+    qkv_.decode_qkv(c, cache, x, s[0]);
+    ops::DecodeShape sh = qkv_.decode_shape(cache, n);
+    sh.window = window_;
+    ops::attention_decode(s[1], s[0], cache.k, cache.v, sh);
+    qkv_.decode_out(c, s[1], out);
+    cache.len += n;
+  }
+
   double core_flops_per_token(int64_t T) const override {
     // QKᵀ and P·V, 2 flops per multiply-add, averaged over positions: causal sees (T+1)/2 keys,
     // a window at most w of them.

@@ -88,6 +88,57 @@ class DmaAttention final : public Attention {
     qkv_.backward_qkv(c, x, dx);
   }
 
+  // Decoding caches k, v and every key's bias b_{h,j} ([Hkv, capacity]), and per KV head the w
+  // largest biases among the keys the next query tests (cpu::DmaTopW): the new query's threshold
+  // costs O(log w) per key, its kept keys one test per cached key, and no N×N mask exists. A
+  // query keeps exactly the keys of the training forward (the same threshold value, ties all kept).
+  struct DmaCache : QkvBlock::KvCache {
+    Arena bias_arena;
+    Tensor bias;  // [Hkv, capacity]
+    std::vector<cpu::DmaTopW> top;
+  };
+
+  std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const override {
+    auto cache = std::make_unique<DmaCache>();
+    qkv_.init_cache(*cache, c, max_len);
+    TensorTable t;
+    t.add("bias", {Hkv_, max_len});
+    cache->bias_arena = Arena(t, c.P(a_).dtype, Device::CPU);
+    cache->bias = cache->bias_arena.get(0);
+    cache->top.assign(size_t(Hkv_), cpu::DmaTopW(window_));
+    cache->what += fmt::format("; key biases: {} per position, and the {} largest per KV head", Hkv_, window_);
+    cache->values_per_position += Hkv_;
+    return cache;
+  }
+
+  void decode(const LayerCtx& c, DecodeCache& dc, const Tensor& x, const Tensor& out) const override {
+    auto& cache = dynamic_cast<DmaCache&>(dc);
+    const int64_t n = x.shape[0], pos0 = cache.len, cap = cache.capacity;
+    const DecodeScratch s(x.dtype, {{n, H_, Dh_}, {n, H_ * Dh_}, {1, Hkv_, n}, {1, Hkv_, n}, {n, Hkv_}});
+    const Tensor q = s[0], o = s[1], z = s[2], b = s[3], thr = s[4];
+    qkv_.decode_qkv(c, cache, x, q);
+    // the new keys' biases, as dma_bias_forward computes them in training, into the cache
+    ops::dma_bias_forward(z, b, cache.v.rows(pos0, n).view({1, n, Hkv_, Dh_}), c.P(wdt_), c.P(a_), form_);
+    const Tensor bias_flat = cache.bias.view({Hkv_ * cap});
+    for (int64_t h = 0; h < Hkv_; ++h) ops::copy(bias_flat.rows(h * cap + pos0, n), b.view({Hkv_ * n}).rows(h * n, n));
+    // each new query's threshold: push the key it newly tests (i − L), read the w-th largest
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t i = pos0 + r;
+      for (int64_t h = 0; h < Hkv_; ++h) {
+        cpu::DmaTopW& top = cache.top[size_t(h)];
+        if (i - local_ >= 0) top.push(host_element(bias_flat, h * cap + i - local_));
+        if (top.saw_nan())
+          fail("dma attention: a key bias is NaN (diverged? see model.attention.bias_form and the A parameters)");
+        set_host_element(thr, r * Hkv_ + h, top.threshold());
+      }
+    }
+    ops::DecodeShape sh = qkv_.decode_shape(cache, n);
+    sh.window = local_;
+    ops::attention_decode(o, q, cache.k, cache.v, sh, cache.bias, cap, thr);
+    qkv_.decode_out(c, o, out);
+    cache.len += n;
+  }
+
   double core_flops_per_token(int64_t T) const override {
     // QKᵀ and P·V over the kept keys: min(i+1, w + L) per query (ties at the threshold aside), as SWA.
     const double w = double(window_ + local_), t = double(T);

@@ -137,6 +137,64 @@ class MlaAttention final : public Attention {
     ops::linear_backward(dx, c.G(wkva_).rows(C_, R_), dkr, x, c.P(wkva_).rows(C_, R_), true);
   }
 
+  // Decoding caches, per position, the latent c (after kv_a_layernorm) and the rotated shared key
+  // RoPE(k_r): d_c + R values instead of the H·(d_qk + d_v) of the expanded keys and values, and
+  // attends in the absorbed form (cpu_ops.h, mla_absorb_query): the scores and outputs of the
+  // training forward, summed in another order (agreement to rounding, not bit for bit).
+  struct MlaCache : DecodeCache {
+    Arena arena;
+    Tensor ckr;  // [capacity, d_c + R]: c | RoPE(k_r)
+  };
+
+  std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const override {
+    auto cache = std::make_unique<MlaCache>();
+    TensorTable t;
+    t.add("ckr", {max_len, C_ + R_});
+    cache->arena = Arena(t, c.P(wkva_).dtype, Device::CPU);
+    cache->ckr = cache->arena.get(0);
+    cache->capacity = max_len;
+    cache->what = fmt::format("latent c ({}) and rotated shared key k_r ({}); attention in the absorbed form", C_, R_);
+    cache->values_per_position = C_ + R_;
+    return cache;
+  }
+
+  void decode(const LayerCtx& c, DecodeCache& dc, const Tensor& x, const Tensor& out) const override {
+    auto& cache = dynamic_cast<MlaCache&>(dc);
+    const int64_t n = x.shape[0], pos0 = cache.len, W = C_ + R_;
+    DMAT_CHECK(pos0 + n <= cache.capacity, "decode: {} + {} positions exceed the cache's {}", pos0, n,
+               cache.capacity);
+    const DecodeScratch s(x.dtype, {{n, H_ * Dqk_}, {n, C_}, {n, C_}, {n}, {n, R_}, {n, H_, W}, {n, H_, C_},
+                                    {n, H_ * Dv_}, {n, std::max<int64_t>(Q_, 1)}, {n, std::max<int64_t>(Q_, 1)}});
+    const Tensor q = s[0], cpre = s[1], cn = s[2], rc = s[3], kr = s[4], qa = s[5], ctx = s[6], o = s[7];
+    if (Q_ == 0) {
+      ops::linear_forward(q, x, c.P(wq_));
+    } else {
+      ops::linear_forward(s[8], x, c.P(wqa_));
+      ops::rmsnorm_forward(s[9], s[3], s[8], c.P(gq_), eps_);  // (s[3]: rstd scratch, reused below)
+      ops::linear_forward(q, s[9], c.P(wqb_));
+    }
+    ops::linear_forward(cpre, x, c.P(wkva_).rows(0, C_));
+    ops::linear_forward(kr, x, c.P(wkva_).rows(C_, R_));
+    ops::rmsnorm_forward(cn, rc, cpre, c.P(gkv_), eps_);
+    // the new positions' [c | k_r] into the cache, then k_r and q's rotary dims rotated in place
+    const Tensor rows = cache.ckr.rows(pos0, n), flat = rows.view({n * W});
+    for (int64_t r = 0; r < n; ++r) {
+      ops::copy(flat.rows(r * W, C_), cn.rows(r, 1).view({C_}));
+      ops::copy(flat.rows(r * W + C_, R_), kr.rows(r, 1).view({R_}));
+    }
+    ops::rope_rows_inplace(rows, n, 1, R_, pos0, theta_, W, 0, C_);
+    ops::rope_rows_inplace(q, n, H_, R_, pos0, theta_, H_ * Dqk_, Dqk_, nope_);
+    // scores against [c | k_r] with [W_k,hᵀ·q_nope | q_rope]; one shared key head; values c
+    ops::mla_absorb_query(qa, q, c.P(wkvb_), nope_, R_, C_, Dv_);
+    ops::DecodeShape sh;
+    sh.n = n, sh.pos0 = pos0, sh.H = H_, sh.Hkv = 1, sh.Dqk = W, sh.Dv = C_, sh.ldk = W, sh.ldv = W;
+    sh.scale = 1.0 / std::sqrt(double(Dqk_));
+    ops::attention_decode(ctx, qa, cache.ckr, cache.ckr, sh);
+    ops::mla_expand_output(o, ctx, c.P(wkvb_), nope_, C_, Dv_);
+    ops::linear_forward(out, o, c.P(wo_));
+    cache.len += n;
+  }
+
   double core_flops_per_token(int64_t T) const override {
     // q·kᵀ over d_qk and P·v over d_v, 2 flops per multiply-add, (T+1)/2 causal keys on average
     return 2.0 * double(H_) * double(Dqk_ + Dv_) * double(T + 1) / 2.0;

@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include <fmt/format.h>
+
 namespace dmat {
 
 QkvBlock::QkvBlock(const ModelConfig& c)
@@ -125,6 +127,50 @@ void QkvBlock::backward_qkv(const LayerCtx& c, const Tensor& x, const Tensor& dx
   ops::linear_backward(dx, c.G(wq_), dqp.view({N, H_ * Dh_}), x, c.P(wq_), false);
   ops::linear_backward(dx, c.G(wk_), dkp.view({N, Hkv_ * Dh_}), x, c.P(wk_), true);
   ops::linear_backward(dx, c.G(wv_), dv.view({N, Hkv_ * Dh_}), x, c.P(wv_), true);
+}
+
+void QkvBlock::init_cache(KvCache& cache, const LayerCtx& c, int64_t max_len) const {
+  TensorTable t;
+  t.add("k", {max_len, Hkv_, Dh_});
+  t.add("v", {max_len, Hkv_, Dh_});
+  cache.arena = Arena(t, c.P(wq_).dtype, Device::CPU);
+  cache.k = cache.arena.get(0);
+  cache.v = cache.arena.get(1);
+  cache.capacity = max_len;
+  cache.what = fmt::format("k, v after RoPE: {} KV heads × {} each", Hkv_, Dh_);
+  cache.values_per_position = 2 * Hkv_ * Dh_;
+}
+
+void QkvBlock::decode_qkv(const LayerCtx& c, KvCache& cache, const Tensor& x, const Tensor& q) const {
+  const int64_t n = x.shape[0], pos0 = cache.len;
+  DMAT_CHECK(pos0 + n <= cache.capacity, "decode: {} + {} positions exceed the cache's {}", pos0, n, cache.capacity);
+  const Tensor k = cache.k.rows(pos0, n), v = cache.v.rows(pos0, n);
+  ops::linear_forward(q.view({n, H_ * Dh_}), x, c.P(wq_));
+  ops::linear_forward(k.view({n, Hkv_ * Dh_}), x, c.P(wk_));
+  ops::linear_forward(v.view({n, Hkv_ * Dh_}), x, c.P(wv_));
+  if (qk_norm_) {
+    const DecodeScratch s(q.dtype, {{n * H_}, {n * Hkv_}});
+    ops::rmsnorm_forward(q, s[0], q, c.P(gq_), eps_);
+    ops::rmsnorm_forward(k, s[1], k, c.P(gk_), eps_);
+  }
+  ops::rope_rows_inplace(q, n, H_, Dh_, pos0, theta_, H_ * Dh_, Dh_, 0);
+  ops::rope_rows_inplace(k, n, Hkv_, Dh_, pos0, theta_, Hkv_ * Dh_, Dh_, 0);
+}
+
+void QkvBlock::decode_out(const LayerCtx& c, const Tensor& o, const Tensor& out) const {
+  ops::linear_forward(out, o, c.P(wo_));
+}
+
+ops::DecodeShape QkvBlock::decode_shape(const KvCache& cache, int64_t n) const {
+  ops::DecodeShape s;
+  s.n = n;
+  s.pos0 = cache.len;
+  s.H = H_;
+  s.Hkv = Hkv_;
+  s.Dqk = s.Dv = Dh_;
+  s.ldk = s.ldv = Hkv_ * Dh_;
+  s.scale = 1.0 / std::sqrt(double(Dh_));
+  return s;
 }
 
 }  // namespace dmat

@@ -46,6 +46,21 @@ class QkvBlock {
   // gradients accumulate.
   void backward_qkv(const LayerCtx& c, const Tensor& x, const Tensor& dx) const;
 
+  // Incremental decoding. The cache: k and v of every position so far, as the core reads them
+  // (after QK-norm and RoPE), [capacity, Hkv, Dh] each. decode_qkv: for x [n, d_model] at positions
+  // cache.len … cache.len + n − 1, q [n, H, Dh] (overwrite) and their k, v written into the cache rows
+  // (len is not advanced): the values forward_qkv computes at those positions. decode_out: out =
+  // o_proj(o), o [n, H·Dh].
+  struct KvCache : DecodeCache {
+    Arena arena;
+    Tensor k, v;
+  };
+  void init_cache(KvCache& cache, const LayerCtx& c, int64_t max_len) const;
+  void decode_qkv(const LayerCtx& c, KvCache& cache, const Tensor& x, const Tensor& q) const;
+  void decode_out(const LayerCtx& c, const Tensor& o, const Tensor& out) const;
+  // attention_decode's shape for n queries from cache.len, scale 1/√Dh, window 0.
+  ops::DecodeShape decode_shape(const KvCache& cache, int64_t n) const;
+
  private:
   int64_t D_, H_, Hkv_, Dh_;
   double theta_, eps_;

@@ -91,6 +91,27 @@ struct Model::Block {
     ops::residual_forward(y, c.A(mid), P(c, r2), y);
   }
 
+  // Incremental decoding of n positions: x, y [n, D]; the attention reads and extends its cache.
+  void decode(const LayerCtx& c, DecodeCache& cache, const Tensor& x, const Tensor& y) const {
+    const int64_t n = x.shape[0];
+    const DecodeScratch s(x.dtype, {{n, D}, {n}, {n, D}, {n, D}, {n, D}, {n}, {n, 2 * F}, {n, F}});
+    const Tensor ln1o = s[0], r1s = s[1], att = s[2], midv = s[3], ln2o = s[4], r2s = s[5], guv = s[6], av = s[7];
+    ops::rmsnorm_forward(ln1o, r1s, x, c.P(ln1), eps);
+    attn->decode(c, cache, ln1o, att);
+    ops::residual_rmsnorm_forward(midv, ln2o, r2s, x, P(c, r1), att, c.P(ln2), eps);
+    if (packed_gu) {
+      ops::linear_forward(guv, ln2o, joined(c.P(wg), c.P(wu)));
+      ops::swiglu_packed_forward(av, guv);
+    } else {
+      const Tensor gv = guv.view({2 * n, F}).rows(0, n), uv = guv.view({2 * n, F}).rows(n, n);
+      ops::linear_forward(gv, ln2o, c.P(wg));
+      ops::linear_forward(uv, ln2o, c.P(wu));
+      ops::swiglu_forward(av, gv, uv);
+    }
+    ops::linear_forward(y, av, c.P(wd));
+    ops::residual_forward(y, midv, P(c, r2), y);
+  }
+
   // dy: gradient of the block output (read only); dx: gradient of the block input (overwrite).
   void backward(const LayerCtx& c, const Tensor& x, const Tensor& dy, const Tensor& dx) {
     Tensor S1 = c.A(s1), S2 = c.A(s2);
@@ -402,6 +423,53 @@ void Model::backward() {
   const int32_t* tok_in = device_ == Device::CUDA ? tokens_dev_.get(0).as<int32_t>() : inputs_.data();
   ops::embedding_backward(grads_.get(h_embed_), dres, tok_in);
   if (grad_ready_) grad_ready_(h_embed_, h_embed_);
+}
+
+std::string Model::DecodeState::describe() const {
+  if (layers_.empty()) return "";
+  return fmt::format("{} ({} values per position and layer)", layers_.front()->what,
+                     layers_.front()->values_per_position);
+}
+
+std::unique_ptr<Model::DecodeState> Model::start_decode(int64_t max_len) const {
+  if (device_ != Device::CPU)
+    fail("model: incremental decoding runs on the CPU backend (load the checkpoint with run.device=\"cpu\")");
+  if (max_len < 1) fail("model: a decoding cache needs at least 1 position (got {})", max_len);
+  auto st = std::make_unique<DecodeState>();
+  LayerCtx c = ctx();
+  for (const auto& b : blocks_) {
+    try {
+      st->layers_.push_back(b->attn->make_decode_cache(c, max_len));
+    } catch (const Error& e) {
+      fail("model.attention.type \"{}\": {}", cfg_.attention.type, e.what());
+    }
+  }
+  st->capacity_ = max_len;
+  return st;
+}
+
+std::vector<double> Model::decode(DecodeState& st, const int32_t* tokens, int64_t n) const {
+  if (n < 1) fail("model: decode needs at least one token (got {})", n);
+  if (st.len_ + n > st.capacity_)
+    fail("model: decoding {} more tokens after {} exceeds the cache's {} positions", n, st.len_, st.capacity_);
+  const int64_t D = cfg_.d_model, V = cfg_.vocab_size;
+  LayerCtx c = ctx();
+  c.B = 1;
+  c.T = n;
+  const DecodeScratch s(dtype_, {{n, D}, {n, D}, {1, D}, {1}, {1, V}});
+  Tensor h = s[0], next = s[1];
+  ops::embedding_forward(h, params_.get(h_embed_), tokens);
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    blocks_[l]->decode(c, *st.layers_[l], h, next);
+    std::swap(h, next);
+  }
+  // only the last position's logits: the final norm and the head are per position
+  ops::rmsnorm_forward(s[2], s[3], h.rows(n - 1, 1), params_.get(h_norm_), cfg_.norm_eps);
+  ops::linear_forward(s[4], s[2], params_.get(h_head_ >= 0 ? h_head_ : h_embed_));
+  st.len_ += n;
+  std::vector<double> logits(static_cast<size_t>(V));
+  for (int64_t v = 0; v < V; ++v) logits[size_t(v)] = host_element(s[4], v);
+  return logits;
 }
 
 std::vector<double> Model::position_losses() const {

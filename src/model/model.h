@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "config/config.h"
@@ -67,6 +68,25 @@ class Model {
   // The last forward's loss of each of its B·T positions, in double on the host (0 where the
   // target was < 0): row b·T + t is sequence b, position t.
   std::vector<double> position_losses() const;
+
+  // Incremental decoding (`dmatrain generate`; CPU backend, one sequence). A DecodeState holds every
+  // layer's cache (attention.h) for up to max_len positions; decode() feeds n >= 1 tokens at
+  // positions state.len() … (a prompt at once, then one token per step) and returns the logits of
+  // the last one, as forward() on the whole sequence computes them at that position (to rounding).
+  // A variant without decoding is refused by start_decode, naming it.
+  class DecodeState {
+   public:
+    int64_t len() const { return len_; }
+    int64_t capacity() const { return capacity_; }
+    std::string describe() const;  // what a layer caches per position
+
+   private:
+    friend class Model;
+    std::vector<std::unique_ptr<DecodeCache>> layers_;
+    int64_t len_ = 0, capacity_ = 0;
+  };
+  std::unique_ptr<DecodeState> start_decode(int64_t max_len) const;
+  std::vector<double> decode(DecodeState& state, const int32_t* tokens, int64_t n) const;
 
   // Sizes without allocating anything (for `dmatrain info`).
   static ParamTable declare_params(const ModelConfig& cfg);

@@ -934,4 +934,63 @@ void nsa_gate_backward(const Tensor& dz, const Tensor& do_cmp, const Tensor& do_
   });
 }
 
+// ---- incremental decoding ------------------------------------------------------------------------
+
+void rope_rows_inplace(const Tensor& x, int64_t n, int64_t H, int64_t R, int64_t pos0, double theta, int64_t ld,
+                       int64_t hs, int64_t off) {
+  DMAT_CHECK(n >= 0 && R % 2 == 0 && off + (H - 1) * hs + R <= ld && x.numel() >= n * ld && pos0 >= 0,
+             "rope_rows: x {} n {} H {} R {} ld {} hs {} off {}", x.shape.str(), n, H, R, ld, hs, off);
+  dispatch("rope_rows", x, [&](auto t) {
+    using T = decltype(t);
+    T* base = p<T>(x) + off;
+    cpu::rope_rows<T>(base, base, n, H, R, pos0, theta, ld, ld, hs, hs);
+  });
+}
+
+void attention_decode(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const DecodeShape& s,
+                      const Tensor& bias, int64_t ldb, const Tensor& thr) {
+  const int64_t last = s.pos0 + s.n - 1;  // the last key read
+  DMAT_CHECK(s.H > 0 && s.Hkv > 0 && s.H % s.Hkv == 0 && q.numel() == s.n * s.H * s.Dqk &&
+                 out.numel() == s.n * s.H * s.Dv && kc.numel() >= last * s.ldk + s.Hkv * s.Dqk &&
+                 vc.numel() >= last * s.ldv + s.Hkv * s.Dv,
+             "attention_decode: q {} out {} kc {} vc {} (n {} pos0 {} H {} Hkv {} Dqk {} Dv {} ldk {} ldv {})",
+             q.shape.str(), out.shape.str(), kc.shape.str(), vc.shape.str(), s.n, s.pos0, s.H, s.Hkv, s.Dqk, s.Dv,
+             s.ldk, s.ldv);
+  DMAT_CHECK(bias.defined() == thr.defined() &&
+                 (!bias.defined() || (bias.numel() >= (s.Hkv - 1) * ldb + last + 1 && thr.numel() == s.n * s.Hkv)),
+             "attention_decode: bias {} (ldb {}) thr {}", bias.shape.str(), ldb, thr.shape.str());
+  for (const Tensor* t : {&q, &kc, &vc, &bias, &thr}) same_type("attention_decode", out, *t);
+  dispatch("attention_decode", out, [&](auto t) {
+    using T = decltype(t);
+    cpu::attention_decode<T>(p<T>(out), p<T>(q), p<T>(kc), p<T>(vc), s.n, s.pos0, s.H, s.Hkv, s.Dqk, s.Dv, s.ldk,
+                             s.ldv, s.scale, s.window, p<T>(bias), ldb, p<T>(thr));
+  });
+}
+
+void mla_absorb_query(const Tensor& qa, const Tensor& q, const Tensor& w_kvb, int64_t nope, int64_t R, int64_t C,
+                      int64_t Dv) {
+  const int64_t H = w_kvb.shape[0] / (nope + Dv), n = q.numel() / (H * (nope + R));
+  DMAT_CHECK(w_kvb.shape.n == 2 && w_kvb.shape[1] == C && q.numel() == n * H * (nope + R) &&
+                 qa.numel() == n * H * (C + R),
+             "mla_absorb_query: qa {} q {} w_kvb {}", qa.shape.str(), q.shape.str(), w_kvb.shape.str());
+  same_type("mla_absorb_query", qa, q);
+  same_type("mla_absorb_query", qa, w_kvb);
+  dispatch("mla_absorb_query", qa, [&](auto t) {
+    using T = decltype(t);
+    cpu::mla_absorb_query<T>(p<T>(qa), p<T>(q), p<T>(w_kvb), n, H, nope, R, C, Dv);
+  });
+}
+
+void mla_expand_output(const Tensor& o, const Tensor& ctx, const Tensor& w_kvb, int64_t nope, int64_t C, int64_t Dv) {
+  const int64_t H = w_kvb.shape[0] / (nope + Dv), n = ctx.numel() / (H * C);
+  DMAT_CHECK(w_kvb.shape.n == 2 && w_kvb.shape[1] == C && ctx.numel() == n * H * C && o.numel() == n * H * Dv,
+             "mla_expand_output: o {} ctx {} w_kvb {}", o.shape.str(), ctx.shape.str(), w_kvb.shape.str());
+  same_type("mla_expand_output", o, ctx);
+  same_type("mla_expand_output", o, w_kvb);
+  dispatch("mla_expand_output", o, [&](auto t) {
+    using T = decltype(t);
+    cpu::mla_expand_output<T>(p<T>(o), p<T>(ctx), p<T>(w_kvb), n, H, nope, C, Dv);
+  });
+}
+
 }  // namespace dmat::ops

@@ -141,5 +141,24 @@ void nsa_gate_forward(const Tensor& out, const Tensor& z, const Tensor& o_cmp, c
 void nsa_gate_backward(const Tensor& dz, const Tensor& do_cmp, const Tensor& do_slc, const Tensor& do_win,
                        const Tensor& dout, const Tensor& z, const Tensor& o_cmp, const Tensor& o_slc,
                        const Tensor& o_win, int64_t H);
+// ---- incremental decoding (one sequence against its cache; CPU only: cpu_ops.h) ------------------
+// In place: the R rotary dims at offset `off` of each of H heads (head stride hs) of n rows (row
+// stride ld) of x, rotated for positions pos0 … pos0+n−1 (rope_rows).
+void rope_rows_inplace(const Tensor& x, int64_t n, int64_t H, int64_t R, int64_t pos0, double theta, int64_t ld,
+                       int64_t hs, int64_t off);
+// attention_decode's shapes: n queries from position pos0, key / value rows ldk / ldv elements apart
+// in the cache; window: SWA's w, or with a bias DMA's local window L (0: none).
+struct DecodeShape {
+  int64_t n = 0, pos0 = 0, H = 0, Hkv = 0, Dqk = 0, Dv = 0, ldk = 0, ldv = 0;
+  double scale = 0;
+  int64_t window = 0;
+};
+// out [n, H, Dv], q [n, H, Dqk]; kc, vc the caches; DMA: bias [Hkv, ldb] and thr [n, Hkv] (else undefined).
+void attention_decode(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const DecodeShape& s,
+                      const Tensor& bias = {}, int64_t ldb = 0, const Tensor& thr = {});
+// MLA's absorbed decoding (cpu_ops.h): qa [n, H, C + R] from q [n, H, nope + R]; o [n, H, Dv] from ctx [n, H, C].
+void mla_absorb_query(const Tensor& qa, const Tensor& q, const Tensor& w_kvb, int64_t nope, int64_t R, int64_t C,
+                      int64_t Dv);
+void mla_expand_output(const Tensor& o, const Tensor& ctx, const Tensor& w_kvb, int64_t nope, int64_t C, int64_t Dv);
 
 }  // namespace dmat::ops

@@ -1,0 +1,23 @@
+// What every attention variant shares for incremental decoding (attention.h): the refusing
+// defaults and the per-step scratch.
+#include "model/attention.h"
+
+namespace dmat {
+
+DecodeScratch::DecodeScratch(DType dtype, std::initializer_list<Shape> shapes) {
+  TensorTable t;
+  int i = 0;
+  for (const Shape& s : shapes) t.add("decode.scratch." + std::to_string(i++), s);
+  arena_ = Arena(t, dtype, Device::CPU);
+}
+
+std::unique_ptr<DecodeCache> Attention::make_decode_cache(const LayerCtx&, int64_t) const {
+  fail("incremental decoding (a KV cache) is not implemented for this attention variant (dmatrain generate "
+       "supports mha, swa, dma and mla)");
+}
+
+void Attention::decode(const LayerCtx& c, DecodeCache& cache, const Tensor& x, const Tensor& out) const {
+  make_decode_cache(c, 0);  // refuses with the same message
+}
+
+}  // namespace dmat
