@@ -234,7 +234,7 @@ TEST(Train, BadInputsFailNamingWhatIsWrong) {
 }
 
 TEST(Train, HelpForEveryCommand) {
-  for (const char* c : {"", "train ", "eval ", "info ", "data "}) {
+  for (const char* c : {"", "train ", "eval ", "info ", "data ", "generate "}) {
     auto r = run(bin() + " " + c + "--help");
     EXPECT_EQ(r.rc, 0) << c;
     EXPECT_NE(r.out.find("usage"), std::string::npos) << c;
