@@ -13,7 +13,8 @@ the test set (exact match per query).
     /usr/bin/python3 scripts/mqar.py gather [--grid ...]    # runs -> docs/results/mqar/<grid>.csv
     /usr/bin/python3 scripts/mqar.py report [--grid ...]    # CSV -> <grid>.png and a markdown table (stdout)
 
-selection: --widths 64,128 --lengths 1024,2048 --variants mha,swa,dma,mla --seeds 1,2 (default: the
+Test sets are whole batches of train.batch_size (eval averages full batches only), 3072 and 512
+examples. selection: --widths 64,128 --lengths 1024,2048 --variants mha,swa,dma,mla --seeds 1,2 (default: the
 grid's). `run` generates missing data, skips finished cells (eval.json present), resumes unfinished
 ones (--resume) and evaluates each finished run. Runs live in --runs (default runs/mqar/<grid>,
 git-ignored), data in --data (default build/data/mqar). Grids:
@@ -40,9 +41,9 @@ VARIANTS = ["mha", "swa", "dma", "mla"]  # nsa: when its model layer exists (iss
 GRIDS = {
     "paper": dict(widths=[32, 64, 128, 256], lengths=[1024, 2048, 4096, 8192], seeds=[1, 2], vocab=8192,
                   max_pairs=512, window=512, steps=4000, batch=64, lr=1e-3, train_examples=100000,
-                  test_examples=3000, device="auto", threads=0),
+                  test_examples=3072, device="auto", threads=0),
     "cpu-smoke": dict(widths=[64], lengths=[64], seeds=[1], vocab=64, max_pairs=4, window=16, steps=600,
-                      batch=64, lr=1e-2, train_examples=20000, test_examples=500, device="cpu", threads=2),
+                      batch=64, lr=1e-2, train_examples=20000, test_examples=512, device="cpu", threads=2),
 }
 DATA_SEED = 1234  # the data of a cell does not depend on the model seed
 
@@ -197,7 +198,7 @@ def cmd_report(args, g):
     for r in rows:
         acc.setdefault((r["variant"], int(r["width"]), int(r["seq_len"])), []).append(float(r["accuracy"]))
     # the paper's figure: one panel per sequence length, accuracy against model width, a line per variant
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(max(6.0, 4.2 * len(lengths)), 4.0), squeeze=False)
     for ax, T in zip(axes[0], lengths):
         for v in variants:
             ws = sorted({w for (vv, w, t) in acc if vv == v and t == T})
@@ -212,8 +213,8 @@ def cmd_report(args, g):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (test set)")
     axes[0][-1].legend(fontsize=8)
-    title = "MQAR accuracy by width and length (%s grid%s)" % (
-        args.grid, ": CPU smoke test, not the paper's grid" if args.grid == "cpu-smoke" else "")
+    title = "MQAR accuracy by width and length, %s grid%s" % (
+        args.grid, "\n(a CPU smoke test of the pipeline, not the paper's grid)" if args.grid == "cpu-smoke" else "")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     png = os.path.join(args.out, args.grid + ".png")
