@@ -15,7 +15,7 @@
 #include "data/loader.h"
 #include "data/prepare.h"
 #include "data/shard.h"
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;

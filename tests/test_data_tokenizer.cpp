@@ -16,7 +16,7 @@
 #include "data/loader.h"
 #include "data/prepare.h"
 #include "data/shard.h"
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/bpe_train.h"

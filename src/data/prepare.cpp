@@ -20,7 +20,7 @@
 #include "core/rng.h"
 #include "data/documents.h"
 #include "data/shard.h"
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace dmat {
 namespace fs = std::filesystem;

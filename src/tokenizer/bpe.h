@@ -22,7 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tokenizer/pretokenize.h"
 
 namespace dmat {

@@ -1,5 +1,5 @@
 // Tokenizer registry and the byte-level tokenizer.
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 #include <filesystem>
 
