@@ -14,7 +14,7 @@
 #include <gtest/gtest.h>
 
 #include "config/config.h"
-#include "core/env.h"
+#include "core/kernel_options.h"
 #include "core/error.h"
 #include "test_util.h"
 
@@ -145,7 +145,8 @@ TEST(ConfigRoundTrip, ToJsonWritesEveryField) {
   EXPECT_EQ(out["model"]["attention"], json({{"type", "mha"}}));
   EXPECT_EQ(out["train"].size(), 23u);
   EXPECT_EQ(out["data"].size(), 2u);
-  EXPECT_EQ(out["run"].size(), 8u);
+  EXPECT_EQ(out["run"].size(), 9u);  // 8 fields + kernels
+  EXPECT_EQ(out["run"]["kernels"].size(), kernel_knobs().size());
 }
 
 // ---- unknown keys ----------------------------------------------------------------------------
@@ -640,32 +641,75 @@ TEST(ConfigShipped, ShapesMatchThePaper) {
 }  // namespace
 }  // namespace dmat
 
-// ---- environment switches (core/env.h) ------------------------------------------------------------
+// ---- run.kernels (core/kernel_options.h) ---------------------------------------------------------
 namespace dmat {
 namespace {
 
-TEST(EnvChoice, UnsetOrEmptyGivesTheFallbackAndValuesTheirIndex) {
-  const char* name = "DMAT_TEST_ENV_CHOICE";
-  ::unsetenv(name);
-  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 0), 0);
-  ::setenv(name, "", 1);
-  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 2), 2);
-  ::setenv(name, "1", 1);
-  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 0), 2);
-  ::setenv(name, "auto", 1);
-  EXPECT_EQ(env_choice(name, {"auto", "0", "1"}, 1), 0);
-  ::unsetenv(name);
+TEST(ConfigKernels, DefaultsAreWrittenAndReadBack) {
+  const Config c = parse_config(minimal());
+  EXPECT_EQ(c.run.kernels, KernelOptions{});
+  const json& k = c.resolved["run"]["kernels"];
+  EXPECT_EQ(k["attn_path"], "auto");
+  EXPECT_EQ(k["attn_order"], "lpt");
+  EXPECT_EQ(k["attn_side_stream"], 2);
+  EXPECT_EQ(k["dma_thr_seg"], 256);
+  EXPECT_EQ(k["gemm_algo"], "heuristic");
+  EXPECT_EQ(parse_config(c.resolved).run.kernels, c.run.kernels);
 }
 
-TEST(EnvChoice, AnyOtherValueIsAnErrorNamingVariableValueAndChoices) {
-  const char* name = "DMAT_TEST_ENV_CHOICE";
-  for (const char* bad : {"2", "Auto", " 1", "wgmma "}) {
-    ::setenv(name, bad, 1);
-    const std::string msg = error_of([&] { env_choice(name, {"auto", "mma", "wgmma"}, 0); });
-    EXPECT_THAT(msg, HasSubstr("DMAT_TEST_ENV_CHOICE must be one of auto, mma, wgmma"));
-    EXPECT_THAT(msg, HasSubstr(fmt::format("(got '{}')", bad)));
-  }
-  ::unsetenv(name);
+TEST(ConfigKernels, ValuesAsStringsNumbersOrBooleans) {
+  json j = minimal();
+  j["run"]["kernels"] = {{"attn_order", "lpt2"}, {"attn_side_stream", 0}, {"attn_wg_tma", false},
+                         {"dma_dense", "1"},     {"dma_thr_seg", 512},    {"gemm_algo", "tuned"},
+                         {"peak_tflops", 495.5}, {"attn_path", "mma"}};
+  const Config c = parse_config(j);
+  const KernelOptions& o = c.run.kernels;
+  EXPECT_EQ(o.attn_order, 2);
+  EXPECT_EQ(o.attn_side_stream, 0);
+  EXPECT_FALSE(o.attn_wg_tma);
+  EXPECT_EQ(o.dma_dense, DmaDenseOption::always);
+  EXPECT_EQ(o.dma_thr_seg, 512);
+  EXPECT_TRUE(o.gemm_tuned);
+  EXPECT_EQ(o.peak_tflops, 495.5);
+  EXPECT_EQ(o.attn_path, AttnPathOption::mma);
+  EXPECT_EQ(parse_config(c.resolved).run.kernels, o);
+  EXPECT_EQ(parse_config(minimal(), ".", {"run.kernels.attn_order=launch"}).run.kernels.attn_order, 0);
+}
+
+TEST(ConfigKernels, UnknownKeysAndValuesAreErrors) {
+  json j = minimal();
+  j["run"]["kernels"] = {{"attn_ordr", "lpt"}};
+  expect_has(error_of([&] { parse_config(j); }), {"run.kernels", "attn_ordr", "did you mean", "attn_order"});
+  j["run"]["kernels"] = {{"attn_path", "fast"}};
+  expect_has(error_of([&] { parse_config(j); }),
+             {"config: run.kernels.attn_path must be one of auto, mma, wgmma (got 'fast')"});
+  j["run"]["kernels"] = {{"dma_thr_seg", 64}};
+  expect_has(error_of([&] { parse_config(j); }), {"run.kernels.dma_thr_seg must be one of 256, 512, 128"});
+  j["run"]["kernels"] = {{"peak_tflops", -1}};
+  expect_has(error_of([&] { parse_config(j); }), {"run.kernels.peak_tflops", ">= 0"});
+}
+
+TEST(ConfigKernels, EnvironmentOverridesAtLoadNamingChanges) {
+  const std::string d = test::temp_dir("config_kernels_env");
+  write(d + "/c.json", R"({"data": {"train": "t", "val": "v"}, "run": {"kernels": {"attn_order": "lpt4"}}})");
+  ::setenv("DMAT_ATTN_ORDER", "launch", 1);
+  ::setenv("DMAT_GEMM_ALGO", "", 1);  // empty: unset
+  const Config c = load_config(d + "/c.json");
+  EXPECT_EQ(c.run.kernels.attn_order, 0);
+  EXPECT_FALSE(c.run.kernels.gemm_tuned);
+  EXPECT_EQ(c.resolved["run"]["kernels"]["attn_order"], "launch");
+  EXPECT_EQ(parse_config(json::parse(R"({"data": {"train": "t", "val": "v"}})")).run.kernels.attn_order, -1)
+      << "parse_config applies no environment";
+  KernelOptions o;
+  const auto lines = apply_kernel_env(o);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0], "run.kernels.attn_order: lpt -> launch (DMAT_ATTN_ORDER)");
+  ::setenv("DMAT_ATTN_ORDER", "Launch", 1);
+  const std::string m = error_of([&] { load_config(d + "/c.json"); });
+  EXPECT_THAT(m, HasSubstr("DMAT_ATTN_ORDER must be one of lpt, launch, lpt1"));
+  EXPECT_THAT(m, HasSubstr("(got 'Launch')"));
+  ::unsetenv("DMAT_ATTN_ORDER");
+  ::unsetenv("DMAT_GEMM_ALGO");
 }
 
 }  // namespace

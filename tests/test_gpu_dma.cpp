@@ -28,6 +28,7 @@
 #include "core/bf16.h"
 #include "core/rng.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cuda/context.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
@@ -263,9 +264,9 @@ void check_thresholds(Pattern p, int64_t rows, int64_t T, int64_t w, uint64_t se
       {cuda::DmaThresholdScan::serial, 0}};
   for (const auto& [scan, seg] : runs) {
     gt.up(std::vector<float>(bias.size(), kNaN));
-    const int old_seg = seg ? cuda::testing::set_dma_thr_seg(seg) : 0;
+    const int old_seg = cuda::testing::set_dma_thr_seg(seg ? seg : cuda::kernel_options().dma_thr_seg);
     cuda::dma_thresholds_scan(gt.p, gb.p, rows, T, w, scan);
-    if (seg) cuda::testing::set_dma_thr_seg(old_seg);
+    cuda::testing::set_dma_thr_seg(old_seg);
     const std::vector<float> got = gt.down();
     size_t bad = 0;
     std::string first;

@@ -13,7 +13,12 @@
 #include <functional>
 #include <vector>
 
+#include "kernels/attention_types.h"
+
 namespace dmat::cpu {
+
+using ::dmat::AttnShape;
+using ::dmat::DmaBiasForm;
 
 // ---- dense linear algebra -------------------------------------------------------------------
 // C[M,N] = alpha * op(A) · op(B) + beta * C, row-major, contiguous.
@@ -95,13 +100,8 @@ void rope_pack_mla_backward(T* dqp, T* dkv, T* dkr, const T* dq, const T* dk, co
 // ---- attention --------------------------------------------------------------------------------
 // Causal softmax attention with grouped KV heads (query head h reads KV head h / (H / Hkv)).
 // Key j is visible to query i iff j <= i and (window == 0 || j > i - window): window w keeps
-// keys i-w+1 … i (sliding-window attention). Scores s_ij = scale · q_i·k_j.
-struct AttnShape {
-  int64_t B = 0, T = 0, H = 0, Hkv = 0, Dqk = 0, Dv = 0;
-  double scale = 0;   // usually 1/sqrt(Dqk)
-  int64_t window = 0; // 0: full causal
-  bool deterministic = true;  // CUDA backward: no float atomics (the CPU kernels always are)
-};
+// keys i-w+1 … i (sliding-window attention). Scores s_ij = scale · q_i·k_j. The shape: AttnShape
+// (kernels/attention_types.h).
 // q [B,T,H,Dqk], k [B,T,Hkv,Dqk], v [B,T,Hkv,Dv] -> out [B,T,H,Dv] (overwrite),
 // lse [B,H,T] (overwrite): log Σ_j exp(s_ij), the softmax statistics backward needs.
 template <class T>
@@ -170,7 +170,7 @@ void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1
 // (dma_thresholds with local = L: the thresholds of L = 0 shifted by L). A query keeps min(i+1, L+w)
 // keys (ties aside); the mask is still two O(T) vectors and L.
 // Layouts: v [B,T,Hkv,Dh]; z, bias, thr, dbias [B,Hkv,T]; W_dt [Hkv, Hkv·Dh]; A [Hkv].
-enum class DmaBiasForm { Exp, Linear };
+// The bias form: DmaBiasForm (kernels/attention_types.h).
 
 // z, bias overwrite.
 template <class T>

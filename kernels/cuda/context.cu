@@ -64,6 +64,17 @@ Context& ctx() {
   return *c;
 }
 
+// The context's switches: apart from Context so that reading them creates no stream on a device
+// not yet chosen (peak_bf16_flops runs before the rank picks its GPU).
+KernelOptions& options() {
+  static KernelOptions o = [] {
+    KernelOptions e;
+    apply_kernel_env(e);
+    return e;
+  }();
+  return o;
+}
+
 thread_local cudaStream_t t_current = nullptr;  // SideStream::run's stream on this thread
 
 void sync_compute_streams() {  // the compute stream and the side streams (not the communication one)
@@ -126,6 +137,8 @@ void* workspace3(size_t bytes) { return ctx().ws3.get(bytes); }
 size_t workspace_bytes() { return ctx().ws.bytes + ctx().ws2.bytes + ctx().ws3.bytes; }
 void synchronize() { DMAT_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 int sm_count() { return ctx().sms; }
+const KernelOptions& kernel_options() { return options(); }
+void set_kernel_options(const KernelOptions& o) { options() = o; }
 int64_t l2_bytes() { return ctx().l2; }
 size_t max_smem_optin() { return ctx().smem_optin; }
 

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "core/error.h"
+#include "core/kernel_options.h"
 
 namespace dmat::cuda {
 
@@ -65,6 +66,12 @@ void* workspace3(size_t bytes);
 size_t workspace_bytes();  // the three scratch buffers' current sizes together (benchmarks)
 void synchronize();  // the compute stream
 int sm_count();
+// The kernel tuning switches every kernel of this process reads (core/kernel_options.h). Until
+// set_kernel_options is called they are the defaults with the DMAT_* environment overrides applied
+// (read once, on first use: test binaries and tools without a config); a run sets its resolved
+// run.kernels at start-up, before its first kernel. Tests may set other values between calls.
+const KernelOptions& kernel_options();
+void set_kernel_options(const KernelOptions& o);
 int64_t l2_bytes();        // the device's L2 cache size
 size_t max_smem_optin();  // bytes of shared memory a block may opt into
 

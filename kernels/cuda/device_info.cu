@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "kernels/cuda/context.h"
 
 namespace dmat::cuda {
 
@@ -35,13 +36,7 @@ namespace dmat::cuda {
 bool cuda_built() { return true; }
 
 double peak_bf16_flops(int id) {
-  if (const char* e = std::getenv("DMAT_PEAK_TFLOPS"); e && *e) {
-    char* end = nullptr;
-    const double v = std::strtod(e, &end);
-    if (end == e || *end != 0 || !(v > 0) || !std::isfinite(v))
-      fail("DMAT_PEAK_TFLOPS must be a positive number of TFLOP/s (got '{}')", e);
-    return v * 1e12;
-  }
+  if (const double v = kernel_options().peak_tflops; v > 0) return v * 1e12;
   cudaDeviceProp p{};
   if (cudaGetDeviceProperties(&p, id) != cudaSuccess) return 0.0;
   const std::string n = p.name;

@@ -11,7 +11,6 @@
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
-#include "core/env.h"
 #include "core/error.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/dma.h"
@@ -1087,17 +1086,12 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 }
 
 namespace {
-// The bounds variant's segment length, DMAT_DMA_THR_SEG=256|512|128 (read once; default 256). On
+// The bounds variant's segment length, kernel_options().dma_thr_seg = 256|512|128 (default 256). On
 // the H200 (ninth session, 16 rows): N = 16K thresholds 0.18 ms with 512, 0.15 with 256, 0.14 with
 // 128 (the segment kernel 76 → 41 → 36 µs: the serial chain is the segment's length); N = 128K 1.31,
 // 1.00, 0.98 ms, but 128 doubles the histogram (workspace at 128K 51.7 → 60.7 MiB, near the 64 MiB
 // the issue allows) for 2%.
-int g_thr_seg = 0;  // 0: from the environment; testing::set_dma_thr_seg
-int dma_thr_seg() {
-  if (g_thr_seg == 0)
-    g_thr_seg = std::array<int, 3>{256, 512, 128}[size_t(env_choice("DMAT_DMA_THR_SEG", {"256", "512", "128"}, 0))];
-  return g_thr_seg;
-}
+int dma_thr_seg() { return kernel_options().dma_thr_seg; }
 template <class F>
 auto with_seg(int seg, F&& f) {
   if (seg == 512) return f(std::integral_constant<int, 512>{});
@@ -1196,18 +1190,15 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
-// DMAT_DMA_THRESHOLDS=walk|bounds|serial (read once; default bounds: on the H200, 2026-11-29, at
+// kernel_options().dma_thresholds = walk|bounds|serial (default bounds: on the H200, 2026-11-29, at
 // least as fast as walk on every input measured — 16K: 0.18 against 0.21 ms, 128K: 1.56 against
 // 2.21 ms, 128K with biases increasing in position: 1.33 against 2.38 ms — and O(T log T) per row).
 DmaThresholdScan env_threshold_scan() {
-  static const DmaThresholdScan v = [] {
-    switch (env_choice("DMAT_DMA_THRESHOLDS", {"bounds", "walk", "serial"}, 0)) {
-      case 1: return DmaThresholdScan::walk;
-      case 2: return DmaThresholdScan::serial;
-      default: return DmaThresholdScan::bounds;
-    }
-  }();
-  return v;
+  switch (kernel_options().dma_thresholds) {
+    case DmaThresholdOption::walk: return DmaThresholdScan::walk;
+    case DmaThresholdOption::serial: return DmaThresholdScan::serial;
+    default: return DmaThresholdScan::bounds;
+  }
 }
 
 }  // namespace
@@ -1357,15 +1348,14 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 // kept gathering does not pay (T = 2048, w = 1024, B = 32, 6/3 heads: forward 0.638 ms dense
 // against 0.660 gathered, eighth session). The backward stays gathered there: run
 // dense, its mask runs on every tile (a block of 128 consecutive keys almost never has every key kept by
-// a whole query tile) and it measured slower (2.67 against 2.45 ms). DMAT_DMA_DENSE=auto|0|1 (read
-// once) or testing::set_dma_dense forces one mode for both directions.
-int g_dense_mode = -2;  // −2: from the environment; −1 auto; 0 never; 1 always
+// a whole query tile) and it measured slower (2.67 against 2.45 ms). kernel_options().dma_dense
+// = 0|1 (testing::set_dma_dense) forces one mode for both directions.
 // A local window (s.window > 0) runs dense in both directions: the gathered lists and key groups
 // know only the threshold rule.
 bool dma_dense(const AttnShape& s, int64_t window, bool forward) {
   if (s.window > 0) return true;
-  if (g_dense_mode == -2) g_dense_mode = env_choice("DMAT_DMA_DENSE", {"auto", "0", "1"}, 0) - 1;
-  if (g_dense_mode >= 0) return g_dense_mode == 1;
+  if (const DmaDenseOption m = kernel_options().dma_dense; m != DmaDenseOption::automatic)
+    return m == DmaDenseOption::always;
   if (!forward) return false;
   const double T = double(s.T), w = double(std::min(window, s.T));
   const double kept = w * (w + 1) / 2 + (T - w) * w, causal = T * (T + 1) / 2;
@@ -1419,15 +1409,19 @@ void dma_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dbias, const bf
 
 namespace dmat::cuda::testing {
 int set_dma_dense(int mode) {
-  const int old = g_dense_mode;
-  g_dense_mode = mode;
+  DMAT_CHECK(mode >= -1 && mode <= 1, "dma dense mode {} (−1 auto, 0 never, 1 always)", mode);
+  KernelOptions o = kernel_options();
+  const int old = int(o.dma_dense) - 1;
+  o.dma_dense = DmaDenseOption(mode + 1);
+  set_kernel_options(o);
   return old;
 }
 int set_dma_thr_seg(int seg) {
-  DMAT_CHECK(seg == 0 || seg == 128 || seg == 256 || seg == 512, "dma thresholds: segment length {} (128, 256, 512)",
-             seg);
-  const int old = g_thr_seg;
-  g_thr_seg = seg;
+  DMAT_CHECK(seg == 128 || seg == 256 || seg == 512, "dma thresholds: segment length {} (128, 256, 512)", seg);
+  KernelOptions o = kernel_options();
+  const int old = o.dma_thr_seg;
+  o.dma_thr_seg = seg;
+  set_kernel_options(o);
   return old;
 }
 int64_t set_dma_list_budget(int64_t bytes) {

@@ -11,13 +11,13 @@
 #include <cstdint>
 
 #include "core/bf16.h"
-#include "kernels/cpu/cpu_ops.h"  // DmaBiasForm, AttnShape
+#include "kernels/attention_types.h"
 #include "kernels/cuda/flash_attention.h"  // FlashPath
 
 namespace dmat::cuda {
 
-using DmaBiasForm = cpu::DmaBiasForm;
-using AttnShape = cpu::AttnShape;
+using DmaBiasForm = ::dmat::DmaBiasForm;
+using AttnShape = ::dmat::AttnShape;
 
 // z[b,h,t] = Σ_c v[b,t,c]·W_dt[h,c] (c over Hkv·Dh, fp32 accumulation);
 // bias = exp(A_h·softplus(z)) (Exp) or A_h·softplus(z) (Linear). z, bias overwrite.
@@ -43,10 +43,10 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 // local > 0 (the local window of cpu_ops.h): thr[r, i] = the window-th largest of bias[r, 0..i−local]
 // (−inf before), i.e. the thresholds above shifted by `local` in place, one block per row.
 void dma_thresholds(float* thr, const float* bias, int64_t rows, int64_t T, int64_t window, int64_t local = 0);
-// The scan behind dma_thresholds (DMAT_DMA_THRESHOLDS=walk|bounds|serial picks it; default bounds):
+// The scan behind dma_thresholds (run.kernels.dma_thresholds = walk|bounds|serial picks it; default bounds):
 // bounds — every segment's entering and leaving threshold rank first, by rank searches over
 // per-chunk histograms, then each segment walks only the ranks between the two (O(T log T +
-// T²/SEG²) per row for segments of SEG = 256 queries, DMAT_DMA_THR_SEG=128|256|512; measured the
+// T²/SEG²) per row for segments of SEG = 256 queries, run.kernels.dma_thr_seg = 128|256|512; measured the
 // fastest on the H200 for random and position-ordered biases;
 // rows of T ≤ 4096 run it in one block each, sort included, with 32-query segments: one launch,
 // no workspace);
@@ -107,7 +107,7 @@ void dma_key_groups(int32_t* keys, int32_t* range, const float* bias, const floa
 // plus one batch of lists) stays bounded at any T; no T×T buffer.
 // Where w keeps at least half the causal pairs the forward runs dense instead (every causal pair
 // visited, the threshold mask per element; no lists): gathering costs more per pair (~1.5× the
-// dense forward's). The backward stays gathered (measured faster there). DMAT_DMA_DENSE=0|1 forces either mode for
+// dense forward's). The backward stays gathered (measured faster there). run.kernels.dma_dense = 0|1 forces either mode for
 // both directions.
 // path: the flash kernel family (flash_attention.h; automatic: the library's choice).
 void dma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* bias,
@@ -125,9 +125,9 @@ namespace dmat::cuda::testing {
 // previous budget. Tests shrink it to force many batches: results must not change by a bit.
 int64_t set_dma_list_budget(int64_t bytes);
 // The DMA ops' mode: 1 dense (no lists, no key groups), 0 gathered, −1 by the kept fraction
-// (dma.cu), −2 from DMAT_DMA_DENSE. Returns the previous mode.
+// (dma.cu); kernel_options().dma_dense. Returns the previous mode.
 int set_dma_dense(int mode);
-// The bounds threshold scan's segment length (128, 256 or 512; 0: from DMAT_DMA_THR_SEG). Returns
+// The bounds threshold scan's segment length (128, 256 or 512; kernel_options().dma_thr_seg). Returns
 // the previous one. Results must not change by a bit.
 int set_dma_thr_seg(int seg);
 }  // namespace dmat::cuda::testing

@@ -1,5 +1,5 @@
 // flash_attention.h's entry points: argument checks, the kernel path per direction (FlashPath,
-// DMAT_ATTN_PATH), the order blocks start in (DMAT_ATTN_ORDER), and which kernels run in which
+// run.kernels.attn_path), the order blocks start in (attn_order), and which kernels run in which
 // order on which stream. The kernels and their launchers live in flash_{fwd,bwd}_sm{80,90}.cu
 // (flash_common.cuh lists the launchers); here are only the family-independent kernels: the
 // backward's preprocess and the grid-order check.
@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "core/env.h"
 #include "core/error.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/flash_attention.h"
@@ -70,20 +69,15 @@ void check_args(const AttnShape& s, std::initializer_list<const void*> ptrs) {
     DMAT_CHECK(detail::aligned16(p), "flash attention: tensors must be 16-byte aligned ({})", p);
 }
 
-// Launch order of the attention grids (grid_pos). DMAT_ATTN_ORDER=lpt (default): groups of about a
-// wave of blocks (lpt_group), heaviest tiles first inside a group; launch: the plain grid order (all
-// tiles of one head, then the next); lptN: groups of N (head, batch) pairs. Read once.
-int attn_order_choice() {
-  static const int c = env_choice("DMAT_ATTN_ORDER", {"lpt", "launch", "lpt1", "lpt2", "lpt4", "lpt8", "lpt16", "lpt32", "lpt64"}, 0);
-  return c;
-}
-
-// The group DMAT_ATTN_ORDER=launch|lptN forces on a grid of `pairs` (head, batch) pairs, or launch
+// Launch order of the attention grids (grid_pos), kernel_options().attn_order: lpt (default, −1):
+// groups of about a wave of blocks (lpt_group), heaviest tiles first inside a group; launch (0): the
+// plain grid order (all tiles of one head, then the next); lptN (N): groups of N (head, batch) pairs.
+// The group attn_order launch|lptN forces on a grid of `pairs` (head, batch) pairs, or launch
 // order where grid_pos's 32-bit arithmetic would overflow; −1 where the grid's own rule applies.
 int forced_group(const AttnShape& s, int64_t pairs) {
-  const int c = attn_order_choice();
-  if (c == 1 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits (tiles ≤ T)
-  if (c >= 2) return int(std::min<int64_t>(int64_t(1) << (c - 2), pairs));
+  const int c = kernel_options().attn_order;
+  if (c == 0 || s.T * pairs >= (int64_t(1) << 31)) return 0;  // grid_pos computes in 32 bits (tiles ≤ T)
+  if (c > 0) return int(std::min<int64_t>(c, pairs));
   return -1;
 }
 
@@ -119,43 +113,32 @@ int dma_dkdv_order(const AttnShape& s) {
   return f >= 0 ? f : int(pairs);
 }
 
-int g_side_mode = -1;  // attention_side_stream(): −1 from the environment; testing::set_attention_side_stream
-
-// DMAT_ATTN_WG_OVERLAP=1 selects the software-pipelined schedule of the wgmma forward, dQ and (head
-// dim 64) dK/dV consumers; 0, the default, the plain per-tile one (measured faster on the H200:
-// forward 229 against 210 TFLOP/s, forward + backward 249 against 216). Read once.
-bool wg_overlap() {
-  static const bool on = env_choice("DMAT_ATTN_WG_OVERLAP", {"0", "1"}, 0) == 1;
-  return on;
-}
+// attn_wg_overlap selects the software-pipelined schedule of the wgmma forward, dQ and (head
+// dim 64) dK/dV consumers; off, the default, the plain per-tile one (measured faster on the H200:
+// forward 229 against 210 TFLOP/s, forward + backward 249 against 216).
+bool wg_overlap() { return kernel_options().attn_wg_overlap; }
 
 // The wgmma forward's dense-policy K/V tiles by TMA instead of cp.async: on by default since its
 // first H200 measurement (2026-11-29: forward 475 TFLOP/s against 229 with cp.async and 271 for
-// mma.sync at N = 16384, D = 128; the whole attention suite passes with it). DMAT_ATTN_WG_TMA=0
-// turns it off (read once).
-bool wg_tma() {
-  static const bool on = env_choice("DMAT_ATTN_WG_TMA", {"0", "1"}, 1) == 1;
-  return on;
-}
+// mma.sync at N = 16384, D = 128; the whole attention suite passes with it). attn_wg_tma = 0
+// turns it off.
+bool wg_tma() { return kernel_options().attn_wg_tma; }
 
 bool wgmma_dims(const AttnShape& s) { return head_dims_wgmma(s.Dqk, s.Dv); }
 
-// DMAT_ATTN_PATH=mma|wgmma, read once; anything else is an error a user can act on.
+// kernel_options().attn_path: auto, mma or wgmma for both directions.
 FlashPath env_path() {
-  static const FlashPath p = [] {
-    switch (env_choice("DMAT_ATTN_PATH", {"auto", "mma", "wgmma"}, 0)) {
-      case 1: return FlashPath::mma;
-      case 2: return FlashPath::wgmma;
-      default: return FlashPath::automatic;
-    }
-  }();
-  return p;
+  switch (kernel_options().attn_path) {
+    case AttnPathOption::mma: return FlashPath::mma;
+    case AttnPathOption::wgmma: return FlashPath::wgmma;
+    default: return FlashPath::automatic;
+  }
 }
 
 // automatic picks, per direction, the path measured faster on the H200 (docs/perf-log.md, 2026-11-29,
 // causal N = 16384, H = 16, D = 128): forward wgmma with the TMA producer (475 TFLOP/s; mma.sync
 // 271, wgmma with cp.async 229, so without TMA the forward stays on mma.sync), backward wgmma
-// (10.7 ms against 15.2). DMAT_ATTN_PATH overrides both directions.
+// (10.7 ms against 15.2). run.kernels.attn_path overrides both directions.
 enum class Direction { forward, backward };
 FlashPath resolve_path(const AttnShape& s, FlashPath requested, Direction dir) {
   const bool explicit_request = requested != FlashPath::automatic;
@@ -170,7 +153,7 @@ FlashPath resolve_path(const AttnShape& s, FlashPath requested, Direction dir) {
     fail("flash attention: no wgmma kernel for head dims ({}, {}) (only for the pairs of kernels/cuda/head_dims.h "
          "marked wgmma)",
          s.Dqk, s.Dv);
-  return ok ? FlashPath::wgmma : FlashPath::mma;  // DMAT_ATTN_PATH=wgmma: head dims without one use mma
+  return ok ? FlashPath::wgmma : FlashPath::mma;  // attn_path wgmma: head dims without one use mma
 }
 
 // The forward's kernel on the resolved path: wgmma where the head dims have one, else mma.sync.
@@ -244,10 +227,7 @@ FlashPath flash_attention_backward_path_for(const AttnShape& s, FlashPath reques
 
 int flash_attention_block_q() { return kFwdBM; }
 
-int attention_side_stream() {
-  if (g_side_mode < 0) g_side_mode = env_choice("DMAT_ATTN_SIDE_STREAM", {"0", "1", "2"}, 2);
-  return g_side_mode;
-}
+int attention_side_stream() { return kernel_options().attn_side_stream; }
 
 void flash_attention_forward_path(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                   const AttnShape& s, const float* key_bias, const FlashGather* gather,
@@ -381,9 +361,11 @@ void flash_attention_backward_dma(bf16* dq, bf16* dk, bf16* dv, float* dbias, co
 namespace dmat::cuda::testing {
 
 int set_attention_side_stream(int mode) {
-  DMAT_CHECK(mode >= -1 && mode <= 2, "attention side stream mode {} (−1, 0, 1 or 2)", mode);
-  const int old = g_side_mode;
-  g_side_mode = mode;
+  DMAT_CHECK(mode >= 0 && mode <= 2, "attention side stream mode {} (0, 1 or 2)", mode);
+  KernelOptions o = kernel_options();
+  const int old = o.attn_side_stream;
+  o.attn_side_stream = mode;
+  set_kernel_options(o);
   return old;
 }
 

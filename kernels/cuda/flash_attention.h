@@ -11,11 +11,11 @@
 #include <functional>
 
 #include "core/bf16.h"
-#include "kernels/cpu/cpu_ops.h"  // AttnShape
+#include "kernels/attention_types.h"
 
 namespace dmat::cuda {
 
-using AttnShape = cpu::AttnShape;
+using AttnShape = ::dmat::AttnShape;
 
 // The head dims (head_dims.h) and the sizes (T < 2^31, H and B <= 65535, H a multiple of Hkv) the
 // kernels are built for.
@@ -33,7 +33,7 @@ int flash_attention_block_q();
 // The attention backwards' side-stream mode (SideStream, kernels/cuda/context.h: 0 none, 1 a side
 // stream of the greatest priority, 2 one of the compute stream's): with 1 or 2 the wgmma path's dQ
 // pass runs beside its dK/dV pass, and the DMA backward's key groups, lists and dQ passes beside
-// its delta kernel and dK/dV pass. DMAT_ATTN_SIDE_STREAM=0|1|2 (read once; default 2, measured
+// its delta kernel and dK/dV pass. kernel_options().attn_side_stream (default 2, measured
 // fastest, docs/perf-log.md).
 int attention_side_stream();
 // Gathered keys: keys[((b·Hkv + hk)·n_tiles + tile)·capacity + n], n < count[(b·Hkv + hk)·n_tiles
@@ -91,8 +91,8 @@ struct FlashKeyGroups {
 
 // ---- kernel path (tests, benchmarks) -----------------------------------------------------------
 // automatic: per direction, the path measured faster on Hopper — forward mma.sync, backward wgmma
-// where flash_attention_wgmma_available (else mma). The environment variable
-// DMAT_ATTN_PATH=mma|wgmma|auto (read once per process) overrides automatic for both directions
+// where flash_attention_wgmma_available (else mma). kernel_options().attn_path
+// (run.kernels.attn_path, or DMAT_ATTN_PATH) = mma|wgmma overrides automatic for both directions
 // (wgmma: an error without an sm_90a-capable device; head dims without a wgmma kernel still use
 // mma). An explicit FlashPath::wgmma fails where no wgmma kernel can run.
 enum class FlashPath : int { automatic = 0, mma = 1, wgmma = 2 };
@@ -132,7 +132,7 @@ namespace dmat::cuda::testing {
 // run) where the wgmma path is not available.
 bool flash_wgmma_selftest(float* s128, float* s64, float* o, bf16* raw_a, const bf16* a, const bf16* b,
                           const bf16* v);
-// GPU self-check of the TMA tile load (the forward's DMAT_ATTN_WG_TMA=1 producer): rows row0 ..
+// GPU self-check of the TMA tile load (the forward's attn_wg_tma producer): rows row0 ..
 // row0 + 127 of head `head` of src [rows][heads][128] bf16 into raw (128 x 128 bf16, the
 // 128B-swizzled panel-major shared tile; rows past `rows` zero). false where not available.
 bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads, int row0, int head);
@@ -140,9 +140,9 @@ bool flash_tma_selftest(bf16* raw, const bf16* src, int64_t rows, int64_t heads,
 // launch order; g > 0: heaviest tiles first in groups of g (y, z) pairs): out[3·l .. 3·l + 2] =
 // the (x, y, z) that launch-linear block l = bx + X·(by + Y·bz) works on (device pointer, int32).
 void flash_grid_order(int32_t* out, int X, int Y, int Z, int order);
-// The order the forward, dQ and dK/dV grids use for shape s (DMAT_ATTN_ORDER; 0 = launch order).
+// The order the forward, dQ and dK/dV grids use for shape s (kernel_options().attn_order; 0 = launch order).
 int flash_grid_order_group(const AttnShape& s, int which);  // which: 0 forward, 1 dQ, 2 dK/dV, 3 DMA dK/dV
-// Sets attention_side_stream()'s mode (−1: from the environment again); returns the previous one.
+// Sets kernel_options().attn_side_stream (0, 1 or 2); returns the previous one.
 // Results must not change by a bit.
 int set_attention_side_stream(int mode);
 }  // namespace dmat::cuda::testing

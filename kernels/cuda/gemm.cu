@@ -12,7 +12,6 @@
 
 #include <fmt/format.h>
 
-#include "core/env.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/kernel_util.cuh"
 #include "kernels/cuda/profile.h"
@@ -61,14 +60,11 @@ struct Plan {
   cublasLtMatmulAlgo_t algo{};
 };
 
-// DMAT_GEMM_ALGO=tuned: time the heuristic's first candidates once per plan, on the call's own
+// kernel_options().gemm_tuned (run.kernels.gemm_algo = tuned): time the heuristic's first candidates once per plan, on the call's own
 // operands, and keep the fastest (D goes to a scratch buffer, so C is read but not changed). The
 // choice can differ between runs, and with it the rounding: for measurements, not for runs that
 // must reproduce bit for bit. The default keeps the heuristic's first choice.
-bool tuning() {
-  static const bool on = env_choice("DMAT_GEMM_ALGO", {"heuristic", "tuned"}, 0) == 1;
-  return on;
-}
+bool tuning() { return kernel_options().gemm_tuned; }
 
 struct Operands {
   const void *A, *B, *C;

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <map>
 
-#include "core/env.h"
 #include "kernels/cuda/context.h"
 
 namespace dmat::cuda {
@@ -35,10 +34,7 @@ Profiler& prof() {
   return *p;
 }
 
-int level() {
-  static const int l = env_choice("DMAT_PROFILE", {"0", "1", "gemm"}, 0);
-  return l;
-}
+int level() { return int(kernel_options().profile); }
 
 std::vector<ProfileRow> summed(Profiler& p, const std::vector<Record>& recs, bool detail) {
   std::map<std::string, ProfileRow> sum;

@@ -2,7 +2,7 @@
 // When enabled, each op of src/ops records a pair of CUDA events around its kernels on the compute
 // stream; report() waits for the stream and sums the elapsed time per op name. Disabled (the
 // default) it costs one branch per op. Process-wide like the CUDA context it measures.
-// DMAT_PROFILE=gemm also times every GEMM by its shape ("detail" rows: they are part of their op's
+// run.kernels.profile = gemm (DMAT_PROFILE=gemm) also times every GEMM by its shape ("detail" rows: they are part of their op's
 // time, so they are reported beside the ops, not added to them).
 #pragma once
 #include <string>
@@ -10,8 +10,8 @@
 
 namespace dmat::cuda {
 
-bool profiling();        // DMAT_PROFILE is 1 or gemm
-bool profiling_gemms();  // DMAT_PROFILE is gemm
+bool profiling();        // run.kernels.profile is 1 or gemm
+bool profiling_gemms();  // run.kernels.profile is gemm
 void profile_begin(const char* name);
 void profile_end();
 void profile_detail_begin(std::string name, double flops = 0);

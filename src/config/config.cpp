@@ -19,6 +19,7 @@
 #include <variant>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include "core/error.h"
 
@@ -107,6 +108,7 @@ const std::vector<Field<RunConfig>> kRunFields = {
     {"deterministic", &RunConfig::deterministic},
     {"collective_timeout_s", &RunConfig::collective_timeout_s},
 };
+constexpr const char* kRunKernelsKey = "kernels";  // nested section of run (core/kernel_options.h)
 
 // ---- small helpers ---------------------------------------------------------------------------
 // A JSON value as shown in messages: compact, cut short when long.
@@ -273,6 +275,38 @@ void require_choice(const std::string& value, const std::string& path,
                     const std::vector<std::string>& choices, const std::string& note = "") {
   if (!contains(choices, value))
     fail("config: {} must be one of {} (got {}{})", path, join(choices), show(json(value)), note);
+}
+
+// ---- run.kernels -------------------------------------------------------------------------------
+// The switches' values are text (core/kernel_options.h: kernel_knobs); in JSON a value may be
+// written as a string or, where its text is a number or 0/1, as a number or a boolean.
+void read_kernels(const json& j, KernelOptions& o) {
+  std::vector<std::string> keys;
+  for (const auto& k : kernel_knobs()) keys.push_back(k.key);
+  check_section(j, "run.kernels", keys);
+  for (const auto& k : kernel_knobs()) {
+    auto it = j.find(k.key);
+    if (it == j.end()) continue;
+    const std::string p = join_path("run.kernels", k.key);
+    std::string text;
+    if (it->is_string()) text = it->get<std::string>();
+    else if (it->is_boolean()) text = it->get<bool>() ? "1" : "0";
+    else if (it->is_number_integer()) text = std::to_string(it->get<int64_t>());
+    else if (it->is_number() && k.choices.empty()) text = fmt::format("{}", it->get<double>());
+    else fail("config: {} must be a string or a number (got {})", p, show(*it));
+    set_kernel_option(o, k, text, "config: " + p);
+  }
+}
+
+json kernels_json(const KernelOptions& o) {
+  json j = json::object();
+  for (const auto& k : kernel_knobs()) {
+    const std::string t = k.get(o);
+    if (k.choices.empty()) j[k.key] = o.peak_tflops;
+    else if (!t.empty() && t.find_first_not_of("0123456789") == std::string::npos) j[k.key] = std::stoll(t);
+    else j[k.key] = t;
+  }
+  return j;
 }
 
 // ---- attention variants ---------------------------------------------------------------------
@@ -847,8 +881,11 @@ Config build(const json& j) {
   read_fields(jd, "data", kDataFields, c.data);
 
   const json& jr = section("run");
-  check_section(jr, "run", field_keys(kRunFields));
+  auto run_keys = field_keys(kRunFields);
+  run_keys.push_back(kRunKernelsKey);
+  check_section(jr, "run", run_keys);
   read_fields(jr, "run", kRunFields, c.run);
+  if (auto it = jr.find(kRunKernelsKey); it != jr.end()) read_kernels(*it, c.run.kernels);
 
   check_dimensions(c);
   validate_model(c.model);
@@ -875,7 +912,10 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   std::vector<std::string> chain;
   std::vector<fs::path> canon_chain;
   json j = load_with_includes(fs::path(path), chain, canon_chain);
-  return finish(std::move(j), overrides);
+  Config c = finish(std::move(j), overrides);
+  for (const std::string& line : apply_kernel_env(c.run.kernels)) spdlog::info("environment override: {}", line);
+  c.resolved = to_json(c);
+  return c;
 }
 
 Config parse_config(const json& j, const std::string& base_dir,
@@ -916,6 +956,7 @@ json to_json(const Config& c) {
   j["train"] = write_fields(kTrainFields, c.train);
   j["data"] = write_fields(kDataFields, c.data);
   j["run"] = write_fields(kRunFields, c.run);
+  j["run"][kRunKernelsKey] = kernels_json(c.run.kernels);
   return j;
 }
 

@@ -17,6 +17,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/kernel_options.h"
+
 namespace dmat {
 
 // Each attention variant has its own options object; model.attention holds "type" and that
@@ -127,6 +129,7 @@ struct RunConfig {
   int64_t keep_checkpoints = 3;    // newest complete checkpoints kept; 0 keeps all
   bool deterministic = true;       // CUDA: bitwise-reproducible kernels (attention dQ without atomics)
   double collective_timeout_s = 600;  // multi-rank: a collective running longer aborts the job; 0: no limit
+  KernelOptions kernels;           // run.kernels: kernel tuning switches (core/kernel_options.h)
 };
 
 struct Config {
@@ -140,6 +143,8 @@ struct Config {
 // Loads a file (following includes), applies `--set a.b=value` overrides in order (value parsed as
 // JSON, falling back to the plain text; a string-typed key always takes the text, so
 // run.name=123 names the run "123"), validates, and fills derived defaults.
+// load_config is the start-up path: after validation it applies the DMAT_* environment overrides of
+// run.kernels (apply_kernel_env), logging each value one changes; parse_config does not.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 // Same, from an already-parsed JSON object (includes resolved relative to base_dir).
 Config parse_config(const nlohmann::json& j, const std::string& base_dir = ".",

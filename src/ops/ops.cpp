@@ -63,6 +63,14 @@ template <class T> T* p(const Tensor& t) { return t.defined() ? t.as<T>() : null
 
 }  // namespace
 
+void set_kernel_options(const KernelOptions& o) {
+#ifdef DMAT_WITH_CUDA
+  cuda::set_kernel_options(o);
+#else
+  (void)o;
+#endif
+}
+
 void linear_forward(const Tensor& y, const Tensor& x, const Tensor& W) {
   const int64_t K = last_dim(x), M = rows_of(x), N = W.shape[0];
   DMAT_CHECK(W.shape.n == 2 && W.shape[1] == K && y.numel() == M * N,
@@ -643,6 +651,29 @@ void adamw_step(const Tensor& p_, const Tensor& g, const Tensor& m, const Tensor
     using T = decltype(t);
     cpu::adamw_step<T>(p<T>(p_), p<T>(g), p<T>(m), p<T>(v), p_.numel(), lr, beta1, beta2, eps, weight_decay, bc1, bc2);
   });
+}
+
+void adamw_step_segments(const Tensor& master, const Tensor& p_, const Tensor& g, const Tensor& m, const Tensor& v,
+                         int64_t moments_lo, const std::vector<AdamSegment>& segs, double lr, double beta1,
+                         double beta2, double eps, double bc1, double bc2, float grad_scale) {
+  DMAT_CHECK(on_cuda("adamw", p_), "adamw: the segment update is the CUDA path");
+  DMAT_CHECK(g.numel() == p_.numel() && master.numel() == p_.numel() && m.numel() == v.numel(), "adamw: shapes");
+  for (const AdamSegment& s : segs)
+    DMAT_CHECK(s.offset >= moments_lo && s.offset + s.n <= moments_lo + m.numel() && s.offset + s.n <= p_.numel(),
+               "adamw: segment [{}, {}) outside the moments [{}, {})", s.offset, s.offset + s.n, moments_lo,
+               moments_lo + m.numel());
+#ifdef DMAT_WITH_CUDA
+  static_assert(sizeof(AdamSegment) == sizeof(cuda::AdamSegment));
+  if (segs.empty()) return;
+  // The kernel indexes every array by arena offset; the moments' base is shifted back by moments_lo
+  // (only offsets inside the segments are touched).
+  float* mb = p<float>(m) - moments_lo;
+  float* vb = p<float>(v) - moments_lo;
+  cuda::ProfileScope prof_("adamw");
+  cuda::adamw_step(p<float>(master), p<bf16>(p_), p<float>(g), mb, vb,
+                   reinterpret_cast<const cuda::AdamSegment*>(segs.data()), int(segs.size()), float(lr),
+                   float(beta1), float(beta2), float(eps), float(bc1), float(bc2), grad_scale);
+#endif
 }
 
 // ---- Dynamic Mask Attention ----------------------------------------------------------------------

@@ -3,12 +3,18 @@
 // here, so kernels can trust them. Semantics (overwrite vs +=) follow kernels/cpu/cpu_ops.h.
 #pragma once
 #include <cstdint>
+#include <vector>
 
+#include "core/kernel_options.h"
 #include "core/tensor.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cpu/nsa_ops.h"
 
 namespace dmat::ops {
+
+// The kernel tuning switches (core/kernel_options.h, run.kernels) the CUDA backend uses from now
+// on, set once at start-up before the first kernel; nothing in a build without CUDA.
+void set_kernel_options(const KernelOptions& o);
 
 using cpu::AttnShape;
 
@@ -83,6 +89,17 @@ double sum_squares(const Tensor& x);
 
 void adamw_step(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double bc1, double bc2);
+// CUDA, one launch for many tensors: the AdamW update of segments of the flat arenas, on the fp32
+// master weights master, writing the bf16 working copy p; segment s covers arena elements
+// [offset, offset + n) with weight decay weight_decay, and g is multiplied by grad_scale first
+// (clipping). The moments m and v hold arena elements [moments_lo, moments_lo + m.numel()) only.
+struct AdamSegment {
+  int64_t offset, n;
+  float weight_decay;
+};
+void adamw_step_segments(const Tensor& master, const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
+                         int64_t moments_lo, const std::vector<AdamSegment>& segs, double lr, double beta1,
+                         double beta2, double eps, double bc1, double bc2, float grad_scale);
 
 // Dynamic Mask Attention (definitions, layouts and the tie rule in kernels/cpu/cpu_ops.h). On CUDA
 // (kernels/cuda/dma.h: bf16 v, w_dt, A, dv, q, k, out and their gradients; fp32 z, bias, thr, dbias,

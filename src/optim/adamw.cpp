@@ -6,11 +6,6 @@
 #include "dist/communicator.h"
 #include "ops/ops.h"
 
-#ifdef DMAT_WITH_CUDA
-#include "kernels/cuda/cuda_ops.h"
-#include "kernels/cuda/profile.h"
-#endif
-
 namespace dmat {
 
 namespace {
@@ -63,23 +58,12 @@ void AdamW::step(double lr) {
   ++t_;
   const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t_)), bc2 = 1.0 - std::pow(cfg_.beta2, double(t_));
   if (model_.device() == Device::CUDA) {
-#ifdef DMAT_WITH_CUDA
-    static_assert(sizeof(Segment) == sizeof(cuda::AdamSegment));
     const Tensor master = model_.master().flat(), p = model_.params().flat(), g = model_.grads().flat();
-    // The kernel indexes every array by arena offset; the moments hold [lo, hi) only, so their base
-    // is shifted back by lo (only offsets inside [lo, hi) are ever touched).
-    float* mb = m_.flat().as<float>() - lo_;
-    float* vb = v_.flat().as<float>() - lo_;
-    cuda::ProfileScope prof_("adamw");
     for (const Group& gr : groups_)
-      if (!gr.segs.empty())
-        cuda::adamw_step(master.as<float>(), p.as<bf16>(), g.as<float>(), mb, vb,
-                         reinterpret_cast<const cuda::AdamSegment*>(gr.segs.data()), int(gr.segs.size()),
-                         float(lr * gr.lr_scale), float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(bc1),
-                         float(bc2), clip_scale_);
+      ops::adamw_step_segments(master, p, g, m_.flat(), v_.flat(), lo_, gr.segs, lr * gr.lr_scale, cfg_.beta1,
+                               cfg_.beta2, cfg_.eps, bc1, bc2, clip_scale_);
     clip_scale_ = 1.f;
     return;
-#endif
   }
   const Tensor p = model_.params().flat(), g = model_.grads().flat(), m = m_.flat(), v = v_.flat();
   for (const Group& gr : groups_)

@@ -13,6 +13,7 @@
 #include "config/config.h"
 #include "core/arena.h"
 #include "model/model.h"
+#include "ops/ops.h"
 
 namespace dmat::dist {
 class Communicator;
@@ -55,10 +56,7 @@ class AdamW {
   Arena m_, v_;
   int64_t t_ = 0;
   float clip_scale_ = 1.f;  // CUDA: clip() scale awaiting step()
-  struct Segment {
-    int64_t offset, n;
-    float weight_decay;
-  };
+  using Segment = ops::AdamSegment;
   // The parameter tensors' parts inside [lo, hi) (arena offsets), in groups of one learning-rate
   // scale (ParamInfo::lr_scale): one update launch per group, so a model whose tensors all keep
   // scale 1 updates in one launch with exactly the unscaled arithmetic.
