@@ -52,6 +52,12 @@ test::CmdResult train(int np, const std::string& args, const std::string& env = 
   return run(launch + bin() + " train " + args);
 }
 
+// dmat_test_train (tests/train_driver.cpp) on np ranks: `dmatrain train` with the trainer's test
+// seams, `seams` being its --fault / --host-buckets flags.
+test::CmdResult train_with_seams(int np, const std::string& args, const std::string& seams) {
+  return run(test::mpirun(np) + " " + DMAT_TEST_TRAIN + " " + seams + " " + args);
+}
+
 // Largest |a - b| over every tensor of two safetensors files (same names and shapes required).
 double max_abs_diff(const std::string& a, const std::string& b) {
   SafetensorsFile fa(a), fb(b);
@@ -116,14 +122,14 @@ TEST(MpiTrain, DefaultThreadsShareTheNodesCores) {
 }
 
 // The GPU path reduces gradients in buckets from Model's grad-ready hook during backward; run on the
-// host communicator (DMAT_TEST_HOST_BUCKETS: 16 KiB buckets, so several per block) every element is
+// host communicator (TrainOptions::host_bucket_bytes: 16 KiB buckets, so several per block) every element is
 // still summed once, with the same two operands: bit for bit the plain all-reduce.
 TEST(MpiTrain, GradientBucketsFromTheBackwardHookEqualOneAllReduce) {
   const std::string dir = test::temp_dir("mpi_buckets");
   const std::string cfg = setup(dir) + " --set train.batch_size=4 --set model.n_layers=2";
   auto plain = train(2, cfg + " --out " + dir + "/plain");
   ASSERT_EQ(plain.rc, 0) << plain.out;
-  auto buckets = train(2, cfg + " --out " + dir + "/buckets", "-x DMAT_TEST_HOST_BUCKETS=16384");
+  auto buckets = train_with_seams(2, cfg + " --out " + dir + "/buckets", "--host-buckets 16384");
   ASSERT_EQ(buckets.rc, 0) << buckets.out;
   expect_same_run(dir + "/plain", dir + "/buckets", 1e-30, "bucketed vs one all-reduce");
 }
@@ -180,7 +186,7 @@ TEST(MpiTrain, ARankThatThrowsEndsEveryRankInBoundedTime) {
   const std::string dir = test::temp_dir("mpi_throw");
   const std::string cfg = setup(dir) + " --set train.batch_size=4 --set train.steps=1000";
   const auto t0 = std::chrono::steady_clock::now();
-  auto r = train(2, cfg + " --out " + dir + "/run", "-x DMAT_TEST_FAULT=1:3:throw");
+  auto r = train_with_seams(2, cfg + " --out " + dir + "/run", "--fault 1:3:throw");
   const double dt = seconds_since(t0);
   std::cout << "mpirun exited " << r.rc << " after " << dt << " s\n";
   EXPECT_NE(r.rc, 0) << r.out;
@@ -193,7 +199,7 @@ TEST(MpiTrain, AStuckCollectiveBecomesAnError) {
   const std::string cfg = setup(dir) + " --set train.batch_size=4 --set train.steps=1000";
   const auto t0 = std::chrono::steady_clock::now();
   // rank 1 stops answering before step 3; rank 0 waits in the step's all-reduce
-  auto r = train(2, cfg + " --set run.collective_timeout_s=2 --out " + dir + "/run", "-x DMAT_TEST_FAULT=1:3:hang");
+  auto r = train_with_seams(2, cfg + " --set run.collective_timeout_s=2 --out " + dir + "/run", "--fault 1:3:hang");
   const double dt = seconds_since(t0);
   std::cout << "mpirun exited " << r.rc << " after " << dt << " s\n";
   EXPECT_NE(r.rc, 0) << r.out;
@@ -207,7 +213,7 @@ TEST(MpiTrain, ASignalOnOneRankCheckpointsAndStopsEveryRank) {
   const std::string dir = test::temp_dir("mpi_signal");
   const std::string cfg = setup(dir) + " --set train.batch_size=4 --set train.steps=1000";
   const auto t0 = std::chrono::steady_clock::now();
-  auto r = train(2, cfg + " --out " + dir + "/run", "-x DMAT_TEST_FAULT=1:4:signal");
+  auto r = train_with_seams(2, cfg + " --out " + dir + "/run", "--fault 1:4:signal");
   EXPECT_LT(seconds_since(t0), 30.0);
   EXPECT_NE(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("interrupted by signal 15 at step 4"), std::string::npos) << r.out;

@@ -49,7 +49,7 @@ double gib(int64_t b) { return double(b) / double(1ull << 30); }
 }  // namespace
 
 void bench_train(const Config& cfg, const TrainBenchOptions& opt, std::ostream& out) {
-  const Device device = pick_device(cfg.run.device);
+  const Device device = pick_device(cfg.run);
   set_cpu_threads(cfg.run.threads);
   const auto& tc = cfg.train;
   const int64_t B = tc.batch_size, T = tc.seq_len, V = cfg.model.vocab_size, N = B * T;

@@ -12,7 +12,6 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
-#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -22,6 +21,7 @@
 #include "io/checkpoint_dir.h"
 #include "io/safetensors.h"
 #include "optim/adamw.h"
+#include "ops/ops.h"
 #include "optim/schedule.h"
 #include "train/checkpoint.h"
 #include "train/info.h"
@@ -68,21 +68,6 @@ class AgreedStop : public Error {
   using Error::Error;
 };
 
-// Test-only fault injection: DMAT_TEST_FAULT="RANK:STEP:KIND" makes rank RANK, before update STEP,
-// throw (KIND "throw"), stop answering collectives (KIND "hang") or raise SIGTERM (KIND "signal").
-void inject_test_fault(int rank, int64_t step) {
-  static const char* spec = std::getenv("DMAT_TEST_FAULT");
-  if (!spec) return;
-  int r = -1;
-  long long s = -1;
-  char kind[16] = {};
-  if (std::sscanf(spec, "%d:%lld:%15s", &r, &s, kind) != 3 || r != rank || s != step) return;
-  const std::string k = kind;
-  if (k == "throw") fail("test fault injected on rank {} at step {} (DMAT_TEST_FAULT)", rank, step);
-  if (k == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
-  if (k == "signal") std::raise(SIGTERM);
-}
-
 std::string si(double x) {
   if (x >= 1e9) return fmt::format("{:.2f}G", x / 1e9);
   if (x >= 1e6) return fmt::format("{:.2f}M", x / 1e6);
@@ -92,13 +77,16 @@ std::string si(double x) {
 
 }  // namespace
 
-Device pick_device(const std::string& d) {
+Device pick_device(const RunConfig& run) {
+  const std::string& d = run.device;
   if (d == "cpu") return Device::CPU;
   const int n = cuda::device_count();
   if (d == "cuda" && n == 0)
     fail("config: run.device is \"cuda\", but {} (use \"cpu\" or \"auto\")",
          cuda::cuda_built() ? "no CUDA device is visible" : "this build has no CUDA backend (configure with -DDMAT_CUDA=ON)");
-  return n > 0 ? Device::CUDA : Device::CPU;
+  if (n == 0) return Device::CPU;
+  ops::set_kernel_options(run.kernels);
+  return Device::CUDA;
 }
 
 void check_device_support(const Config& cfg, Device device) {
@@ -300,7 +288,7 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
       fail("data: shards have vocab size {} but model.vocab_size is {}: the model must cover the tokenizer's ids",
            l->vocab_size(), cfg.model.vocab_size);
   full_val_batches(val_data, tc.batch_size * world, "validation set " + cfg.data.val);
-  const Device device = pick_device(cfg.run.device);
+  const Device device = pick_device(cfg.run);
   check_device_support(cfg, device);  // before the run directory exists
 
   // ---- run directory: one process at a time, and a run is continued only when asked, from a
@@ -374,10 +362,8 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   std::unique_ptr<Model> model_ptr = make_model(cfg, device);
   Model& model = *model_ptr;
   model.init_weights(tc.seed);
-  // DMAT_TEST_HOST_BUCKETS=BYTES (tests): the GPU path's gradient buckets, on the host communicator.
-  const char* host_buckets = std::getenv("DMAT_TEST_HOST_BUCKETS");
-  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero), host_buckets ? std::atoll(host_buckets) : 32 << 20,
-                        host_buckets != nullptr);
+  dist::DataParallel dp(model, comm, nccl.get(), int(tc.zero),
+                        opt.host_bucket_bytes > 0 ? opt.host_bucket_bytes : 32 << 20, opt.host_bucket_bytes > 0);
   AdamW adam(model, tc, dp.shard_lo(), dp.shard_hi(), &comm);
   TrainState st;
   if (ckpt) {
@@ -517,7 +503,6 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   const auto& params = model.param_info();
   while (st.step < tc.steps) {
     const int64_t s = st.step + 1;  // the step being made
-    inject_test_fault(int(rank), s);
     // a new epoch of the training set: the epoch of this step's last sequence is past the last one's
     const int64_t epoch = (st.sequences + seqs_per_step - 1) / windows;
     if (st.sequences > 0 && epoch > (st.sequences - 1) / windows)
@@ -670,7 +655,7 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_pos
   Config cfg = parse_saved_config(checkpoint_config(ck->path), run_dir);
   set_cpu_threads(cfg.run.threads, 1);
   const bool dump = !logits_path.empty();
-  std::unique_ptr<Model> model = make_model(cfg, dump ? Device::CPU : pick_device(cfg.run.device));
+  std::unique_ptr<Model> model = make_model(cfg, dump ? Device::CPU : pick_device(cfg.run));
   load_checkpoint(ck->path, *model, nullptr);
   TokenLoader val(list_shards(cfg.data.val), cfg.train.seq_len, cfg.train.seed, false);
   spdlog::info("eval: checkpoint {} (step {}){}", ck->path, ck->step, dump ? ", CPU backend (fp32) for --logits" : "");

@@ -23,6 +23,9 @@ struct TrainOptions {
   // faults through them: a NaN gradient, a loss spike (weights disturbed before the forward and
   // restored after the backward).
   std::function<void(int64_t step, Model& model)> before_forward, after_backward;
+  // Test seam: > 0 runs the GPU path's bucketed gradient all-reduce, in buckets of this many bytes,
+  // on the host communicator (dist::DataParallel's host_buckets), so CPU tests exercise it.
+  int64_t host_bucket_bytes = 0;
 };
 
 struct TrainResult {
@@ -70,7 +73,8 @@ EvalResult evaluate_run(const std::string& run_dir, int64_t batches, bool by_pos
                         const std::string& logits_path = "", bool accuracy = false);
 
 // run.device: "cpu", "cuda" (an error without a visible GPU), "auto" (CUDA when a GPU is visible).
-Device pick_device(const std::string& device);
+// On CUDA it also hands run.kernels to the backend (ops::set_kernel_options), before any kernel.
+Device pick_device(const RunConfig& run);
 // Refuses, naming the config key, a model the device has no kernels for (CUDA: attention head dims).
 void check_device_support(const Config& cfg, Device device);
 // The model for a run on `device` (CUDA: bf16 with fp32 master weights), with the run's
