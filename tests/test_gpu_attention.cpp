@@ -37,6 +37,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/head_dims.h"
+#include "test_gpu_util.h"
 #endif
 
 namespace dmat {
@@ -53,22 +54,8 @@ uint64_t fresh_seed() {
   return (uint64_t(rd()) << 32) ^ rd();
 }
 
-// Device buffer owning its allocation.
-template <class T>
-struct Dev {
-  T* p = nullptr;
-  int64_t n = 0;
-  explicit Dev(int64_t n_) : n(n_) { p = static_cast<T*>(cuda::device_alloc(size_t(std::max<int64_t>(n, 1)) * sizeof(T))); }
-  ~Dev() { cuda::device_free(p); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  void upload(const std::vector<T>& h) { cuda::memcpy_h2d(p, h.data(), size_t(n) * sizeof(T)); }
-  std::vector<T> download() const {
-    std::vector<T> h(static_cast<size_t>(n));
-    cuda::memcpy_d2h(h.data(), p, size_t(n) * sizeof(T));
-    return h;
-  }
-};
+using test::Dev;
+using test::to_d;
 
 std::string describe(const cpu::AttnShape& s) {
   std::ostringstream o;
@@ -93,13 +80,6 @@ Input random_input(int64_t n, uint64_t seed, double amp) {
   }
   return x;
 }
-
-std::vector<double> as_double(const std::vector<bf16>& v) {
-  std::vector<double> d(v.size());
-  for (size_t i = 0; i < v.size(); ++i) d[i] = to_float(v[i]);
-  return d;
-}
-std::vector<double> as_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
 
 // Compares got with ref; "" when within tolerance, else a report naming the first bad element.
 std::string compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
@@ -172,10 +152,10 @@ struct GpuProblem {
   Dev<float> lse;
   explicit GpuProblem(const Problem& P)
       : q(P.nq()), k(P.nk()), v(P.nv()), dout(P.no()), out(P.no()), dq(P.nq()), dk(P.nk()), dv(P.nv()), lse(P.nl()) {
-    q.upload(P.q.b);
-    k.upload(P.k.b);
-    v.upload(P.v.b);
-    dout.upload(P.dout.b);
+    q.up(P.q.b);
+    k.up(P.k.b);
+    v.up(P.v.b);
+    dout.up(P.dout.b);
   }
   void poison_forward() {
     cuda::fill_bf16(out.p, out.n, NAN);
@@ -267,7 +247,7 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
     G.poison_forward();
     cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr, path);
     cuda::synchronize();
-    const std::vector<double> out = as_double(G.out.download()), lse = as_double(G.lse.download());
+    const std::vector<double> out = to_d(G.out.down()), lse = to_d(G.lse.down());
     err = compare("out", out, out_ref, kMaxTol, kL2Tol) + compare("lse", lse, lse_ref, kLseTol, 0, true);
     ASSERT_TRUE(err.empty()) << path_name(path) << " forward: " << err;
   }
@@ -277,15 +257,15 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
     SCOPED_TRACE(std::string("backward path ") + path_name(path));
     // deterministic backward: within tolerance, and the same bits on a second run
     G.backward(s, /*deterministic=*/true, path);
-    const std::vector<bf16> dq1 = G.dq.download(), dk1 = G.dk.download(), dv1 = G.dv.download();
-    err = compare("dq", as_double(dq1), dq_ref, kMaxTol, kL2Tol) +
-          compare("dk", as_double(dk1), dk_ref, kMaxTol, kL2Tol) + compare("dv", as_double(dv1), dv_ref, kMaxTol, kL2Tol);
+    const std::vector<bf16> dq1 = G.dq.down(), dk1 = G.dk.down(), dv1 = G.dv.down();
+    err = compare("dq", to_d(dq1), dq_ref, kMaxTol, kL2Tol) +
+          compare("dk", to_d(dk1), dk_ref, kMaxTol, kL2Tol) + compare("dv", to_d(dv1), dv_ref, kMaxTol, kL2Tol);
     EXPECT_TRUE(err.empty()) << "deterministic backward: " << err;
     // again with the dQ pass on the compute stream (the first ran beside the dK/dV pass by default)
     const int old_side = cuda::testing::set_attention_side_stream(0);
     G.backward(s, true, path);
     cuda::testing::set_attention_side_stream(old_side);
-    const std::vector<bf16> dq2 = G.dq.download(), dk2 = G.dk.download(), dv2 = G.dv.download();
+    const std::vector<bf16> dq2 = G.dq.down(), dk2 = G.dk.down(), dv2 = G.dv.down();
     auto first_diff = [](const std::vector<bf16>& a, const std::vector<bf16>& b) -> int64_t {
       for (size_t i = 0; i < a.size(); ++i)
         if (a[i].bits != b[i].bits) return int64_t(i);
@@ -298,9 +278,9 @@ TEST_P(FlashAttention, ForwardAndBackwardMatchCpuReference) {
 
     // atomic-dQ backward (mma path; the wgmma path computes dQ deterministically either way)
     G.backward(s, /*deterministic=*/false, path);
-    err = compare("dq", as_double(G.dq.download()), dq_ref, kMaxTol, kL2Tol) +
-          compare("dk", as_double(G.dk.download()), dk_ref, kMaxTol, kL2Tol) +
-          compare("dv", as_double(G.dv.download()), dv_ref, kMaxTol, kL2Tol);
+    err = compare("dq", to_d(G.dq.down()), dq_ref, kMaxTol, kL2Tol) +
+          compare("dk", to_d(G.dk.down()), dk_ref, kMaxTol, kL2Tol) +
+          compare("dv", to_d(G.dv.down()), dv_ref, kMaxTol, kL2Tol);
     EXPECT_TRUE(err.empty()) << "non-deterministic backward: " << err;
   }
 }
@@ -398,17 +378,17 @@ TEST(FlashAttentionHooks, GatherAllCausalKeysEqualsDense) {
         return ks;
       });
       Dev<int32_t> gk(int64_t(g.keys.size())), gc(int64_t(g.count.size()));
-      gk.upload(g.keys);
-      gc.upload(g.count);
+      gk.up(g.keys);
+      gc.up(g.count);
       const cuda::FlashGather fg{gk.p, gc.p, g.capacity};
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr, path);
-      const std::vector<bf16> dense = G.out.download();
-      const std::vector<float> dense_lse = G.lse.download();
+      const std::vector<bf16> dense = G.out.down();
+      const std::vector<float> dense_lse = G.lse.down();
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, &fg, path);
-      const std::vector<bf16> gath = G.out.download();
-      const std::vector<float> gath_lse = G.lse.download();
+      const std::vector<bf16> gath = G.out.down();
+      const std::vector<float> gath_lse = G.lse.down();
       // Same key tiles in the same order and masked keys give exact zeros, so the results should
       // be the same bits; allow one bf16 ulp (2^-8 relative) in case the two instantiations are
       // scheduled with different fma contractions. Any masking/indexing error is far larger.
@@ -438,10 +418,10 @@ TEST(FlashAttentionHooks, ZeroBiasEqualsNoBias) {
     cuda::fill_f32(bias.p, bias.n, 0.f);
     G.poison_forward();
     cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr, path);
-    const std::vector<bf16> a = G.out.download();
+    const std::vector<bf16> a = G.out.down();
     G.poison_forward();
     cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr, path);
-    const std::vector<bf16> b = G.out.download();
+    const std::vector<bf16> b = G.out.down();
     // bias 0 adds +0 to every score: the same arithmetic, so the same bits up to fma contraction
     // differences between the two instantiations (one bf16 ulp allowed).
     for (size_t i = 0; i < a.size(); ++i)
@@ -470,7 +450,7 @@ TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
       std::vector<double> bias_d(bias_h.size());
       for (size_t i = 0; i < bias_h.size(); ++i) bias_h[i] = float(3 * r.uniform() - 2), bias_d[i] = bias_h[i];
       Dev<float> bias(int64_t(bias_h.size()));
-      bias.upload(bias_h);
+      bias.up(bias_h);
 
       auto visible = [&](int64_t i, int64_t j) { return j <= i && (window == 0 || j > i - window); };
       std::vector<double> out_ref, lse_ref;
@@ -478,8 +458,8 @@ TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
                        [&](int64_t, int64_t, int64_t i, int64_t j) { return visible(i, j); });
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, nullptr, path);
-      std::string err = compare("biased out", as_double(G.out.download()), out_ref, kMaxTol, kL2Tol) +
-                        compare("biased lse", as_double(G.lse.download()), lse_ref, kLseTol, 0, true);
+      std::string err = compare("biased out", to_d(G.out.down()), out_ref, kMaxTol, kL2Tol) +
+                        compare("biased lse", to_d(G.lse.down()), lse_ref, kLseTol, 0, true);
       EXPECT_TRUE(err.empty()) << err;
 
       // Keep each older key of the tile with probability 1/2 and every key inside the tile's own
@@ -496,16 +476,16 @@ TEST(FlashAttentionHooks, BiasAndGatheredSubsetMatchReference) {
         return ks;
       });
       Dev<int32_t> gk(int64_t(g.keys.size())), gc(int64_t(g.count.size()));
-      gk.upload(g.keys);
-      gc.upload(g.count);
+      gk.up(g.keys);
+      gc.up(g.count);
       const cuda::FlashGather fg{gk.p, gc.p, g.capacity};
       masked_reference(out_ref, lse_ref, P, bias_d.data(), [&](int64_t b, int64_t hk, int64_t i, int64_t j) {
         return visible(i, j) && kept[size_t(b * s.Hkv + hk)][size_t(i / bq)][size_t(j)];
       });
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, bias.p, &fg, path);
-      err = compare("gathered out", as_double(G.out.download()), out_ref, kMaxTol, kL2Tol) +
-            compare("gathered lse", as_double(G.lse.download()), lse_ref, kLseTol, 0, true);
+      err = compare("gathered out", to_d(G.out.down()), out_ref, kMaxTol, kL2Tol) +
+            compare("gathered lse", to_d(G.lse.down()), lse_ref, kLseTol, 0, true);
       EXPECT_TRUE(err.empty()) << err;
     }
 }
@@ -524,7 +504,7 @@ TEST(FlashAttentionWgmma, BuildingBlocksMatchCpu) {
               v = random_input(128 * 128, seed + 3, 1.0);
   Dev<bf16> da(64 * 128), db(128 * 128), dv(128 * 128), raw(64 * 128);
   Dev<float> s128(64 * 128), s64(64 * 64), o(64 * 128);
-  da.upload(a.b), db.upload(b.b), dv.upload(v.b);
+  da.up(a.b), db.up(b.b), dv.up(v.b);
   cuda::fill_f32(s128.p, s128.n, NAN);
   cuda::fill_f32(s64.p, s64.n, NAN);
   cuda::fill_f32(o.p, o.n, NAN);
@@ -533,7 +513,7 @@ TEST(FlashAttentionWgmma, BuildingBlocksMatchCpu) {
   cuda::synchronize();
 
   // raw: panel p, row r, chunk position (c ^ r%8) holds columns 64p + 8c .. +7 of row r
-  const std::vector<bf16> rw = raw.download();
+  const std::vector<bf16> rw = raw.down();
   for (int p = 0; p < 2; ++p)
     for (int r = 0; r < 64; ++r)
       for (int c = 0; c < 8; ++c)
@@ -558,9 +538,9 @@ TEST(FlashAttentionWgmma, BuildingBlocksMatchCpu) {
     for (int k = 0; k < 128; ++k) acc += a.d[size_t(i * 128 + k)] * b.d[size_t(j * 128 + k)];
     return acc;
   };
-  check("S = A·Bᵀ, m64n128k16 SS (K-major descriptors, two 64-column panels)", s128.download(), 64, 128, dot_ab);
-  check("S = A·B[0:64]ᵀ, m64n64k16 SS", s64.download(), 64, 64, dot_ab);
-  check("O = A·V, m64n64k16 RS per panel (A fragments from registers, V N-major)", o.download(), 64, 128,
+  check("S = A·Bᵀ, m64n128k16 SS (K-major descriptors, two 64-column panels)", s128.down(), 64, 128, dot_ab);
+  check("S = A·B[0:64]ᵀ, m64n64k16 SS", s64.down(), 64, 64, dot_ab);
+  check("O = A·V, m64n64k16 RS per panel (A fragments from registers, V N-major)", o.down(), 64, 128,
         [&](int i, int j) {
           double acc = 0;
           for (int k = 0; k < 128; ++k) acc += a.d[size_t(i * 128 + k)] * v.d[size_t(k * 128 + j)];
@@ -578,12 +558,12 @@ TEST(FlashAttentionWgmma, TmaTileLoadMatchesSource) {
   SCOPED_TRACE("seed=" + std::to_string(seed));
   const Input src = random_input(rows * heads * 128, seed, 1.0);
   Dev<bf16> dsrc(rows * heads * 128), raw(128 * 128);
-  dsrc.upload(src.b);
+  dsrc.up(src.b);
   cuda::fill_bf16(raw.p, raw.n, NAN);
   if (!cuda::testing::flash_tma_selftest(raw.p, dsrc.p, rows, heads, row0, head))
     GTEST_SKIP() << "the wgmma path is not available on this device/build";
   cuda::synchronize();
-  const std::vector<bf16> rw = raw.download();
+  const std::vector<bf16> rw = raw.down();
   for (int p = 0; p < 2; ++p)
     for (int r = 0; r < 128; ++r)
       for (int c = 0; c < 8; ++c)
@@ -638,18 +618,18 @@ TEST(FlashAttentionWgmma, LongSequencesMatchMmaPath) {  // forward, and the dQ p
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr,
                                          cuda::FlashPath::mma);
-      const std::vector<double> out_m = as_double(G.out.download()), lse_m = as_double(G.lse.download());
+      const std::vector<double> out_m = to_d(G.out.down()), lse_m = to_d(G.lse.down());
       G.poison_forward();
       cuda::flash_attention_forward_path(G.out.p, G.lse.p, G.q.p, G.k.p, G.v.p, s, nullptr, nullptr,
                                          cuda::FlashPath::wgmma);
-      std::string err = compare("wgmma out vs mma", as_double(G.out.download()), out_m, kMaxTol, kL2Tol) +
-                        compare("wgmma lse vs mma", as_double(G.lse.download()), lse_m, kLseTol, 0, true);
+      std::string err = compare("wgmma out vs mma", to_d(G.out.down()), out_m, kMaxTol, kL2Tol) +
+                        compare("wgmma lse vs mma", to_d(G.lse.down()), lse_m, kLseTol, 0, true);
       EXPECT_TRUE(err.empty()) << err;
       // dQ: the wgmma pass against the mma.sync pass on the same forward output
       G.backward(s, true, cuda::FlashPath::mma);
-      const std::vector<double> dq_m = as_double(G.dq.download());
+      const std::vector<double> dq_m = to_d(G.dq.down());
       G.backward(s, true, cuda::FlashPath::wgmma);
-      err = compare("wgmma dq vs mma", as_double(G.dq.download()), dq_m, kMaxTol, kL2Tol);
+      err = compare("wgmma dq vs mma", to_d(G.dq.down()), dq_m, kMaxTol, kL2Tol);
       EXPECT_TRUE(err.empty()) << err;
     }
 }
@@ -668,7 +648,7 @@ TEST(FlashAttentionGridOrder, EveryBlockOnceHeaviestFirstPerGroup) {
                    std::to_string(order));
       Dev<int32_t> out(3 * int64_t(n));
       cuda::testing::flash_grid_order(out.p, X, Y, Z, order);
-      const std::vector<int32_t> o = out.download();
+      const std::vector<int32_t> o = out.down();
       std::vector<int> seen(size_t(n), 0);
       for (int l = 0; l < n; ++l) {
         const int x = o[3 * size_t(l)], y = o[3 * size_t(l) + 1], z = o[3 * size_t(l) + 2];

@@ -1,4 +1,4 @@
-// Helpers shared by the GPU kernel suites (test_gpu_ops, test_gpu_dma): device buffers, bf16 inputs
+// Helpers shared by the GPU kernel suites (test_gpu_ops, test_gpu_dma, test_gpu_attention): device buffers, bf16 inputs
 // whose exact values the CPU reference also gets, and element-wise tolerance checks.
 // Header-only: Dev and check_close are templates, and only the GPU suites include it, so the
 // component-only suites that also compile test_util.cpp never link CUDA. Everything is inside
