@@ -17,7 +17,7 @@
 #include <filesystem>
 #include <map>
 
-#include "io/safetensors.h"
+#include "safetensors_diff.h"
 #include "kernels/cuda/device_info.h"
 #include "test_util.h"
 
@@ -47,31 +47,8 @@ test::CmdResult train(int np, const std::string& args) {
   return run((np == 0 ? "" : test::mpirun(np) + " ") + bin() + " train " + args);
 }
 
-double rel_l2_diff(const std::string& a, const std::string& b) {
-  SafetensorsFile fa(a), fb(b);
-  double num = 0, den = 0;
-  for (const auto& n : fa.names()) {
-    const Tensor &x = fa.get(n), &y = fb.get(n);
-    for (int64_t i = 0; i < std::min(x.numel(), y.numel()); ++i) {
-      const double d = double(x.as<float>()[i]) - double(y.as<float>()[i]);
-      num += d * d;
-      den += double(x.as<float>()[i]) * double(x.as<float>()[i]);
-    }
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
-double max_abs_diff(const std::string& a, const std::string& b) {
-  SafetensorsFile fa(a), fb(b);
-  EXPECT_EQ(fa.names(), fb.names());
-  double d = 0;
-  for (const auto& n : fa.names()) {
-    const Tensor &x = fa.get(n), &y = fb.get(n);
-    for (int64_t i = 0; i < std::min(x.numel(), y.numel()); ++i)
-      d = std::max(d, std::abs(double(x.as<float>()[i]) - double(y.as<float>()[i])));
-  }
-  return d;
-}
+using test::max_abs_diff;
+using test::rel_l2_diff;
 
 // Two runs of the same 10 updates. The losses are the sensitive check (loss_rel). Master weights:
 // AdamW divides each update by the gradient's running RMS, so a coordinate whose gradient is near

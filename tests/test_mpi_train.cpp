@@ -24,7 +24,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "io/safetensors.h"
+#include "safetensors_diff.h"
 #include "test_util.h"
 
 namespace dmat {
@@ -58,19 +58,7 @@ test::CmdResult train_with_seams(int np, const std::string& args, const std::str
   return run(test::mpirun(np) + " " + DMAT_TEST_TRAIN + " " + seams + " " + args);
 }
 
-// Largest |a - b| over every tensor of two safetensors files (same names and shapes required).
-double max_abs_diff(const std::string& a, const std::string& b) {
-  SafetensorsFile fa(a), fb(b);
-  EXPECT_EQ(fa.names(), fb.names());
-  double d = 0;
-  for (const auto& n : fa.names()) {
-    const Tensor &x = fa.get(n), &y = fb.get(n);
-    EXPECT_EQ(x.numel(), y.numel()) << n;
-    for (int64_t i = 0; i < std::min(x.numel(), y.numel()); ++i)
-      d = std::max(d, std::abs(double(x.as<float>()[i]) - double(y.as<float>()[i])));
-  }
-  return d;
-}
+using test::max_abs_diff;
 
 std::string final_ckpt(const std::string& run_dir) { return run_dir + "/checkpoints/step_00000010"; }
 
