@@ -19,32 +19,12 @@
 #include "test_util.h"
 
 namespace fs = std::filesystem;
+using dmat::test::expect_error;
+using dmat::test::file_bytes;
+using dmat::test::write_bytes;
 using dmat::Error;
 
 namespace {
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-void spit(const std::string& path, const std::string& bytes) {
-  fs::create_directories(fs::path(path).parent_path());
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), std::streamsize(bytes.size()));
-}
-
-// Expects f() to throw dmat::Error whose message contains every one of parts.
-template <class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected dmat::Error";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
-  }
-}
 
 std::vector<uint32_t> random_tokens(size_t n, uint32_t vocab, uint64_t seed) {
   dmat::Rng r(seed);
@@ -62,9 +42,9 @@ std::vector<int32_t> read_all(const std::string& path) {
 
 // Overwrites 4 bytes at offset of a file (header surgery).
 void poke_u32(const std::string& path, size_t offset, uint32_t v) {
-  std::string b = slurp(path);
+  std::string b = file_bytes(path);
   std::memcpy(b.data() + offset, &v, 4);
-  spit(path, b);
+  write_bytes(path, b);
 }
 
 }  // namespace
@@ -92,7 +72,7 @@ TEST(DataShard, RoundTripUint16) {
   r.read(40000, 17, mid.data());
   for (size_t i = 0; i < 17; ++i) EXPECT_EQ(uint32_t(mid[i]), toks[40000 + i]);
   // Little-endian on disk, header layout as documented.
-  const std::string bytes = slurp(p);
+  const std::string bytes = file_bytes(p);
   EXPECT_EQ(std::memcmp(bytes.data(), "DMATOKS\0", 8), 0);
   EXPECT_EQ(uint8_t(bytes[64]) | uint8_t(bytes[65]) << 8, int(toks[0]));
 }
@@ -123,11 +103,11 @@ TEST(DataShard, RejectsWrongMagic) {
   const auto dir = dmat::test::temp_dir("data_shard_magic");
   const std::string p = dir + "/a.bin";
   dmat::write_shard(p, {1, 2, 3}, 257);
-  std::string b = slurp(p);
+  std::string b = file_bytes(p);
   b[0] = 'X';
-  spit(p, b);
+  write_bytes(p, b);
   expect_error([&] { dmat::read_shard_info(p); }, {p, "magic"});
-  spit(p, "hello");
+  write_bytes(p, "hello");
   expect_error([&] { dmat::read_shard_info(p); }, {p, "too short"});
 }
 
@@ -146,12 +126,12 @@ TEST(DataShard, RejectsTruncatedAndTrailing) {
   const auto dir = dmat::test::temp_dir("data_shard_size");
   const std::string p = dir + "/x.bin";
   dmat::write_shard(p, std::vector<uint32_t>(1000, 5), 257);
-  std::string b = slurp(p);
-  spit(p, b.substr(0, 2000));
+  std::string b = file_bytes(p);
+  write_bytes(p, b.substr(0, 2000));
   expect_error([&] { dmat::read_shard_info(p); },
                {"shard " + p + ": truncated: header says 1000 tokens (2064 bytes), file has 2000 bytes"});
   expect_error([&] { dmat::ShardReader r(p); }, {p, "truncated"});
-  spit(p, b + "zz");
+  write_bytes(p, b + "zz");
   expect_error([&] { dmat::read_shard_info(p); }, {p, "2 trailing bytes"});
 }
 
@@ -159,10 +139,10 @@ TEST(DataShard, RejectsTokenOutOfVocabOnRead) {
   const auto dir = dmat::test::temp_dir("data_shard_vocab");
   const std::string p = dir + "/a.bin";
   dmat::write_shard(p, {1, 2, 3, 4}, 257);
-  std::string b = slurp(p);
+  std::string b = file_bytes(p);
   b[64 + 2 * 2] = char(0x01);  // token 2 becomes 0x0101 = 257
   b[64 + 2 * 2 + 1] = char(0x01);
-  spit(p, b);
+  write_bytes(p, b);
   dmat::ShardReader r(p);  // the header is fine
   std::vector<int32_t> out(4);
   r.read(0, 2, out.data());  // tokens before the bad one read fine
@@ -185,7 +165,7 @@ TEST(DataShard, RefusesOverwrite) {
 TEST(DataShardSet, DirectoryGlobFileAndNothing) {
   const auto dir = dmat::test::temp_dir("data_list");
   for (const char* n : {"b.bin", "a.bin", "c.bin"}) dmat::write_shard(dir + "/" + n, {1}, 257);
-  spit(dir + "/notes.txt", "x");
+  write_bytes(dir + "/notes.txt", "x");
   fs::create_directories(dir + "/sub");
   dmat::write_shard(dir + "/sub/z.bin", {1}, 257);
   const std::vector<std::string> abc = {dir + "/a.bin", dir + "/b.bin", dir + "/c.bin"};
@@ -375,7 +355,7 @@ TEST(DataTokenizer, UnsupportedSpec) {
 
 namespace {
 
-nlohmann::json manifest_of(const std::string& out) { return nlohmann::json::parse(slurp(out + "/manifest.json")); }
+nlohmann::json manifest_of(const std::string& out) { return nlohmann::json::parse(file_bytes(out + "/manifest.json")); }
 
 // All tokens of a split, in shard order.
 std::vector<int32_t> split_tokens(const std::string& out, const std::string& split) {
@@ -412,10 +392,10 @@ std::string make_corpus(const std::string& tag, int n_docs = 60) {
                                   i * 7);
     (i % 2 ? a : b) += doc + "\n\n";
   }
-  spit(dir + "/in/a.txt", a);
-  spit(dir + "/in/sub/b.md", b);
-  spit(dir + "/in/docs.jsonl", "{\"text\": \"json doc one\"}\n\n{\"text\": \"json doc two\", \"id\": 3}\n");
-  spit(dir + "/in/image.png", std::string("\x89PNG\0\0", 6));
+  write_bytes(dir + "/in/a.txt", a);
+  write_bytes(dir + "/in/sub/b.md", b);
+  write_bytes(dir + "/in/docs.jsonl", "{\"text\": \"json doc one\"}\n\n{\"text\": \"json doc two\", \"id\": 3}\n");
+  write_bytes(dir + "/in/image.png", std::string("\x89PNG\0\0", 6));
   return dir;
 }
 
@@ -433,7 +413,7 @@ TEST(DataPrepare, DeterministicManifestAndShards) {
   const auto r2 = dmat::prepare_data(o);
   EXPECT_EQ(r1.documents, 62);
   EXPECT_EQ(r1.duplicates, 0);
-  EXPECT_EQ(slurp(dir + "/out1/manifest.json"), slurp(dir + "/out2/manifest.json"));
+  EXPECT_EQ(file_bytes(dir + "/out1/manifest.json"), file_bytes(dir + "/out2/manifest.json"));
   const auto m = manifest_of(dir + "/out1");
   EXPECT_EQ(m["tokenizer"]["name"], "byte");
   EXPECT_EQ(m["tokenizer"]["hash"], "byte-v1");
@@ -447,7 +427,7 @@ TEST(DataPrepare, DeterministicManifestAndShards) {
   int64_t sum = 0;
   for (const auto& sh : m["train"]["shards"]) {
     const std::string f = sh["file"];
-    EXPECT_EQ(slurp(dir + "/out1/" + f), slurp(dir + "/out2/" + f));
+    EXPECT_EQ(file_bytes(dir + "/out1/" + f), file_bytes(dir + "/out2/" + f));
     const auto info = dmat::read_shard_info(dir + "/out1/" + f);
     EXPECT_EQ(int64_t(info.n_tokens), sh["tokens"].get<int64_t>());
     EXPECT_LE(info.n_tokens, 1000u);
@@ -487,7 +467,7 @@ TEST(DataPrepare, DuplicatesCountedAndSplitStable) {
   // The same corpus plus a copy of one file and a jsonl repeating a document: only duplicates grow,
   // and every document lands in the same split as before (the split depends on its bytes alone).
   fs::copy_file(dir + "/in/a.txt", dir + "/in/zz_copy.txt");
-  spit(dir + "/in/more.jsonl", "{\"text\": \"json doc one\"}\n{\"text\": \"a brand new document\"}\n");
+  write_bytes(dir + "/in/more.jsonl", "{\"text\": \"json doc one\"}\n{\"text\": \"a brand new document\"}\n");
   o.out_dir = dir + "/out2";
   const auto r2 = dmat::prepare_data(o);
   EXPECT_EQ(r1.duplicates, 0);
@@ -506,8 +486,8 @@ TEST(DataPrepare, DuplicatesCountedAndSplitStable) {
 TEST(DataPrepare, NormalisesNewlinesAndSplitsDocuments) {
   const auto dir = dmat::test::temp_dir("data_prepare_crlf");
   // CRLF, lone CR; one blank line keeps a paragraph inside a document, two split documents.
-  spit(dir + "/in/a.txt", "one\r\ntwo\r\n\r\nthree\r\n\r\n\r\nfour\rfive\r\r\r\r  \n\nsix");
-  spit(dir + "/in/b.jsonl", "{\"text\": \"crlf\\r\\ninside\\rjson\"}\r\n");
+  write_bytes(dir + "/in/a.txt", "one\r\ntwo\r\n\r\nthree\r\n\r\n\r\nfour\rfive\r\r\r\r  \n\nsix");
+  write_bytes(dir + "/in/b.jsonl", "{\"text\": \"crlf\\r\\ninside\\rjson\"}\r\n");
   dmat::PrepareOptions o;
   o.inputs = {dir + "/in"};
   o.val_fraction = 0;
@@ -523,7 +503,7 @@ TEST(DataPrepare, NormalisesNewlinesAndSplitsDocuments) {
   // the two paragraphs, so one document (an extra blank line would make two).
   const auto dir2 = dmat::test::temp_dir("data_prepare_crlf_chunk");
   const std::string big(1048575, 'a');
-  spit(dir2 + "/in/a.txt", big + "\r\n\r\nsecond\r\n");
+  write_bytes(dir2 + "/in/a.txt", big + "\r\n\r\nsecond\r\n");
   o.inputs = {dir2 + "/in"};
   o.out_dir = dir2 + "/out";
   EXPECT_EQ(dmat::prepare_data(o).documents, 1);
@@ -532,8 +512,8 @@ TEST(DataPrepare, NormalisesNewlinesAndSplitsDocuments) {
 
 TEST(DataPrepare, EmptyInputBinaryAndBadInputs) {
   const auto dir = dmat::test::temp_dir("data_prepare_empty");
-  spit(dir + "/in/blank.txt", "\n\n   \n");
-  spit(dir + "/in/bin.txt", std::string("abc\0def", 7));
+  write_bytes(dir + "/in/blank.txt", "\n\n   \n");
+  write_bytes(dir + "/in/bin.txt", std::string("abc\0def", 7));
   fs::create_directories(dir + "/in/empty_sub");
   dmat::PrepareOptions o;
   o.inputs = {dir + "/in"};
@@ -542,7 +522,7 @@ TEST(DataPrepare, EmptyInputBinaryAndBadInputs) {
   EXPECT_FALSE(fs::exists(dir + "/out/manifest.json"));
   o.inputs = {dir + "/nothing_here"};
   expect_error([&] { dmat::prepare_data(o); }, {dir + "/nothing_here", "no such file"});
-  spit(dir + "/bad.jsonl", "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n");
+  write_bytes(dir + "/bad.jsonl", "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n");
   o.inputs = {dir + "/bad.jsonl"};
   expect_error([&] { dmat::prepare_data(o); }, {"bad.jsonl:2", "\"text\""});
   // A failed prepare leaves no shards behind.

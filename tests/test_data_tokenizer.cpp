@@ -24,6 +24,9 @@
 #include "tokenizer/pretokenize.h"
 
 namespace fs = std::filesystem;
+using dmat::test::expect_error;
+using dmat::test::file_bytes;
+using dmat::test::write_bytes;
 using dmat::BpeTokenizer;
 using dmat::Error;
 using Ids = std::vector<uint32_t>;
@@ -32,28 +35,6 @@ using Pieces = std::vector<std::string>;
 namespace {
 
 std::string fixtures() { return dmat::test::source_dir() + "/tests/fixtures/tokenizer"; }
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-void spit(const std::string& path, const std::string& bytes) {
-  if (fs::path(path).has_parent_path()) fs::create_directories(fs::path(path).parent_path());
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), std::streamsize(bytes.size()));
-}
-
-template <class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected dmat::Error";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
-  }
-}
 
 Pieces split(dmat::tok::SplitPattern p, std::string_view s, int digit_run = 3) {
   std::vector<std::string_view> v;
@@ -70,7 +51,7 @@ Ids enc(const BpeTokenizer& t, std::string_view s) {
 }
 
 std::vector<std::string> cases() {
-  const auto j = nlohmann::json::parse(slurp(fixtures() + "/cases.json"));
+  const auto j = nlohmann::json::parse(file_bytes(fixtures() + "/cases.json"));
   return j.at("cases").get<std::vector<std::string>>();
 }
 
@@ -80,8 +61,8 @@ const BpeTokenizer& english_tokenizer(const std::string& pretok) {
   auto& t = cache[pretok];
   if (!t) {
     dmat::PieceCounter c(pretok, 2);
-    std::vector<std::string> docs = {slurp(dmat::test::source_dir() + "/data/english/devils_dictionary.txt"),
-                                     slurp(dmat::test::source_dir() + "/data/english/kjv_bible.txt")};
+    std::vector<std::string> docs = {file_bytes(dmat::test::source_dir() + "/data/english/devils_dictionary.txt"),
+                                     file_bytes(dmat::test::source_dir() + "/data/english/kjv_bible.txt")};
     c.add(docs);
     dmat::BpeTrainOptions o;
     o.vocab_size = 2000;
@@ -177,7 +158,7 @@ TEST(TokenizerPretok, NfcNormalization) {
 }
 
 TEST(TokenizerPretok, NfcMatchesPythonUnicodedata) {
-  const auto j = nlohmann::json::parse(slurp(fixtures() + "/nfc_cases.json"));
+  const auto j = nlohmann::json::parse(file_bytes(fixtures() + "/nfc_cases.json"));
   std::string out;
   int changed = 0;
   for (const auto& c : j.at("cases")) {
@@ -233,7 +214,7 @@ TEST(TokenizerBpe, RoundTripRandomBytesAndText) {
       ASSERT_EQ(t.decode(enc(t, s)), s) << pre;
     }
     for (const auto& c : cases()) ASSERT_EQ(t.decode(enc(t, c)), c) << pre << ": " << c;
-    const std::string text = slurp(dmat::test::source_dir() + "/data/english/devils_dictionary.txt");
+    const std::string text = file_bytes(dmat::test::source_dir() + "/data/english/devils_dictionary.txt");
     const Ids ids = enc(t, text);
     ASSERT_EQ(t.decode(ids), text);
     // A real compression: English with 2000 tokens should need well under half a token per byte.
@@ -270,7 +251,7 @@ TEST(TokenizerTrain, SmallCorpusByHand) {
 }
 
 TEST(TokenizerTrain, DeterministicAcrossThreadsAndOrder) {
-  const std::string text = slurp(dmat::test::source_dir() + "/data/english/devils_dictionary.txt");
+  const std::string text = file_bytes(dmat::test::source_dir() + "/data/english/devils_dictionary.txt");
   std::vector<std::string> docs;
   for (size_t i = 0; i < text.size(); i += 5000) docs.push_back(text.substr(i, 5000));
   dmat::BpeTrainOptions o;
@@ -302,14 +283,14 @@ TEST(TokenizerJson, SaveLoadEncodesIdentically) {
     for (const auto& c : cases()) EXPECT_EQ(enc(u, c), enc(t, c)) << c;
     // Saving the loaded file again gives the same bytes.
     u.save(dir + "/again.json", true);
-    EXPECT_EQ(slurp(dir + "/again.json"), slurp(p));
+    EXPECT_EQ(file_bytes(dir + "/again.json"), file_bytes(p));
     // load_tokenizer (the data layer's entry point) returns it too.
     const auto via = dmat::load_tokenizer(p);
     EXPECT_EQ(via->name(), "bpe");
     EXPECT_EQ(via->hash(), t.hash());
   }
   // Merges written as ["a", "b"] pairs (tokenizers >= 0.20) load the same as "a b" strings.
-  auto j = nlohmann::json::parse(slurp(dir + "/gpt2.json"));
+  auto j = nlohmann::json::parse(file_bytes(dir + "/gpt2.json"));
   for (auto& m : j["model"]["merges"]) {
     const std::string s = m;
     m = nlohmann::json::array({s.substr(0, s.find(' ')), s.substr(s.find(' ') + 1)});
@@ -319,9 +300,9 @@ TEST(TokenizerJson, SaveLoadEncodesIdentically) {
 
 TEST(TokenizerJson, RejectsWhatItCannotRead) {
   const auto dir = dmat::test::temp_dir("tok_json_bad");
-  const auto good = nlohmann::json::parse(slurp(fixtures() + "/ours/hand.json"));
+  const auto good = nlohmann::json::parse(file_bytes(fixtures() + "/ours/hand.json"));
   auto write = [&](const std::string& name, const nlohmann::json& j) {
-    spit(dir + "/" + name, j.dump());
+    write_bytes(dir + "/" + name, j.dump());
     return dir + "/" + name;
   };
   auto with = [&](const std::string& ptr, const nlohmann::json& v) {
@@ -366,7 +347,7 @@ TEST(TokenizerJson, RejectsWhatItCannotRead) {
     const std::string ha = write("huge_added_id.json", added);
     expect_error([&] { BpeTokenizer::load(ha); }, {ha, "token id " + std::to_string(id) + " is outside"});
   }
-  spit(dir + "/broken.json", "{\"model\": ");
+  write_bytes(dir + "/broken.json", "{\"model\": ");
   expect_error([&] { BpeTokenizer::load(dir + "/broken.json"); }, {"broken.json", "not valid JSON"});
   expect_error([&] { BpeTokenizer::load(dir + "/missing.json"); }, {"missing.json", "cannot open"});
   expect_error([&] { dmat::load_tokenizer(dir + "/missing.json"); }, {"missing.json", "tokenizer.json"});
@@ -407,7 +388,7 @@ TEST(TokenizerHf, BuiltAndRealTokenizersMatchHf) {
       if (!fs::exists(tj) || !fs::exists(ej)) continue;
       SCOPED_TRACE(tj);
       const BpeTokenizer t = BpeTokenizer::load(tj);
-      check_encodings(t, nlohmann::json::parse(slurp(ej)), tj);
+      check_encodings(t, nlohmann::json::parse(file_bytes(ej)), tj);
       ++n;
     }
   }
@@ -428,7 +409,7 @@ TEST(TokenizerHf, OurFilesEncodeIdenticallyInHf) {
       ADD_FAILURE() << ej << " is missing: regenerate the HF fixtures after adding " << e.path();
       continue;
     }
-    const auto j = nlohmann::json::parse(slurp(ej));
+    const auto j = nlohmann::json::parse(file_bytes(ej));
     ASSERT_FALSE(j.contains("load_error")) << e.path() << " did not load in HF tokenizers: " << j["load_error"];
     check_encodings(BpeTokenizer::load(e.path().string()), j, e.path().string());
     ++n;
@@ -453,9 +434,9 @@ TEST(TokenizerPrepare, BpeShardsDeterministicAcrossThreads) {
   o.threads = 2;
   o.out_dir = dir + "/out2";
   const auto r2 = dmat::prepare_data(o);
-  EXPECT_EQ(slurp(dir + "/out1/manifest.json"), slurp(dir + "/out2/manifest.json"));
+  EXPECT_EQ(file_bytes(dir + "/out1/manifest.json"), file_bytes(dir + "/out2/manifest.json"));
   EXPECT_EQ(r1.train_tokens, r2.train_tokens);
-  const auto m = nlohmann::json::parse(slurp(dir + "/out1/manifest.json"));
+  const auto m = nlohmann::json::parse(file_bytes(dir + "/out1/manifest.json"));
   EXPECT_EQ(m["tokenizer"]["hash"], english_tokenizer("llama3").hash());
   EXPECT_EQ(m["tokenizer"]["vocab_size"], 2000);
   EXPECT_EQ(m["sources"][0]["files"], 2);
@@ -480,18 +461,18 @@ TEST(TokenizerPrepare, BpeShardsDeterministicAcrossThreads) {
   }
   const std::string doc = t.decode(first);
   ASSERT_GT(doc.size(), 10u);
-  EXPECT_TRUE(slurp(dmat::test::source_dir() + "/data/english/kjv_bible.txt").find(doc) != std::string::npos ||
-              slurp(dmat::test::source_dir() + "/data/english/devils_dictionary.txt").find(doc) != std::string::npos)
+  EXPECT_TRUE(file_bytes(dmat::test::source_dir() + "/data/english/kjv_bible.txt").find(doc) != std::string::npos ||
+              file_bytes(dmat::test::source_dir() + "/data/english/devils_dictionary.txt").find(doc) != std::string::npos)
       << doc.substr(0, 200);
 }
 
 TEST(TokenizerPrepare, LargeVocabWritesUint32) {
   // A tokenizer whose ids exceed 65535 (an added token at id 70000) needs uint32 shards.
   const auto dir = dmat::test::temp_dir("tok_prepare_u32");
-  auto j = nlohmann::json::parse(slurp(fixtures() + "/ours/hand.json"));
+  auto j = nlohmann::json::parse(file_bytes(fixtures() + "/ours/hand.json"));
   j["added_tokens"][0]["id"] = 70000;
-  spit(dir + "/big.json", j.dump());
-  spit(dir + "/in/a.txt", "hello world the\n\n\nanother document\n");
+  write_bytes(dir + "/big.json", j.dump());
+  write_bytes(dir + "/in/a.txt", "hello world the\n\n\nanother document\n");
   dmat::PrepareOptions o;
   o.tokenizer = dir + "/big.json";
   o.inputs = {dir + "/in"};
@@ -513,11 +494,11 @@ TEST(TokenizerPrepare, LargeVocabWritesUint32) {
 
 TEST(TokenizerPrepare, IncludeExcludeGlobs) {
   const auto dir = dmat::test::temp_dir("tok_prepare_globs");
-  spit(dir + "/in/pkg/mod.py", "def f():\n    return 1\n\n\n\ndef g():\n    return 2\n");  // one document
-  spit(dir + "/in/pkg/README.md", "Readme text.\n");
-  spit(dir + "/in/pkg/tests/test_mod.py", "assert True\n");
-  spit(dir + "/in/pkg/data.bin", std::string("\0\1\2", 3));
-  spit(dir + "/in/notes.txt", "notes\n");
+  write_bytes(dir + "/in/pkg/mod.py", "def f():\n    return 1\n\n\n\ndef g():\n    return 2\n");  // one document
+  write_bytes(dir + "/in/pkg/README.md", "Readme text.\n");
+  write_bytes(dir + "/in/pkg/tests/test_mod.py", "assert True\n");
+  write_bytes(dir + "/in/pkg/data.bin", std::string("\0\1\2", 3));
+  write_bytes(dir + "/in/notes.txt", "notes\n");
   dmat::PrepareOptions o;
   o.inputs = {dir + "/in"};
   o.include = {"*.py", "*.md"};
@@ -526,7 +507,7 @@ TEST(TokenizerPrepare, IncludeExcludeGlobs) {
   o.out_dir = dir + "/out";
   const auto r = dmat::prepare_data(o);
   EXPECT_EQ(r.documents, 2);  // mod.py (whole file) and README.md
-  const auto m = nlohmann::json::parse(slurp(dir + "/out/manifest.json"));
+  const auto m = nlohmann::json::parse(file_bytes(dir + "/out/manifest.json"));
   EXPECT_EQ(m["files_read"], 2);
   EXPECT_EQ(m["include"], (nlohmann::json{"*.py", "*.md"}));
   EXPECT_EQ(r.train_tokens, int64_t(std::string("def f():\n    return 1\n\n\n\ndef g():\n    return 2\n").size() + 1 +
@@ -544,7 +525,7 @@ TEST(TokenizerHf, ShippedTokenizerEncodesIdenticallyInHf) {
                 << "); rerun tests/fixtures/tokenizer/make_hf_fixtures.py\n";
       continue;
     }
-    const auto j = nlohmann::json::parse(slurp(ej));
+    const auto j = nlohmann::json::parse(file_bytes(ej));
     ASSERT_FALSE(j.contains("load_error")) << e.path() << " did not load in HF tokenizers: " << j["load_error"];
     check_encodings(BpeTokenizer::load(e.path().string()), j, e.path().string());
     ++n;

@@ -18,10 +18,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(bytes.data(), std::streamsize(bytes.size()));
-}
+using test::write_bytes;
 
 std::string le64(uint64_t n) {
   std::string s(8, '\0');

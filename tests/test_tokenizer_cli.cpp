@@ -9,13 +9,11 @@
 #include "test_util.h"
 
 namespace fs = std::filesystem;
+using dmat::test::expect_error;
+using dmat::test::file_bytes;
+using dmat::test::write_bytes;
 
 namespace {
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
 std::string q(const std::string& s) { return "'" + s + "'"; }
 
@@ -31,13 +29,13 @@ TEST(TokenizerCli, TrainEncodeDecodePrepare) {
   // Same inputs, one thread: the same file.
   r = dmat::test::run(bin + " tokenizer train --vocab 600 --threads 1 --out " + q(dir + "/tok1.json") + " " + q(eng));
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_EQ(slurp(tok), slurp(dir + "/tok1.json"));
+  EXPECT_EQ(file_bytes(tok), file_bytes(dir + "/tok1.json"));
   // An existing file is not overwritten.
-  const std::string before = slurp(tok);
+  const std::string before = file_bytes(tok);
   r = dmat::test::run(bin + " tokenizer train --vocab 700 --out " + q(tok) + " " + q(eng));
   EXPECT_EQ(r.rc, 1) << r.out;
   EXPECT_NE(r.out.find("already exists"), std::string::npos) << r.out;
-  EXPECT_EQ(slurp(tok), before);
+  EXPECT_EQ(file_bytes(tok), before);
   // encode | decode round trip, and --special.
   r = dmat::test::run(bin + " tokenizer encode --tokenizer " + q(tok) + " 'In the beginning, 1234!'");
   ASSERT_EQ(r.rc, 0) << r.out;
@@ -60,7 +58,7 @@ TEST(TokenizerCli, TrainEncodeDecodePrepare) {
   // data prepare with it: uint16 shards of vocab 600, the manifest names the tokenizer.
   r = dmat::test::run(bin + " data prepare --tokenizer " + q(tok) + " --out " + q(dir + "/data") + " --val-fraction 0.03 " + q(eng));
   ASSERT_EQ(r.rc, 0) << r.out;
-  const auto m = nlohmann::json::parse(slurp(dir + "/data/manifest.json"));
+  const auto m = nlohmann::json::parse(file_bytes(dir + "/data/manifest.json"));
   EXPECT_EQ(m["tokenizer"]["vocab_size"], 600);
   EXPECT_EQ(m["tokenizer"]["path"], tok);
   r = dmat::test::run(bin + " data inspect " + q(dir + "/data"));

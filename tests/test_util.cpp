@@ -71,4 +71,10 @@ std::string file_bytes(const std::string& path) {
   return ss.str();
 }
 
+void write_bytes(const std::string& path, const std::string& bytes) {
+  if (std::filesystem::path(path).has_parent_path()) std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), std::streamsize(bytes.size()));
+}
+
 }  // namespace dmat::test

@@ -1,12 +1,16 @@
 // Helpers shared by the test suites: temp folders, running the CLI, random inputs.
 #pragma once
+#include <gtest/gtest.h>
+
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "core/error.h"
 #include "core/rng.h"
 
 namespace dmat::test {
@@ -34,6 +38,20 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path);
 std::map<int64_t, double> metric_column(const std::string& run_dir, const char* key);
 // A whole file's bytes ("" if it cannot be read).
 std::string file_bytes(const std::string& path);
+// Writes bytes as the whole file, creating its folder.
+void write_bytes(const std::string& path, const std::string& bytes);
+
+// Expects f() to throw dmat::Error whose message contains every one of parts.
+template <class F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected dmat::Error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
+  }
+}
 
 // Fills with values uniform in [lo, hi) from a fresh seed per call site (seed mixed with a counter).
 template <class T>
