@@ -14,7 +14,7 @@
 
 #include "config/config.h"
 #include "core/error.h"
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "io/checkpoint_dir.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
