@@ -15,7 +15,8 @@ Contracts:
 - Within a size, variants differ in model.attention (and run.name / run.dir) only: every config is
   resolved by `dmatrain info --json` before anything is planned, and a size whose variants differ in
   anything else is refused. A variant whose config `dmatrain info` rejects for its model.attention is
-  "not yet available" (listed, not planned); any other config error is an error.
+  "not yet available" (listed, not planned); so is one the CUDA backend cannot run yet (info's
+  cuda_unsupported) when the runs would train on a GPU; any other config error is an error.
 - A run is finished when its record exists: RESULTS/runs/<size>/<variant>/lr<lr>-s<seed>/record.json
   with its metrics.jsonl and config.json beside it (committed results; small files only). The launcher
   writes the record when the trainer has reached the last step, its final checkpoint is complete and
@@ -31,6 +32,7 @@ Only the Python standard library is needed, except `report`, which needs matplot
 import argparse
 import csv
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -259,6 +261,26 @@ class Dmatrain:
         return self._positions
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_visible():
+    """True when nvidia-smi lists a GPU (runs with run.device auto then train on CUDA)."""
+    try:
+        p = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    except OSError:
+        return False
+    return p.returncode == 0 and "GPU" in p.stdout
+
+
+def cuda_refusal(info):
+    """The reason `dmatrain info` gives why the CUDA backend cannot run a config (None: it can, or the
+    run will not be on CUDA): such a variant is not available on this machine."""
+    why = info.get("cuda_unsupported")
+    device = info["config"].get("run", {}).get("device", "auto")
+    if not why or device == "cpu" or (device == "auto" and not gpu_visible()):
+        return None
+    return why
+
+
 def attention_error(err):
     """True when `dmatrain info` refused a config for its attention settings (a variant not built yet)."""
     return "model.attention" in err
@@ -295,6 +317,12 @@ def resolve(spec, dm, data_dir):
             got = info["config"]["model"]["attention"]["type"]
             if got != v:
                 raise LadderError(f"config {path} is listed as variant {v} but its model.attention.type is {got}")
+            why_not_here = cuda_refusal(info)
+            if why_not_here:
+                if v == "mha":
+                    raise LadderError(f"config {path} (size {size}, variant mha) cannot run on this GPU: {why_not_here}")
+                rungs[size][v] = Rung(size, v, path, None, why_not_here)
+                continue
             rungs[size][v] = Rung(size, v, path, info, None)
         ref = rungs[size]["mha"]
         for v, r in rungs[size].items():

@@ -87,7 +87,7 @@ std::string describe(const Config& c) {
   s += fmt::format("FLOPs per token at T={}:\n", c.train.seq_len);
   const double core = make_attention(m)->mfu_core_flops_per_token(c.train.seq_len, m.d_model);
   const int64_t per_block = m.n_layers * make_attention(m)->params_not_per_token();
-  s += fmt::format("  {:.6g}  MFU convention (DESIGN.md; MLA: DeepSeek's accounting of its wider core; NSA: its "
+  s += fmt::format("  {:.6g}  MFU convention (docs/performance.md; MLA: DeepSeek's accounting of its wider core; NSA: its "
                    "compression MLPs as run): {} = 6·{} + {}·{:.6g}\n",
                    k.flops_per_token, k.flops_convention, k.total - per_block, m.n_layers, core);
   s += fmt::format("  {:.6g}  executed matmuls, forward + backward (6·(N_non-emb + V·d) + 3·attention core; NSA: "
@@ -123,7 +123,11 @@ nlohmann::json describe_json(const Config& c) {
   const int64_t per_step = c.train.batch_size * c.train.grad_accum * c.train.seq_len;
   nlohmann::json groups = nlohmann::json::object();
   for (const auto& [g, n] : k.by_group) groups[g] = n;
+  // why the CUDA backend cannot run this model yet ("" when it can): launchers on a GPU machine
+  // (scripts/ladder.py) list such a variant as not available there instead of starting it
+  const std::string cuda_why = make_attention(c.model)->cuda_unsupported();
   return {{"config", c.resolved},
+          {"cuda_unsupported", cuda_why.empty() ? nlohmann::json(nullptr) : nlohmann::json(cuda_why)},
           {"params", {{"total", k.total}, {"non_embedding", k.non_embedding}, {"by_group", groups}}},
           {"flops_per_token", {{"mfu_convention", k.flops_per_token}, {"executed_matmuls", k.matmul_flops_per_token}}},
           {"tokens_per_step", per_step},
