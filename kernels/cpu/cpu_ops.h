@@ -150,7 +150,7 @@ template <class T>
 void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
                 double weight_decay, double bc1, double bc2);
 
-// ---- Dynamic Mask Attention (DMA; ../shared/DESIGN.md "Attention variants") ---------------------
+// ---- Dynamic Mask Attention (DMA; README "The model"; arXiv 2508.02124) -------------
 // Per KV head h a bias per key from the values, a per-query threshold, and attention with that bias:
 //   z[b,h,j]    = Σ_c v[b,j,c] · W_dt[h,c]        (c over Hkv·Dh: the heads of v concatenated;
 //                                                 W_dt [Hkv, Hkv·Dh] as HF Doge's dt_proj.weight)

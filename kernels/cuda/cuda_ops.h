@@ -2,7 +2,7 @@
 // same semantics (overwrite vs +=, aliasing) unless a comment says otherwise. All run on
 // dmat::cuda::stream() and are asynchronous; pointers are device pointers.
 //
-// Precision (DESIGN.md): activations and weights bf16; parameter gradients fp32 (they accumulate
+// Precision (README "The CUDA backend"): activations and weights bf16; parameter gradients fp32 (they accumulate
 // across micro-steps); softmax / norm statistics fp32; accumulation in fp32 inside every kernel.
 // Reductions that produce parameter gradients or reported numbers are deterministic: the same
 // inputs give the same bits on every run (fixed-order partial sums, no float atomics).

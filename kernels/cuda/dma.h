@@ -1,4 +1,4 @@
-// Dynamic Mask Attention on the GPU (../shared/DESIGN.md "Attention variants", issue 5): the
+// Dynamic Mask Attention on the GPU (README "The model"; arXiv 2508.02124): the
 // per-key bias from the values and its backward, the per-query thresholds, the gathered key lists
 // and key groups, and the sparse attention forward and backward built on flash_attention.h.
 // Semantics, layouts and the tie rule are those of the CPU reference (kernels/cpu/cpu_ops.h,

@@ -79,7 +79,7 @@ class Attention {
   // Forward FLOPs per token of the attention core (scores and weighted sum) at sequence length T,
   // for `dmatrain info` (projections are counted with the parameters).
   virtual double core_flops_per_token(int64_t T) const = 0;
-  // The core's training FLOPs per token (one layer) in the MFU convention (DESIGN.md: 6·N + 6·L·T·d):
+  // The core's training FLOPs per token (one layer) in the MFU convention (docs/performance.md: 6·N + 6·L·T·d):
   // the dense causal core at width d_model, whatever keys the variant visits. MLA counts its wider
   // core (DeepSeek's accounting, attention_mla.cpp).
   virtual double mfu_core_flops_per_token(int64_t T, int64_t d_model) const {

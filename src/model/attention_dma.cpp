@@ -1,4 +1,4 @@
-// Dynamic Mask Attention (type "dma"; ../shared/DESIGN.md, Hugging Face's DogeAttention): the
+// Dynamic Mask Attention (type "dma"; README "The model", arXiv 2508.02124, Hugging Face's DogeAttention): the
 // q/k/v/o projections, optional QK-norm and RoPE of the causal layer (attention_qkv.h), plus a
 // per-key bias computed from the values, bias = exp(A·softplus(v·W_dtᵀ)) (or A·softplus(·),
 // bias_form "linear"), one per KV head and shared by its query group. Query i attends to the keys

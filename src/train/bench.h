@@ -1,5 +1,5 @@
 // `dmatrain bench CONFIG`: training-step throughput on synthetic tokens (no data needed): tokens/s,
-// MFU (DESIGN.md convention: 6·N + 6·L·T·d FLOPs per token against the device's dense bf16 peak),
+// MFU (docs/performance.md convention: 6·N + 6·L·T·d FLOPs per token against the device's dense bf16 peak),
 // the forward / backward / optimizer split, and peak memory beside `dmatrain info`'s prediction.
 #pragma once
 #include <cstdint>

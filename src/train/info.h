@@ -14,7 +14,7 @@ struct ModelCounts {
   std::map<std::string, int64_t> by_group;  // embedding, attention, mlp, norm, residual, head
   int64_t total = 0;
   int64_t non_embedding = 0;  // total minus the token embedding and an untied LM head
-  // MFU convention of DESIGN.md: 6·N + 6·L·T·d with N = total parameters, d = d_model; MLA counts
+  // MFU convention (docs/performance.md): 6·N + 6·L·T·d with N = total parameters, d = d_model; MLA counts
   // its wider core, 6·N + 3·L·T·H·(d_qk + d_v); NSA leaves its compression MLPs (N_cmp parameters,
   // run once per block) out of 6·N and counts them as run: 6·(N − N_cmp) + L·(6·T·d + 3·C_cmp).
   // flops_convention names the formula used.

@@ -411,7 +411,7 @@ TrainResult train_ranks(const Config& cfg, const TrainOptions& opt, dist::Commun
   const ModelCounts counts = count_model(cfg.model, tc.seq_len);
   spdlog::info("model: {} parameters ({} without embeddings), {:.3g} FLOPs/token ({})", counts.total,
                counts.non_embedding, counts.flops_per_token, counts.flops_convention);
-  // MFU against the device's dense bf16 peak (DESIGN.md convention); null where the peak is unknown.
+  // MFU against the device's dense bf16 peak (the convention of docs/performance.md); null where the peak is unknown.
   // Every rank's device counts.
   const double peak = device == Device::CUDA ? cuda::peak_bf16_flops(gpu) * double(world) : 0.0;
   if (ckpt)

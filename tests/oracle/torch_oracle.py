@@ -210,7 +210,7 @@ def visible_mask(T, c):
 
 
 def dma_bias_and_mask(v, P, p, c):
-    """Dynamic Mask Attention (DESIGN.md): per-key bias from the values and the kept-key mask.
+    """Dynamic Mask Attention (README "The model"; arXiv 2508.02124): per-key bias from the values and the kept-key mask.
 
     v [B,T,Hkv,Dh] -> bias [B,Hkv,T] (differentiable), mask [B,Hkv,T(query),T(key)] bool (constant).
     z = concat_heads(v) . W_dt^T; bias = exp(A*softplus(z)) ("exp") or A*softplus(z) ("linear").
