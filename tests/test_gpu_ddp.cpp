@@ -7,7 +7,7 @@
 // master weights then differ by rounding, and whenever a master weight sits near a bf16 rounding
 // boundary its bf16 working copy differs by one bf16 ulp (2^-8 relative), which feeds the next
 // forward. Over 10 updates we require the losses within 2e-3 relative; the weights and the gradient
-// norm as expect_same_run explains. Measured on 2 H200s (2026-11-29): losses within 1.6e-4,
+// norm as expect_same_run explains. Measured on 2 H200s: losses within 1.6e-4,
 // gradient norm at step 1 within 7.2e-7 and at step 10 within 2.4%, master weights max |Δ| 0.0089
 // (relative L2 7.9e-4). ZeRO-1 vs DDP: for two ranks NCCL's reduce-scatter and ring all-reduce add
 // the same two operands per element: measured bit for bit (tolerance 1e-5).

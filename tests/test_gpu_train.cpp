@@ -87,7 +87,7 @@ std::vector<double> train_losses(const ModelConfig& mc, Device dev, int steps, i
 // Tolerance: the GPU keeps weights and activations in bf16 (8-bit mantissa, relative rounding
 // 2^-9 ≈ 0.2% per stored value) with fp32 accumulation; the CPU run is fp32 throughout. After 20
 // AdamW steps the two trajectories differ by the accumulated effect of those roundings on the
-// updates. Measured on an H200 (2026-11-29): max |Δloss| 0.002 (plain) and 0.009 (QK-norm +
+// updates. Measured on an H200: max |Δloss| 0.002 (plain) and 0.009 (QK-norm +
 // residual scales) nats over 20 steps;
 // we allow 0.05 nats absolute and require the GPU run to learn as much as the CPU run (within 5%).
 // A wrong kernel (a dropped term, a transposed operand, a missing scale) moves the loss by far more.

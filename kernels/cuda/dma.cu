@@ -1086,11 +1086,10 @@ void dma_bias_backward(bf16* dv, float* dw_dt, float* dA, const float* dbias, co
 }
 
 namespace {
-// The bounds variant's segment length, kernel_options().dma_thr_seg = 256|512|128 (default 256). On
-// the H200 (ninth session, 16 rows): N = 16K thresholds 0.18 ms with 512, 0.15 with 256, 0.14 with
-// 128 (the segment kernel 76 → 41 → 36 µs: the serial chain is the segment's length); N = 128K 1.31,
-// 1.00, 0.98 ms, but 128 doubles the histogram (workspace at 128K 51.7 → 60.7 MiB, near the 64 MiB
-// the issue allows) for 2%.
+// The bounds variant's segment length, kernel_options().dma_thr_seg = 256|512|128 (default 256).
+// The segment kernel's serial chain is the segment's length, so shorter segments are faster; 128
+// gains ~2% over 256 but doubles the histogram (the workspace at N = 128K nears the 64 MiB budget),
+// so 256 is the default (figures: docs/perf-log.md, "Dynamic Mask Attention").
 int dma_thr_seg() { return kernel_options().dma_thr_seg; }
 template <class F>
 auto with_seg(int seg, F&& f) {
@@ -1190,9 +1189,9 @@ void thresholds_rows(float* thr, const float* bias, int64_t rows, int64_t T, int
   DMAT_CUDA_LAUNCH_CHECK();
 }
 
-// kernel_options().dma_thresholds = walk|bounds|serial (default bounds: on the H200, 2026-11-29, at
-// least as fast as walk on every input measured — 16K: 0.18 against 0.21 ms, 128K: 1.56 against
-// 2.21 ms, 128K with biases increasing in position: 1.33 against 2.38 ms — and O(T log T) per row).
+// kernel_options().dma_thresholds = walk|bounds|serial (default bounds: at least as fast as walk on
+// every input measured, including biases increasing in position, and O(T log T) per row;
+// docs/perf-log.md).
 DmaThresholdScan env_threshold_scan() {
   switch (kernel_options().dma_thresholds) {
     case DmaThresholdOption::walk: return DmaThresholdScan::walk;
@@ -1343,10 +1342,9 @@ FlashGather dma_lists(const DmaScratch& d, const float* bias, const float* thr, 
 
 // Dense DMA (no lists, no key groups: every causal pair visited, the mask per element). The forward
 // runs dense where w keeps at least half the causal pairs: the gathered forward costs more than the
-// dense one per pair visited (H200, 16K, w = 2048: 1.04 against 0.44 ms per 10^9 pairs and GEMM in
-// the fourth session; 0.65 against 0.45 since the eighth session's producers), so with most pairs
-// kept gathering does not pay (T = 2048, w = 1024, B = 32, 6/3 heads: forward 0.638 ms dense
-// against 0.660 gathered, eighth session). The backward stays gathered there: run
+// dense one per pair visited (~1.4× on the H200), so with most pairs kept gathering does not pay
+// (T = 2048, w = 1024: the dense forward measured slightly faster; docs/perf-log.md). The backward
+// stays gathered there: run
 // dense, its mask runs on every tile (a block of 128 consecutive keys almost never has every key kept by
 // a whole query tile) and it measured slower (2.67 against 2.45 ms). kernel_options().dma_dense
 // = 0|1 (testing::set_dma_dense) forces one mode for both directions.

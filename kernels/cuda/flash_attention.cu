@@ -87,7 +87,7 @@ int forced_group(const AttnShape& s, int64_t pairs) {
 // tiles run together and its light ones fill in behind. Where a pair alone has a wave of tiles or
 // more (long sequences) the group is one pair — the launch order, which also keeps the pair's K/V
 // (forward, dQ) or Q/dO (dK/dV) in L2 for all its blocks (grouping at N = 16K made the backward 1–2%
-// slower; H200, 2026-11-29). Never more pairs than fit in L2.
+// slower). Never more pairs than fit in L2.
 int lpt_group(const AttnShape& s, double tensors_per_pair, int64_t pairs) {
   static_assert(kWgBM == 128 && kFwdBM == 128 && kWgKvBN == 128 && 16 * kBwdWarps == 128, "tiles of 128");
   if (const int f = forced_group(s, pairs); f >= 0) return f;
@@ -104,9 +104,9 @@ int dkdv_order(const AttnShape& s) { return lpt_group(s, 2.0 + double(s.H) / dou
 // The DMA dK/dV grid (key groups): one group of every (KV head, batch) pair, so its classes run
 // heaviest first across all heads. A key group's query range is ~w for most classes but up to the
 // rest of the row for class 0 (the longest-kept keys), ~8× a typical block at 16K; launched head by
-// head (lpt_group's choice there), the last heads' class-0 blocks ran nearly alone at the end (H200,
-// ninth session, N = 16K, w = 2048: fwd+bwd 3.60 → 3.29 ms, and 3.28 → 3.18 with the dQ pass on the
-// side stream; the dense dK/dV grid measured slower so grouped, 8.93 → 9.17 ms, hence only here).
+// head (lpt_group's choice there), the last heads' class-0 blocks ran nearly alone at the end
+// (grouping took ~9% off DMA's forward + backward at N = 16K, w = 2048; the dense dK/dV grid
+// measured slower so grouped, hence only here; docs/perf-log.md).
 int dma_dkdv_order(const AttnShape& s) {
   const int64_t pairs = s.Hkv * s.B;
   const int f = forced_group(s, pairs);
@@ -118,9 +118,8 @@ int dma_dkdv_order(const AttnShape& s) {
 // forward 229 against 210 TFLOP/s, forward + backward 249 against 216).
 bool wg_overlap() { return kernel_options().attn_wg_overlap; }
 
-// The wgmma forward's dense-policy K/V tiles by TMA instead of cp.async: on by default since its
-// first H200 measurement (2026-11-29: forward 475 TFLOP/s against 229 with cp.async and 271 for
-// mma.sync at N = 16384, D = 128; the whole attention suite passes with it). attn_wg_tma = 0
+// The wgmma forward's dense-policy K/V tiles by TMA instead of cp.async: on by default (about twice
+// the forward rate of the cp.async producer at N = 16384, D = 128; docs/perf-log.md). attn_wg_tma = 0
 // turns it off.
 bool wg_tma() { return kernel_options().attn_wg_tma; }
 
@@ -135,10 +134,9 @@ FlashPath env_path() {
   }
 }
 
-// automatic picks, per direction, the path measured faster on the H200 (docs/perf-log.md, 2026-11-29,
-// causal N = 16384, H = 16, D = 128): forward wgmma with the TMA producer (475 TFLOP/s; mma.sync
-// 271, wgmma with cp.async 229, so without TMA the forward stays on mma.sync), backward wgmma
-// (10.7 ms against 15.2). run.kernels.attn_path overrides both directions.
+// automatic picks, per direction, the path measured faster on Hopper (docs/perf-log.md; causal
+// N = 16384, H = 16, D = 128): forward wgmma with the TMA producer (mma.sync is faster than wgmma
+// with cp.async, so without TMA the forward stays on mma.sync), backward wgmma (~1.4× mma.sync). run.kernels.attn_path overrides both directions.
 enum class Direction { forward, backward };
 FlashPath resolve_path(const AttnShape& s, FlashPath requested, Direction dir) {
   const bool explicit_request = requested != FlashPath::automatic;

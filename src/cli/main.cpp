@@ -87,7 +87,7 @@ synthetic tokens (no data needed) on run.device, and prints tokens/s, MFU (6·N 
 token against the device's dense bf16 peak; DMAT_PEAK_TFLOPS overrides the peak), the forward /
 backward / optimizer split (measured on separately synchronised steps) and peak memory beside
 `dmatrain info`'s prediction, then one JSON line. Speed figures belong in benchmarks, not tests:
-compare against ../shared/anchors run in the same session (scripts/bench_train.sh does both).
+compare against the anchors run in the same call (scripts/bench_train.sh does both).
 )";
 
 const char* kTrainHelp = R"(usage: dmatrain train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-train-changes]] [--stop-at STEP]
