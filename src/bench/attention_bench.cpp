@@ -65,7 +65,7 @@ double median_ms(Fn fn, int iters) {
   return ts[ts.size() / 2];
 }
 
-void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void* k, void* v, void* dout, void* outb,
+void bench_dma(const AttnBenchOptions& o, const AttnShape& s, void* q, void* k, void* v, void* dout, void* outb,
                void* dq, void* dk, void* dv, float* lse, std::ostream& out) {
   const int64_t rows = s.B * s.Hkv, n = rows * s.T, w = o.dma;
   std::vector<float> hb(static_cast<size_t>(n));
@@ -123,7 +123,7 @@ void bench_dma(const AttnBenchOptions& o, const cpu::AttnShape& s, void* q, void
 }  // namespace
 
 void bench_attention(const AttnBenchOptions& o, std::ostream& out) {
-  cpu::AttnShape s;
+  AttnShape s;
   // --dim D: the pair of kernels/cuda/head_dims.h whose d_qk is D (192: MLA's 192/128)
   int64_t value_dim = 0;
   for (const cuda::HeadDims& h : cuda::kHeadDims)
