@@ -114,18 +114,22 @@ TEST(Crash, KilledAtRandomPointsAndResumedEndsBitIdentical) {
 
   // a checkpoint write that fails: files may not grow past 512 KiB, so model.safetensors (1 MB) cannot
   // be written (SIGXFSZ ignored: write() returns EFBIG); the run stops naming the file, the previous
-  // checkpoint is untouched
-  const auto before = latest_checkpoint(b);
-  ASSERT_TRUE(before) << "no checkpoint after the kills";
+  // checkpoint is untouched. In a run of its own, stopped at step 10 first, so that a checkpoint is
+  // still to come whether or not the killed run above reached its end.
+  const std::string c = dir + "/c", ccmd = bin + " train " + cfg + " --out " + c;
+  auto first = test::run(ccmd + " --stop-at 10");
+  ASSERT_EQ(first.rc, 0) << first.out;
+  const auto before = latest_checkpoint(c);
+  ASSERT_TRUE(before) << "no checkpoint after --stop-at 10";
   const std::string model_before = file_bytes(before->path + "/model.safetensors");
-  auto full = test::run("bash -c \"trap '' XFSZ; ulimit -f 512; exec " + cmd + "\"");
+  auto full = test::run("bash -c \"trap '' XFSZ; ulimit -f 512; exec " + ccmd + " --resume\"");
   EXPECT_EQ(full.rc, 1) << full.out;
   EXPECT_NE(full.out.find("model.safetensors.tmp: write failed: File too large"), std::string::npos) << full.out;
-  const auto after = latest_checkpoint(b);
+  const auto after = latest_checkpoint(c);
   ASSERT_TRUE(after);
   EXPECT_EQ(after->path, before->path) << "the failed write left a checkpoint newer than the previous one";
   EXPECT_EQ(file_bytes(after->path + "/model.safetensors"), model_before);
-  EXPECT_NE(file_bytes(b + "/train.log").find("write failed: File too large"), std::string::npos)
+  EXPECT_NE(file_bytes(c + "/train.log").find("write failed: File too large"), std::string::npos)
       << "the error is not in train.log";
 
   // resumed to the end: the same losses and the same final weights and moments, bit for bit

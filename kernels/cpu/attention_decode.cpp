@@ -7,20 +7,10 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/attend.h"
 #include "kernels/cpu/cpu_ops.h"
 
 namespace dmat::cpu {
-namespace {
-
-template <class T>
-T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-
-}  // namespace
 
 template <class T>
 void attention_decode(T* out, const T* q, const T* kc, const T* vc, int64_t n, int64_t pos0, int64_t H, int64_t Hkv,
@@ -45,7 +35,10 @@ void attention_decode(T* out, const T* q, const T* kc, const T* vc, int64_t n, i
       T mx = -INFINITY;
       for (int64_t j = j0; j <= i; ++j) {
         if (!kept(j)) continue;
-        score[size_t(j)] = scale * dot(qi, kc + j * ldk + hk * Dqk, Dqk) + (bk ? bk[j] : T(0));
+        // the training loop's score exactly (kernels/cpu/attend.h: attend::score): its dot, and with
+        // a bias one fma
+        const T qk = dot(qi, kc + j * ldk + hk * Dqk, Dqk);
+        score[size_t(j)] = bk ? std::fma(scale, qk, bk[j]) : scale * qk;
         mx = std::max(mx, score[size_t(j)]);
       }
       T* oi = out + (r * H + h) * Dv;
