@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
 
@@ -22,22 +21,9 @@ using dmat::Error;
 
 namespace {
 
-template <class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected dmat::Error";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
-  }
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-void spit(const std::string& path, const std::string& b) { std::ofstream(path, std::ios::binary) << b; }
+using dmat::test::expect_error;
+using dmat::test::file_bytes;
+using dmat::test::write_bytes;
 
 dmat::MqarOptions small(const std::string& dir) {
   dmat::MqarOptions o;
@@ -84,17 +70,17 @@ TEST(DataMaskedShard, RoundTripAndValidation) {
                {"mask value 2 at position 1"});
   expect_error([&] { dmat::write_masked_shard(dir + "/c.bin", tok, mask, 300, 4); }, {"whole sequences of 4"});
   // reader refusals: a corrupt mask byte, a missing mask, unknown flags
-  std::string b = slurp(p);
+  std::string b = file_bytes(p);
   std::string bad = b;
   bad[64 + 14 + 2] = 7;
-  spit(dir + "/bad.bin", bad);
+  write_bytes(dir + "/bad.bin", bad);
   dmat::ShardReader rb(dir + "/bad.bin");
   expect_error([&] { rb.read_mask(0, 7, m.data()); }, {"bad.bin", "mask value 7 at position 2"});
-  spit(dir + "/short.bin", b.substr(0, b.size() - 3));
+  write_bytes(dir + "/short.bin", b.substr(0, b.size() - 3));
   expect_error([&] { dmat::read_shard_info(dir + "/short.bin"); }, {"truncated", "tokens and mask"});
   std::string flags = b;
   flags[28] = 6;
-  spit(dir + "/flags.bin", flags);
+  write_bytes(dir + "/flags.bin", flags);
   expect_error([&] { dmat::read_shard_info(dir + "/flags.bin"); }, {"unknown header flags"});
   // an unmasked shard has no mask to read
   dmat::write_shard(dir + "/plain.bin", tok, 300);
@@ -184,11 +170,11 @@ TEST(DataMqar, DeterministicAndDisjoint) {
   o2.out_dir = dir + "/b";
   dmat::write_mqar(o2);
   for (const char* f : {"manifest.json", "train/shard_000000.bin", "train/shard_000004.bin", "test/shard_000001.bin"})
-    EXPECT_EQ(slurp(dir + "/a/" + f), slurp(dir + "/b/" + f)) << f;
+    EXPECT_EQ(file_bytes(dir + "/a/" + f), file_bytes(dir + "/b/" + f)) << f;
   o2.out_dir = dir + "/c";
   o2.seed = 4;
   dmat::write_mqar(o2);
-  EXPECT_NE(slurp(dir + "/a/train/shard_000000.bin"), slurp(dir + "/c/train/shard_000000.bin"));
+  EXPECT_NE(file_bytes(dir + "/a/train/shard_000000.bin"), file_bytes(dir + "/c/train/shard_000000.bin"));
 
   // read back through the loader: no train example's assignment is a test example's
   auto examples = [&](const std::string& split) {
@@ -208,7 +194,7 @@ TEST(DataMqar, DeterministicAndDisjoint) {
   std::set<std::set<std::pair<int32_t, int32_t>>> test_sets;
   for (const auto& e : test) test_sets.insert(assignment(e.data(), o.pairs));
   for (const auto& e : train) EXPECT_FALSE(test_sets.count(assignment(e.data(), o.pairs)));
-  const auto m = nlohmann::json::parse(slurp(dir + "/a/manifest.json"));
+  const auto m = nlohmann::json::parse(file_bytes(dir + "/a/manifest.json"));
   EXPECT_EQ(m["generator"], "mqar");
   EXPECT_EQ(m["train_redrawn"].get<int64_t>(), r.redrawn);
   EXPECT_EQ(m["test"]["answers"].get<int64_t>(), o.test_examples * o.pairs);

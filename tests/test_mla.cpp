@@ -20,6 +20,7 @@
 #include "model/attention.h"
 #include "model/model.h"
 #include "test_util.h"
+#include "test_model_util.h"
 #include "train/info.h"
 #include "train/trainer.h"
 
@@ -202,19 +203,11 @@ TEST(MlaLayer, DimsAndHuggingFaceDeepseekV3ParameterNames) {
 TEST(MlaLayer, RecomputationGivesBitIdenticalGradients) {
   ModelConfig m = mla_config(7);
   m.n_layers = 3;
-  Model a(m), r(m, DType::F32, Device::CPU, /*recompute=*/true);
-  a.init_weights(5);
-  r.init_weights(5);
   std::vector<int32_t> x(22), y(22);
   Rng g(6);
   for (auto& t : x) t = int32_t(g.below(11));
   for (auto& t : y) t = int32_t(g.below(11));
-  EXPECT_EQ(a.forward(x.data(), y.data(), 2, 11, 1.0 / 22), r.forward(x.data(), y.data(), 2, 11, 1.0 / 22));
-  a.backward();
-  r.backward();
-  const Tensor ga = a.grads().flat(), gr = r.grads().flat();
-  ASSERT_EQ(ga.bytes(), gr.bytes());
-  EXPECT_EQ(0, std::memcmp(ga.data, gr.data, ga.bytes()));
+  test::expect_recomputation_bit_identical(m, x, y, 2, 11);
 }
 
 // ---- counts: parameters by Hugging Face's DeepSeek-V3 layout, FLOPs by DeepSeek's accounting -----

@@ -9,6 +9,7 @@
 #include "ops/ops.h"
 #include "test_gradcheck.h"
 #include "test_util.h"
+#include "test_model_util.h"
 #include "train/info.h"
 
 namespace dmat {
@@ -183,18 +184,8 @@ TEST(Model, RecomputationGivesBitIdenticalGradients) {
   c.n_layers = 3;
   c.qk_norm = true;
   c.residual_scale = true;
-  Model a(c), r(c, DType::F32, Device::CPU, /*recompute=*/true);
-  a.init_weights(5);
-  r.init_weights(5);
   Batch b = random_batch(c, 2, 11, 6);
-  const double la = a.forward(b.x.data(), b.y.data(), 2, 11, 1.0 / 22);
-  a.backward();
-  const double lr = r.forward(b.x.data(), b.y.data(), 2, 11, 1.0 / 22);
-  r.backward();
-  EXPECT_EQ(la, lr);
-  const Tensor ga = a.grads().flat(), gr = r.grads().flat();
-  ASSERT_EQ(ga.bytes(), gr.bytes());
-  EXPECT_EQ(0, std::memcmp(ga.data, gr.data, ga.bytes()));
+  test::expect_recomputation_bit_identical(c, b.x, b.y, 2, 11);
   // and it does save memory: one block's activations instead of three
   EXPECT_LT(Model::activation_bytes(c, 2, 11, DType::F32, true), Model::activation_bytes(c, 2, 11, DType::F32, false));
 }

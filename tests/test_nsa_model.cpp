@@ -19,6 +19,7 @@
 #include "model/attention.h"
 #include "model/model.h"
 #include "test_util.h"
+#include "test_model_util.h"
 #include "train/info.h"
 
 namespace dmat {
@@ -130,19 +131,11 @@ TEST(NsaModelLayer, ParameterNamesAndShapes) {
 TEST(NsaModelLayer, RecomputationGivesBitIdenticalGradients) {
   ModelConfig m = small_nsa();
   m.n_layers = 3;
-  Model a(m), r(m, DType::F32, Device::CPU, /*recompute=*/true);
-  a.init_weights(5);
-  r.init_weights(5);
   std::vector<int32_t> x(2 * 13), y(x.size());
   Rng g(6);
   for (auto& t : x) t = int32_t(g.below(11));
   for (auto& t : y) t = int32_t(g.below(11));
-  EXPECT_EQ(a.forward(x.data(), y.data(), 2, 13, 1.0 / 26), r.forward(x.data(), y.data(), 2, 13, 1.0 / 26));
-  a.backward();
-  r.backward();
-  const Tensor ga = a.grads().flat(), gr = r.grads().flat();
-  ASSERT_EQ(ga.bytes(), gr.bytes());
-  EXPECT_EQ(0, std::memcmp(ga.data, gr.data, ga.bytes()));
+  test::expect_recomputation_bit_identical(m, x, y, 2, 13);
 }
 
 // ---- counts -------------------------------------------------------------------------------------
