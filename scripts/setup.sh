@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dmatrain needs (skipping those already installed) and builds it
-# into build/. Idempotent: a second run installs nothing and rebuilds only what changed.
+# into build/ (or DMAT_BUILD_DIR). Idempotent: a second run installs nothing and rebuilds only what changed.
 #   bash scripts/setup.sh            # Release build; CUDA backend when nvcc is found
 #   DMAT_CMAKE_ARGS="-DDMAT_CUDA=OFF" bash scripts/setup.sh
 #   bash scripts/setup.sh dmatrain   # build only the named targets (the quickstart skips the tests)
+#   DMAT_BUILD_DIR=build-san DMAT_CMAKE_ARGS="..." bash scripts/setup.sh   # another build (sanitize.sh, fuzz.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# clang, its sanitizer/libFuzzer runtimes and its OpenMP: the sanitizer and fuzzing build (build-san).
 pkgs=(build-essential cmake nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev
-      libopenmpi-dev openmpi-bin python3-torch python3-numpy python3-matplotlib)
+      libopenmpi-dev openmpi-bin python3-torch python3-numpy python3-matplotlib
+      clang libclang-rt-dev libomp-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,8 +29,9 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDACXX:-}" ] && [ -x /usr/local
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi
 
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release ${DMAT_CMAKE_ARGS:-} >/dev/null
+dir="${DMAT_BUILD_DIR:-build}"
+cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release ${DMAT_CMAKE_ARGS:-} >/dev/null
 targets=()
 for t in "$@"; do targets+=(--target "$t"); done
-cmake --build build -j "$(nproc)" "${targets[@]}"
-echo "setup: build/ is up to date"
+cmake --build "$dir" -j "$(nproc)" "${targets[@]}"
+echo "setup: $dir/ is up to date"
