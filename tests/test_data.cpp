@@ -122,6 +122,21 @@ TEST(DataShard, RejectsWrongVersionAndWidth) {
   expect_error([&] { dmat::read_shard_info(p); }, {p, "width 3"});
 }
 
+// Found by fuzzing (tests/fuzz/corpus/shard/crash-vocab-above-2g): a header vocab above 2^31 let
+// tokens >= 2^31 pass the vocab check and come out of read() as negative int32 ids.
+TEST(DataShard, RejectsVocabAboveTwoToThe31) {
+  const auto dir = dmat::test::temp_dir("data_shard_vocab_2g");
+  const std::string p = dir + "/a.bin";
+  dmat::write_shard(p, {1, 2, 3}, 100000);
+  poke_u32(p, 24, 0x86a00000u);
+  poke_u32(p, 64, 0x869b9f00u);  // token 0 is 2258345728 < the header's vocab
+  expect_error([&] { dmat::read_shard_info(p); }, {p, "vocab size 2258632704", "2^31"});
+  poke_u32(p, 24, 0x80000000u);  // 2^31 itself is a valid vocab size
+  EXPECT_EQ(dmat::read_shard_info(p).vocab_size, 0x80000000u);
+  expect_error([&] { read_all(p); }, {p, "2258345728", "position 0"});
+  expect_error([&] { dmat::write_shard(dir + "/b.bin", {1}, 0x80000001u); }, {"vocab size must be in 1 … 2^31"});
+}
+
 TEST(DataShard, RejectsTruncatedAndTrailing) {
   const auto dir = dmat::test::temp_dir("data_shard_size");
   const std::string p = dir + "/x.bin";

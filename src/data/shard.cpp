@@ -91,6 +91,9 @@ ShardInfo read_info_fd(int fd, const std::string& path) {
   if (info.token_bytes != 2 && info.token_bytes != 4)
     fail("shard {}: invalid token width {} bytes (expected 2 or 4)", path, info.token_bytes);
   if (info.vocab_size == 0) fail("shard {}: vocab size is 0 in the header (expected > 0)", path);
+  if (info.vocab_size > kShardMaxVocab)
+    fail("shard {}: vocab size {} in the header exceeds 2^31 = {} (token ids are 32-bit signed; corrupt header?)", path,
+         info.vocab_size, kShardMaxVocab);
   if (info.version >= 2) {
     const uint32_t flags = get_u32(h + 28);
     if (flags & ~kShardFlagLossMask)
@@ -125,7 +128,8 @@ namespace {
 // Version 1 without a mask and a sequence length, else version 2 (shard.h).
 void write_shard_file(const std::string& path, const std::vector<uint32_t>& tokens, const std::vector<uint8_t>* mask,
                       uint32_t sequence_length, uint32_t vocab_size, uint32_t token_bytes, bool overwrite) {
-  if (vocab_size == 0) fail("shard {}: vocab size must be > 0", path);
+  if (vocab_size == 0 || vocab_size > kShardMaxVocab)
+    fail("shard {}: vocab size must be in 1 … 2^31 (got {})", path, vocab_size);
   if (token_bytes == 0) token_bytes = vocab_size <= 65536u ? 2 : 4;
   if (token_bytes != 2 && token_bytes != 4)
     fail("shard {}: token width must be 2 or 4 bytes (got {})", path, token_bytes);

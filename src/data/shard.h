@@ -5,7 +5,7 @@
 //   8       4     format version (uint32 LE): 1, or 2 for a shard with the fields below
 //   12      4     bytes per token: 2 (uint16) or 4 (uint32)
 //   16      8     token count n (uint64 LE)
-//   24      4     vocab size V (uint32 LE); every token must be < V
+//   24      4     vocab size V (uint32 LE), 1 … 2^31; every token must be < V
 //   28      4     version 2: flags (uint32 LE); bit 0: a loss mask follows the tokens. Version 1: 0
 //   32      4     version 2: sequence length S (uint32 LE), 0 for a free-running token stream; S > 0:
 //                 the tokens are whole sequences of S tokens plus one trailing token, and a loader
@@ -17,8 +17,9 @@
 //
 // Writers emit version 1 unless a mask or a sequence length is given, so every shard without them
 // reads in older builds. Readers reject a wrong magic, an unknown version, flags or token width, a
-// file whose size is not exactly 64 + n·b (+ n with a mask; truncated or trailing bytes) and mask
-// bytes other than 0 and 1, naming the file.
+// vocab size of 0 or above 2^31 (readers hand out tokens as int32, as training uses them), a file
+// whose size is not exactly 64 + n·b (+ n with a mask; truncated or trailing bytes) and mask bytes
+// other than 0 and 1, naming the file.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -30,6 +31,7 @@ constexpr char kShardMagic[8] = {'D', 'M', 'A', 'T', 'O', 'K', 'S', '\0'};
 constexpr uint32_t kShardVersion = 2;  // the newest version read and written
 constexpr uint32_t kShardFlagLossMask = 1;
 constexpr size_t kShardHeaderBytes = 64;
+constexpr uint64_t kShardMaxVocab = uint64_t(1) << 31;  // every token < V fits an int32
 
 struct ShardInfo {
   std::string path;
