@@ -141,6 +141,13 @@ TEST(RunFaults, CheckpointStateIsValidatedNamingFileAndKey) {
   write_text(state, bad.dump());
   expect_has(run(bin() + " train " + cfg + " --out " + dir + "/a --resume").out,
              {"state_rank0.json", "elapsed_s must be a number >= 0 (got \"soon\")"});
+  // Found by fuzz_checkpoint (tests/fuzz/corpus/checkpoint/world_huge): a world_size of INT64_MAX
+  // overflowed the global batch comparison of --resume (signed overflow: undefined behaviour).
+  bad = good;
+  bad["world_size"] = std::numeric_limits<int64_t>::max();
+  write_text(state, bad.dump());
+  expect_has(run(bin() + " train " + cfg + " --out " + dir + "/a --resume").out,
+             {"state_rank0.json", "world_size must be an integer in [1, 2^20] (got 9223372036854775807)"});
 }
 
 // `eval` of weights that give a NaN loss fails (exit 1) naming the checkpoint, not "validation loss nan".

@@ -13,6 +13,9 @@ namespace dmat {
 
 namespace fs = std::filesystem;
 constexpr int kStateFormat = 1;
+// Ranks a state file may name: far above any job, and small enough that the global batch
+// batch_size × grad_accum × ranks (each factor <= 2^20) stays an int64 (check_resume_config).
+constexpr int64_t kMaxWorldSize = int64_t(1) << 20;
 
 static std::vector<NamedTensor> named(const Model& m, const Arena& a, const std::string& prefix) {
   std::vector<NamedTensor> out;
@@ -152,7 +155,9 @@ TrainState read_checkpoint_state(const std::string& ckpt_dir) {
   if (!e.is_number() || !std::isfinite(e.get<double>()) || e.get<double>() < 0)
     fail("checkpoint state {}: elapsed_s must be a number >= 0 (got {})", file, e.dump());
   st.elapsed_s = e.get<double>();
-  st.world_size = s.contains("world_size") ? state_int(s, "world_size", file, 1, max, "an integer >= 1") : 1;
+  st.world_size = s.contains("world_size")
+                      ? state_int(s, "world_size", file, 1, kMaxWorldSize, "an integer in [1, 2^20]")
+                      : 1;
   st.adam_steps = state_int(s, "adam_steps", file, 0, st.step, "an integer in [0, step]");
   // written since the non-finite and loss-spike handling; absent in older checkpoints
   if (s.contains("skipped_steps"))
