@@ -395,6 +395,16 @@ TEST(ConfigLimits, NumbersBeyondTheDoubleRangeNameTheFileOrKey) {
   expect_has(error_for({}, {"train.lr=1e400"}), {"train.lr must fit a double", "1e400"});
 }
 
+// Found by fuzz_config (tests/fuzz/corpus/config/crash-set-not-utf8): --set text that is not UTF-8
+// became a JSON string, and the error message about it threw the JSON library's type_error 316
+// instead (the saved config.json could not have been written either).
+TEST(ConfigOverrides, TextThatIsNotUtf8IsAnErrorNamingTheOverride) {
+  expect_has(error_for({}, {"model.vocab_size=\xcf\xce" "4"}),
+             {"override \"model.vocab_size=\xef\xbf\xbd\xef\xbf\xbd" "4\" is not UTF-8 text"});
+  expect_has(error_for({}, {"data.train=runs/\xff"}), {"override \"data.train=runs/", "is not UTF-8 text"});
+  EXPECT_EQ(parse_config(minimal(), ".", {"data.train=caf\xc3\xa9"}).data.train, "caf\xc3\xa9");
+}
+
 // ---- --set overrides -------------------------------------------------------------------------
 TEST(ConfigOverrides, ValuesAreParsedAsJsonElseString) {
   Config c = parse_config(minimal(), ".",

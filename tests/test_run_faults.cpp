@@ -192,6 +192,16 @@ TEST(RunFaults, ARunDirectoryInUseIsRefused) {
 // --resume with a config that changes the model, the data order or the batch is refused and changes
 // nothing (config.json included); other changes are printed; --allow-train-changes continues anyway;
 // a longer train.steps says what it does to the schedule.
+// A run directory's path is saved in RUN_DIR/config.json, which is JSON: one that is not UTF-8 is a
+// usage error, not the JSON library's type_error (the cause fuzz_config found through --set text).
+TEST(RunFaults, AnOutDirThatIsNotUtf8IsAUsageError) {
+  const std::string dir = test::temp_dir("faults_out_utf8");
+  auto r = run(bin() + " train " + test::source_dir() + "/configs/tiny.json --out \"" + dir + "/$(printf '\\377')\"");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  expect_has(r.out, {"--out DIR must be UTF-8 text"});
+  EXPECT_TRUE(fs::is_empty(dir)) << "a refused start created something";
+}
+
 TEST(RunFaults, ResumeWithAChangedConfigPrintsRefusesOrExplains) {
   const std::string dir = test::temp_dir("faults_changed");
   const std::string cfg = config(dir);

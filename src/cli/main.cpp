@@ -284,7 +284,13 @@ int cmd_train(const std::vector<std::string>& a) {
     if (v[i] == "--allow-train-changes") return opt.allow_train_changes = true, true;
     return false;
   });
-  if (!out.empty()) sets.push_back("run.dir=" + nlohmann::json(out).dump());
+  if (!out.empty()) {
+    try {
+      sets.push_back("run.dir=" + nlohmann::json(out).dump());
+    } catch (const nlohmann::json::type_error&) {
+      throw Usage("--out DIR must be UTF-8 text (the run directory is saved in RUN_DIR/config.json)");
+    }
+  }
   dmat::Config cfg = dmat::load_config(path, sets);
   auto r = dmat::train(cfg, opt);
   if (dmat::dist::world().rank() != 0) return 0;  // rank 0 reports for the job

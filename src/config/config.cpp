@@ -111,9 +111,10 @@ const std::vector<Field<RunConfig>> kRunFields = {
 constexpr const char* kRunKernelsKey = "kernels";  // nested section of run (core/kernel_options.h)
 
 // ---- small helpers ---------------------------------------------------------------------------
-// A JSON value as shown in messages: compact, cut short when long.
+// A JSON value as shown in messages: compact, cut short when long (bytes that are not UTF-8, which
+// only --set text can bring, shown as U+FFFD rather than failing the message).
 std::string show(const json& v) {
-  std::string s = v.dump();
+  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (s.size() > 80) s = s.substr(0, 77) + "...";
   return s;
 }
@@ -803,7 +804,20 @@ json resolve_includes(json j, const fs::path& dir, std::vector<std::string>& cha
 }
 
 // ---- --set overrides -------------------------------------------------------------------------
+// JSON text is UTF-8 (the parser refuses anything else), and a config is written back as JSON
+// (RUN_DIR/config.json): the library's serializer decides.
+bool is_utf8(const std::string& s) {
+  try {
+    (void)json(s).dump();
+    return true;
+  } catch (const json::type_error&) {
+    return false;
+  }
+}
+
 void apply_override(json& root, const std::string& spec, const json& defaults) {
+  if (!is_utf8(spec))
+    fail("config: override {} is not UTF-8 text (a config is JSON, saved as RUN_DIR/config.json)", show(json(spec)));
   auto eq = spec.find('=');
   if (eq == std::string::npos || eq == 0)
     fail("config: override '{}' must look like key.path=value (e.g. train.lr=3e-4)", spec);
