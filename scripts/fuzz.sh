@@ -23,6 +23,8 @@ for t in "${targets[@]}"; do bins+=("fuzz_$t"); done
 DMAT_BUILD_DIR=build-san DMAT_CMAKE_ARGS="-DCMAKE_CXX_COMPILER=clang++ -DDMAT_CUDA=OFF -DDMAT_FUZZ=ON ${DMAT_CMAKE_ARGS:-}" \
   bash scripts/setup.sh "${bins[@]}" >/dev/null
 
+# Inputs are written to files (the readers take paths): in memory when /dev/shm is there.
+[ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] && export TMPDIR=/dev/shm
 # Leaks count as findings too (LeakSanitizer runs after each input that leaked).
 export ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
@@ -31,14 +33,17 @@ summary=()
 for t in "${targets[@]}"; do
   work="build-san/fuzz/$t"
   mkdir -p "$work/corpus" "$work/findings"
+  dict=()
+  [ "$t" != shard ] && dict=(-dict=tests/fuzz/json.dict)  # every other format is JSON or holds some
   set +e
   # The first corpus directory receives new inputs; the committed seeds are only read.
   "build-san/tests/fuzz/fuzz_$t" "$work/corpus" "tests/fuzz/corpus/$t" -max_total_time="$secs" -timeout=10 \
-    -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$work/findings/" >"$work/log" 2>&1
+    -max_len=16384 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$work/findings/" "${dict[@]}" \
+    >"$work/log" 2>&1
   rc=$?
   set -e
   execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$work/log" | tail -1 | grep -o '[0-9]*$' || true)
-  last=$(grep -E '^#[0-9]+ ' "$work/log" | tail -1 || true)
+  last=$(grep -E '^#[0-9]+[[:space:]]' "$work/log" | tail -1 || true)
   cov=$(grep -o 'cov: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
   ft=$(grep -o 'ft: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
   corp=$(grep -o 'corp: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
