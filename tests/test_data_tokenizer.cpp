@@ -353,6 +353,41 @@ TEST(TokenizerJson, RejectsWhatItCannotRead) {
   expect_error([&] { dmat::load_tokenizer(dir + "/missing.json"); }, {"missing.json", "tokenizer.json"});
 }
 
+// Fields of the wrong JSON type name the file and the field (they reached the user as the JSON
+// library's type_error, naming neither), and an id beyond INT64_MAX is out of range (read as int64
+// it turned negative, passed the bound and was written past the token table: SIGSEGV). Found by
+// fuzz_tokenizer (tests/fuzz/corpus/tokenizer/crash-*): model.type, normalizer, decoder and the id;
+// by reading the code beside them: Split.behavior and an added_tokens that is not an array.
+TEST(TokenizerJson, FieldsOfTheWrongTypeAndIdsBeyondInt64AreErrors) {
+  const auto dir = dmat::test::temp_dir("tok_json_types");
+  const auto good = nlohmann::json::parse(slurp(fixtures() + "/ours/hand.json"));
+  auto check = [&](const std::string& ptr, const nlohmann::json& v, std::initializer_list<std::string> parts) {
+    auto j = good;
+    j[nlohmann::json::json_pointer(ptr)] = v;
+    const std::string path = dir + "/t.json";
+    spit(path, j.dump());
+    std::vector<std::string> all = {path};
+    all.insert(all.end(), parts);
+    try {
+      BpeTokenizer::load(path);
+      ADD_FAILURE() << ptr << ": expected dmat::Error";
+    } catch (const dmat::Error& e) {
+      for (const auto& p : all) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << ptr << ": " << e.what();
+    }
+  };
+  check("/normalizer", 5, {"normalizer 5 is not supported"});
+  check("/normalizer", {{"type", 5}}, {"normalizer.type must be a string (got 5)"});
+  check("/model/type", 5, {"model.type must be a string (got 5)"});
+  check("/decoder", {{"type", 5}}, {"decoder.type must be a string (got 5)"});
+  check("/pre_tokenizer", {{"type", "Split"}, {"pattern", {{"Regex", "x"}}}, {"behavior", 3}},
+        {"pre_tokenizer Split.behavior must be a string (got 3)"});
+  check("/added_tokens", {{"a", {{"id", 267}, {"content", "<|endoftext|>"}}}}, {"added_tokens must be an array"});
+  for (const uint64_t id : {uint64_t(UINT64_MAX), uint64_t(1) << 63, uint64_t(1) << 32}) {
+    check("/model/vocab/\u0120t", id, {"token id " + std::to_string(id) + " is outside the vocabulary"});
+    check("/added_tokens/0/id", id, {"token id " + std::to_string(id) + " is outside the vocabulary"});
+  }
+}
+
 // ---- Hugging Face reference encodings (tests/fixtures/tokenizer/hf, made by make_hf_fixtures.py) ------
 
 namespace {

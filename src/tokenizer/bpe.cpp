@@ -105,6 +105,16 @@ std::string describe_json(const nlohmann::json& j) {
   return s.size() > 120 ? s.substr(0, 117) + "..." : s;
 }
 
+// A string field of a JSON object: `def` when absent or null, an error naming the field when it is
+// not a string (nlohmann's value() would throw its own type_error, naming neither file nor field).
+std::string string_field(const nlohmann::json& obj, const char* key, const std::string& def, const std::string& origin,
+                         const std::string& where) {
+  if (!obj.is_object() || !obj.contains(key) || obj[key].is_null()) return def;
+  if (!obj[key].is_string())
+    fail("tokenizer {}: {}.{} must be a string (got {})", origin, where, key, describe_json(obj[key]));
+  return obj[key].get<std::string>();
+}
+
 }  // namespace
 
 const std::string& byte_to_unicode_utf8(uint8_t b) { return byte_map().to[b]; }
@@ -219,7 +229,7 @@ void parse_stage(const nlohmann::json& s, const std::string& origin, std::vector
     st.individual_digits = flag("individual_digits", false);
   } else if (type == "Split") {
     const auto& p = s.value("pattern", nlohmann::json());
-    const std::string behavior = s.value("behavior", std::string());
+    const std::string behavior = string_field(s, "behavior", "", origin, "pre_tokenizer Split");
     if (!p.is_object() || !p.contains("Regex") || !p["Regex"].is_string())
       fail("tokenizer {}: Split pre-tokenizer with pattern {} is not supported (expected one of the GPT-2, "
            "LLaMA-3 or Qwen2 regexes)", origin, describe_json(p));
@@ -272,7 +282,7 @@ BpeTokenizer BpeTokenizer::from_hf_json(const nlohmann::json& j, const std::stri
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object())
     fail("tokenizer {}: not a Hugging Face tokenizer.json (no \"model\" object)", origin);
   const auto& m = j["model"];
-  const std::string type = m.value("type", std::string("(none)"));
+  const std::string type = string_field(m, "type", "(none)", origin, "model");
   if (type != "BPE")
     fail("tokenizer {}: model type \"{}\" is not supported (dmatrain reads byte-level BPE models, type \"BPE\")",
          origin, type);
@@ -285,9 +295,11 @@ BpeTokenizer BpeTokenizer::from_hf_json(const nlohmann::json& j, const std::stri
   if (j.contains("normalizer") && !j["normalizer"].is_null()) {
     // null, NFC, or a Sequence of at most one NFC.
     const auto& n = j["normalizer"];
-    const bool seq = n.value("type", "") == "Sequence" && n.contains("normalizers") && n["normalizers"].is_array();
+    const bool seq = string_field(n, "type", "", origin, "normalizer") == "Sequence" && n.contains("normalizers") &&
+                     n["normalizers"].is_array();
     const auto& list = seq ? n["normalizers"] : nlohmann::json::array({n});
-    if (list.size() > 1 || (list.size() == 1 && (!list[0].is_object() || list[0].value("type", "") != "NFC")))
+    if (list.size() > 1 ||
+        (list.size() == 1 && (!list[0].is_object() || string_field(list[0], "type", "", origin, "normalizer") != "NFC")))
       fail("tokenizer {}: normalizer {} is not supported (dmatrain implements null and NFC)", origin, describe_json(n));
     d.nfc = list.size() == 1;
   }
@@ -297,30 +309,35 @@ BpeTokenizer BpeTokenizer::from_hf_json(const nlohmann::json& j, const std::stri
   parse_stage(j["pre_tokenizer"], origin, d.pretok);
   if (d.pretok.empty() || d.pretok.back().kind != PreTokStage::kByteLevel)
     fail("tokenizer {}: the pre_tokenizer must end with ByteLevel (got {})", origin, describe_json(j["pre_tokenizer"]));
-  if (!j.contains("decoder") || !j["decoder"].is_object() || j["decoder"].value("type", "") != "ByteLevel")
+  if (!j.contains("decoder") || !j["decoder"].is_object() ||
+      string_field(j["decoder"], "type", "", origin, "decoder") != "ByteLevel")
     fail("tokenizer {}: decoder {} is not supported (expected ByteLevel)", origin,
          describe_json(j.value("decoder", nlohmann::json())));
   d.ignore_merges = m.contains("ignore_merges") && m["ignore_merges"].is_boolean() && m["ignore_merges"].get<bool>();
 
   // Vocabulary: ids may have gaps; the size is the largest id + 1 (model vocab and added tokens).
   if (!m.contains("vocab") || !m["vocab"].is_object()) fail("tokenizer {}: model.vocab must be an object", origin);
-  int64_t max_id = -1;
+  // Ids are compared as uint64 (an id beyond INT64_MAX read as int64 would turn negative and slip past the bound).
+  uint64_t max_id = 0;
+  bool any = false;
   for (const auto& [tok, id] : m["vocab"].items()) {
     if (!id.is_number_unsigned()) fail("tokenizer {}: model.vocab[\"{}\"] is not a non-negative integer", origin, tok);
-    max_id = std::max<int64_t>(max_id, id.get<int64_t>());
+    max_id = std::max(max_id, id.get<uint64_t>()), any = true;
   }
+  if (j.contains("added_tokens") && !j["added_tokens"].is_null() && !j["added_tokens"].is_array())
+    fail("tokenizer {}: added_tokens must be an array (got {})", origin, describe_json(j["added_tokens"]));
   const auto added_json = j.value("added_tokens", nlohmann::json::array());
   for (const auto& a : added_json) {
     if (!a.is_object() || !a.contains("id") || !a["id"].is_number_unsigned() || !a.contains("content") ||
         !a["content"].is_string())
       fail("tokenizer {}: added_tokens entry {} needs an \"id\" and a \"content\"", origin, describe_json(a));
-    max_id = std::max<int64_t>(max_id, a["id"].get<int64_t>());
+    max_id = std::max(max_id, a["id"].get<uint64_t>()), any = true;
   }
-  if (max_id < 0) fail("tokenizer {}: empty vocabulary", origin);
+  if (!any) fail("tokenizer {}: empty vocabulary", origin);
   // Ids may leave gaps (reserved ids, an added token at a round number), but the table below has
   // max_id + 1 entries: an id of 2^31 in a 3 KB file must not allocate gigabytes. So the ids are
   // bounded by the tokens the file defines plus at most 2^20 unused ids.
-  const int64_t defined = int64_t(m["vocab"].size() + added_json.size()), limit = defined + (int64_t(1) << 20);
+  const uint64_t defined = m["vocab"].size() + added_json.size(), limit = defined + (uint64_t(1) << 20);
   if (max_id >= limit)
     fail("tokenizer {}: token id {} is outside the vocabulary: the file defines {} tokens (model.vocab and "
          "added_tokens) and ids may leave at most 2^20 unused, so ids must be < {}",
