@@ -113,11 +113,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
          kMaxHeaderBytes);
   std::string header_text(header_len, '\0');
   in.read(header_text.data(), std::streamsize(header_len));
-  const uint64_t data_size = file_size - 8 - header_len;
-  // Only the data section is kept, so tensor offsets are relative to a freshly allocated (aligned) buffer.
-  bytes_.assign(std::max<uint64_t>(data_size, 1), 0);
-  in.read(bytes_.data(), std::streamsize(data_size));
   if (!in) fail("{}: read error (file changed while reading?)", path);
+  const uint64_t data_size = file_size - 8 - header_len;
 
   ojson header;
   try {
@@ -177,7 +174,6 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       bad(fmt::format("shape {} of {} needs {} bytes but data_offsets [{}, {}] hold {}", t.shape.str(),
                       jd.get<std::string>(), overflow ? std::string("too many") : std::to_string(numel * esize),
                       begin, end, end - begin));
-    t.data = bytes_.data() + begin;
     t.device = Device::CPU;
     tensors_[name] = t;
     order_.push_back(name);
@@ -199,6 +195,24 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   if (pos != data_size)
     fail("{}: size mismatch: tensors cover {} data bytes but the file holds {} after the header", path, pos,
          data_size);
+
+  // The data, each tensor at a multiple of 8 bytes of one buffer (new[] aligns it to 16): the file
+  // packs tensors back to back, so an F32 after an odd number of BF16 elements would otherwise be a
+  // misaligned view (reading it as float is undefined behaviour). Read in file order.
+  std::vector<uint64_t> at(ranges.size());
+  uint64_t total = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    at[i] = total;
+    total += (ranges[i].end - ranges[i].begin + 7) / 8 * 8;
+  }
+  bytes_.assign(std::max<uint64_t>(total, 1), 0);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const Range& r = ranges[i];
+    in.seekg(std::streamoff(8 + header_len + r.begin));
+    in.read(bytes_.data() + at[i], std::streamsize(r.end - r.begin));
+    tensors_[r.name].data = bytes_.data() + at[i];
+  }
+  if (!in) fail("{}: read error (file changed while reading?)", path);
 }
 
 bool SafetensorsFile::has(const std::string& name) const { return tensors_.count(name) != 0; }

@@ -21,7 +21,7 @@ struct NamedTensor {
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
-// A loaded file: owns its bytes; tensors are views into them.
+// A loaded file: owns its bytes; tensors are views into them, each aligned for its dtype.
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);  // validates header, offsets and file size
