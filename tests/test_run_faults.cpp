@@ -26,6 +26,7 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "test_util.h"
+#include "train/run_dir.h"
 #include "train/trainer.h"
 
 namespace dmat {
@@ -200,6 +201,24 @@ TEST(RunFaults, AnOutDirThatIsNotUtf8IsAUsageError) {
   EXPECT_EQ(r.rc, 2) << r.out;
   expect_has(r.out, {"--out DIR must be UTF-8 text"});
   EXPECT_TRUE(fs::is_empty(dir)) << "a refused start created something";
+}
+
+// Found by fuzz_checkpoint (tests/fuzz/corpus/checkpoint/crash-section-not-object): a checkpoint's
+// config.json whose train section is a number reached the user as the JSON library's type_error.
+// Compared as empty, every key of it is a change: refused as another data order, or listed.
+TEST(RunFaults, ASavedConfigSectionThatIsNoObjectIsComparedAsEmpty) {
+  const Config now = parse_config(nlohmann::json{{"data", {{"train", "t"}, {"val", "v"}}}});
+  TrainState st;
+  st.step = 2;
+  nlohmann::json saved = now.resolved;
+  saved["train"] = 5;
+  expect_has(error_of([&] { check_resume_config(saved, now, st, 1, false, "ck"); }),
+             {"changes the data order", "train.seed: absent -> 1234 (another data order)"});
+  EXPECT_NO_THROW(check_resume_config(saved, now, st, 1, true, "ck"));
+  saved = now.resolved;
+  saved["model"] = "x";
+  expect_has(error_of([&] { check_resume_config(saved, now, st, 1, false, "ck"); }),
+             {"the config changes the model", "model.d_model: absent -> 128"});
 }
 
 TEST(RunFaults, ResumeWithAChangedConfigPrintsRefusesOrExplains) {

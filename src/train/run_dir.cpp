@@ -129,7 +129,10 @@ void check_resume_config(const json& saved_raw, const Config& now, const TrainSt
   } catch (const Error&) {
   }
   const json& cur = now.resolved;
-  auto section = [](const json& j, const char* name) { return j.is_object() && j.contains(name) ? j[name] : json::object(); };
+  // (a section that is not an object, in a saved config that no longer parses, compares as empty)
+  auto section = [](const json& j, const char* name) {
+    return j.is_object() && j.contains(name) && j[name].is_object() ? j[name] : json::object();
+  };
 
   if (section(saved, "model") != cur.at("model")) {
     std::string diff;
