@@ -234,6 +234,12 @@ TEST(IoSafetensors, RejectsCorruptFilesWithClearErrors) {
   expect_rejected("negative_dim", hand_file(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", ok_data),
                   {"'w'", "non-negative"});
   expect_rejected("bad_metadata", hand_file(R"({"__metadata__":{"a":1}})", ""), {"__metadata__", "'a'"});
+  // Found by fuzz_safetensors (tests/fuzz/corpus/safetensors/crash-empty-shape-overflow): an empty
+  // tensor whose other entries multiply past INT64_MAX was accepted, and Shape::numel() overflowed
+  // (undefined behaviour) on its way to 0.
+  expect_rejected("empty_shape_overflow",
+                  hand_file(R"({"a":{"dtype":"F32","shape":[1294967296249649,7296,0],"data_offsets":[0,0]}})", ""),
+                  {"'a'", "[1294967296249649,7296,0]", "does not fit 64-bit sizes"});
 }
 
 TEST(IoSafetensors, MissingFileAndMissingTensor) {

@@ -153,7 +153,9 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       bad(fmt::format("unsupported dtype '{}' (expected F32, F64, BF16, I32, U16 or U32)", jd.get<std::string>()));
     if (!js.is_array()) bad("shape must be an array");
     if (js.size() > size_t(kMaxDims)) bad(fmt::format("{} dimensions, at most {} supported", js.size(), kMaxDims));
-    uint64_t numel = 1;
+    // numel in uint64 (overflow noted); nonzero: the product of the nonzero entries, which must fit
+    // int64 even when a zero entry makes the tensor empty (Shape::numel multiplies left to right).
+    uint64_t numel = 1, nonzero = 1;
     bool overflow = false;
     for (const auto& d : js) {
       if (!d.is_number_unsigned()) bad("shape entries must be non-negative integers");
@@ -162,6 +164,11 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       t.shape.d[t.shape.n++] = int64_t(v);
       if (v != 0 && numel > std::numeric_limits<uint64_t>::max() / v) overflow = true;
       numel *= v;
+      if (v != 0) {
+        if (nonzero > uint64_t(std::numeric_limits<int64_t>::max()) / v)
+          bad(fmt::format("shape {}: the product of its entries does not fit 64-bit sizes", js.dump()));
+        nonzero *= v;
+      }
     }
     if (!jo.is_array() || jo.size() != 2 || !jo[0].is_number_unsigned() || !jo[1].is_number_unsigned())
       bad("data_offsets must be [begin, end] with non-negative integers");
