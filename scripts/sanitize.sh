@@ -18,9 +18,7 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
 #   Train.TinyConfigLearnsWellBelowUnigramEntropy, MlaTrain.*, DmaTrain.*, RunFaults.EvalRefusesANonFiniteLoss:
 #     long training or evaluation loops (minutes each under ASan; the first exceeds its 300 s timeout);
 #     the same layers, optimizer and evaluation run in Model.*, Mla*, Dma*, Train.* and the other RunFaults.*.
-#   Crash.*: its kill moments are calibrated to the optimized binary; under ASan no checkpoint completes
-#     inside them, so it fails for timing, not for a fault.
-EXCLUDE='^(IoOracle\.TorchOracleSelfTest|Oracle\.|NsaOracle\.|Ladder\.Smoke|Train\.TinyConfigLearnsWellBelowUnigramEntropy|MlaTrain\.|DmaTrain\.|RunFaults\.EvalRefusesANonFiniteLoss|Crash\.)'
+EXCLUDE='^(IoOracle\.TorchOracleSelfTest|Oracle\.|NsaOracle\.|Ladder\.Smoke|Train\.TinyConfigLearnsWellBelowUnigramEntropy|MlaTrain\.|DmaTrain\.|RunFaults\.EvalRefusesANonFiniteLoss)'
 
 # Only what runs: the CLI, the non-GPU suites and the harnesses.
 targets=(dmatrain fuzzers)

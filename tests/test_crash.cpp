@@ -7,10 +7,16 @@
 #include <chrono>
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 
+#include <nlohmann/json.hpp>
+
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -58,12 +64,37 @@ bool exited(pid_t pid, int* code) {
   return true;
 }
 
-// A checkpoint folder being written (its temp folder exists).
-bool writing_checkpoint(const std::string& run_dir) {
+// The temp checkpoint folders of a run, by name, inode and modification time.
+using Folders = std::set<std::tuple<std::string, uint64_t, int64_t>>;
+Folders temp_folders(const std::string& run_dir) {
+  Folders out;
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(run_dir + "/checkpoints", ec))
-    if (e.path().filename().string().rfind(".tmp_step_", 0) == 0) return true;
+  for (const auto& e : fs::directory_iterator(run_dir + "/checkpoints", ec)) {
+    const std::string name = e.path().filename().string();
+    struct stat st;
+    if (name.rfind(".tmp_step_", 0) == 0 && ::stat(e.path().c_str(), &st) == 0)
+      out.insert({name, uint64_t(st.st_ino), int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec});
+  }
+  return out;
+}
+
+// A checkpoint folder being written: a temp folder other than those a killed run left behind
+// (`stale`; the next process removes one of the same step and starts it afresh).
+bool writing_checkpoint(const std::string& run_dir, const Folders& stale) {
+  for (const auto& f : temp_folders(run_dir))
+    if (!stale.count(f)) return true;
   return false;
+}
+
+// The step of the last complete row of RUN_DIR/metrics.jsonl (-1 before any; one row per step here).
+int64_t last_logged_step(const std::string& run_dir) {
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  int64_t step = -1;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_discarded() && j.contains("step")) step = j["step"].get<int64_t>();
+  }
+  return step;
 }
 
 std::map<int64_t, double> losses(const std::string& run_dir, const char* key) {
@@ -81,16 +112,28 @@ TEST(Crash, KilledAtRandomPointsAndResumedEndsBitIdentical) {
   int killed = 0, killed_writing = 0;
   int64_t last_step = -1;
   for (int round = 0; round < 8; ++round) {
+    // Kill moments follow the run's progress, not the clock, so the test means the same on a fast
+    // machine, a loaded one and under the sanitizers: even rounds, a random moment (0-10 ms) after
+    // the row of a random one of the next 4 steps (beyond the rows a killed run left) is written;
+    // odd rounds, as soon as a checkpoint is being written. At most ~28 of the 40 steps are done
+    // when the rounds end, so the run is killed 8 times.
+    const Folders stale = temp_folders(b);
+    const int64_t target = std::max(last_step, last_logged_step(b)) + 1 + int64_t(rng.below(4));
+    const double delay_s = 0.01 * rng.uniform();
     const pid_t pid = spawn(cmd, dir + "/b.log");
-    // even rounds: a random moment; odd rounds: as soon as a checkpoint is being written
     const auto t0 = std::chrono::steady_clock::now();
-    const double wait_s = 0.05 + 0.6 * rng.uniform();
+    double reached_s = -1;
     int code = 0;
     bool done = false;
     while (!(done = exited(pid, &code))) {
       const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (round % 2 == 0 ? t >= wait_s : writing_checkpoint(b) || t > 5.0) break;
-      std::this_thread::sleep_for(std::chrono::microseconds(round % 2 == 0 ? 2000 : 200));
+      if (round % 2 == 0) {
+        if (reached_s < 0 && last_logged_step(b) >= target) reached_s = t;
+        if (reached_s >= 0 && t >= reached_s + delay_s) break;
+      } else if (writing_checkpoint(b, stale)) {
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
     if (done) {  // it reached the end first
       ASSERT_EQ(code, 0) << file_bytes(dir + "/b.log");
@@ -99,7 +142,7 @@ TEST(Crash, KilledAtRandomPointsAndResumedEndsBitIdentical) {
     ::kill(pid, SIGKILL);
     ASSERT_EQ(wait_exit(pid), 128 + SIGKILL);
     ++killed;
-    if (writing_checkpoint(b)) ++killed_writing;
+    if (writing_checkpoint(b, stale)) ++killed_writing;
     // what --resume will use: a complete checkpoint, never older than the last one seen
     const auto ck = latest_checkpoint(b);
     const int64_t step = ck ? ck->step : -1;
@@ -109,7 +152,7 @@ TEST(Crash, KilledAtRandomPointsAndResumedEndsBitIdentical) {
   }
   std::cout << "killed " << killed << " times (" << killed_writing << " while a checkpoint was being written); newest "
             << "complete checkpoint then: step " << last_step << "\n";
-  EXPECT_GE(killed, 4) << "the run ended before the test could kill it often: it is too short for this machine";
+  EXPECT_EQ(killed, 8) << "the run ended before the test killed it 8 times";
   EXPECT_GE(killed_writing, 1) << "no kill landed while a checkpoint was being written";
 
   // a checkpoint write that fails: files may not grow past 512 KiB, so model.safetensors (1 MB) cannot
