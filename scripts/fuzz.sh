@@ -23,8 +23,13 @@ for t in "${targets[@]}"; do bins+=("fuzz_$t"); done
 DMAT_BUILD_DIR=build-san DMAT_CMAKE_ARGS="-DCMAKE_CXX_COMPILER=clang++ -DDMAT_CUDA=OFF -DDMAT_FUZZ=ON ${DMAT_CMAKE_ARGS:-}" \
   bash scripts/setup.sh "${bins[@]}" >/dev/null
 
-# Inputs are written to files (the readers take paths): in memory when /dev/shm is there.
-[ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] && export TMPDIR=/dev/shm
+# Inputs are written to files (the readers take paths): in memory when /dev/shm is there, in a folder
+# removed at the end (libFuzzer ends a run without the harnesses' exit handlers).
+base="${TMPDIR:-/tmp}"
+[ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm
+TMPDIR="$(mktemp -d "$base/dmat_fuzz.XXXXXX")"
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
 # Leaks count as findings too (LeakSanitizer runs after each input that leaked).
 export ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"

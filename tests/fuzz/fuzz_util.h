@@ -27,7 +27,8 @@
 namespace dmat::fuzz {
 
 // A scratch directory per process (libFuzzer's -fork / -jobs workers each get their own), removed
-// at exit. Readers take paths, so inputs are written to files in it.
+// at a normal exit (scripts/fuzz.sh removes the TMPDIR it is in, whatever the ending). Readers take
+// paths, so inputs are written to files in it.
 inline const std::string& scratch_dir() {
   static const std::string dir = [] {
     const char* tmp = std::getenv("TMPDIR");
