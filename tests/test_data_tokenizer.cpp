@@ -360,12 +360,12 @@ TEST(TokenizerJson, RejectsWhatItCannotRead) {
 // by reading the code beside them: Split.behavior and an added_tokens that is not an array.
 TEST(TokenizerJson, FieldsOfTheWrongTypeAndIdsBeyondInt64AreErrors) {
   const auto dir = dmat::test::temp_dir("tok_json_types");
-  const auto good = nlohmann::json::parse(slurp(fixtures() + "/ours/hand.json"));
+  const auto good = nlohmann::json::parse(file_bytes(fixtures() + "/ours/hand.json"));
   auto check = [&](const std::string& ptr, const nlohmann::json& v, std::initializer_list<std::string> parts) {
     auto j = good;
     j[nlohmann::json::json_pointer(ptr)] = v;
     const std::string path = dir + "/t.json";
-    spit(path, j.dump());
+    write_bytes(path, j.dump());
     std::vector<std::string> all = {path};
     all.insert(all.end(), parts);
     try {
