@@ -52,19 +52,23 @@ using test::rel_l2_diff;
 
 // Two runs of the same 10 updates. The losses are the sensitive check (loss_rel). Master weights:
 // AdamW divides each update by the gradient's running RMS, so a coordinate whose gradient is near
-// zero in both runs moves by up to ~lr per step in directions set by rounding: max |Δw| is bounded
-// by 2·Σ lr_t (weight_tol), not by the gradients' agreement; the relative L2 difference over all
-// weights (‖Δw‖/‖w‖) is reported beside it. The gradient norm, to which AdamW is blind, catches a
-// missing average or a bucket reduced twice (a factor 2 or √2): within 1% at step 1 (same
-// weights; only the reduction order and the bf16 rounding of GEMMs of another row count differ)
-// and within 10% at every step (the trajectories drift apart by rounding afterwards).
-void expect_same_run(const std::string& a, const std::string& b, double weight_tol, double loss_rel, const char* what,
-                     double norm_rel = 0.1) {
+// zero in both runs moves by up to ~lr per step in directions set by rounding: max |Δw| can reach
+// 2·Σ lr_t (kAdamDriftBound) without any error, so it is reported but only bounds the ZeRO
+// comparison, where the runs must agree to the bit. Across world sizes the weights are held by the
+// relative L2 difference over all weights (‖Δw‖/‖w‖, weight_rel_l2), which rounding keeps small
+// (measured 7.9e-4 on 2 H200s) and a bucket reduced wrongly on one rank moves much further.
+// The gradient norm, to which AdamW is blind, catches a missing average or a bucket reduced twice
+// (a factor 2 or √2): within 1% at step 1 (same weights; only the reduction order and the bf16
+// rounding of GEMMs of another row count differ) and within 10% at every step (the trajectories
+// drift apart by rounding afterwards).
+void expect_same_run(const std::string& a, const std::string& b, double weight_tol, double weight_rel_l2,
+                     double loss_rel, const char* what, double norm_rel = 0.1) {
   const std::string ca = a + "/checkpoints/step_00000010", cb = b + "/checkpoints/step_00000010";
   const double dw = max_abs_diff(ca + "/model.safetensors", cb + "/model.safetensors");
-  std::cout << what << ": max |Δmaster weight| " << dw << ", relative L2 "
-            << rel_l2_diff(ca + "/model.safetensors", cb + "/model.safetensors") << "\n";
+  const double rw = rel_l2_diff(ca + "/model.safetensors", cb + "/model.safetensors");
+  std::cout << what << ": max |Δmaster weight| " << dw << ", relative L2 " << rw << "\n";
   EXPECT_LT(dw, weight_tol) << what;
+  EXPECT_LT(rw, weight_rel_l2) << what << ": master weights, relative L2";
   auto la = metric_column(a, "loss"), lb = metric_column(b, "loss");
   ASSERT_EQ(la.size(), 10u);
   ASSERT_EQ(lb.size(), 10u);
@@ -81,6 +85,8 @@ void expect_same_run(const std::string& a, const std::string& b, double weight_t
 
 // The bound on max |Δw| between two runs of 10 AdamW updates at peak lr 3e-3 (tiny.json): 2·10·3e-3.
 constexpr double kAdamDriftBound = 0.06;
+// Master weights' relative L2 difference across world sizes: ~6× the measured 7.9e-4.
+constexpr double kWeightRelL2 = 5e-3;
 
 TEST(GpuDdp, TwoGpusWithBatchBMatchOneGpuWith2B) {
   SKIP_UNLESS_2_GPUS();
@@ -91,7 +97,7 @@ TEST(GpuDdp, TwoGpusWithBatchBMatchOneGpuWith2B) {
   auto two = train(2, cfg + " --set train.batch_size=8 --out " + dir + "/two");
   ASSERT_EQ(two.rc, 0) << two.out;
   EXPECT_NE(two.out.find("data parallel: 2 ranks (mpi + nccl)"), std::string::npos) << two.out;
-  expect_same_run(dir + "/one", dir + "/two", kAdamDriftBound, 2e-3, "2 GPUs × b vs 1 GPU × 2b");
+  expect_same_run(dir + "/one", dir + "/two", kAdamDriftBound, kWeightRelL2, 2e-3, "2 GPUs × b vs 1 GPU × 2b");
 }
 
 TEST(GpuDdp, ZeroOneMatchesPlainDataParallel) {
@@ -102,7 +108,7 @@ TEST(GpuDdp, ZeroOneMatchesPlainDataParallel) {
   ASSERT_EQ(ddp.rc, 0) << ddp.out;
   auto zero = train(2, cfg + " --set train.zero=1 --out " + dir + "/zero");
   ASSERT_EQ(zero.rc, 0) << zero.out;
-  expect_same_run(dir + "/ddp", dir + "/zero", 1e-5, 1e-5, "ZeRO-1 vs DDP on 2 GPUs", 1e-5);
+  expect_same_run(dir + "/ddp", dir + "/zero", 1e-5, 1e-6, 1e-5, "ZeRO-1 vs DDP on 2 GPUs", 1e-5);
 }
 
 TEST(GpuDdp, CheckpointsResumeOnAnotherNumberOfGpus) {
@@ -116,12 +122,12 @@ TEST(GpuDdp, CheckpointsResumeOnAnotherNumberOfGpus) {
   ASSERT_EQ(a1.rc, 0) << a1.out;
   auto a2 = train(0, cfg + b1 + " --out " + dir + "/a --resume");
   ASSERT_EQ(a2.rc, 0) << a2.out;
-  expect_same_run(dir + "/ref", dir + "/a", kAdamDriftBound, 2e-3, "2 GPUs (ZeRO-1) to step 5, then 1 GPU");
+  expect_same_run(dir + "/ref", dir + "/a", kAdamDriftBound, kWeightRelL2, 2e-3, "2 GPUs (ZeRO-1) to step 5, then 1 GPU");
   auto b1r = train(0, cfg + b1 + " --out " + dir + "/b --stop-at 5");
   ASSERT_EQ(b1r.rc, 0) << b1r.out;
   auto b2r = train(2, cfg + b2 + " --out " + dir + "/b --resume");
   ASSERT_EQ(b2r.rc, 0) << b2r.out;
-  expect_same_run(dir + "/ref", dir + "/b", kAdamDriftBound, 2e-3, "1 GPU to step 5, then 2 GPUs");
+  expect_same_run(dir + "/ref", dir + "/b", kAdamDriftBound, kWeightRelL2, 2e-3, "1 GPU to step 5, then 2 GPUs");
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 // in a process launched by mpirun, where a test cannot pass a callback. Accepts CONFIG, --set k=v
 // and --out DIR as `dmatrain train` does, plus:
 //   --fault RANK:STEP:KIND  rank RANK, before step STEP's forward, throws (KIND throw), stops
-//                           answering collectives (hang) or raises SIGTERM (signal)
+//                           answering collectives (hang), raises SIGTERM (signal) or dies by
+//                           SIGKILL (kill: no handler, no cleanup, as when the OOM killer strikes)
 //   --host-buckets BYTES    TrainOptions::host_bucket_bytes (the GPU path's buckets on the host)
 // A separate binary rather than hidden flags of dmatrain: the production CLI has no test paths.
 #include <chrono>
@@ -27,12 +28,13 @@ void inject_fault(const std::string& spec, int64_t step) {
   long long at = -1;
   char kind[16] = {};
   if (std::sscanf(spec.c_str(), "%d:%lld:%15s", &rank, &at, kind) != 3)
-    dmat::fail("--fault must be RANK:STEP:throw|hang|signal (got '{}')", spec);
+    dmat::fail("--fault must be RANK:STEP:throw|hang|signal|kill (got '{}')", spec);
   if (rank != dmat::dist::world().rank() || at != step) return;
   const std::string k = kind;
   if (k == "throw") dmat::fail("test fault injected on rank {} at step {}", rank, step);
   if (k == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
   if (k == "signal") std::raise(SIGTERM);
+  if (k == "kill") std::raise(SIGKILL);
 }
 
 }  // namespace
