@@ -4,7 +4,7 @@
 // its vocabulary; decode(encode(x)) is x (NFC(x) with an NFC normalizer; ByteLevel's
 // add_prefix_space puts a space before each piece that lacks one); its JSON form (what
 // `tokenizer train` writes) loads back as the same tokenizer.
-#include "data/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "fuzz_util.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/normalize.h"
