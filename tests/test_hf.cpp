@@ -49,7 +49,7 @@ std::string refusal(const ModelConfig& m) {
 
 TEST(HfConfig, MhaIsLlamaWithEveryFieldOfOurs) {
   const auto j = to_hf_config(model_of(kGqa), HfExtras{128, 299, "bfloat16"});
-  EXPECT_EQ(j["architectures"], json::array({"LlamaForCausalLM"}));
+  EXPECT_EQ(json(j["architectures"]), json::array({"LlamaForCausalLM"}));
   EXPECT_EQ(j["model_type"], "llama");
   EXPECT_EQ(j["vocab_size"], 300);
   EXPECT_EQ(j["hidden_size"], 96);
@@ -77,7 +77,7 @@ TEST(HfConfig, MhaIsLlamaWithEveryFieldOfOurs) {
 
 TEST(HfConfig, SwaIsMistralWithTheSameWindow) {
   const auto j = to_hf_config(model_of(with(kGqa, {{"attention", {{"type", "swa"}, {"window", 24}}}})), HfExtras{});
-  EXPECT_EQ(j["architectures"], json::array({"MistralForCausalLM"}));
+  EXPECT_EQ(json(j["architectures"]), json::array({"MistralForCausalLM"}));
   EXPECT_EQ(j["model_type"], "mistral");
   // transformers' sliding_window_overlay keeps kv_idx > q_idx − sliding_window: keys i−w+1 … i, ours
   EXPECT_EQ(j["sliding_window"], 24);
@@ -89,7 +89,7 @@ TEST(HfConfig, DmaIsDogeWithKeepWindowSize) {
   const auto m = model_of(with(kGqa, {{"qk_norm", true}, {"residual_scale", true},
                                       {"attention", {{"type", "dma"}, {"window", 16}, {"a_init", -0.5}}}}));
   const auto j = to_hf_config(m, HfExtras{});
-  EXPECT_EQ(j["architectures"], json::array({"DogeForCausalLM"}));
+  EXPECT_EQ(json(j["architectures"]), json::array({"DogeForCausalLM"}));
   EXPECT_EQ(j["model_type"], "doge");
   EXPECT_EQ(j["keep_window_size"], 16);
   EXPECT_TRUE(j["sliding_window"].is_null());
@@ -103,7 +103,7 @@ TEST(HfConfig, MlaIsDeepseekV3WithDenseMlpsOnly) {
   const json mla = {{"vocab_size", 300}, {"d_model", 96}, {"n_layers", 3}, {"n_heads", 4}, {"ffn_dim", 256},
                     {"attention", {{"type", "mla"}, {"kv_rank", 24}, {"rope_dim", 16}, {"nope_dim", 32}, {"v_dim", 40}}}};
   auto j = to_hf_config(model_of(mla), HfExtras{});
-  EXPECT_EQ(j["architectures"], json::array({"DeepseekV3ForCausalLM"}));
+  EXPECT_EQ(json(j["architectures"]), json::array({"DeepseekV3ForCausalLM"}));
   EXPECT_EQ(j["model_type"], "deepseek_v3");
   EXPECT_EQ(j["first_k_dense_replace"], 3);  // every layer dense: no expert is built
   EXPECT_EQ(j["intermediate_size"], 256);
