@@ -21,22 +21,8 @@
 
 namespace dmat::cpu {
 
-// The layer's sizes. Layouts: q, o [B,T,H,D]; k, v of every branch [B,T,Hkv,D]; compressed kc, vc
-// [B,Nc,Hkv,D]; lse of every branch [B,H,T]; selection lists [B,Hkv,T,sel_count] (int32).
-struct NsaShape {
-  int64_t B = 0, T = 0, H = 0, Hkv = 0, D = 0;  // D: the head dim of q, k and v in every branch
-  double scale = 0;                             // score scale of every branch, usually 1/sqrt(D)
-  int64_t cmp_block = 32;   // l:  compression block length
-  int64_t cmp_stride = 16;  // d:  compression stride; block c covers positions [c·d, c·d + l)
-  int64_t sel_block = 64;   // l': selection block length; block j covers [j·l', (j+1)·l')
-  int64_t sel_count = 16;   // n:  selected blocks per query (forced blocks included)
-  int64_t window = 512;     // w:  the window branch sees keys t−w+1 … t
-
-  // Complete compression blocks in a sequence of T positions (only complete blocks exist).
-  int64_t n_cmp() const { return T >= cmp_block ? (T - cmp_block) / cmp_stride + 1 : 0; }
-  // Compression blocks visible to query t: those ending at or before t (c·d + l − 1 <= t).
-  int64_t cmp_visible(int64_t t) const { return t + 1 >= cmp_block ? (t + 1 - cmp_block) / cmp_stride + 1 : 0; }
-};
+// The layer's sizes and layouts: NsaShape (kernels/attention_types.h, shared with the CUDA backend).
+using ::dmat::NsaShape;
 
 // Throws dmat::Error unless: sizes > 0, Hkv divides H, d > 0, d divides l and l', n >= 3 (room
 // for the forced blocks), w > 0.

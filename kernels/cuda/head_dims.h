@@ -12,21 +12,24 @@
 
 namespace dmat::cuda {
 
-// The kernel family an attention core runs on: the flash kernels (causal, GQA, sliding window)
-// or the Dynamic Mask Attention kernels built on them (gathered keys, key groups, bias gradient).
-enum class AttnKernel { flash, dma };
+// The kernel family an attention core runs on: the flash kernels (causal, GQA, sliding window),
+// the Dynamic Mask Attention kernels built on them (gathered keys, key groups, bias gradient), or
+// Native Sparse Attention's (its compressed and selected branches on kernels/cuda/nsa_*, its window
+// branch on the flash kernels).
+enum class AttnKernel { flash, dma, nsa };
 
 struct HeadDims {
   int dqk, dv;  // q·k over dqk dims, values of dv dims
   bool wgmma;   // a Hopper (sm_90a) wgmma kernel exists; the mma.sync kernels cover every row
   bool dma;     // the DMA kernels are built for it
+  bool nsa;     // the NSA kernels are built for it (kernels/cuda/nsa_attention_sm80.cu; d_qk = d_v)
 };
 
 inline constexpr HeadDims kHeadDims[] = {
-    {32, 32, false, true},
-    {64, 64, true, true},
-    {128, 128, true, true},
-    {192, 128, true, false},  // MLA's core: 128 nope + 64 rotary dims for q·k, 128 for values
+    {32, 32, false, true, true},
+    {64, 64, true, true, true},
+    {128, 128, true, true, true},
+    {192, 128, true, false, false},  // MLA's core: 128 nope + 64 rotary dims for q·k, 128 for values
 };
 
 constexpr const HeadDims* find_head_dims(int64_t dqk, int64_t dv) {
@@ -37,7 +40,8 @@ constexpr const HeadDims* find_head_dims(int64_t dqk, int64_t dv) {
 
 constexpr bool head_dims_supported(AttnKernel kernel, int64_t dqk, int64_t dv) {
   const HeadDims* h = find_head_dims(dqk, dv);
-  return h != nullptr && (kernel == AttnKernel::flash || h->dma);
+  return h != nullptr && (kernel == AttnKernel::flash || (kernel == AttnKernel::dma && h->dma) ||
+                          (kernel == AttnKernel::nsa && h->nsa));
 }
 
 constexpr bool head_dims_wgmma(int64_t dqk, int64_t dv) {
@@ -50,11 +54,16 @@ constexpr bool head_dims_dma(int64_t dqk, int64_t dv) {
   return h != nullptr && h->dma;
 }
 
+constexpr bool head_dims_nsa(int64_t dqk, int64_t dv) {
+  const HeadDims* h = find_head_dims(dqk, dv);
+  return h != nullptr && h->nsa;
+}
+
 // The pairs a kernel family supports, for messages: "32/32, 64/64, 128/128, 192/128".
 inline std::string head_dims_list(AttnKernel kernel) {
   std::string s;
   for (const HeadDims& h : kHeadDims) {
-    if (kernel == AttnKernel::dma && !h.dma) continue;
+    if ((kernel == AttnKernel::dma && !h.dma) || (kernel == AttnKernel::nsa && !h.nsa)) continue;
     if (!s.empty()) s += ", ";
     s += std::to_string(h.dqk) + "/" + std::to_string(h.dv);
   }
