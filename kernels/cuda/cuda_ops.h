@@ -66,6 +66,13 @@ void residual_rmsnorm_forward(bf16* out, bf16* y, float* rstd, const bf16* x, co
 // ---- RoPE, rotate-half, x [B,T,H,Dh]; angles as the CPU reference (double, rounded once) ------
 void rope_forward(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta);
 void rope_backward(bf16* dx, const bf16* dy, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta);
+// Rows (b, c, h) of [B, C, H, Dh] rotated at position c·stride + offset instead of c (NSA's
+// compressed keys: stride d, offset l − 1; cpu::nsa_compressed_rope_*), same table and arithmetic.
+// y may alias x (dx, dy likewise).
+void rope_strided_forward(bf16* y, const bf16* x, int64_t B, int64_t C, int64_t H, int64_t Dh, double theta,
+                          int64_t stride, int64_t offset);
+void rope_strided_backward(bf16* dx, const bf16* dy, int64_t B, int64_t C, int64_t H, int64_t Dh, double theta,
+                           int64_t stride, int64_t offset);
 // Packed q/k/v as cpu::rope_unpack_qkv / rope_pack_qkv_backward (the same bits as rope_forward /
 // rope_backward on the unpacked tensors).
 void rope_unpack_qkv(bf16* q, bf16* k, bf16* v, const bf16* qkv, int64_t B, int64_t T, int64_t H, int64_t Hkv,

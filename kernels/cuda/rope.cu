@@ -86,6 +86,42 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// Rows (b, c, h) of [B, C, H, Dh] rotated at position c·stride + offset (NSA's compressed keys:
+// block c at its last key, c·d + l − 1), through the table of those positions' range.
+template <bool VEC>
+__global__ void __launch_bounds__(256)
+    rope_strided_kernel(nv_bf16* y, const nv_bf16* x, const float* table, int64_t rows, int64_t C, int64_t H,
+                        int64_t half, int64_t table_T, int64_t stride, int64_t offset, float sign) {
+  constexpr int W = VEC ? 8 : 1;
+  const int64_t per_row = half / W;
+  const int64_t total = rows * per_row;
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; id < total; id += step) {
+    const int64_t row = id / per_row;  // row = (b·C + c)·H + h
+    const int64_t i = (id - row * per_row) * W;
+    const int64_t o = row * 2 * half + i;
+    rotate_pairs<VEC>(y + o, x + o, table, table_T, ((row / H) % C) * stride + offset, half, i, sign);
+  }
+}
+
+void rope_strided(bf16* y, const bf16* x, int64_t B, int64_t C, int64_t H, int64_t Dh, double theta, int64_t stride,
+                  int64_t offset, float sign) {
+  if (B <= 0 || C <= 0 || H <= 0 || Dh <= 0) return;
+  DMAT_CHECK(Dh % 2 == 0 && stride > 0 && offset >= 0, "rope_strided: head dim {} stride {} offset {}", Dh, stride,
+             offset);
+  const int64_t half = Dh / 2, rows = B * C * H, table_T = (C - 1) * stride + offset + 1;
+  const float* table = rope_table(table_T, Dh, theta);
+  const bool vec = half % 8 == 0 && aligned16(y) && aligned16(x);
+  const int64_t work = rows * (vec ? half / 8 : half);
+  if (vec)
+    rope_strided_kernel<true><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, C, H, half,
+                                                                          table_T, stride, offset, sign);
+  else
+    rope_strided_kernel<false><<<grid_for(work, 256), 256, 0, stream()>>>(nv(y), nv(x), table, rows, C, H, half,
+                                                                           table_T, stride, offset, sign);
+  DMAT_CUDA_LAUNCH_CHECK();
+}
+
 void rope(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta, float sign) {
   if (B <= 0 || T <= 0 || H <= 0 || Dh <= 0) return;
   DMAT_CHECK(Dh % 2 == 0, "rope: head dim {} must be even", Dh);
@@ -295,6 +331,14 @@ void rope_forward(bf16* y, const bf16* x, int64_t B, int64_t T, int64_t H, int64
 }
 void rope_backward(bf16* dx, const bf16* dy, int64_t B, int64_t T, int64_t H, int64_t Dh, double theta) {
   rope(dx, dy, B, T, H, Dh, theta, -1.f);
+}
+void rope_strided_forward(bf16* y, const bf16* x, int64_t B, int64_t C, int64_t H, int64_t Dh, double theta,
+                          int64_t stride, int64_t offset) {
+  rope_strided(y, x, B, C, H, Dh, theta, stride, offset, 1.f);
+}
+void rope_strided_backward(bf16* dx, const bf16* dy, int64_t B, int64_t C, int64_t H, int64_t Dh, double theta,
+                           int64_t stride, int64_t offset) {
+  rope_strided(dx, dy, B, C, H, Dh, theta, stride, offset, -1.f);
 }
 void rope_unpack_qkv(bf16* q, bf16* k, bf16* v, const bf16* qkv, int64_t B, int64_t T, int64_t H, int64_t Hkv,
                      int64_t Dh, double theta) {
