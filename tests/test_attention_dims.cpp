@@ -36,6 +36,8 @@ TEST(HeadDims, TableRowsAreDistinctAndTheSwitchReachesEachOne) {
   EXPECT_FALSE(cuda::head_dims_switch(128, 192, [](auto, auto) { FAIL() << "d_qk and d_v swapped"; }));
   EXPECT_EQ(cuda::head_dims_list(cuda::AttnKernel::flash), "32/32, 64/64, 128/128, 192/128");
   EXPECT_EQ(cuda::head_dims_list(cuda::AttnKernel::dma), "32/32, 64/64, 128/128");
+  EXPECT_EQ(cuda::head_dims_list(cuda::AttnKernel::nsa), "32/32, 64/64, 128/128");
+  EXPECT_FALSE(cuda::head_dims_supported(cuda::AttnKernel::nsa, 192, 128));
   EXPECT_TRUE(cuda::head_dims_supported(cuda::AttnKernel::flash, 192, 128));
   EXPECT_FALSE(cuda::head_dims_supported(cuda::AttnKernel::dma, 192, 128));
   EXPECT_FALSE(cuda::head_dims_wgmma(32, 32));
@@ -64,7 +66,10 @@ TEST(HeadDims, VariantsReportTheirCoreDims) {
     EXPECT_EQ(d.d_qk, 32) << type;
     EXPECT_EQ(d.d_v, 32) << type;
     EXPECT_EQ(d.rope_dim, 32) << type;
-    EXPECT_EQ(d.kernel, std::string(type) == "dma" ? cuda::AttnKernel::dma : cuda::AttnKernel::flash) << type;
+    const cuda::AttnKernel want = std::string(type) == "dma"   ? cuda::AttnKernel::dma
+                                  : std::string(type) == "nsa" ? cuda::AttnKernel::nsa
+                                                               : cuda::AttnKernel::flash;
+    EXPECT_EQ(d.kernel, want) << type;
   }
 }
 
@@ -97,11 +102,33 @@ TEST(HeadDims, UnsupportedHeadDimsAreRefusedNamingTheKey) {
   EXPECT_NE(device_error(local).find("config: model.attention.local_window 2 is not yet verified on CUDA"),
             std::string::npos)
       << device_error(local);
-  // NSA: no CUDA kernels at all (its layer runs on the CPU backend)
+  // NSA: its kernels' head dims (the square rows marked nsa) and settings (kernels/cuda/nsa_limits.h)
   const Config nsa = config_with({{"d_model", 64}, {"n_heads", 2}, {"attention", {{"type", "nsa"}}}});
-  EXPECT_EQ(device_error(nsa), "config: model.attention.type nsa has no CUDA kernels yet (its layer runs on the CPU "
-                               "backend only); run on the CPU with run.device=\"cpu\"");
-  check_device_support(nsa, Device::CPU);
+  EXPECT_EQ(device_error(nsa), "");
+  const Config nsa48 = config_with({{"d_model", 96}, {"n_heads", 2}, {"attention", {{"type", "nsa"}}}});
+  EXPECT_EQ(device_error(nsa48).rfind("config: model.head_dim 48 has no CUDA attention kernel for attention type nsa "
+                                      "(supported: 32, 64, 128)",
+                                      0),
+            0u)
+      << device_error(nsa48);
+  check_device_support(nsa48, Device::CPU);
+  const Config wide = config_with({{"d_model", 64},
+                                   {"n_heads", 128},
+                                   {"n_kv_heads", 1},
+                                   {"head_dim", 32},
+                                   {"attention", {{"type", "nsa"}}}});
+  EXPECT_EQ(device_error(wide), "config: model.n_heads / model.n_kv_heads = 128 / 1: the NSA CUDA kernels take at "
+                                "most 64 query heads per KV head; change it or run on the CPU with run.device=\"cpu\"");
+  const Config many = config_with(
+      {{"d_model", 64}, {"n_heads", 2}, {"attention", {{"type", "nsa"}, {"sel_count", 65}}}});
+  EXPECT_NE(device_error(many).find("config: model.attention.sel_count 65 exceeds the NSA CUDA kernels' 64"),
+            std::string::npos)
+      << device_error(many);
+  const Config strides = config_with(
+      {{"d_model", 64}, {"n_heads", 2}, {"attention", {{"type", "nsa"}, {"cmp_block", 520}, {"cmp_stride", 8},
+                                                        {"sel_block", 64}}}});
+  EXPECT_NE(device_error(strides).find("model.attention.cmp_block / cmp_stride = 520 / 8"), std::string::npos)
+      << device_error(strides);
 }
 
 }  // namespace

@@ -55,7 +55,8 @@ constexpr int kWgKvBN = 128, kWgKvBM = 64;
 // Besides the positions a policy may compare two per-element values the kernel holds: the key's
 // raw bias kb and the query's threshold qt (bit-exact copies of the fp32 values the CPU reference
 // compares; kernels without a threshold pass qt = −inf, which drops nothing, and the test folds
-// away). A variant with another mask (NSA's compressed or selected blocks) adds its policy here.
+// away). A variant with another mask adds its policy here; NSA's (CompressedMask, SelectedMask) live
+// with its own tiles in nsa_flash.cuh, whose rows are (query, head) pairs of one GQA group.
 //
 // CausalMask: i keeps j when 0 <= j <= i, j is inside the sliding window (p.window: keys
 // i − window + 1 .. i; 0: none) and, for DMA, kb >= qt or j is inside the local window (p.local:

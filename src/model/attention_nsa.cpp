@@ -14,12 +14,15 @@
 //   window      keys t − w + 1 … t (w = window)
 //   o = σ(z_cmp)·o_cmp + σ(z_slc)·o_slc + σ(z_win)·o_win,   out = o·W_oᵀ
 // The exact definitions (MLP form, RoPE placement, early queries, the eq. 9 reading, the tie rule)
-// are the CPU reference ops' (kernels/cpu/nsa_ops.h, nsa_attention.cpp), which this layer runs;
-// there are no CUDA kernels for it yet.
+// are the CPU reference ops' (kernels/cpu/nsa_ops.h, nsa_attention.cpp). The layer is one list of
+// ops for both backends: on CUDA they run kernels/cuda/nsa.h (compression around cuBLASLt GEMMs,
+// the compressed and selected attentions on NSA's own kernels, the fixed-point selection) and the
+// window branch on the flash kernels' sliding window.
 #include <cmath>
 
 #include <fmt/format.h>
 
+#include "kernels/cuda/nsa_limits.h"
 #include "model/attention.h"
 #include "ops/ops.h"
 
@@ -29,7 +32,7 @@ namespace {
 class NsaAttention final : public Attention {
  public:
   explicit NsaAttention(const ModelConfig& c)
-      : D_(c.d_model), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), l_(c.attention.nsa.cmp_block),
+      : cfg_(c), D_(c.d_model), H_(c.n_heads), Hkv_(c.n_kv_heads), Dh_(c.head_dim), l_(c.attention.nsa.cmp_block),
         d_(c.attention.nsa.cmp_stride), lp_(c.attention.nsa.sel_block), n_(c.attention.nsa.sel_count),
         w_(c.attention.nsa.window), F_(c.attention.nsa.cmp_hidden), theta_(c.rope_theta), std_(c.init_std),
         out_std_(c.init_std / std::sqrt(2.0 * double(c.n_layers))) {
@@ -37,11 +40,14 @@ class NsaAttention final : public Attention {
     cpu::nsa_check_shape(shape(1, std::max<int64_t>(l_, 1)));
   }
 
-  AttentionDims dims() const override { return {Dh_, Dh_, Dh_, cuda::AttnKernel::flash}; }
+  AttentionDims dims() const override { return {Dh_, Dh_, Dh_, cuda::AttnKernel::nsa}; }
 
+  // The head dims (head_dims.h, the rows marked nsa) and the settings the NSA CUDA kernels are built
+  // for (kernels/cuda/nsa_limits.h).
   std::string cuda_unsupported() const override {
-    return "model.attention.type nsa has no CUDA kernels yet (its layer runs on the CPU backend only); run on the "
-           "CPU with run.device=\"cpu\"";
+    if (std::string why = cuda_unsupported_head_dim(cfg_, cuda::AttnKernel::nsa); !why.empty()) return why;
+    const std::string why = cuda::nsa_cuda_unsupported(shape(1, 1));
+    return why.empty() ? "" : why + "; change it or run on the CPU with run.device=\"cpu\"";
   }
 
   void declare_params(ParamTable& t, const std::string& p) override {
@@ -212,6 +218,7 @@ class NsaAttention final : public Attention {
     return Tensor{t.data, s, t.dtype, t.device};
   }
 
+  ModelConfig cfg_;
   int64_t D_, H_, Hkv_, Dh_, l_, d_, lp_, n_, w_, F_;
   double theta_, std_, out_std_;
   int wq_ = -1, wk_[3] = {-1, -1, -1}, wv_[3] = {-1, -1, -1}, pos_[2] = {-1, -1}, fc1_[2] = {-1, -1},

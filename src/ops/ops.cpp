@@ -6,6 +6,7 @@
 #include "kernels/cuda/dma.h"
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/head_dims.h"
+#include "kernels/cuda/nsa.h"
 #include "kernels/cuda/profile.h"
 #endif
 
@@ -797,7 +798,7 @@ void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv
   });
 }
 
-// ---- Native Sparse Attention (CPU only) ---------------------------------------------------------
+// ---- Native Sparse Attention ----------------------------------------------------------------------
 
 namespace {
 
@@ -841,6 +842,14 @@ void check_nsa_compress(const char* op, const Tensor& y, const Tensor& hid, cons
 void nsa_compress_forward(const Tensor& y, const Tensor& hid, const Tensor& x, const Tensor& pos, const Tensor& w1,
                           const Tensor& w2, const NsaShape& s) {
   check_nsa_compress("nsa_compress", y, hid, x, pos, w1, w2, s);
+  if (on_cuda("nsa_compress", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_compress");
+    const char* o = "nsa_compress";
+    cuda::nsa_compress_forward(bf(y, o), bf(hid, o), bf(x, o), bf(pos, o), bf(w1, o), bf(w2, o), w1.shape[0], s);
+#endif
+    return;
+  }
   dispatch("nsa_compress", x, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_compress_forward<T_>(p<T_>(y), p<T_>(hid), p<T_>(x), p<T_>(pos), p<T_>(w1), p<T_>(w2), w1.shape[0], s);
@@ -854,6 +863,15 @@ void nsa_compress_backward(const Tensor& dx, const Tensor& dpos, const Tensor& d
   DMAT_CHECK(dx.numel() == x.numel() && dpos.numel() == pos.numel() && dw1.numel() == w1.numel() &&
                  dw2.numel() == w2.numel(),
              "nsa_compress_backward: gradient shapes");
+  if (on_cuda("nsa_compress_backward", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_compress_backward");
+    const char* o = "nsa_compress_backward";
+    cuda::nsa_compress_backward(bf(dx, o), f32(dpos, o), f32(dw1, o), f32(dw2, o), bf(dy, o), bf(hid, o), bf(x, o),
+                                bf(pos, o), bf(w1, o), bf(w2, o), w1.shape[0], s);
+#endif
+    return;
+  }
   dispatch("nsa_compress_backward", x, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_compress_backward<T_>(p<T_>(dx), p<T_>(dpos), p<T_>(dw1), p<T_>(dw2), p<T_>(dy), p<T_>(hid), p<T_>(x),
@@ -865,6 +883,13 @@ void nsa_compressed_rope_forward(const Tensor& y, const Tensor& x, double theta,
   cpu::nsa_check_shape(s);
   DMAT_CHECK(x.numel() == nsa_numel_c(s) && y.numel() == x.numel(), "nsa_compressed_rope: x {} y {}", x.shape.str(),
              y.shape.str());
+  if (on_cuda("nsa_compressed_rope", x)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope");
+    cuda::nsa_compressed_rope_forward(bf(y, "nsa_compressed_rope"), bf(x, "nsa_compressed_rope"), theta, s);
+#endif
+    return;
+  }
   dispatch("nsa_compressed_rope", x, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_compressed_rope_forward<T_>(p<T_>(y), p<T_>(x), theta, s);
@@ -875,6 +900,14 @@ void nsa_compressed_rope_backward(const Tensor& dx, const Tensor& dy, double the
   cpu::nsa_check_shape(s);
   DMAT_CHECK(dy.numel() == nsa_numel_c(s) && dx.numel() == dy.numel(), "nsa_compressed_rope_backward: dx {} dy {}",
              dx.shape.str(), dy.shape.str());
+  if (on_cuda("nsa_compressed_rope_backward", dy)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("rope_backward");
+    const char* o = "nsa_compressed_rope_backward";
+    cuda::nsa_compressed_rope_backward(bf(dx, o), bf(dy, o), theta, s);
+#endif
+    return;
+  }
   dispatch("nsa_compressed_rope_backward", dy, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_compressed_rope_backward<T_>(p<T_>(dx), p<T_>(dy), theta, s);
@@ -884,6 +917,14 @@ void nsa_compressed_rope_backward(const Tensor& dx, const Tensor& dy, double the
 void nsa_cmp_attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
                                const Tensor& vc, const NsaShape& s) {
   check_nsa_attn("nsa_cmp_attention", out, lse, q, kc, vc, nsa_numel_c(s), s);
+  if (on_cuda("nsa_cmp_attention", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_cmp_attention");
+    const char* o = "nsa_cmp_attention";
+    cuda::nsa_cmp_attention_forward(bf(out, o), f32(lse, o), bf(q, o), bf(kc, o), bf(vc, o), s);
+#endif
+    return;
+  }
   dispatch("nsa_cmp_attention", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_cmp_attention_forward<T_>(p<T_>(out), p<T_>(lse), p<T_>(q), p<T_>(kc), p<T_>(vc), s);
@@ -897,6 +938,15 @@ void nsa_cmp_attention_backward(const Tensor& dq, const Tensor& dkc, const Tenso
   DMAT_CHECK(dq.numel() == q.numel() && dkc.numel() == kc.numel() && dvc.numel() == vc.numel() &&
                  dout.numel() == out.numel(),
              "nsa_cmp_attention_backward: gradient shapes");
+  if (on_cuda("nsa_cmp_attention_backward", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_cmp_attention_backward");
+    const char* o = "nsa_cmp_attention_backward";
+    cuda::nsa_cmp_attention_backward(bf(dq, o), bf(dkc, o), bf(dvc, o), bf(dout, o), bf(out, o), f32(lse, o), bf(q, o),
+                                     bf(kc, o), bf(vc, o), s);
+#endif
+    return;
+  }
   dispatch("nsa_cmp_attention_backward", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_cmp_attention_backward<T_>(p<T_>(dq), p<T_>(dkc), p<T_>(dvc), p<T_>(dout), p<T_>(out), p<T_>(lse),
@@ -907,6 +957,15 @@ void nsa_cmp_attention_backward(const Tensor& dq, const Tensor& dkc, const Tenso
 void nsa_select(const Tensor& idx, const Tensor& q, const Tensor& kc, const Tensor& lse_cmp, const NsaShape& s) {
   check_nsa_attn("nsa_select", q, lse_cmp, q, kc, kc, nsa_numel_c(s), s);
   check_nsa_idx("nsa_select", idx, s);
+  if (on_cuda("nsa_select", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_select");
+    DMAT_CHECK(idx.device == Device::CUDA && lse_cmp.dtype == DType::F32, "nsa_select: idx on {}, lse {}",
+               device_name(idx.device), dtype_name(lse_cmp.dtype));
+    cuda::nsa_select(idx.as<int32_t>(), bf(q, "nsa_select"), bf(kc, "nsa_select"), f32(lse_cmp, "nsa_select"), s);
+#endif
+    return;
+  }
   dispatch("nsa_select", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_select<T_>(idx.as<int32_t>(), p<T_>(q), p<T_>(kc), p<T_>(lse_cmp), s);
@@ -917,6 +976,15 @@ void nsa_slc_attention_forward(const Tensor& out, const Tensor& lse, const Tenso
                                const Tensor& idx, const NsaShape& s) {
   check_nsa_attn("nsa_slc_attention", out, lse, q, k, v, nsa_numel_t(s, s.Hkv), s);
   check_nsa_idx("nsa_slc_attention", idx, s);
+  if (on_cuda("nsa_slc_attention", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_slc_attention");
+    const char* o = "nsa_slc_attention";
+    DMAT_CHECK(idx.device == Device::CUDA, "nsa_slc_attention: idx on {}", device_name(idx.device));
+    cuda::nsa_slc_attention_forward(bf(out, o), f32(lse, o), bf(q, o), bf(k, o), bf(v, o), idx.as<int32_t>(), s);
+#endif
+    return;
+  }
   dispatch("nsa_slc_attention", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_slc_attention_forward<T_>(p<T_>(out), p<T_>(lse), p<T_>(q), p<T_>(k), p<T_>(v), idx.as<int32_t>(), s);
@@ -931,6 +999,16 @@ void nsa_slc_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor
   DMAT_CHECK(dq.numel() == q.numel() && dk.numel() == k.numel() && dv.numel() == v.numel() &&
                  dout.numel() == out.numel(),
              "nsa_slc_attention_backward: gradient shapes");
+  if (on_cuda("nsa_slc_attention_backward", q)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_slc_attention_backward");
+    const char* o = "nsa_slc_attention_backward";
+    DMAT_CHECK(idx.device == Device::CUDA, "nsa_slc_attention_backward: idx on {}", device_name(idx.device));
+    cuda::nsa_slc_attention_backward(bf(dq, o), bf(dk, o), bf(dv, o), bf(dout, o), bf(out, o), f32(lse, o), bf(q, o),
+                                     bf(k, o), bf(v, o), idx.as<int32_t>(), s);
+#endif
+    return;
+  }
   dispatch("nsa_slc_attention_backward", q, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_slc_attention_backward<T_>(p<T_>(dq), p<T_>(dk), p<T_>(dv), p<T_>(dout), p<T_>(out), p<T_>(lse),
@@ -944,6 +1022,14 @@ void nsa_gate_forward(const Tensor& out, const Tensor& z, const Tensor& o_cmp, c
   DMAT_CHECK(H > 0 && z.numel() == rows * 3 * H && out.numel() == rows * H * D && o_cmp.numel() == out.numel() &&
                  o_slc.numel() == out.numel() && o_win.numel() == out.numel(),
              "nsa_gate: z {} out {} (H {})", z.shape.str(), out.shape.str(), H);
+  if (on_cuda("nsa_gate", out)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_gate");
+    const char* o = "nsa_gate";
+    cuda::nsa_gate_forward(bf(out, o), bf(z, o), bf(o_cmp, o), bf(o_slc, o), bf(o_win, o), rows, H, D);
+#endif
+    return;
+  }
   dispatch("nsa_gate", out, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_gate_forward<T_>(p<T_>(out), p<T_>(z), p<T_>(o_cmp), p<T_>(o_slc), p<T_>(o_win), rows, H, D);
@@ -958,6 +1044,15 @@ void nsa_gate_backward(const Tensor& dz, const Tensor& do_cmp, const Tensor& do_
                  o_cmp.numel() == dout.numel() && o_slc.numel() == dout.numel() && o_win.numel() == dout.numel() &&
                  do_cmp.numel() == dout.numel() && do_slc.numel() == dout.numel() && do_win.numel() == dout.numel(),
              "nsa_gate_backward: z {} dout {} (H {})", z.shape.str(), dout.shape.str(), H);
+  if (on_cuda("nsa_gate_backward", dout)) {
+#ifdef DMAT_WITH_CUDA
+    cuda::ProfileScope prof_("nsa_gate_backward");
+    const char* o = "nsa_gate_backward";
+    cuda::nsa_gate_backward(bf(dz, o), bf(do_cmp, o), bf(do_slc, o), bf(do_win, o), bf(dout, o), bf(z, o),
+                            bf(o_cmp, o), bf(o_slc, o), bf(o_win, o), rows, H, D);
+#endif
+    return;
+  }
   dispatch("nsa_gate_backward", dout, [&](auto t) {
     using T_ = decltype(t);
     cpu::nsa_gate_backward<T_>(p<T_>(dz), p<T_>(do_cmp), p<T_>(do_slc), p<T_>(do_win), p<T_>(dout), p<T_>(z),

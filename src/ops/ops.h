@@ -124,8 +124,9 @@ void dma_attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv
                             const AttnShape& s, int64_t window);
 
 // Native Sparse Attention (definitions, layouts and the selection's tie rule in kernels/cpu/nsa_ops.h).
-// CPU only: a CUDA tensor is refused (the layer refuses CUDA before a run starts). Every branch's
-// q, k, v, out [B,T,heads,D]; compressed kc, vc [B,Nc,Hkv,D]; lse [B,H,T]; idx I32 [B,Hkv,T,n].
+// Every branch's q, k, v, out [B,T,heads,D]; compressed kc, vc [B,Nc,Hkv,D]; lse [B,H,T]; idx I32
+// [B,Hkv,T,n] (on the tensors' device). On CUDA (kernels/cuda/nsa.h): bf16 activations and weights,
+// fp32 lse and parameter gradients; shapes outside kernels/cuda/nsa_limits.h are refused.
 using cpu::NsaShape;
 // y [B,Nc,Hkv,D], hid [B,Nc,Hkv,F] overwrite from x [B,T,Hkv,D], pos [l,D], w1 [F,l·D], w2 [D,F].
 void nsa_compress_forward(const Tensor& y, const Tensor& hid, const Tensor& x, const Tensor& pos, const Tensor& w1,
