@@ -81,44 +81,7 @@ Input random_input(int64_t n, uint64_t seed, double amp) {
   return x;
 }
 
-// Compares got with ref; "" when within tolerance, else a report naming the first bad element.
-std::string compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
-                    double max_tol, double l2_tol, bool absolute = false) {
-  double ref_max = 0, err_max = 0, err2 = 0, ref2 = 0;
-  int64_t worst = -1, first_nan = -1;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    ref_max = std::max(ref_max, std::abs(ref[i]));
-    ref2 += ref[i] * ref[i];
-    if (!std::isfinite(got[i]) && std::isfinite(ref[i])) {
-      if (first_nan < 0) first_nan = int64_t(i);
-      continue;
-    }
-    if (!std::isfinite(ref[i])) continue;  // e.g. lse of an empty row: both -inf
-    const double e = std::abs(got[i] - ref[i]);
-    err2 += e * e;
-    if (e > err_max) err_max = e, worst = int64_t(i);
-  }
-  // Scale floor: where the exact gradient vanishes (window 1 or T = 1: a single visible key, so
-  // dS = P·(dP − Δ) = 0), fp32 rounding of dP − Δ leaves ~1e-7 (Δ comes from the bf16 output).
-  // Inputs are O(1), so 1e-4 is far below any real gradient here and far above that noise.
-  constexpr double kFloor = 1e-4;
-  const double bound = absolute ? max_tol : max_tol * std::max(ref_max, kFloor);
-  const double rel2 = std::sqrt(err2 / std::max(ref2, kFloor * kFloor * double(ref.size())));
-  std::ostringstream o;
-  if (first_nan >= 0)
-    o << what << ": element " << first_nan << " not finite (got " << got[size_t(first_nan)] << ", expected "
-      << ref[size_t(first_nan)] << "): unwritten or NaN; ";
-  if (err_max > bound) {
-    int64_t first_bad = -1;
-    for (size_t i = 0; i < ref.size() && first_bad < 0; ++i)
-      if (std::isfinite(ref[i]) && std::abs(got[i] - ref[i]) > bound) first_bad = int64_t(i);
-    o << what << ": max |err| " << err_max << " > " << bound << " (ref max " << ref_max << ") at " << worst
-      << " (got " << got[size_t(worst)] << ", expected " << ref[size_t(worst)] << "); first bad index "
-      << first_bad << " (got " << got[size_t(first_bad)] << ", expected " << ref[size_t(first_bad)] << "); ";
-  }
-  if (!absolute && l2_tol > 0 && rel2 > l2_tol) o << what << ": relative L2 error " << rel2 << " > " << l2_tol << "; ";
-  return o.str();
-}
+using test::compare;
 
 // Flat index -> "[b,t,h,d]" for the [B,T,heads,D] tensors (in failure messages).
 std::string where4(int64_t idx, int64_t T, int64_t heads, int64_t D) {

@@ -221,46 +221,11 @@ TEST(GpuTrain, ChunkedHeadMatchesCpuLoss) {
   }
 }
 
-// Resume on the GPU through the CLI: stopping at step 7 and resuming gives the same losses and
-// final weights as the uninterrupted run, bit for bit. `model` holds the --set options of the model.
-void expect_resume_bit_exact(const std::string& tag, const std::string& model) {
-  namespace fs = std::filesystem;
-  const std::string dir = test::temp_dir(tag), bin = test::dmatrain_bin();
-  const std::string cfg = test::source_dir() + "/configs/tiny.json --set run.device=cuda" + model +
-                          " --set train.steps=14" +
-                          " --set train.grad_accum=2 --set train.eval_interval=7 --set train.eval_batches=2" +
-                          test::prepare_bundled_data(dir);
-  auto r = test::run(bin + " train " + cfg + " --out " + dir + "/a");
-  ASSERT_EQ(r.rc, 0) << r.out;
-  r = test::run(bin + " train " + cfg + " --out " + dir + "/b --stop-at 7");
-  ASSERT_EQ(r.rc, 0) << r.out;
-  r = test::run(bin + " train " + cfg + " --out " + dir + "/b --resume");
-  ASSERT_EQ(r.rc, 0) << r.out;
-  auto losses = [](const std::string& p) {
-    std::vector<double> v;
-    std::ifstream in(p);
-    std::string line;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line);
-      if (j.contains("loss")) v.push_back(j["loss"].get<double>());
-      if (j.contains("val_loss")) v.push_back(j["val_loss"].get<double>());
-    }
-    return v;
-  };
-  EXPECT_EQ(losses(dir + "/a/metrics.jsonl"), losses(dir + "/b/metrics.jsonl"));
-  const auto bytes = test::file_bytes;
-  const std::string fa = dir + "/a/checkpoints/step_00000014/model.safetensors";
-  const std::string fb = dir + "/b/checkpoints/step_00000014/model.safetensors";
-  ASSERT_TRUE(fs::exists(fa) && fs::exists(fb)) << fa;
-  EXPECT_TRUE(bytes(fa) == bytes(fb)) << "final weights differ";
-  EXPECT_TRUE(bytes(dir + "/a/checkpoints/step_00000014/optim_rank0.safetensors") ==
-              bytes(dir + "/b/checkpoints/step_00000014/optim_rank0.safetensors"))
-      << "final AdamW moments differ";
-}
-
 TEST(GpuTrain, ResumeIsBitExactOnTheGpu) {
   SKIP_WITHOUT_GPU();
-  expect_resume_bit_exact("gpu_resume", " --set model.head_dim=64 --set model.n_heads=2 --set model.n_kv_heads=1");
+  test::expect_resume_bit_exact("gpu_resume", "configs/tiny.json",
+                                " --set run.device=cuda --set model.head_dim=64 --set model.n_heads=2 "
+                                "--set model.n_kv_heads=1");
 }
 
 // Multi-head Latent Attention (DeepSeek-V2/V3) on the GPU: the core on the flash kernels' (192, 128)
@@ -300,7 +265,8 @@ TEST(GpuTrain, MultiHeadLatentAttentionTracksTheCpuRun) {
 
 TEST(GpuTrain, MultiHeadLatentAttentionResumeIsBitExact) {
   SKIP_WITHOUT_GPU();
-  expect_resume_bit_exact("gpu_resume_mla", " --set model.n_heads=2 --set model.n_kv_heads=0" +
+  test::expect_resume_bit_exact("gpu_resume_mla", "configs/tiny.json",
+                                " --set run.device=cuda --set model.n_heads=2 --set model.n_kv_heads=0" +
                                                 std::string(R"( --set 'model.attention={"type":"mla","kv_rank":32,)") +
                                                 R"("q_rank":48,"rope_dim":64,"nope_dim":128,"v_dim":128}')");
 }

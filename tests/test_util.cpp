@@ -77,4 +77,34 @@ void write_bytes(const std::string& path, const std::string& bytes) {
   f.write(bytes.data(), std::streamsize(bytes.size()));
 }
 
+void expect_resume_bit_exact(const std::string& tag, const std::string& config, const std::string& sets) {
+  namespace fs = std::filesystem;
+  const std::string dir = temp_dir(tag), bin = dmatrain_bin();
+  const std::string cfg = source_dir() + "/" + config + sets + " --set train.steps=14" +
+                          " --set train.grad_accum=2 --set train.eval_interval=7 --set train.eval_batches=2" +
+                          prepare_bundled_data(dir);
+  auto r = run(bin + " train " + cfg + " --out " + dir + "/a");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  r = run(bin + " train " + cfg + " --out " + dir + "/b --stop-at 7");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  r = run(bin + " train " + cfg + " --out " + dir + "/b --resume");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  auto losses = [](const std::string& p) {
+    std::vector<double> v;
+    for (const auto& j : read_jsonl(p)) {
+      if (j.contains("loss")) v.push_back(j["loss"].get<double>());
+      if (j.contains("val_loss")) v.push_back(j["val_loss"].get<double>());
+    }
+    return v;
+  };
+  EXPECT_EQ(losses(dir + "/a/metrics.jsonl"), losses(dir + "/b/metrics.jsonl"));
+  const std::string fa = dir + "/a/checkpoints/step_00000014/model.safetensors";
+  const std::string fb = dir + "/b/checkpoints/step_00000014/model.safetensors";
+  ASSERT_TRUE(fs::exists(fa) && fs::exists(fb)) << fa;
+  EXPECT_TRUE(file_bytes(fa) == file_bytes(fb)) << "final weights differ";
+  EXPECT_TRUE(file_bytes(dir + "/a/checkpoints/step_00000014/optim_rank0.safetensors") ==
+              file_bytes(dir + "/b/checkpoints/step_00000014/optim_rank0.safetensors"))
+      << "final AdamW moments differ";
+}
+
 }  // namespace dmat::test

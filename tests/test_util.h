@@ -41,6 +41,11 @@ std::string file_bytes(const std::string& path);
 // Writes bytes as the whole file, creating its folder.
 void write_bytes(const std::string& path, const std::string& bytes);
 
+// Training through the CLI, stopped at step 7 and resumed, gives the same losses and final weights
+// and AdamW moments as the uninterrupted 14-step run (2 micro-batches, evaluation at 7 and 14), bit
+// for bit. config: a path under the repository; sets: further --set options (the device, the model).
+void expect_resume_bit_exact(const std::string& tag, const std::string& config, const std::string& sets);
+
 // Expects f() to throw dmat::Error whose message contains every one of parts.
 template <class F>
 void expect_error(F&& f, std::initializer_list<std::string> parts) {
