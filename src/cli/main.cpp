@@ -68,18 +68,20 @@ commands:
                            byte-level BPE tokenizers (Hugging Face tokenizer.json)
   bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
                            training-step speed on synthetic tokens: tokens/s, MFU, time split, memory
-  bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W]
+  bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W] [--nsa]
                            our flash-attention kernels, forward and forward+backward (CUDA);
                            --dma W: Dynamic Mask Attention keeping W keys per query (random
                            biases; times include the thresholds and the key lists);
-                           --dma-bias normal|increasing|decreasing|tied picks the key biases
+                           --dma-bias normal|increasing|decreasing|tied picks the key biases;
+                           --nsa: Native Sparse Attention's core (the paper's blocks, window
+                           --window W or 512), per-part times and its workspace
   bench ops                GEMM, copy bandwidth and the elementwise kernels at model shapes (CUDA)
   devices                  list the CUDA devices this build can see
 )";
 
 const char* kBenchHelp = R"(usage: dmatrain bench CONFIG [--steps N] [--warmup N] [--set key=value ...]
        dmatrain bench attention [--seq N] [--heads H] [--kv-heads H] [--dim D] [--batch B] [--window W] [--dma W]
-                                [--dma-bias normal|increasing|decreasing|tied] [--nondeterministic] [--iters N]
+                                [--dma-bias normal|increasing|decreasing|tied] [--nsa] [--nondeterministic] [--iters N]
        dmatrain bench ops
 
 bench CONFIG runs N optimizer steps (default 10, after 3 warm-up steps) of the config's model on
@@ -546,11 +548,13 @@ int cmd_bench_kernels(const std::vector<std::string>& a) {
     else if (a[i] == "--dma-bias") o.dma_bias = need_value(a, i);
     else if (a[i] == "--iters") o.iters = int(parse_int(a[i], need_value(a, i)));
     else if (a[i] == "--nondeterministic") o.deterministic = false;
+    else if (a[i] == "--nsa") o.nsa = true;
     else throw Usage("unknown option " + a[i]);
   }
   if (o.T < 1 || o.H < 1 || o.Hkv < 1 || o.H % o.Hkv != 0 || o.B < 1 || o.window < 0 || o.iters < 1 || o.dma < 0)
     throw Usage("bench attention: sizes must be >= 1, --kv-heads must divide --heads, --window and --dma >= 0");
   if (o.dma > 0 && o.window > 0) throw Usage("bench attention: --dma W and --window W are different variants; pick one");
+  if (o.dma > 0 && o.nsa) throw Usage("bench attention: --dma W and --nsa are different variants; pick one");
   if (o.dma_bias != "normal" && o.dma_bias != "increasing" && o.dma_bias != "decreasing" && o.dma_bias != "tied")
     throw Usage("bench attention: --dma-bias must be normal, increasing, decreasing or tied (got '" + o.dma_bias + "')");
   dmat::bench_attention(o, std::cout);
