@@ -1,8 +1,8 @@
-// Incremental decoding (Model::start_decode / decode, `dmatrain generate`): for every variant with a
-// decoding cache (mha, swa, dma, mla), greedy decoding with the cache picks the tokens and computes
-// the logits that recomputing the whole prefix with forward() does; DMA's streamed thresholds and
-// kept keys are the training rule's, ties included; the sampler's rules; the refusal of variants
-// without decoding.
+// Incremental decoding (Model::start_decode / decode, `dmatrain generate`): for every variant (mha,
+// swa, dma, mla, nsa), greedy decoding with the cache picks the tokens and computes the logits that
+// recomputing the whole prefix with forward() does; DMA's streamed thresholds and kept keys are the
+// training rule's, ties included; NSA's selection is live in that check; the sampler's rules; the
+// refusal of variants without decoding.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -38,6 +38,10 @@ ModelConfig tiny(const std::string& type) {
     c.n_kv_heads = 4;
     c.attention.mla = {.kv_rank = 8, .q_rank = 0, .rope_dim = 4, .nope_dim = 8, .v_dim = 6};
   }
+  // NSA at a scale where 25 positions hold 11 compression blocks, 7 selection blocks of which the
+  // importances choose one per query from J = 3 on, and a window shorter than the sequence.
+  if (type == "nsa")
+    c.attention.nsa = {.cmp_block = 4, .cmp_stride = 2, .sel_block = 4, .sel_count = 4, .window = 3, .cmp_hidden = 8};
   return c;
 }
 
@@ -54,9 +58,12 @@ void set_param(Model& m, const std::string& name, double lo, double hi, uint64_t
   FAIL() << "no parameter " << name;
 }
 
+// exact: the decoded logits must equal the recomputed ones bit for bit (the same sums in the same
+// order: the decode kernels run the training loops' rows); else within kLogitTol.
 struct Case {
   std::string name;
   ModelConfig cfg;
+  bool exact = true;
 };
 
 std::vector<Case> cases() {
@@ -72,10 +79,17 @@ std::vector<Case> cases() {
   lin.attention.dma.bias_form = "linear";
   lin.attention.dma.local_window = 3;
   v.push_back({"dma_linear_local3", lin});
-  v.push_back({"mla", tiny("mla")});
+  v.push_back({"mla", tiny("mla"), false});
   ModelConfig q = tiny("mla");
   q.attention.mla.q_rank = 12;
-  v.push_back({"mla_q_rank", q});
+  v.push_back({"mla_q_rank", q, false});
+  v.push_back({"nsa", tiny("nsa")});
+  // l = d (disjoint compression blocks), one KV head for 4 query heads (importance summed over the
+  // group), two free choices per query, window 2
+  ModelConfig ns = tiny("nsa");
+  ns.n_kv_heads = 1;
+  ns.attention.nsa = {.cmp_block = 4, .cmp_stride = 4, .sel_block = 4, .sel_count = 5, .window = 2, .cmp_hidden = 6};
+  v.push_back({"nsa_mqa_disjoint_blocks", ns});
   return v;
 }
 
@@ -104,8 +118,9 @@ std::vector<double> recompute(Model& m, const std::vector<int32_t>& seq) {
 
 int32_t argmax(const std::vector<double>& x) { return int32_t(std::max_element(x.begin(), x.end()) - x.begin()); }
 
-// Tolerance on the logits (|logits| ~ 1–10 here): f32 rounding of sums formed in another order
-// (MLA's absorbed form; elsewhere the same sums, which agree far closer).
+// Tolerance on MLA's logits (|logits| ~ 1–10 here): decoding forms its scores and outputs in the
+// absorbed form, (W_kᵀ·q)·c instead of q·(W_k·c), which rounds differently in f32. Every other
+// variant decodes with the training loops' own sums and must match exactly.
 constexpr double kLogitTol = 2e-4;
 
 TEST(Decode, GreedyWithTheCacheEqualsRecomputingThePrefix) {
@@ -130,7 +145,8 @@ TEST(Decode, GreedyWithTheCacheEqualsRecomputingThePrefix) {
       seq.push_back(next);
       if (k + 1 < steps) logits = m.decode(*st, &next, 1);
     }
-    EXPECT_LE(worst, kLogitTol);
+    if (c.exact) EXPECT_EQ(worst, 0.0);
+    else EXPECT_LE(worst, kLogitTol);
     std::printf("%s: largest logit difference %.3g\n", c.name.c_str(), worst);
     EXPECT_EQ(st->len(), int64_t(seq.size()) - 1);
     // the cache is full: one more position is refused
@@ -154,6 +170,27 @@ TEST(Decode, DmaSelectionIsActiveInTheDecodeTest) {
   // compare with DMA keeping every key (window ≥ T): the logits must differ
   ModelConfig all = tiny("dma");
   all.attention.dma.window = 64;
+  Model m2(all, DType::F32, Device::CPU);
+  m2.set_weights(m.host_weights());
+  m2.forward(seq.data(), targets.data(), 1, int64_t(seq.size()), 0.0);
+  double diff = 0;
+  const Tensor a = m.logits(), b = m2.logits();
+  for (int64_t i = 0; i < a.numel(); ++i) diff = std::max(diff, std::abs(host_element(a, i) - host_element(b, i)));
+  EXPECT_GT(diff, 1e-3);
+}
+
+TEST(Decode, NsaSelectionIsActiveInTheDecodeTest) {
+  // Guards the NSA cases above: the importances' choice changes the logits (selecting every block
+  // instead gives others), so a decoded selection that differed from training's would show.
+  const ModelConfig cfg = tiny("nsa");
+  Model m(cfg, DType::F32, Device::CPU);
+  m.init_weights(7);
+  std::vector<int32_t> seq(25);
+  for (size_t i = 0; i < seq.size(); ++i) seq[i] = int32_t((i * 7 + 3) % 61);
+  std::vector<int32_t> targets(seq.size(), -1);
+  m.forward(seq.data(), targets.data(), 1, int64_t(seq.size()), 0.0);
+  ModelConfig all = cfg;
+  all.attention.nsa.sel_count = 16;
   Model m2(all, DType::F32, Device::CPU);
   m2.set_weights(m.host_weights());
   m2.forward(seq.data(), targets.data(), 1, int64_t(seq.size()), 0.0);
@@ -225,7 +262,7 @@ TEST(Decode, CausalAndWindowedRowsMatchTheTrainingKernel) {
 }
 
 TEST(Decode, VariantsWithoutDecodingAreRefusedByName) {
-  // The interface's defaults refuse (a variant added without decoding, e.g. nsa, gets this).
+  // The interface's defaults refuse (a variant added without decoding gets this).
   struct NoDecode final : Attention {
     AttentionDims dims() const override { return {}; }
     std::string cuda_unsupported() const override { return ""; }

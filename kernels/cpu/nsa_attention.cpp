@@ -84,16 +84,18 @@ std::vector<T> gather_blocks(const T* x, const T* pos, const NsaShape& s) {
   return u;
 }
 
-// Rotates the compressed keys (rope.cpp's convention) by sign · (c·d + l − 1)·f_i; y may alias x.
+// Rotates compressed keys (rope.cpp's convention) by sign · (c·d + l − 1)·f_i: x and y [B, m, Hkv, D]
+// hold blocks c = c0 … c0 + m − 1 (training: all Nc from 0; decoding: the blocks just completed).
+// y may alias x.
 template <class T>
-void rotate_compressed(T* y, const T* x, double theta, double sign, const NsaShape& s) {
+void rotate_compressed(T* y, const T* x, double theta, double sign, const NsaShape& s, int64_t c0, int64_t Nc) {
   DMAT_CHECK(s.D % 2 == 0, "nsa: RoPE needs an even head dim (got {})", s.D);
-  const int64_t Nc = s.n_cmp(), half = s.D / 2;
+  const int64_t half = s.D / 2;
   std::vector<T> cosv(size_t(Nc * half)), sinv(size_t(Nc * half));
   for (int64_t c = 0; c < Nc; ++c)
     for (int64_t i = 0; i < half; ++i) {
       const double f = std::pow(theta, -2.0 * double(i) / double(s.D));
-      const double a = double(c * s.cmp_stride + s.cmp_block - 1) * f;
+      const double a = double((c0 + c) * s.cmp_stride + s.cmp_block - 1) * f;
       cosv[size_t(c * half + i)] = T(std::cos(a));
       sinv[size_t(c * half + i)] = T(sign * std::sin(a));
     }
@@ -114,14 +116,15 @@ void rotate_compressed(T* y, const T* x, double theta, double sign, const NsaSha
 }
 
 // The compressed branch's keys: query t attends blocks 0 … cmp_visible(t) − 1; block c is attended
-// by the queries t >= c·d + l − 1.
+// by the queries t >= c·d + l − 1. Query row i is position pos0 + i (decoding; training: pos0 = 0).
 struct CompressedKeys {
   static constexpr bool kBias = false;
   const NsaShape& s;
+  int64_t pos0 = 0;
   int64_t max_keys() const { return s.n_cmp(); }
   template <class F>
-  void keys(int64_t, int64_t, int64_t t, F&& f) const {
-    for (int64_t c = 0; c < s.cmp_visible(t); ++c) f(c);
+  void keys(int64_t, int64_t, int64_t i, F&& f) const {
+    for (int64_t c = 0; c < s.cmp_visible(pos0 + i); ++c) f(c);
   }
   template <class F>
   void queries(int64_t, int64_t, int64_t c, F&& f) const {
@@ -133,21 +136,24 @@ struct CompressedKeys {
 // The selected branch's keys: query t attends the keys p <= t of the blocks in its list; key p is
 // attended by the queries t >= p that selected its block, found in a per-(batch, KV head) index of
 // the queries that selected each block (CSR: who[start[j] … start[j+1]), ascending). The index is
-// built only for backward (queries()).
+// built only for backward (queries(), training only). Query row i is position pos0 + i and reads list
+// i of its (batch, KV head)'s `rows` lists (training: pos0 = 0, rows = T; decoding: the new queries).
 struct SelectedKeys {
   static constexpr bool kBias = false;
   const NsaShape& s;
-  const int32_t* idx;                 // [B,Hkv,T,n]
+  const int32_t* idx;                 // [B,Hkv,rows,n]
   const std::vector<int64_t>* start;  // [B·Hkv, Ns + 1]
   const std::vector<int32_t>* who;    // [B·Hkv, T·n]
+  int64_t pos0, rows;
   int64_t Ns() const { return (s.T + s.sel_block - 1) / s.sel_block; }
-  const int32_t* list(int64_t b, int64_t hk, int64_t t) const {
-    return idx + ((b * s.Hkv + hk) * s.T + t) * s.sel_count;
+  const int32_t* list(int64_t b, int64_t hk, int64_t i) const {
+    return idx + ((b * s.Hkv + hk) * rows + i) * s.sel_count;
   }
   int64_t max_keys() const { return s.sel_count * s.sel_block; }
   template <class F>
-  void keys(int64_t b, int64_t hk, int64_t t, F&& f) const {
-    const int32_t* l = list(b, hk, t);
+  void keys(int64_t b, int64_t hk, int64_t i, F&& f) const {
+    const int64_t t = pos0 + i;
+    const int32_t* l = list(b, hk, i);
     for (int64_t i = 0; i < s.sel_count; ++i) {
       if (l[i] < 0) continue;
       const int64_t p0 = int64_t(l[i]) * s.sel_block, p1 = std::min(p0 + s.sel_block - 1, t);
@@ -164,6 +170,74 @@ struct SelectedKeys {
   }
   double bias(int64_t, int64_t, int64_t) const { return 0; }
 };
+
+// The fixed-point importance sums stay far from overflow (nsa_importance_fixed).
+void check_importance_range(const NsaShape& s) {
+  const int64_t per_sel = s.sel_block / s.cmp_stride, per_cmp = s.cmp_block / s.cmp_stride;  // in d-strides
+  DMAT_CHECK((s.H / s.Hkv) * std::min(per_sel, per_cmp) < (int64_t(1) << 22),
+             "nsa selection: fixed-point importance could overflow (group {}, overlap {})", s.H / s.Hkv,
+             std::min(per_sel, per_cmp));
+}
+
+// One query's selection, nsa_select's rule (nsa_ops.h), shared by training and decoding so both pick
+// the same blocks: query t, row i of q and lse_cmp in the layout L (batch b), KV head hk; its n
+// entries into out. imp and cand are the caller's scratch. Returns false if a probability is NaN
+// (the row is still completed).
+template <class T>
+bool select_query(int32_t* out, std::vector<int64_t>& imp, std::vector<int32_t>& cand, const T* q, const T* kc,
+                  const T* lse_cmp, const attend::Dims& L, int64_t b, int64_t hk, int64_t i, int64_t t,
+                  const NsaShape& s) {
+  const int64_t group = s.H / s.Hkv, n = s.sel_count;
+  const int64_t per_sel = s.sel_block / s.cmp_stride, per_cmp = s.cmp_block / s.cmp_stride;  // in d-strides
+  const T scale = T(s.scale);
+  const int64_t J = t / s.sel_block, nv = s.cmp_visible(t);
+  bool ok = true;
+  imp.assign(size_t(J + 1), 0);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* qt = q + L.q(b, i, h);
+    const T lse_t = lse_cmp[L.stat(b, h, i)];
+    for (int64_t c = 0; c < nv; ++c) {
+      const T p = std::exp(scale * dot(qt, kc + L.k(b, c, hk), s.D) - lse_t);
+      if (std::isnan(p)) {
+        ok = false;
+        continue;
+      }
+      const int64_t fixed = nsa_importance_fixed(double(p));
+      // Block c covers strides [c, c + per_cmp); block j covers [j·per_sel, (j+1)·per_sel).
+      const int64_t j1 = std::min(J, (c + per_cmp - 1) / per_sel);
+      for (int64_t j = c / per_sel; j <= j1; ++j) {
+        const int64_t ov = std::min(c + per_cmp, (j + 1) * per_sel) - std::max(c, j * per_sel);
+        imp[size_t(j)] += ov * fixed;
+      }
+    }
+  }
+  // Forced: 0, J − 1, J. The others, 1 … J − 2, compete for what is left of the n.
+  cand.clear();
+  for (int64_t j = 1; j <= J - 2; ++j) cand.push_back(int32_t(j));
+  const int64_t forced = std::min<int64_t>(J + 1, 3);
+  const int64_t take = std::min<int64_t>(int64_t(cand.size()), std::max<int64_t>(0, n - forced));
+  std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), [&](int32_t a, int32_t b2) {
+    const int64_t ia = imp[size_t(a)], ib = imp[size_t(b2)];
+    return ia > ib || (ia == ib && a < b2);
+  });
+  cand.resize(size_t(take));
+  cand.push_back(0);
+  if (J >= 1) cand.push_back(int32_t(J));
+  if (J >= 2) cand.push_back(int32_t(J - 1));
+  std::sort(cand.begin(), cand.end());
+  for (int64_t e = 0; e < n; ++e) out[e] = e < int64_t(cand.size()) ? cand[size_t(e)] : -1;
+  return ok;
+}
+
+// Every list holds its query's own block (nsa_select), so no selected-attention row is empty.
+void check_own_blocks(const int32_t* idx, int64_t lists, int64_t rows, int64_t pos0, const NsaShape& s) {
+  for (int64_t r = 0; r < lists; ++r) {
+    const int64_t t = pos0 + r % rows;
+    const int32_t* l = idx + r * s.sel_count;
+    DMAT_CHECK(std::find(l, l + s.sel_count, int32_t(t / s.sel_block)) != l + s.sel_count,
+               "nsa selected attention: query {} has not selected its own block {}", t, t / s.sel_block);
+  }
+}
 
 }  // namespace
 
@@ -255,12 +329,12 @@ void nsa_compress_backward(T* dx, T* dpos, T* dw1, T* dw2, const T* dy, const T*
 
 template <class T>
 void nsa_compressed_rope_forward(T* y, const T* x, double theta, const NsaShape& s) {
-  rotate_compressed(y, x, theta, 1.0, s);
+  rotate_compressed(y, x, theta, 1.0, s, 0, s.n_cmp());
 }
 
 template <class T>
 void nsa_compressed_rope_backward(T* dx, const T* dy, double theta, const NsaShape& s) {
-  rotate_compressed(dx, dy, theta, -1.0, s);
+  rotate_compressed(dx, dy, theta, -1.0, s, 0, s.n_cmp());
 }
 
 // ---- compressed attention -----------------------------------------------------------------------
@@ -284,12 +358,8 @@ void nsa_cmp_attention_backward(T* dq, T* dkc, T* dvc, const T* dout, const T* o
 template <class T>
 void nsa_select(int32_t* idx, const T* q, const T* kc, const T* lse_cmp, const NsaShape& s) {
   nsa_check_shape(s);
+  check_importance_range(s);
   const attend::Dims L = dims_of(s, s.n_cmp());  // q and the compressed keys
-  const int64_t group = s.H / s.Hkv, n = s.sel_count;
-  const int64_t per_sel = s.sel_block / s.cmp_stride, per_cmp = s.cmp_block / s.cmp_stride;  // in d-strides
-  DMAT_CHECK(group * std::min(per_sel, per_cmp) < (int64_t(1) << 22), "nsa selection: fixed-point importance "
-             "could overflow (group {}, overlap {})", group, std::min(per_sel, per_cmp));
-  const T scale = T(s.scale);
   bool nan = false;
 #pragma omp parallel reduction(|| : nan)
   {
@@ -298,42 +368,7 @@ void nsa_select(int32_t* idx, const T* q, const T* kc, const T* lse_cmp, const N
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < s.B * s.Hkv * s.T; ++row) {
       const int64_t t = row % s.T, hk = (row / s.T) % s.Hkv, b = row / (s.T * s.Hkv);
-      const int64_t J = t / s.sel_block, nv = s.cmp_visible(t);
-      imp.assign(size_t(J + 1), 0);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* qt = q + L.q(b, t, h);
-        const T lse_t = lse_cmp[L.stat(b, h, t)];
-        for (int64_t c = 0; c < nv; ++c) {
-          const T p = std::exp(scale * dot(qt, kc + L.k(b, c, hk), s.D) - lse_t);
-          if (std::isnan(p)) {
-            nan = true;
-            continue;
-          }
-          const int64_t fixed = nsa_importance_fixed(double(p));
-          // Block c covers strides [c, c + per_cmp); block j covers [j·per_sel, (j+1)·per_sel).
-          const int64_t j1 = std::min(J, (c + per_cmp - 1) / per_sel);
-          for (int64_t j = c / per_sel; j <= j1; ++j) {
-            const int64_t ov = std::min(c + per_cmp, (j + 1) * per_sel) - std::max(c, j * per_sel);
-            imp[size_t(j)] += ov * fixed;
-          }
-        }
-      }
-      // Forced: 0, J − 1, J. The others, 1 … J − 2, compete for what is left of the n.
-      cand.clear();
-      for (int64_t j = 1; j <= J - 2; ++j) cand.push_back(int32_t(j));
-      const int64_t forced = std::min<int64_t>(J + 1, 3);
-      const int64_t take = std::min<int64_t>(int64_t(cand.size()), std::max<int64_t>(0, n - forced));
-      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), [&](int32_t a, int32_t b2) {
-          const int64_t ia = imp[size_t(a)], ib = imp[size_t(b2)];
-          return ia > ib || (ia == ib && a < b2);
-        });
-      cand.resize(size_t(take));
-      cand.push_back(0);
-      if (J >= 1) cand.push_back(int32_t(J));
-      if (J >= 2) cand.push_back(int32_t(J - 1));
-      std::sort(cand.begin(), cand.end());
-      int32_t* out = idx + ((b * s.Hkv + hk) * s.T + t) * n;
-      for (int64_t i = 0; i < n; ++i) out[i] = i < int64_t(cand.size()) ? cand[size_t(i)] : -1;
+      if (!select_query(idx + row * s.sel_count, imp, cand, q, kc, lse_cmp, L, b, hk, t, t, s)) nan = true;
     }
   }
   if (nan) fail("nsa selection: a block importance is NaN (diverged?)");
@@ -345,15 +380,8 @@ template <class T>
 void nsa_slc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const int32_t* idx,
                                const NsaShape& s) {
   nsa_check_shape(s);
-  const SelectedKeys keys{s, idx, nullptr, nullptr};
-  // Every list holds the query's own block (nsa_select), so no row is empty.
-  for (int64_t r = 0; r < s.B * s.Hkv * s.T; ++r) {
-    const int64_t t = r % s.T;
-    const int32_t* l = idx + r * s.sel_count;
-    DMAT_CHECK(std::find(l, l + s.sel_count, int32_t(t / s.sel_block)) != l + s.sel_count,
-               "nsa selected attention: query {} has not selected its own block {}", t, t / s.sel_block);
-  }
-  attend::forward(out, lse, q, k, v, dims_of(s, s.T), keys);
+  check_own_blocks(idx, s.B * s.Hkv * s.T, s.T, 0, s);
+  attend::forward(out, lse, q, k, v, dims_of(s, s.T), SelectedKeys{s, idx, nullptr, nullptr, 0, s.T});
 }
 
 template <class T>
@@ -384,7 +412,7 @@ void nsa_slc_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out
     }
   }
   attend::backward(dq, dk, dv, static_cast<T*>(nullptr), dout, out, lse, q, k, v, dims_of(s, s.T),
-                   SelectedKeys{s, idx, &start, &who});
+                   SelectedKeys{s, idx, &start, &who, 0, s.T});
 }
 
 // ---- gates and combination ------------------------------------------------------------------------
@@ -416,6 +444,76 @@ void nsa_gate_backward(T* dz, T* do_cmp, T* do_slc, T* do_win, const T* dout, co
       for (int64_t e = 0; e < D; ++e) dbranch[c][e] = g * dout[o + e];
     }
   }
+}
+
+// ---- incremental decoding ------------------------------------------------------------------------
+// The training ops' loops on the cache's layout: B = 1, the new queries as rows 0 … n − 1 at
+// positions pos0 + i, keys at their positions (or block indices) in the cache.
+
+namespace {
+
+attend::Dims decode_dims(const NsaShape& s, int64_t n, int64_t Tk) {
+  return {.B = 1, .Tq = n, .Tk = Tk, .H = s.H, .Hkv = s.Hkv, .Dqk = s.D, .Dv = s.D, .scale = s.scale};
+}
+
+void check_decode(const char* op, int64_t n, int64_t pos0, const NsaShape& s) {
+  nsa_check_shape(s);
+  DMAT_CHECK(s.B == 1 && n >= 1 && pos0 >= 0 && pos0 + n <= s.T,
+             "{}: {} queries from position {} in a cache of {} positions (B {}; expected B = 1)", op, n, pos0, s.T,
+             s.B);
+}
+
+}  // namespace
+
+template <class T>
+void nsa_compress_blocks(T* y, const T* x, const T* pos, const T* w1, const T* w2, int64_t F, int64_t c0, int64_t m,
+                         bool rotate, double theta, const NsaShape& s) {
+  nsa_check_shape(s);
+  DMAT_CHECK(c0 >= 0 && m >= 0, "nsa_compress_blocks: blocks {} … {}", c0, c0 + m - 1);
+  if (m == 0) return;
+  // the sub-sequence from block c0's first position holding exactly blocks c0 … c0 + m − 1
+  NsaShape sub = s;
+  sub.B = 1;
+  sub.T = (m - 1) * s.cmp_stride + s.cmp_block;
+  std::vector<T> hid(size_t(m * s.Hkv * F));
+  nsa_compress_forward(y, hid.data(), x + c0 * s.cmp_stride * s.Hkv * s.D, pos, w1, w2, F, sub);
+  if (rotate) rotate_compressed(y, y, theta, 1.0, sub, c0, m);
+}
+
+template <class T>
+void nsa_cmp_attention_decode(T* out, T* lse, const T* q, const T* kc, const T* vc, int64_t n, int64_t pos0,
+                              const NsaShape& s) {
+  check_decode("nsa_cmp_attention_decode", n, pos0, s);
+  attend::forward(out, lse, q, kc, vc, decode_dims(s, n, s.n_cmp()), CompressedKeys{s, pos0});
+}
+
+template <class T>
+void nsa_select_decode(int32_t* idx, const T* q, const T* kc, const T* lse_cmp, int64_t n, int64_t pos0,
+                       const NsaShape& s) {
+  check_decode("nsa_select_decode", n, pos0, s);
+  check_importance_range(s);
+  const attend::Dims L = decode_dims(s, n, s.n_cmp());
+  bool nan = false;
+#pragma omp parallel reduction(|| : nan)
+  {
+    std::vector<int64_t> imp;
+    std::vector<int32_t> cand;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < s.Hkv * n; ++row) {
+      const int64_t i = row % n, hk = row / n;
+      if (!select_query(idx + row * s.sel_count, imp, cand, q, kc, lse_cmp, L, 0, hk, i, pos0 + i, s)) nan = true;
+    }
+  }
+  if (nan) fail("nsa selection: a block importance is NaN (diverged?)");
+}
+
+template <class T>
+void nsa_slc_attention_decode(T* out, const T* q, const T* k, const T* v, const int32_t* idx, int64_t n, int64_t pos0,
+                              const NsaShape& s) {
+  check_decode("nsa_slc_attention_decode", n, pos0, s);
+  check_own_blocks(idx, s.Hkv * n, n, pos0, s);
+  std::vector<T> lse(size_t(s.H * n));  // the training op's statistic, not needed here
+  attend::forward(out, lse.data(), q, k, v, decode_dims(s, n, s.T), SelectedKeys{s, idx, nullptr, nullptr, pos0, n});
 }
 
 // ---- cost ---------------------------------------------------------------------------------------
@@ -453,7 +551,14 @@ double nsa_compress_flops_per_token(const NsaShape& s, int64_t F) {
                                               const T*, const int32_t*, const NsaShape&);                          \
   template void nsa_gate_forward<T>(T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t);        \
   template void nsa_gate_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, const T*, int64_t,    \
-                                     int64_t, int64_t);
+                                     int64_t, int64_t);                                                            \
+  template void nsa_compress_blocks<T>(T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, bool, \
+                                       double, const NsaShape&);                                                   \
+  template void nsa_cmp_attention_decode<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,                \
+                                            const NsaShape&);                                                      \
+  template void nsa_select_decode<T>(int32_t*, const T*, const T*, const T*, int64_t, int64_t, const NsaShape&);   \
+  template void nsa_slc_attention_decode<T>(T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t,    \
+                                            const NsaShape&);
 DMAT_INSTANTIATE(float)
 DMAT_INSTANTIATE(double)
 #undef DMAT_INSTANTIATE

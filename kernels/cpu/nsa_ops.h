@@ -111,6 +111,37 @@ template <class T>
 void nsa_gate_backward(T* dz, T* do_cmp, T* do_slc, T* do_win, const T* dout, const T* z, const T* o_cmp,
                        const T* o_slc, const T* o_win, int64_t rows, int64_t H, int64_t D);
 
+// ---- incremental decoding (one sequence against its cache; the layer's decode, attention_nsa.cpp) --
+// The cache of one sequence, in the shape s with B = 1 and T = the cache's capacity in positions:
+// raw k_cmp / v_cmp, the selected branch's k (rotated) and v, [T, Hkv, D] (position p at row p);
+// the compressed kc (rotated) and vc [s.n_cmp(), Hkv, D] (block c at row c). n queries at positions
+// pos0 … pos0 + n − 1, q [n, H, D] (rotated); the cache holds every position up to pos0 + n − 1 and
+// every block complete by then (c < s.cmp_visible(pos0 + n − 1)). Each function computes, for those
+// queries, the rows its training op computes at those positions of the whole sequence, with the same
+// loop in the same order (attend.h; the selection's shared per-query routine), so a decoded row
+// equals the training row bit for bit.
+//
+// y [m, Hkv, D] (overwrite): blocks c0 … c0 + m − 1 compressed from x (raw k_cmp or v_cmp of
+// positions 0 … (c0 + m − 1)·d + l − 1, [≥ that, Hkv, D]) as nsa_compress_forward computes them, then
+// with rotate, rotated at each block's last position as nsa_compressed_rope_forward (the keys).
+template <class T>
+void nsa_compress_blocks(T* y, const T* x, const T* pos, const T* w1, const T* w2, int64_t F, int64_t c0, int64_t m,
+                         bool rotate, double theta, const NsaShape& s);
+// out [n, H, D], lse [H, n] overwrite: nsa_cmp_attention_forward's rows (query t sees blocks
+// c < cmp_visible(t); none: out 0, lse −inf).
+template <class T>
+void nsa_cmp_attention_decode(T* out, T* lse, const T* q, const T* kc, const T* vc, int64_t n, int64_t pos0,
+                              const NsaShape& s);
+// idx [Hkv, n, sel_count] overwrite: nsa_select's lists for those queries, from lse_cmp [H, n] of
+// nsa_cmp_attention_decode (the same probabilities, fixed-point sums and tie rule).
+template <class T>
+void nsa_select_decode(int32_t* idx, const T* q, const T* kc, const T* lse_cmp, int64_t n, int64_t pos0,
+                       const NsaShape& s);
+// out [n, H, D] overwrite: nsa_slc_attention_forward's rows over the cached k, v and idx [Hkv, n, sel_count].
+template <class T>
+void nsa_slc_attention_decode(T* out, const T* q, const T* k, const T* v, const int32_t* idx, int64_t n, int64_t pos0,
+                              const NsaShape& s);
+
 // ---- cost ---------------------------------------------------------------------------------------
 // Forward FLOPs per token of the layer's attention work (2 per multiply-add), averaged over the
 // positions 0 … T−1: the three cores, 4·H·D·(n̄_cmp + n̄_slc + n̄_win) with n̄ the mean number of keys

@@ -168,7 +168,8 @@ const char* kGenerateHelp = R"(usage: dmatrain generate RUN_DIR (--prompt TEXT |
 Loads the newest complete checkpoint of RUN_DIR (or that of --step N) and continues the prompt one
 token at a time, printing each token as it comes. Decoding runs on the CPU backend with a cache
 per layer (mha, swa: keys and values; dma: keys, values and key biases, each new query's kept keys
-by the training rule; mla: the latent and the rotated shared key, attention in the absorbed form);
+by the training rule; mla: the latent and the rotated shared key, attention in the absorbed form;
+nsa: each branch's keys and values and the compressed blocks as they complete);
 a run trained on CUDA is loaded from its fp32 checkpoint into a CPU model. The prompt is encoded
 with the tokenizer recorded in the run's data manifest (path relative to the current directory;
 --tokenizer overrides); data of token ids (data mqar) takes --prompt-ids and prints ids.

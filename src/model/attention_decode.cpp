@@ -13,7 +13,7 @@ DecodeScratch::DecodeScratch(DType dtype, std::initializer_list<Shape> shapes) {
 
 std::unique_ptr<DecodeCache> Attention::make_decode_cache(const LayerCtx&, int64_t) const {
   fail("incremental decoding (a KV cache) is not implemented for this attention variant (dmatrain generate "
-       "supports mha, swa, dma and mla)");
+       "supports mha, swa, dma, mla and nsa)");
 }
 
 void Attention::decode(const LayerCtx& c, DecodeCache& cache, const Tensor& x, const Tensor& out) const {

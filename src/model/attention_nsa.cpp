@@ -174,6 +174,90 @@ class NsaAttention final : public Attention {
     ops::linear_backward(dx, c.G(wq_), dq.view({N, H_ * Dh_}), x, c.P(wq_), true);
   }
 
+  // Decoding caches per position the raw k_cmp, v_cmp (compressed once their block completes), the
+  // selected branch's k (rotated) and v, the window branch's k (rotated) and v, and per completed
+  // compression block its kc (rotated) and vc: block c is compressed when position c·d + l − 1 joins
+  // the cache, from the same inputs, weights and ops as in training. Each new query then attends the
+  // compressed blocks it sees, selects its blocks from those probabilities (nsa_select's routine:
+  // the same fixed-point sums and tie rule), attends its selected blocks and its window over the
+  // cache, and is gated as in forward(): every row is the training forward's, bit for bit
+  // (tests/test_decode.cpp). All positions are kept, like SWA's cache (the window and the raw
+  // compression inputs need only the last w and l of them).
+  struct NsaCache : DecodeCache {
+    Arena arena;
+    Tensor raw[2], slc[2], win[2], cmp[2];  // [0]: keys, [1]: values
+    int64_t blocks = 0;                     // compressed blocks held (complete ones)
+  };
+
+  std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const override {
+    auto cache = std::make_unique<NsaCache>();
+    const int64_t Nc = std::max<int64_t>(shape(1, max_len).n_cmp(), 1);  // (an arena tensor has a row at least)
+    TensorTable t;
+    for (const char* kv : {"k", "v"}) {
+      t.add(std::string("cmp_raw_") + kv, {max_len, Hkv_, Dh_});
+      t.add(std::string("slc_") + kv, {max_len, Hkv_, Dh_});
+      t.add(std::string("win_") + kv, {max_len, Hkv_, Dh_});
+      t.add(std::string("cmp_") + kv, {Nc, Hkv_, Dh_});
+    }
+    cache->arena = Arena(t, c.P(wq_).dtype, Device::CPU);
+    for (int kv = 0; kv < 2; ++kv) {
+      cache->raw[kv] = cache->arena.get(4 * kv);
+      cache->slc[kv] = cache->arena.get(4 * kv + 1);
+      cache->win[kv] = cache->arena.get(4 * kv + 2);
+      cache->cmp[kv] = cache->arena.get(4 * kv + 3);
+    }
+    cache->capacity = max_len;
+    cache->what = fmt::format("raw k_cmp, v_cmp, slc k, v, win k, v ({} KV heads × {} each), and per {} positions "
+                              "one compressed k, v",
+                              Hkv_, Dh_, d_);
+    cache->values_per_position = 6 * Hkv_ * Dh_ + (2 * Hkv_ * Dh_) / d_;
+    return cache;
+  }
+
+  void decode(const LayerCtx& c, DecodeCache& dc, const Tensor& x, const Tensor& out) const override {
+    auto& cache = dynamic_cast<NsaCache&>(dc);
+    const int64_t n = x.shape[0], pos0 = cache.len, HD = H_ * Dh_, KD = Hkv_ * Dh_;
+    DMAT_CHECK(pos0 + n <= cache.capacity, "decode: {} + {} positions exceed the cache's {}", pos0, n,
+               cache.capacity);
+    const cpu::NsaShape s = shape(1, cache.capacity);
+    const DecodeScratch sc(x.dtype, {{n, H_, Dh_}, {n, 3 * H_}, {n, H_, Dh_}, {n, H_, Dh_}, {n, H_, Dh_}, {H_, n},
+                                     {n, HD}});
+    const Tensor q = sc[0], z = sc[1], lse = sc[5], o = sc[6];
+    const Tensor ob[3] = {sc[2], sc[3], sc[4]};
+    std::vector<int32_t> idx_mem(size_t(Hkv_ * n * n_));
+    const Tensor idx{idx_mem.data(), {Hkv_, n, n_}, DType::I32, Device::CPU};
+
+    ops::linear_forward(q.view({n, HD}), x, c.P(wq_));
+    ops::rope_rows_inplace(q, n, H_, Dh_, pos0, theta_, HD, Dh_, 0);
+    // the new positions' keys and values of every branch into the cache (selected and window keys rotated)
+    const Tensor* caches[3] = {cache.raw, cache.slc, cache.win};
+    for (int b = 0; b < 3; ++b)
+      for (int kv = 0; kv < 2; ++kv) {
+        const Tensor rows = caches[b][kv].rows(pos0, n);
+        ops::linear_forward(rows.view({n, KD}), x, c.P(kv == 0 ? wk_[b] : wv_[b]));
+        if (kv == 0 && b != kCmp) ops::rope_rows_inplace(rows, n, Hkv_, Dh_, pos0, theta_, KD, Dh_, 0);
+      }
+    // blocks completed by these positions: compressed (keys rotated at their last position)
+    const int64_t c1 = s.cmp_visible(pos0 + n - 1), c0 = cache.blocks;
+    for (int kv = 0; kv < 2; ++kv)
+      ops::nsa_compress_blocks(cache.cmp[kv].rows(c0, c1 - c0), cache.raw[kv], c.P(pos_[kv]), c.P(fc1_[kv]),
+                               c.P(fc2_[kv]), c0, c1 - c0, kv == 0, theta_, s);
+    cache.blocks = c1;
+    // the three branches, then the gates (the compressed cache's rows: s.n_cmp(), 0 under l positions)
+    const Tensor kc = cache.cmp[0].rows(0, s.n_cmp()), vc = cache.cmp[1].rows(0, s.n_cmp());
+    ops::nsa_cmp_attention_decode(ob[kCmp], lse, q, kc, vc, pos0, s);
+    ops::nsa_select_decode(idx, q, kc, lse, pos0, s);
+    ops::nsa_slc_attention_decode(ob[kSlc], q, cache.slc[0], cache.slc[1], idx, pos0, s);
+    ops::DecodeShape w;
+    w.n = n, w.pos0 = pos0, w.H = H_, w.Hkv = Hkv_, w.Dqk = w.Dv = Dh_, w.ldk = w.ldv = KD;
+    w.scale = s.scale, w.window = w_;
+    ops::attention_decode(ob[kWin], q, cache.win[0], cache.win[1], w);
+    ops::linear_forward(z, x, c.P(wg_));
+    ops::nsa_gate_forward(o, z, ob[kCmp], ob[kSlc], ob[kWin], H_);
+    ops::linear_forward(out, o, c.P(wo_));
+    cache.len += n;
+  }
+
   // Forward FLOPs per token as run (cpu::nsa_core_flops_per_token): the three cores,
   // 4·H·Dh·(n̄_cmp + n̄_slc + n̄_win), with n̄ the keys a query attends averaged over t = 0 … T−1
   // (n_cmp(t) = visible compressed blocks, ⌊(t + 1 − l)/d⌋ + 1 once t ≥ l − 1; n_slc(t) =

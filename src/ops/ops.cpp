@@ -1119,4 +1119,83 @@ void mla_expand_output(const Tensor& o, const Tensor& ctx, const Tensor& w_kvb, 
   });
 }
 
+// ---- NSA decoding (CPU only) ----------------------------------------------------------------------
+
+namespace {
+
+// n queries of q [n, H, D] from pos0 in the cache shape s (B = 1, T = capacity); the blocks the last
+// query sees exist in the compressed cache (s.n_cmp() rows).
+int64_t check_nsa_decode(const char* op, const Tensor& q, int64_t pos0, const NsaShape& s) {
+  cpu::nsa_check_shape(s);
+  const int64_t n = q.numel() / (s.H * s.D);
+  DMAT_CHECK(s.B == 1 && n >= 1 && q.numel() == n * s.H * s.D && pos0 >= 0 && pos0 + n <= s.T &&
+                 s.cmp_visible(pos0 + n - 1) <= s.n_cmp(),
+             "{}: q {} from position {} (cache of {} positions, B {}, H {}, D {})", op, q.shape.str(), pos0, s.T, s.B,
+             s.H, s.D);
+  return n;
+}
+
+}  // namespace
+
+void nsa_compress_blocks(const Tensor& y, const Tensor& x, const Tensor& pos, const Tensor& w1, const Tensor& w2,
+                         int64_t c0, int64_t m, bool rotate, double theta, const NsaShape& s) {
+  cpu::nsa_check_shape(s);
+  const int64_t F = w1.shape.n == 2 ? w1.shape[0] : -1, row = s.Hkv * s.D;
+  DMAT_CHECK(F > 0 && w1.shape[1] == s.cmp_block * s.D && w2.numel() == s.D * F && pos.numel() == s.cmp_block * s.D &&
+                 c0 >= 0 && m >= 0 && y.numel() == m * row &&
+                 (m == 0 || x.numel() >= ((c0 + m - 1) * s.cmp_stride + s.cmp_block) * row),
+             "nsa_compress_blocks: blocks {} … {} from x {} into y {} (fc1 {} fc2 {} pos {}, Hkv {} D {} l {} d {})", c0,
+             c0 + m - 1, x.shape.str(), y.shape.str(), w1.shape.str(), w2.shape.str(), pos.shape.str(), s.Hkv, s.D,
+             s.cmp_block, s.cmp_stride);
+  same_type("nsa_compress_blocks", x, y);
+  same_type("nsa_compress_blocks", x, w1);
+  dispatch("nsa_compress_blocks", x, [&](auto t) {
+    using T = decltype(t);
+    cpu::nsa_compress_blocks<T>(p<T>(y), p<T>(x), p<T>(pos), p<T>(w1), p<T>(w2), F, c0, m, rotate, theta, s);
+  });
+}
+
+void nsa_cmp_attention_decode(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
+                              const Tensor& vc, int64_t pos0, const NsaShape& s) {
+  const int64_t n = check_nsa_decode("nsa_cmp_attention_decode", q, pos0, s);
+  DMAT_CHECK(out.numel() == q.numel() && lse.numel() == s.H * n && kc.numel() == s.n_cmp() * s.Hkv * s.D &&
+                 vc.numel() == kc.numel(),
+             "nsa_cmp_attention_decode: out {} lse {} kc {} vc {} for q {}", out.shape.str(), lse.shape.str(),
+             kc.shape.str(), vc.shape.str(), q.shape.str());
+  for (const Tensor* t : {&lse, &q, &kc, &vc}) same_type("nsa_cmp_attention_decode", out, *t);
+  dispatch("nsa_cmp_attention_decode", q, [&](auto t) {
+    using T = decltype(t);
+    cpu::nsa_cmp_attention_decode<T>(p<T>(out), p<T>(lse), p<T>(q), p<T>(kc), p<T>(vc), n, pos0, s);
+  });
+}
+
+void nsa_select_decode(const Tensor& idx, const Tensor& q, const Tensor& kc, const Tensor& lse_cmp, int64_t pos0,
+                       const NsaShape& s) {
+  const int64_t n = check_nsa_decode("nsa_select_decode", q, pos0, s);
+  DMAT_CHECK(idx.dtype == DType::I32 && idx.numel() == s.Hkv * n * s.sel_count && lse_cmp.numel() == s.H * n &&
+                 kc.numel() == s.n_cmp() * s.Hkv * s.D,
+             "nsa_select_decode: idx {} {} (expected int32 [{}, {}, {}]), lse {} kc {}", dtype_name(idx.dtype),
+             idx.shape.str(), s.Hkv, n, s.sel_count, lse_cmp.shape.str(), kc.shape.str());
+  same_type("nsa_select_decode", q, kc);
+  same_type("nsa_select_decode", q, lse_cmp);
+  dispatch("nsa_select_decode", q, [&](auto t) {
+    using T = decltype(t);
+    cpu::nsa_select_decode<T>(idx.as<int32_t>(), p<T>(q), p<T>(kc), p<T>(lse_cmp), n, pos0, s);
+  });
+}
+
+void nsa_slc_attention_decode(const Tensor& out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
+                              int64_t pos0, const NsaShape& s) {
+  const int64_t n = check_nsa_decode("nsa_slc_attention_decode", q, pos0, s);
+  DMAT_CHECK(out.numel() == q.numel() && k.numel() == s.T * s.Hkv * s.D && v.numel() == k.numel() &&
+                 idx.dtype == DType::I32 && idx.numel() == s.Hkv * n * s.sel_count,
+             "nsa_slc_attention_decode: out {} k {} v {} idx {} for q {}", out.shape.str(), k.shape.str(),
+             v.shape.str(), idx.shape.str(), q.shape.str());
+  for (const Tensor* t : {&q, &k, &v}) same_type("nsa_slc_attention_decode", out, *t);
+  dispatch("nsa_slc_attention_decode", q, [&](auto t) {
+    using T = decltype(t);
+    cpu::nsa_slc_attention_decode<T>(p<T>(out), p<T>(q), p<T>(k), p<T>(v), idx.as<int32_t>(), n, pos0, s);
+  });
+}
+
 }  // namespace dmat::ops

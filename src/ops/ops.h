@@ -174,6 +174,18 @@ struct DecodeShape {
 // out [n, H, Dv], q [n, H, Dqk]; kc, vc the caches; DMA: bias [Hkv, ldb] and thr [n, Hkv] (else undefined).
 void attention_decode(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const DecodeShape& s,
                       const Tensor& bias = {}, int64_t ldb = 0, const Tensor& thr = {});
+// NSA's decoding against the layer's cache (nsa_ops.h, "incremental decoding"): s has B = 1 and T =
+// the cache's capacity; n queries from position pos0. y [m, Hkv, D]: blocks c0 … c0 + m − 1 compressed
+// from x [T, Hkv, D] (rotated when rotate). out [n, H, D], lse [H, n], idx I32 [Hkv, n, sel_count];
+// kc, vc [s.n_cmp(), Hkv, D]; k, v [T, Hkv, D].
+void nsa_compress_blocks(const Tensor& y, const Tensor& x, const Tensor& pos, const Tensor& w1, const Tensor& w2,
+                         int64_t c0, int64_t m, bool rotate, double theta, const NsaShape& s);
+void nsa_cmp_attention_decode(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kc,
+                              const Tensor& vc, int64_t pos0, const NsaShape& s);
+void nsa_select_decode(const Tensor& idx, const Tensor& q, const Tensor& kc, const Tensor& lse_cmp, int64_t pos0,
+                       const NsaShape& s);
+void nsa_slc_attention_decode(const Tensor& out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
+                              int64_t pos0, const NsaShape& s);
 // MLA's absorbed decoding (cpu_ops.h): qa [n, H, C + R] from q [n, H, nope + R]; o [n, H, Dv] from ctx [n, H, C].
 void mla_absorb_query(const Tensor& qa, const Tensor& q, const Tensor& w_kvb, int64_t nope, int64_t R, int64_t C,
                       int64_t Dv);
