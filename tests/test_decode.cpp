@@ -179,6 +179,35 @@ TEST(Decode, DmaSelectionIsActiveInTheDecodeTest) {
   EXPECT_GT(diff, 1e-3);
 }
 
+TEST(Decode, RewindForgetsThePositionsAfterIt) {
+  // Decoding other tokens after a rewind gives the logits a fresh cache fed only the kept prefix and
+  // those tokens gives, exactly (the same computations): for every variant, including DMA's running
+  // top-w and NSA's compressed blocks, rewound to the end of the prompt and into it.
+  const std::vector<int32_t> prompt = {3, 17, 42, 5, 60, 0, 23, 9, 31}, a = {7, 8, 9, 10, 11, 12},
+                             b = {50, 2, 44, 13, 1, 30};
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name);
+    Model m(c.cfg, DType::F32, Device::CPU);
+    m.init_weights(7);
+    if (c.cfg.attention.type == "dma") randomise_dma(m);
+    for (int64_t keep : {int64_t(prompt.size()), int64_t(3)}) {
+      auto st = m.start_decode(int64_t(prompt.size() + a.size()));
+      m.decode(*st, prompt.data(), int64_t(prompt.size()));
+      m.decode(*st, a.data(), int64_t(a.size()));
+      st->rewind(keep);
+      EXPECT_EQ(st->len(), keep);
+      auto fresh = m.start_decode(int64_t(prompt.size() + a.size()));
+      m.decode(*fresh, prompt.data(), keep);
+      for (size_t k = 0; k < b.size(); ++k)
+        ASSERT_EQ(m.decode(*st, &b[k], 1), m.decode(*fresh, &b[k], 1)) << "keep " << keep << ", token " << k;
+    }
+    auto st = m.start_decode(4);
+    m.decode(*st, prompt.data(), 2);
+    EXPECT_THROW(st->rewind(3), Error);
+    EXPECT_THROW(st->rewind(-1), Error);
+  }
+}
+
 TEST(Decode, NsaSelectionIsActiveInTheDecodeTest) {
   // Guards the NSA cases above: the importances' choice changes the logits (selecting every block
   // instead gives others), so a decoded selection that differed from training's would show.

@@ -50,6 +50,11 @@ class DecodeCache {
   int64_t capacity = 0;  // positions it can hold
   std::string what;      // what is cached per position, e.g. "k, v: 2 × 64 values each"
   int64_t values_per_position = 0;
+  // Forgets positions new_len … len − 1 (0 <= new_len <= len): the cache is then as it was when it
+  // held new_len positions, and the next position decoded is new_len (scoring several continuations
+  // of one prefix). Rows past new_len are simply overwritten later; a cache with state beyond its
+  // rows (DMA's running top-w, NSA's count of compressed blocks) restores that too.
+  virtual void rewind(int64_t new_len);
 };
 
 // Host tensors for one decoding step: the given shapes in one arena of dtype.

@@ -11,6 +11,11 @@ DecodeScratch::DecodeScratch(DType dtype, std::initializer_list<Shape> shapes) {
   arena_ = Arena(t, dtype, Device::CPU);
 }
 
+void DecodeCache::rewind(int64_t new_len) {
+  DMAT_CHECK(new_len >= 0 && new_len <= len, "decode cache: rewind to {} positions (it holds {})", new_len, len);
+  len = new_len;
+}
+
 std::unique_ptr<DecodeCache> Attention::make_decode_cache(const LayerCtx&, int64_t) const {
   fail("incremental decoding (a KV cache) is not implemented for this attention variant (dmatrain generate "
        "supports mha, swa, dma, mla and nsa)");

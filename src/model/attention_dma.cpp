@@ -96,6 +96,16 @@ class DmaAttention final : public Attention {
     Arena bias_arena;
     Tensor bias;  // [Hkv, capacity]
     std::vector<cpu::DmaTopW> top;
+    int64_t window = 0, local = 0;
+    // The running top-w rebuilt from the cached biases: the pushes decode() made for positions
+    // 0 … new_len − 1 (key i − L for position i), in the same order.
+    void rewind(int64_t new_len) override {
+      DecodeCache::rewind(new_len);
+      for (size_t h = 0; h < top.size(); ++h) {
+        top[h] = cpu::DmaTopW(window);
+        for (int64_t i = local; i < new_len; ++i) top[h].push(host_element(bias, int64_t(h) * capacity + i - local));
+      }
+    }
   };
 
   std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const override {
@@ -106,6 +116,7 @@ class DmaAttention final : public Attention {
     cache->bias_arena = Arena(t, c.P(a_).dtype, Device::CPU);
     cache->bias = cache->bias_arena.get(0);
     cache->top.assign(size_t(Hkv_), cpu::DmaTopW(window_));
+    cache->window = window_, cache->local = local_;
     cache->what += fmt::format("; key biases: {} per position, and the {} largest per KV head", Hkv_, window_);
     cache->values_per_position += Hkv_;
     return cache;

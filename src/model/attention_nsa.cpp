@@ -187,6 +187,13 @@ class NsaAttention final : public Attention {
     Arena arena;
     Tensor raw[2], slc[2], win[2], cmp[2];  // [0]: keys, [1]: values
     int64_t blocks = 0;                     // compressed blocks held (complete ones)
+    cpu::NsaShape shape;                    // the layer's, at the cache's capacity
+    // The blocks complete within new_len positions stay; later ones are compressed again when their
+    // last position is decoded again.
+    void rewind(int64_t new_len) override {
+      DecodeCache::rewind(new_len);
+      blocks = new_len > 0 ? shape.cmp_visible(new_len - 1) : 0;
+    }
   };
 
   std::unique_ptr<DecodeCache> make_decode_cache(const LayerCtx& c, int64_t max_len) const override {
@@ -207,6 +214,7 @@ class NsaAttention final : public Attention {
       cache->cmp[kv] = cache->arena.get(4 * kv + 3);
     }
     cache->capacity = max_len;
+    cache->shape = shape(1, max_len);
     cache->what = fmt::format("raw k_cmp, v_cmp, slc k, v, win k, v ({} KV heads × {} each), and per {} positions "
                               "one compressed k, v",
                               Hkv_, Dh_, d_);

@@ -431,6 +431,12 @@ std::string Model::DecodeState::describe() const {
                      layers_.front()->values_per_position);
 }
 
+void Model::DecodeState::rewind(int64_t new_len) {
+  if (new_len < 0 || new_len > len_) fail("model: cannot rewind a decoding state of {} positions to {}", len_, new_len);
+  for (auto& l : layers_) l->rewind(new_len);
+  len_ = new_len;
+}
+
 std::unique_ptr<Model::DecodeState> Model::start_decode(int64_t max_len) const {
   if (device_ != Device::CPU)
     fail("model: incremental decoding runs on the CPU backend (load the checkpoint with run.device=\"cpu\")");

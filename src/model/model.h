@@ -79,6 +79,9 @@ class Model {
     int64_t len() const { return len_; }
     int64_t capacity() const { return capacity_; }
     std::string describe() const;  // what a layer caches per position
+    // Forgets the positions from new_len on (0 <= new_len <= len()): decoding then continues as if
+    // only the first new_len tokens had been fed (DecodeCache::rewind, every layer).
+    void rewind(int64_t new_len);
 
    private:
     friend class Model;
