@@ -249,6 +249,15 @@ double parse_double(const std::string& flag, const std::string& v) {
   }
 }
 
+// The value after the flag a[i], parsed by parse(flag, value); i then points at the value. The flag
+// is copied first: in parse(a[i], need_value(a, i)) the arguments' order of evaluation is
+// unspecified, and an error could name the value instead of the flag.
+template <class P>
+auto parsed_value(const std::vector<std::string>& a, size_t& i, P&& parse) {
+  const std::string flag = a[i];
+  return parse(flag, need_value(a, i));
+}
+
 // CONFIG plus repeated --set; other flags are handed to `extra`.
 template <class F>
 std::string parse_config_args(const std::vector<std::string>& a, std::vector<std::string>& sets, F&& extra) {
@@ -280,7 +289,7 @@ int cmd_train(const std::vector<std::string>& a) {
     if (v[i] == "--out") return out = need_value(v, i), true;
     if (v[i] == "--resume") return opt.resume = true, true;
     if (v[i] == "--stop-at") {
-      opt.stop_at = parse_int(v[i], need_value(v, i));
+      opt.stop_at = parsed_value(v, i, parse_int);
       if (opt.stop_at < 1) throw Usage("--stop-at must be a step >= 1 (got " + std::to_string(opt.stop_at) + ")");
       return true;
     }
@@ -313,7 +322,7 @@ int cmd_eval(const std::vector<std::string>& a) {
   int64_t batches = 0;
   bool accuracy = false, json = false;
   for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i] == "--batches") batches = parse_int(a[i], need_value(a, i));
+    if (a[i] == "--batches") batches = parsed_value(a, i, parse_int);
     else if (a[i] == "--positions") positions = need_value(a, i);
     else if (a[i] == "--logits") logits = need_value(a, i);
     else if (a[i] == "--accuracy") accuracy = true;
@@ -379,14 +388,14 @@ int cmd_generate(const std::vector<std::string>& a) {
       std::string w;
       while (in >> w) o.prompt_ids.push_back(int32_t(parse_int("--prompt-ids", w)));
       o.use_ids = have_prompt = true;
-    } else if (a[i] == "--max-new-tokens") o.max_new_tokens = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--temperature") o.temperature = parse_double(a[i], need_value(a, i));
-    else if (a[i] == "--top-k") o.top_k = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--top-p") o.top_p = parse_double(a[i], need_value(a, i));
-    else if (a[i] == "--seed") o.seed = uint64_t(parse_int(a[i], need_value(a, i)));
-    else if (a[i] == "--step") o.step = parse_int(a[i], need_value(a, i));
+    } else if (a[i] == "--max-new-tokens") o.max_new_tokens = parsed_value(a, i, parse_int);
+    else if (a[i] == "--temperature") o.temperature = parsed_value(a, i, parse_double);
+    else if (a[i] == "--top-k") o.top_k = parsed_value(a, i, parse_int);
+    else if (a[i] == "--top-p") o.top_p = parsed_value(a, i, parse_double);
+    else if (a[i] == "--seed") o.seed = uint64_t(parsed_value(a, i, parse_int));
+    else if (a[i] == "--step") o.step = parsed_value(a, i, parse_int);
     else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
-    else if (a[i] == "--threads") o.threads = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--threads") o.threads = parsed_value(a, i, parse_int);
     else if (a[i] == "--no-stop") o.stop_at_eot = false;
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
     else if (run.empty()) run = a[i];
@@ -430,7 +439,7 @@ int cmd_export(const std::vector<std::string>& a) {
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i] == "--format") format = need_value(a, i);
     else if (a[i] == "--out") o.out_dir = need_value(a, i);
-    else if (a[i] == "--step") o.step = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--step") o.step = parsed_value(a, i, parse_int);
     else if (a[i] == "--dtype") o.dtype = need_value(a, i);
     else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
@@ -482,17 +491,17 @@ int cmd_data(const std::vector<std::string>& a) {
     dmat::MqarOptions o;
     for (size_t i = 1; i < a.size(); ++i) {
       if (a[i] == "--out") o.out_dir = need_value(a, i);
-      else if (a[i] == "--vocab") o.vocab = parse_int(a[i], need_value(a, i));
-      else if (a[i] == "--pairs") o.pairs = parse_int(a[i], need_value(a, i));
-      else if (a[i] == "--seq-len") o.seq_len = parse_int(a[i], need_value(a, i));
-      else if (a[i] == "--train-examples") o.train_examples = parse_int(a[i], need_value(a, i));
-      else if (a[i] == "--test-examples") o.test_examples = parse_int(a[i], need_value(a, i));
+      else if (a[i] == "--vocab") o.vocab = parsed_value(a, i, parse_int);
+      else if (a[i] == "--pairs") o.pairs = parsed_value(a, i, parse_int);
+      else if (a[i] == "--seq-len") o.seq_len = parsed_value(a, i, parse_int);
+      else if (a[i] == "--train-examples") o.train_examples = parsed_value(a, i, parse_int);
+      else if (a[i] == "--test-examples") o.test_examples = parsed_value(a, i, parse_int);
       else if (a[i] == "--seed") {
-        const int64_t seed = parse_int(a[i], need_value(a, i));
+        const int64_t seed = parsed_value(a, i, parse_int);
         if (seed < 0) throw Usage("--seed must be >= 0");
         o.seed = uint64_t(seed);
-      } else if (a[i] == "--gap-power") o.gap_power = parse_double(a[i], need_value(a, i));
-      else if (a[i] == "--shard-tokens") o.shard_tokens = parse_int(a[i], need_value(a, i));
+      } else if (a[i] == "--gap-power") o.gap_power = parsed_value(a, i, parse_double);
+      else if (a[i] == "--shard-tokens") o.shard_tokens = parsed_value(a, i, parse_int);
       else if (a[i] == "--overwrite") o.overwrite = true;
       else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
       else throw Usage("unexpected argument " + a[i] + " (data mqar takes options only)");
@@ -511,12 +520,12 @@ int cmd_data(const std::vector<std::string>& a) {
   for (size_t i = 1; i < a.size(); ++i) {
     if (a[i] == "--out") o.out_dir = need_value(a, i);
     else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
-    else if (a[i] == "--val-fraction") o.val_fraction = parse_double(a[i], need_value(a, i));
-    else if (a[i] == "--shard-tokens") o.shard_tokens = parse_int(a[i], need_value(a, i));
+    else if (a[i] == "--val-fraction") o.val_fraction = parsed_value(a, i, parse_double);
+    else if (a[i] == "--shard-tokens") o.shard_tokens = parsed_value(a, i, parse_int);
     else if (a[i] == "--overwrite") o.overwrite = true;
     else if (a[i] == "--include") o.include.push_back(need_value(a, i));
     else if (a[i] == "--exclude") o.exclude.push_back(need_value(a, i));
-    else if (a[i] == "--threads") o.threads = int(parse_int(a[i], need_value(a, i)));
+    else if (a[i] == "--threads") o.threads = int(parsed_value(a, i, parse_int));
     else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
     else o.inputs.push_back(a[i]);
   }
@@ -539,15 +548,15 @@ int cmd_bench_kernels(const std::vector<std::string>& a) {
   }
   dmat::AttnBenchOptions o;
   for (size_t i = 1; i < a.size(); ++i) {
-    if (a[i] == "--seq") o.T = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--heads") o.H = o.Hkv = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--kv-heads") o.Hkv = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--dim") o.D = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--batch") o.B = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--window") o.window = parse_int(a[i], need_value(a, i));
-    else if (a[i] == "--dma") o.dma = parse_int(a[i], need_value(a, i));
+    if (a[i] == "--seq") o.T = parsed_value(a, i, parse_int);
+    else if (a[i] == "--heads") o.H = o.Hkv = parsed_value(a, i, parse_int);
+    else if (a[i] == "--kv-heads") o.Hkv = parsed_value(a, i, parse_int);
+    else if (a[i] == "--dim") o.D = parsed_value(a, i, parse_int);
+    else if (a[i] == "--batch") o.B = parsed_value(a, i, parse_int);
+    else if (a[i] == "--window") o.window = parsed_value(a, i, parse_int);
+    else if (a[i] == "--dma") o.dma = parsed_value(a, i, parse_int);
     else if (a[i] == "--dma-bias") o.dma_bias = need_value(a, i);
-    else if (a[i] == "--iters") o.iters = int(parse_int(a[i], need_value(a, i)));
+    else if (a[i] == "--iters") o.iters = int(parsed_value(a, i, parse_int));
     else if (a[i] == "--nondeterministic") o.deterministic = false;
     else if (a[i] == "--nsa") o.nsa = true;
     else throw Usage("unknown option " + a[i]);
@@ -568,8 +577,8 @@ int cmd_bench(const std::vector<std::string>& a) {
   dmat::TrainBenchOptions o;
   std::vector<std::string> sets;
   const std::string path = parse_config_args(a, sets, [&](const std::vector<std::string>& v, size_t& i) {
-    if (v[i] == "--steps") return o.steps = parse_int(v[i], need_value(v, i)), true;
-    if (v[i] == "--warmup") return o.warmup = parse_int(v[i], need_value(v, i)), true;
+    if (v[i] == "--steps") return o.steps = parsed_value(v, i, parse_int), true;
+    if (v[i] == "--warmup") return o.warmup = parsed_value(v, i, parse_int), true;
     return false;
   });
   if (o.steps < 1 || o.warmup < 0) throw Usage("--steps must be >= 1 and --warmup >= 0");
