@@ -35,10 +35,9 @@ std::string manifest_of(const std::string& spec) {
   return fs::is_regular_file(m, ec) ? m.string() : "";
 }
 
-// The run's tokenizer: `spec` when given, else the one its training data's manifest records (path
-// relative to the current directory, checked against the recorded hash). Null for data of token
-// ids (generated data such as MQAR, or no manifest): then prompts are ids.
-std::unique_ptr<Tokenizer> run_tokenizer(const Config& cfg, const std::string& spec, std::string* why) {
+// The run's tokenizer (open_run_for_decoding).
+std::unique_ptr<Tokenizer> run_tokenizer(const Config& cfg, const std::string& spec, std::string* why,
+                                         const char* cmd) {
   if (!spec.empty()) return load_tokenizer(spec);
   const std::string mpath = manifest_of(cfg.data.train);
   if (mpath.empty()) {
@@ -49,7 +48,7 @@ std::unique_ptr<Tokenizer> run_tokenizer(const Config& cfg, const std::string& s
   try {
     m = nlohmann::json::parse(read_file(mpath));
   } catch (const nlohmann::json::exception& e) {
-    fail("generate: {} does not parse: {}", mpath, e.what());
+    fail("{}: {} does not parse: {}", cmd, mpath, e.what());
   }
   if (m.contains("generator")) {
     *why = fmt::format("{} describes generated data of token ids ({})", mpath, m["generator"].get<std::string>());
@@ -58,16 +57,36 @@ std::unique_ptr<Tokenizer> run_tokenizer(const Config& cfg, const std::string& s
   const auto& t = m.at("tokenizer");
   const std::string path = t.value("path", std::string());
   if (path != "byte" && !fs::is_regular_file(path))
-    fail("generate: the run's tokenizer {} (from {}) is not at hand; name it with --tokenizer", path, mpath);
+    fail("{}: the run's tokenizer {} (from {}) is not at hand; name it with --tokenizer", cmd, path, mpath);
   auto tok = load_tokenizer(path);
   if (tok->hash() != t.value("hash", std::string()))
-    fail("generate: tokenizer {} has changed since the data was prepared (hash {}, manifest {} records {}); name the "
+    fail("{}: tokenizer {} has changed since the data was prepared (hash {}, manifest {} records {}); name the "
          "right one with --tokenizer",
-         path, tok->hash(), mpath, t.value("hash", std::string()));
+         cmd, path, tok->hash(), mpath, t.value("hash", std::string()));
   return tok;
 }
 
 }  // namespace
+
+DecodingRun open_run_for_decoding(const std::string& run_dir, int64_t step, const std::string& tokenizer,
+                                  const char* cmd) {
+  std::optional<CheckpointRef> ck;
+  if (step < 0) {
+    ck = latest_checkpoint(run_dir);
+    if (!ck) fail("{}: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", cmd, run_dir, run_dir);
+  } else {
+    std::string have;
+    for (const CheckpointRef& c : list_checkpoints(run_dir)) {
+      if (c.step == step) ck = c;
+      have += (have.empty() ? "" : ", ") + std::to_string(c.step);
+    }
+    if (!ck) fail("{}: {} has no complete checkpoint of step {} (steps: {})", cmd, run_dir, step,
+                  have.empty() ? "none" : have);
+  }
+  DecodingRun r{parse_saved_config(checkpoint_config(ck->path), run_dir), *ck, nullptr, ""};
+  r.tok = run_tokenizer(r.cfg, tokenizer, &r.why_no_tokenizer, cmd);
+  return r;
+}
 
 int32_t sample_token(const std::vector<double>& logits, double temperature, int64_t top_k, double top_p, Rng& rng) {
   const int64_t V = int64_t(logits.size());
@@ -103,24 +122,13 @@ GenerateResult generate_run(const std::string& run_dir, const GenerateOptions& o
   if (!(o.temperature >= 0)) fail("generate: --temperature must be >= 0 (got {}; 0 is greedy)", o.temperature);
   if (o.top_k < 0) fail("generate: --top-k must be >= 0 (got {}; 0: off)", o.top_k);
   if (!(o.top_p > 0 && o.top_p <= 1)) fail("generate: --top-p must be in (0, 1] (got {}; 1: off)", o.top_p);
-  std::optional<CheckpointRef> ck;
-  if (o.step < 0) {
-    ck = latest_checkpoint(run_dir);
-    if (!ck) fail("generate: no complete checkpoint in {} (expected {}/checkpoints/step_*/COMPLETE)", run_dir, run_dir);
-  } else {
-    std::string have;
-    for (const CheckpointRef& c : list_checkpoints(run_dir)) {
-      if (c.step == o.step) ck = c;
-      have += (have.empty() ? "" : ", ") + std::to_string(c.step);
-    }
-    if (!ck) fail("generate: {} has no complete checkpoint of step {} (steps: {})", run_dir, o.step,
-                  have.empty() ? "none" : have);
-  }
-  Config cfg = parse_saved_config(checkpoint_config(ck->path), run_dir);
+  DecodingRun run = open_run_for_decoding(run_dir, o.step, o.tokenizer, "generate");
+  const Config& cfg = run.cfg;
+  const CheckpointRef* ck = &run.ck;
+  const Tokenizer* tok = run.tok.get();
+  const std::string& why = run.why_no_tokenizer;
   set_cpu_threads(o.threads > 0 ? o.threads : cfg.run.threads, 1);
 
-  std::string why;
-  std::unique_ptr<Tokenizer> tok = run_tokenizer(cfg, o.tokenizer, &why);
   std::vector<int32_t> prompt = o.prompt_ids;
   if (!o.use_ids) {
     if (!tok)

@@ -7,9 +7,26 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
 #include "core/rng.h"
+#include "io/checkpoint_dir.h"
+#include "tokenizer/tokenizer.h"
 
 namespace dmat {
+
+// A run opened for decoding (generate, needle): its checkpoint (the newest complete one, or that of
+// `step` when >= 0), the config saved with it, and its tokenizer: `tokenizer` when given ("byte" or
+// a tokenizer.json), else the one the training data's manifest records (path relative to the current
+// directory, checked against the recorded hash). tok is null for data of token ids (generated data
+// such as MQAR, or no manifest), with the reason in why_no_tokenizer. Errors name `cmd`.
+struct DecodingRun {
+  Config cfg;
+  CheckpointRef ck;
+  std::unique_ptr<Tokenizer> tok;
+  std::string why_no_tokenizer;
+};
+DecodingRun open_run_for_decoding(const std::string& run_dir, int64_t step, const std::string& tokenizer,
+                                  const char* cmd);
 
 struct GenerateOptions {
   std::string prompt;               // text, encoded with the run's tokenizer
