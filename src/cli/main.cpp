@@ -1,4 +1,4 @@
-// dmatrain command line: train, eval, generate, info, export, import, data prepare / inspect / mqar, tokenizer,
+// dmatrain command line: train, eval, generate, needle, info, export, import, data prepare / inspect / mqar, tokenizer,
 // bench, devices.
 // Exit code 0 on success; 1 with a one-line cause on stderr when something fails; 2 for bad usage.
 #include <cstdio>
@@ -26,6 +26,7 @@
 #include "train/bench.h"
 #include "train/generate.h"
 #include "train/info.h"
+#include "train/needle.h"
 #include "train/trainer.h"
 
 namespace dmat::cli {
@@ -53,6 +54,9 @@ commands:
   generate RUN_DIR --prompt TEXT | --prompt-ids IDS [--max-new-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--step N]
                            text from a trained model, streamed as it comes (CPU, with a KV cache)
+  needle RUN_DIR [--lengths N,...] [--depths P,...] [--trials N] [--distractors K] [--out FILE.csv|.jsonl]
+                           pass-key retrieval: a key hidden at each depth of each context length of
+                           validation text, scored by greedy exact match and likelihood rank (CPU)
   info CONFIG [--set key=value ...] [--json]
                            parameter counts, FLOPs per token, memory estimate
   export RUN_DIR --format hf --out DIR [--step N] [--dtype fp32|bf16] [--tokenizer T.json|byte]
@@ -183,6 +187,41 @@ with the tokenizer recorded in the run's data manifest (path relative to the cur
   --seed S             sampling seed (default 0); the same seed gives the same text
   --step N             the checkpoint of step N instead of the newest
 Prints the continuation on stdout and, on stderr, the token counts and tokens/s.
+)";
+
+const char* kNeedleHelp = R"(usage: dmatrain needle RUN_DIR [--lengths N,N,...] [--depths P,P,...] [--trials N] [--distractors K]
+                       [--key-digits N] [--seed S] [--filler SHARDS] [--needle TEXT] [--question TEXT]
+                       [--answer TEXT] [--out FILE.csv|FILE.jsonl] [--step N] [--tokenizer byte|T.json]
+                       [--threads N]
+
+Pass-key retrieval over the checkpoint of RUN_DIR (the newest, or that of --step N). For each context
+length, trial and depth: a key of --key-digits digits is put into the needle text, which is inserted
+after depth% of the filler (tokens of the run's validation shards, end-of-document tokens dropped,
+from a start drawn per trial), the question ends the context, and the model is scored on the answer
+text with the key: greedy decoding must produce its tokens exactly (exact), and its log-likelihood
+is ranked against the same answer with each of K distractor keys (rank 1: the right key is the most
+likely; ties count against it). The context is exactly LENGTH tokens, the question included. Runs on
+the CPU backend with the layers' decoding caches: the context is fed once and each answer token costs
+O(LENGTH). Deterministic: the same options give the same rows. Lengths beyond the run's
+train.seq_len are allowed with a warning (RoPE extrapolates poorly; those rows have beyond_train = 1);
+no model here can take more than 2^24 positions.
+  --lengths N,...      context lengths in tokens (default 1024,2048,4096,8192,16384; 1K = 1024)
+  --depths P,...       needle depths in percent of the filler before it (default 0,10,...,100)
+  --trials N           trials per (length, depth) (default 4); a trial's key, distractors and filler
+                       start depend on (seed, trial) only, so cells differ only in length and depth
+  --distractors K      distractor keys for the likelihood rank (default 9)
+  --key-digits N       digits of a key (default 5; no leading zero)
+  --seed S             (default 0)
+  --filler SHARDS      shard set of the filler text (default: the run's data.val)
+  --needle TEXT        default "
+The pass key is {key}. Remember it. {key} is the pass key.
+"
+  --question TEXT      default "
+What is the pass key? The pass key is"
+  --answer TEXT        default " {key}" (the tokens scored; must contain {key})
+  --out FILE           one row per (length, depth, trial): .csv or .jsonl (README "Needle retrieval");
+                       an existing FILE is refused
+Prints a table of exact matches and rank-1 counts by depth and length.
 )";
 
 const char* kInfoHelp = R"(usage: dmatrain info CONFIG [--set key=value ...] [--json]
@@ -418,6 +457,87 @@ int cmd_generate(const std::vector<std::string>& a) {
   return 0;
 }
 
+// "1024,2K,4k" → {1024, 2048, 4096} (K = 1024).
+std::vector<int64_t> parse_lengths(const std::string& flag, const std::string& v) {
+  std::vector<int64_t> out;
+  std::istringstream in(v);
+  std::string w;
+  while (std::getline(in, w, ',')) {
+    int64_t scale = 1;
+    if (!w.empty() && (w.back() == 'K' || w.back() == 'k')) scale = 1024, w.pop_back();
+    out.push_back(parse_int(flag, w) * scale);
+  }
+  if (out.empty()) throw Usage(flag + " expects comma-separated lengths (got \"" + v + "\")");
+  return out;
+}
+
+std::vector<double> parse_doubles(const std::string& flag, const std::string& v) {
+  std::vector<double> out;
+  std::istringstream in(v);
+  std::string w;
+  while (std::getline(in, w, ',')) out.push_back(parse_double(flag, w));
+  if (out.empty()) throw Usage(flag + " expects comma-separated numbers (got \"" + v + "\")");
+  return out;
+}
+
+int cmd_needle(const std::vector<std::string>& a) {
+  if (wants_help(a)) return std::fputs(kNeedleHelp, stdout), 0;
+  std::string run, out;
+  dmat::NeedleOptions o;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--lengths") o.lengths = parsed_value(a, i, parse_lengths);
+    else if (a[i] == "--depths") o.depths = parsed_value(a, i, parse_doubles);
+    else if (a[i] == "--trials") o.trials = parsed_value(a, i, parse_int);
+    else if (a[i] == "--distractors") o.distractors = parsed_value(a, i, parse_int);
+    else if (a[i] == "--key-digits") o.key_digits = parsed_value(a, i, parse_int);
+    else if (a[i] == "--seed") {
+      const int64_t seed = parsed_value(a, i, parse_int);
+      if (seed < 0) throw Usage("--seed must be >= 0");
+      o.seed = uint64_t(seed);
+    } else if (a[i] == "--filler") o.filler = need_value(a, i);
+    else if (a[i] == "--needle") o.needle = need_value(a, i);
+    else if (a[i] == "--question") o.question = need_value(a, i);
+    else if (a[i] == "--answer") o.answer = need_value(a, i);
+    else if (a[i] == "--out") out = need_value(a, i);
+    else if (a[i] == "--step") o.step = parsed_value(a, i, parse_int);
+    else if (a[i] == "--tokenizer") o.tokenizer = need_value(a, i);
+    else if (a[i] == "--threads") o.threads = parsed_value(a, i, parse_int);
+    else if (a[i].rfind("--", 0) == 0) throw Usage("unknown option " + a[i]);
+    else if (run.empty()) run = a[i];
+    else throw Usage("unexpected argument " + a[i]);
+  }
+  if (run.empty()) throw Usage("missing RUN_DIR");
+  const bool csv = out.size() > 4 && out.compare(out.size() - 4, 4, ".csv") == 0;
+  const bool jsonl = out.size() > 6 && out.compare(out.size() - 6, 6, ".jsonl") == 0;
+  if (!out.empty() && !csv && !jsonl) throw Usage("--out must name a .csv or a .jsonl file (got \"" + out + "\")");
+  dmat::check_needle_options(o);  // before anything is loaded
+  if (!std::filesystem::is_directory(run)) fail("needle: run directory {} does not exist", run);
+  if (!out.empty() && std::filesystem::exists(out))
+    fail("needle: {} already exists; remove it or name another file for --out", out);
+  const dmat::NeedleReport r = dmat::run_needle(run, o, nullptr);
+  if (!out.empty()) dmat::write_file_atomic(out, csv ? dmat::needle_csv(r, run) : dmat::needle_jsonl(r, run));
+  // the tables: per (depth, length), the trials with an exact greedy answer and with rank 1
+  for (int table = 0; table < 2; ++table) {
+    std::printf("%s (of %lld trials), %s step %lld:\n", table == 0 ? "greedy exact match" : "likelihood rank 1",
+                (long long)o.trials, r.variant.c_str(), (long long)r.step);
+    std::printf("%9s", "depth");
+    for (int64_t n : o.lengths) std::printf(" %7lld", (long long)n);
+    std::printf("\n");
+    for (double d : o.depths) {
+      std::printf("%8g%%", d);
+      for (int64_t n : o.lengths) {
+        int64_t hits = 0;
+        for (const dmat::NeedleRow& w : r.rows)
+          if (w.trial.length == n && w.trial.depth == d) hits += table == 0 ? w.score.exact : w.score.rank == 1;
+        std::printf(" %7lld", (long long)hits);
+      }
+      std::printf("\n");
+    }
+  }
+  if (!out.empty()) std::printf("rows: %s\n", out.c_str());
+  return 0;
+}
+
 int cmd_info(const std::vector<std::string>& a) {
   if (wants_help(a)) return std::fputs(kInfoHelp, stdout), 0;
   std::vector<std::string> sets;
@@ -612,6 +732,7 @@ int main(int argc, char** argv) {
     if (cmd == "export") return cmd_export(args);
     if (cmd == "import") return cmd_import(args);
     if (cmd == "generate") return cmd_generate(args);
+    if (cmd == "needle") return cmd_needle(args);
     if (cmd == "data") return cmd_data(args);
     if (cmd == "tokenizer") return dmat::cli::cmd_tokenizer(args);
     if (cmd == "bench") return cmd_bench(args);
@@ -620,7 +741,7 @@ int main(int argc, char** argv) {
   } catch (const Usage& e) {
     std::fprintf(stderr, "dmatrain %s: %s (see dmatrain %s--help)\n", cmd.c_str(), e.what(),
                  cmd == "train" || cmd == "eval" || cmd == "info" || cmd == "data" || cmd == "bench" ||
-                         cmd == "export" || cmd == "import" || cmd == "generate"
+                         cmd == "export" || cmd == "import" || cmd == "generate" || cmd == "needle"
                      ? (cmd + " ").c_str()
                                                                                                : "");
     return 2;
