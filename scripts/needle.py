@@ -41,7 +41,7 @@ GRIDS = {
     "ladder": dict(runs=["runs/ladder/d512-l6/*/*"], lengths=[1024, 2048, 4096, 8192, 16384],
                    depths=list(range(0, 101, 10)), trials=3, distractors=9, key_digits=5, text=[], threads=0),
     "cpu-smoke": dict(runs=["runs/needle/cpu-smoke-models/*"], lengths=[128, 256, 512], depths=[0, 25, 50, 75, 100],
-                      trials=4, distractors=9, key_digits=5, threads=2,
+                      trials=4, distractors=9, key_digits=5, threads=1,
                       text=["--needle", " The pass key is {key}.", "--question", " The pass key is"]),
 }
 
@@ -250,10 +250,11 @@ def cmd_report(args, g):
             if j == 0:
                 ax.set_ylabel("%s\nneedle depth" % name, fontsize=8)
             if i == len(scores) - 1:
-                ax.set_xlabel("context length (* beyond train.seq_len)", fontsize=7)
+                ax.set_xlabel("context length", fontsize=7)
+    fig.subplots_adjust(wspace=0.35, hspace=0.3)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="fraction of trials")
     trials = len(next(iter(c.values())))
-    title = "Needle retrieval, %s grid: %d trials per cell" % (args.grid, trials)
+    title = "Needle retrieval, %s grid: %d trials per cell (* length beyond train.seq_len)" % (args.grid, trials)
     if args.grid == "cpu-smoke":
         title += "\n(tiny CPU models: shows the pipeline, not the claim)"
     fig.suptitle(title, fontsize=10)
