@@ -14,14 +14,15 @@ the test set (exact match per query).
     /usr/bin/python3 scripts/mqar.py report [--grid ...]    # CSV -> <grid>.png and a markdown table (stdout)
 
 Test sets are whole batches of train.batch_size (eval averages full batches only), 3072 and 512
-examples. selection: --widths 64,128 --lengths 1024,2048 --variants mha,swa,dma,mla --seeds 1,2 (default: the
+examples. selection: --widths 64,128 --lengths 1024,2048 --variants mha,swa,dma,mla,nsa --seeds 1,2 (default: the
 grid's). `run` generates missing data, skips finished cells (eval.json present), resumes unfinished
 ones (--resume) and evaluates each finished run. Runs live in --runs (default runs/mqar/<grid>,
 git-ignored), data in --data (default build/data/mqar). Grids:
 
   paper      the paper's grid: widths 32-256, lengths 1K-8K, min(512, T/4) pairs (512 where they fit:
              a sequence holds the 2P context tokens and P queries with their answers, 4P <= T),
-             vocab 8192, SWA window / DMA kept keys 512, MLA kv_rank width/4; 2 seeds; GPU.
+             vocab 8192, SWA window / DMA kept keys 512, MLA kv_rank width/4, NSA at its paper's blocks
+             with window 512; 2 seeds; GPU.
   cpu-smoke  one cell per variant at width 64, T 64, 4 pairs, vocab 64, window 16 (a quarter of T,
              so that SWA and DMA do select), 600 steps of 64 sequences: proves the pipeline on 2 CPU
              cores (about 8 minutes a run). Not the paper's grid.
@@ -36,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ["mha", "swa", "dma", "mla"]  # nsa: when its model layer exists (issue 19)
+VARIANTS = ["mha", "swa", "dma", "mla", "nsa"]
 
 GRIDS = {
     "paper": dict(widths=[32, 64, 128, 256], lengths=[1024, 2048, 4096, 8192], seeds=[1, 2], vocab=8192,
@@ -61,6 +62,13 @@ def attention(variant, g, width):
         return {"type": "dma", "window": g["window"]}
     if variant == "mla":
         return {"type": "mla", "kv_rank": max(1, width // 4), "rope_dim": 16, "nope_dim": 16, "v_dim": 32}
+    if variant == "nsa":
+        # the NSA paper's blocks with the grid's window; where a sequence is shorter than 16 selection
+        # blocks (the cpu-smoke grid), blocks scaled by T/1024 so that the selection still selects
+        f = min(1.0, g["window"] / 512.0)
+        stride = max(2, int(16 * f))
+        return {"type": "nsa", "cmp_block": 2 * stride, "cmp_stride": stride, "sel_block": 4 * stride,
+                "sel_count": 16 if f == 1.0 else 3, "window": g["window"]}
     sys.exit("mqar: unknown variant %r (have %s)" % (variant, ", ".join(VARIANTS)))
 
 
