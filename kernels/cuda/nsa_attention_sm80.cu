@@ -187,13 +187,16 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_fwd_kernel(const NsaAttnPa
     __syncthreads();  // the next prefetch overwrites this stage, the next keep-sets sBits
   }
 
-  // epilogue: normalise, store O (bf16) and lse (natural log; −inf and O = 0 where nothing is kept)
+  // epilogue: normalise, store O (bf16) and lse (natural log; −inf and O = +0 where nothing is kept:
+  // written as a constant, not as o · 0, since the sign of the zero the tensor cores leave in o for
+  // an all-zero P is not specified and the contract, and the tests, say +0)
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     float sum = l[hf];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const bool kept = sum > 0.f;
+    const float inv = kept ? 1.f / sum : 0.f;
     const int r = r0 + 8 * hf, qi = r / p.group, t = t0 + qi;
     if (qi < p.bq && t < p.T) {
       const int h = hk * p.group + r % p.group;
@@ -201,7 +204,7 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_fwd_kernel(const NsaAttnPa
 #pragma unroll
       for (int nb = 0; nb < D / 8; ++nb)
         *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t4) =
-            pack_bf16(o.c[nb][2 * hf] * inv, o.c[nb][2 * hf + 1] * inv);
+            kept ? pack_bf16(o.c[nb][2 * hf] * inv, o.c[nb][2 * hf + 1] * inv) : 0u;
       if (t4 == 0) p.lse[(int64_t(b) * p.H + h) * p.T + t] = sum > 0.f ? (m[hf] + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
@@ -307,15 +310,19 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_bwd_dq_kernel(const NsaAtt
     __syncthreads();
   }
 
+  // a query that keeps no key (lse −inf: a compressed-branch query before the first block) gets
+  // dQ = +0 written as a constant: its dS is P·(dP − delta) = 0·(…), a zero of either sign, and the
+  // sign the tensor cores give a sum of signed zeros is not specified
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int r = r0 + 8 * hf, qi = r / p.group, t = t0 + qi;
     if (qi < p.bq && t < p.T) {
+      const bool kept = li[hf] != -INFINITY;
       nv_bf16* dqr = p.dq + ((int64_t(b) * p.T + t) * p.H + hk * p.group + r % p.group) * D;
 #pragma unroll
       for (int nb = 0; nb < D / 8; ++nb)
         *reinterpret_cast<uint32_t*>(dqr + nb * 8 + 2 * t4) =
-            pack_bf16(dq.c[nb][2 * hf] * p.scale, dq.c[nb][2 * hf + 1] * p.scale);
+            kept ? pack_bf16(dq.c[nb][2 * hf] * p.scale, dq.c[nb][2 * hf + 1] * p.scale) : 0u;
     }
   }
 }
