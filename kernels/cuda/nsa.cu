@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 
@@ -66,6 +67,13 @@ void check_shape(const NsaShape& s, const char* op) {
                  s.scale > 0,
              "{}: shape B {} T {} H {} Hkv {} l {} d {} l' {} n {} scale {}", op, s.B, s.T, s.H, s.Hkv, s.cmp_block,
              s.cmp_stride, s.sel_block, s.sel_count, s.scale);
+}
+
+// The attention kernels move q, k, v and dout rows by 16-byte cp.async and store pairs of outputs,
+// the compression's gather and scatter 8 values at a time: their tensors must be 16-byte aligned
+// (the arena's are; a view at an odd element offset is not). nullptr (an empty tensor) passes.
+void check_aligned(const char* op, std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs) DMAT_CHECK(detail::aligned16(p), "{}: tensors must be 16-byte aligned ({})", op, p);
 }
 
 // ---- compression ------------------------------------------------------------------------------------
@@ -556,6 +564,7 @@ void nsa_compress_backward(bf16* dx, float* dpos, float* dw1, float* dw2, const 
     memset_zero(dx, size_t(s.B * s.T * s.Hkv * s.D) * sizeof(bf16));
     return;
   }
+  check_aligned("nsa_compress_backward", {dx});
   const int64_t parts0 = detail::reduction_parts(R, K, K), rpp = ceil_div(R, parts0), parts = ceil_div(R, rpp);
   auto carve = [&](Carve& c) {
     bf16* act = c.take<bf16>(R * F);
@@ -603,6 +612,7 @@ void nsa_compressed_rope_backward(bf16* dx, const bf16* dy, double theta, const 
 void nsa_cmp_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* kc, const bf16* vc,
                                const NsaShape& s) {
   check_shape(s, "nsa_cmp_attention");
+  check_aligned("nsa_cmp_attention", {out, q, kc, vc});
   NsaAttnParams p = attn_params(s, s.n_cmp());
   p.q = nv(q), p.k = nv(kc), p.v = nv(vc), p.out = nv(out), p.lse = lse;
   nsa::launch_nsa_fwd(p, s.B, s.D, false);
@@ -611,6 +621,7 @@ void nsa_cmp_attention_forward(bf16* out, float* lse, const bf16* q, const bf16*
 void nsa_cmp_attention_backward(bf16* dq, bf16* dkc, bf16* dvc, const bf16* dout, const bf16* out, const float* lse,
                                 const bf16* q, const bf16* kc, const bf16* vc, const NsaShape& s) {
   check_shape(s, "nsa_cmp_attention_backward");
+  check_aligned("nsa_cmp_attention_backward", {dq, dkc, dvc, dout, q, kc, vc});
   NsaAttnParams p = attn_params(s, s.n_cmp());
   p.q = nv(q), p.k = nv(kc), p.v = nv(vc), p.dout = nv(dout), p.lse_in = lse;
   p.dq = nv(dq), p.dk = nv(dkc), p.dv = nv(dvc);
@@ -658,6 +669,7 @@ void nsa_select(int32_t* idx, const bf16* q, const bf16* kc, const float* lse_cm
 void nsa_slc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* idx,
                                const NsaShape& s) {
   check_shape(s, "nsa_slc_attention");
+  check_aligned("nsa_slc_attention", {out, q, k, v});
   NsaAttnParams p = attn_params(s, s.T);
   p.q = nv(q), p.k = nv(k), p.v = nv(v), p.out = nv(out), p.lse = lse, p.idx = idx;
   build_tile_lists(p, idx, s, false);
@@ -667,6 +679,7 @@ void nsa_slc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16*
 void nsa_slc_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out, const float* lse,
                                 const bf16* q, const bf16* k, const bf16* v, const int32_t* idx, const NsaShape& s) {
   check_shape(s, "nsa_slc_attention_backward");
+  check_aligned("nsa_slc_attention_backward", {dq, dk, dv, dout, q, k, v});
   NsaAttnParams p = attn_params(s, s.T);
   p.q = nv(q), p.k = nv(k), p.v = nv(v), p.dout = nv(dout), p.lse_in = lse, p.idx = idx;
   p.dq = nv(dq), p.dk = nv(dk), p.dv = nv(dv);
