@@ -9,8 +9,9 @@
 //    ties (identical compressed keys, zero queries), the importance batches shrunk to one tile;
 //  - a tiny-nsa model trained 20 steps on the GPU tracks the CPU run, and a GPU run stopped and
 //    resumed equals the uninterrupted one bit for bit (through the CLI).
-// Shapes: GQA groups 1, 2, 3, 4, 8, head dims 32, 64, 128, T with partial tiles and below l (no
-// compressed block at all), blockings with l = d, l' = d, l' not a multiple of 64 or of l.
+// Shapes: GQA groups 1, 2, 3, 4, 8, 16, 64 (the limit: one query per tile), head dims 32, 64, 128,
+// T with partial tiles, T = 1, T below l (no compressed block at all) and T = l (one), more than one
+// 64-key tile of compressed keys, blockings with l = d, l' = d, l' not a multiple of 64 or of l.
 //
 // Tolerances (why), in the norm of the reference (test::compare: max error against the largest
 // reference element, and relative L2):
@@ -83,17 +84,22 @@ BfInput rnd(int64_t n, uint64_t seed, double amp) { return test::uniform_bf(sz(n
 struct Case {
   int64_t B, T, H, Hkv, D, l, d, lp, n, w;
 };
-// GQA groups 1 … 8 (3: a tile of 21 queries), T with partial tiles, T < l (no compressed block),
-// l = d and l' = d (one stride per block), l' of 20 (blocks straddle 64-key tiles), n = 3 (no
-// ranking) and n large enough for the ranking to choose.
+// GQA groups 1 … 64 (3: a tile of 21 queries; 64: of one), T with partial tiles, T < l (no
+// compressed block), T = l (one block, seen by the last query only), T = 1, l = d and l' = d (one
+// stride per block), l' of 20 (blocks straddle 64-key tiles), n = 3 (no ranking) and n large
+// enough for the ranking to choose, Nc > 64 (two key tiles of compressed keys).
 const Case kCases[] = {
     {2, 700, 4, 2, 64, 32, 16, 64, 6, 64},   // the paper's blocking, 10 selection blocks
-    {1, 300, 4, 1, 32, 8, 4, 16, 5, 32},     // group 4; l/d = 2, l'/d = 4
+    {1, 300, 4, 1, 32, 8, 4, 16, 5, 32},     // group 4; l/d = 2, l'/d = 4; Nc = 74
     {1, 257, 2, 2, 128, 16, 16, 16, 4, 100}, // group 1, head dim 128; l = d = l'
     {2, 130, 6, 3, 64, 8, 4, 20, 3, 16},     // group 2, l' = 20, n = 3
     {1, 1000, 8, 1, 64, 32, 16, 64, 8, 512}, // group 8, the paper's (l, d, l', w)
     {1, 150, 3, 1, 32, 8, 4, 8, 4, 32},      // group 3
     {1, 20, 2, 1, 32, 32, 16, 64, 16, 8},    // T < l: no compressed block
+    {2, 600, 32, 2, 128, 8, 8, 32, 6, 64},   // group 16 at head dim 128 (dK/dV in row chunks); Nc = 75
+    {1, 70, 64, 1, 32, 8, 4, 16, 5, 16},     // group 64: one query per tile
+    {1, 16, 4, 2, 64, 16, 8, 16, 3, 16},     // T = l = l': one compressed block, one selection block
+    {1, 1, 2, 2, 32, 8, 4, 8, 3, 4},         // T = 1
 };
 
 NsaShape shape_of(const Case& c) {
@@ -284,8 +290,10 @@ std::string first_list_difference(const std::vector<int32_t>& got, const std::ve
 }
 
 // The GPU's lists against cpu::nsa_select<double> on the same q, kc and the GPU's lse; also with
-// the importance batches shrunk to one query tile. kc_mode 0: random; 1: every compressed key the
-// same vector (each query's probabilities equal: importances tie wherever the overlaps do); 2: q = 0.
+// the importance batches shrunk to one query tile, and to about 150 queries (several tiles per
+// batch, the last batch partial; nsa.h: B·Hkv·ceil(T/l') int64 importances per query). kc_mode 0:
+// random; 1: every compressed key the same vector (each query's probabilities equal: importances
+// tie wherever the overlaps do); 2: q = 0.
 void check_selection(const NsaShape& s, uint64_t seed, int kc_mode) {
   const int64_t Nc = s.n_cmp(), nq = s.B * s.T * s.H * s.D, nc = s.B * Nc * s.Hkv * s.D, nl = s.B * s.H * s.T;
   BfInput q = rnd(nq, seed, 2.0), kc = rnd(nc, seed + 1, 2.0);
@@ -304,11 +312,15 @@ void check_selection(const NsaShape& s, uint64_t seed, int kc_mode) {
   gidx.poison();
   cuda::nsa_select(gidx.p, gq.p, gkc.p, glse.p, s);
   EXPECT_EQ(first_list_difference(down(gidx), want, s), "") << "kc mode " << kc_mode;
-  const int64_t old = cuda::testing::set_nsa_select_budget(1);  // one tile of queries per batch
-  gidx.poison();
-  cuda::nsa_select(gidx.p, gq.p, gkc.p, glse.p, s);
-  cuda::testing::set_nsa_select_budget(old);
-  EXPECT_EQ(first_list_difference(down(gidx), want, s), "") << "kc mode " << kc_mode << ", batches of one tile";
+  const int64_t per_query = s.B * s.Hkv * s.n_sel() * int64_t(sizeof(int64_t));
+  for (const int64_t budget : {int64_t(1), 150 * per_query}) {
+    const int64_t old = cuda::testing::set_nsa_select_budget(budget);
+    gidx.poison();
+    cuda::nsa_select(gidx.p, gq.p, gkc.p, glse.p, s);
+    cuda::testing::set_nsa_select_budget(old);
+    EXPECT_EQ(first_list_difference(down(gidx), want, s), "")
+        << "kc mode " << kc_mode << ", importance budget " << budget << " bytes";
+  }
 }
 
 TEST(GpuNsa, SelectionIsTheCpus) {
