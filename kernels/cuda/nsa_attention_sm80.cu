@@ -310,6 +310,9 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_bwd_dq_kernel(const NsaAtt
     __syncthreads();
   }
 
+  // no cp.async may still target shared memory when the block exits: with no key tile (n_tiles = 0)
+  // the Q/dO group was never waited for
+  cp_async_wait<0>();
   // a query that keeps no key (lse −inf: a compressed-branch query before the first block) gets
   // dQ = +0 written as a constant: its dS is P·(dP − delta) = 0·(…), a zero of either sign, and the
   // sign the tensor cores give a sum of signed zeros is not specified
@@ -452,6 +455,9 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_bwd_dkdv_kernel(const NsaA
     __syncthreads();  // the next prefetch overwrites this stage, the next keep-sets sBits
   }
 
+  // no cp.async may still target shared memory when the block exits: with no query tile (a key
+  // tile nobody selected: n_items = 0) the K/V group was never waited for
+  cp_async_wait<0>();
   // keys no query keeps get zeros (written, never left unset)
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
