@@ -318,6 +318,10 @@ __global__ void __launch_bounds__(kThreads) nsa_topk_kernel(const SelParams p) {
       const int oj = __shfl_xor_sync(0xffffffffu, best_j, o);
       if (ov > best || (ov == best && oj < best_j)) best = ov, best_j = oj;
     }
+    // Unreachable with probabilities <= 1 (importances >= 0, and take <= the candidates): only an
+    // llround overflow (p·2^40 >= 2^63, an lse inconsistent with q and kc) makes every remaining
+    // importance negative. Stop rather than write imp[INT_MAX]; best_j is the same in every lane.
+    if (best_j == INT_MAX) break;
     if (lane == 0) {
       imp[best_j] = -1;  // taken (importances are >= 0)
       out[cnt] = best_j;
