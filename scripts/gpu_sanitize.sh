@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# compute-sanitizer over the attention and DMA GPU suites (tests/test_gpu_attention.cpp,
-# tests/test_gpu_dma.cpp): memcheck (out-of-bounds and misaligned device accesses, invalid frees,
+# compute-sanitizer over the attention, DMA and NSA GPU suites (tests/test_gpu_attention.cpp,
+# tests/test_gpu_dma.cpp, tests/test_gpu_nsa.cpp): memcheck (out-of-bounds and misaligned device accesses, invalid frees,
 # CUDA API errors) and racecheck (shared-memory hazards between threads of a block). On a GPU
 # machine, after a CUDA build (scripts/gpu_check.sh builds one). Full logs in OUT_DIR; a summary per
 # suite and tool on stdout; exit 1 if any run reported an error, failed a test, or ran without a GPU.
 #   scripts/gpu_sanitize.sh [OUT_DIR]
 # Environment: BUILD (default build), TOOLS (default "memcheck racecheck"; initcheck and synccheck
-# also work), SUITES (default "test_gpu_attention test_gpu_dma"), GTEST_FILTER (default: every
+# also work), SUITES (default "test_gpu_attention test_gpu_dma test_gpu_nsa"), GTEST_FILTER (default: every
 # test), LIMIT_S (seconds per suite and tool, default 3600: a sanitized kernel runs 10-100x slower).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-sanitize}
 BUILD=${BUILD:-build}
 TOOLS=${TOOLS:-memcheck racecheck}
-SUITES=${SUITES:-test_gpu_attention test_gpu_dma}
+SUITES=${SUITES:-test_gpu_attention test_gpu_dma test_gpu_nsa}
 LIMIT_S=${LIMIT_S:-3600}
 mkdir -p "$OUT_DIR"
 
