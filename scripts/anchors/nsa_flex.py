@@ -19,23 +19,14 @@ import argparse, json, math, time
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import median_ms as bench  # this folder: run as python3 scripts/anchors/<file>.py
+
 p = argparse.ArgumentParser()
 for k, v in dict(seq=16384, heads=64, kv_heads=4, dim=128, batch=1, cmp_block=32, cmp_stride=16,
                  sel_block=64, sel_count=16, window=512, cmp_hidden=0).items():
     p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=v)
 p.add_argument("--check", action="store_true", help="compare the flex path with dense attention at small N, then exit")
 a = p.parse_args()
-
-
-def bench(fn, warm=3, iters=10):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts) // 2]
 
 
 def compress(x, pos, w1, w2, l, d):

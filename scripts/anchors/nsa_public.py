@@ -16,22 +16,13 @@ version), where dmatrain runs a two-layer MLP per block.
 import argparse, json, os, sys
 import torch
 
+from cuda_timing import median_ms as bench  # this folder: run as python3 scripts/anchors/<file>.py
+
 p = argparse.ArgumentParser()
 for k, v in dict(seq=16384, heads=64, kv_heads=4, dim=128).items():
     p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=v)
 p.add_argument("--path", default=".anchors/flash-nsa")
 a = p.parse_args()
-
-
-def bench(fn, warm=3, iters=10):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts) // 2]
 
 
 def main():
