@@ -83,16 +83,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
     // S = Q K^T
     Acc<BN> s;
     s.zero();
-#pragma unroll
-    for (int kk = 0; kk < DQK / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t kb[4];
-        load_b<DQK>(kb, sKs, np * 16, kk * 16, lane);
-        mma16816(s.c[2 * np], qa[kk], kb[0], kb[1]);
-        mma16816(s.c[2 * np + 1], qa[kk], kb[2], kb[3]);
-      }
-    }
+    mma_qkt<DQK>(s, qa, sKs, lane);
 
     // log2-domain scores, bias, mask
     const bool masked = keys.needs_mask(n);
@@ -114,45 +105,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_fwd_kernel(const FwdParam
     }
 
     // online softmax: rescale the running output by exp2(m_old - m_new)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s.c[nb][2 * hf], s.c[nb][2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[hf], mx);
-      const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-      const float alpha = fast_exp2(m[hf] - base);
-      m[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) {
-        s.c[nb][2 * hf] = fast_exp2(s.c[nb][2 * hf] - base);
-        s.c[nb][2 * hf + 1] = fast_exp2(s.c[nb][2 * hf + 1] - base);
-        sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
-      }
-      l[hf] = l[hf] * alpha + sum;
-#pragma unroll
-      for (int nb = 0; nb < DV / 8; ++nb) {
-        o.c[nb][2 * hf] *= alpha;
-        o.c[nb][2 * hf + 1] *= alpha;
-      }
-    }
+    online_softmax_tile<BN, DV>(s, o, m, l);
 
     // O += P V
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t pa[4];
-      s.to_a(pa, kk);
-#pragma unroll
-      for (int np = 0; np < DV / 16; ++np) {
-        uint32_t vb[4];
-        load_b_t<DV>(vb, sVs, np * 16, kk * 16, lane);
-        mma16816(o.c[2 * np], pa, vb[0], vb[1]);
-        mma16816(o.c[2 * np + 1], pa, vb[2], vb[3]);
-      }
-    }
+    mma_pv<BN, DV>(o, s, sVs, lane);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
 

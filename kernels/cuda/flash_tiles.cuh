@@ -167,4 +167,74 @@ __device__ __forceinline__ void mma_ss_abt(Acc<N>& acc, const __nv_bfloat16* sA,
   }
 }
 
+// The forward kernels' per-key-tile steps (flash_fwd_sm80.cu, nsa_attention_sm80.cu), on a warp's
+// 16 rows: a thread holds rows g (C elements 0, 1) and g + 8 (2, 3) of each 8-column block.
+
+// S(16 x N) += Q · Kᵀ with Q's K/16 A fragments already in registers (loaded once per query tile)
+// and K(n, k) = sK[n][k]: the scores of one key tile.
+template <int K, int N>
+__device__ __forceinline__ void mma_qkt(Acc<N>& s, const uint32_t (&qa)[K / 16][4], const __nv_bfloat16* sK, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t kb[4];
+      load_b<K>(kb, sK, np * 16, kk * 16, lane);
+      mma16816(s.c[2 * np], qa[kk], kb[0], kb[1]);
+      mma16816(s.c[2 * np + 1], qa[kk], kb[2], kb[3]);
+    }
+  }
+}
+
+// The online softmax over one key tile of scores s (log2 units, masked entries −inf): m (row max)
+// and l (row sum of exp2(s − m)) move to include the tile, the running output o is rescaled by
+// exp2(m_old − m_new), and s becomes the tile's unnormalised probabilities exp2(s − m_new). A row
+// with nothing visible yet keeps m = −inf and gets p = 0 (exp2 of −inf against base 0).
+template <int BN, int DV>
+__device__ __forceinline__ void online_softmax_tile(Acc<BN>& s, Acc<DV>& o, float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s.c[nb][2 * hf], s.c[nb][2 * hf + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[hf], mx);
+    const float base = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+    const float alpha = fast_exp2(m[hf] - base);
+    m[hf] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+      s.c[nb][2 * hf] = fast_exp2(s.c[nb][2 * hf] - base);
+      s.c[nb][2 * hf + 1] = fast_exp2(s.c[nb][2 * hf + 1] - base);
+      sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
+    }
+    l[hf] = l[hf] * alpha + sum;
+#pragma unroll
+    for (int nb = 0; nb < DV / 8; ++nb) {
+      o.c[nb][2 * hf] *= alpha;
+      o.c[nb][2 * hf + 1] *= alpha;
+    }
+  }
+}
+
+// O(16 x DV) += P · V with P the bf16 rounding of the tile's probabilities s (16 x BN) and
+// V(k, n) = sV[k][n] (rows k of sV).
+template <int BN, int DV>
+__device__ __forceinline__ void mma_pv(Acc<DV>& o, const Acc<BN>& s, const __nv_bfloat16* sV, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t pa[4];
+    s.to_a(pa, kk);
+#pragma unroll
+    for (int np = 0; np < DV / 16; ++np) {
+      uint32_t vb[4];
+      load_b_t<DV>(vb, sV, np * 16, kk * 16, lane);
+      mma16816(o.c[2 * np], pa, vb[0], vb[1]);
+      mma16816(o.c[2 * np + 1], pa, vb[2], vb[3]);
+    }
+  }
+}
+
 }  // namespace dmat::cuda::flash

@@ -30,11 +30,13 @@ using flash::fast_exp2;
 using flash::kLn2;
 using flash::kLog2e;
 using flash::load_a;
-using flash::load_b;
 using flash::load_b_t;
 using flash::load_tile_async;
 using flash::mma16816;
+using flash::mma_pv;
+using flash::mma_qkt;
 using flash::mma_ss_abt;
+using flash::online_softmax_tile;
 using flash::pack_bf16;
 
 // The global address of row r of query tile qt (q, dout or out layout [B,T,H,D]), nullptr for a
@@ -126,16 +128,7 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_fwd_kernel(const NsaAttnPa
 
     Acc<BN> s;  // S = Q Kᵀ
     s.zero();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t kb[4];
-        load_b<D>(kb, sKs, np * 16, kk * 16, lane);
-        mma16816(s.c[2 * np], qa[kk], kb[0], kb[1]);
-        mma16816(s.c[2 * np + 1], qa[kk], kb[2], kb[3]);
-      }
-    }
+    mma_qkt<D>(s, qa, sKs, lane);
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
@@ -145,45 +138,8 @@ __global__ void __launch_bounds__(kNsaThreads, 1) nsa_fwd_kernel(const NsaAttnPa
         v = (keep[x >> 1] >> col) & 1ull ? v * p.scale_log2 : -INFINITY;
       }
     }
-    // online softmax (log2 units), as flash_fwd_kernel
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s.c[nb][2 * hf], s.c[nb][2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[hf], mx);
-      const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = fast_exp2(m[hf] - base);
-      m[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) {
-        s.c[nb][2 * hf] = fast_exp2(s.c[nb][2 * hf] - base);
-        s.c[nb][2 * hf + 1] = fast_exp2(s.c[nb][2 * hf + 1] - base);
-        sum += s.c[nb][2 * hf] + s.c[nb][2 * hf + 1];
-      }
-      l[hf] = l[hf] * alpha + sum;
-#pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        o.c[nb][2 * hf] *= alpha;
-        o.c[nb][2 * hf + 1] *= alpha;
-      }
-    }
-    // O += P V
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t pa[4];
-      s.to_a(pa, kk);
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t vb[4];
-        load_b_t<D>(vb, sVs, np * 16, kk * 16, lane);
-        mma16816(o.c[2 * np], pa, vb[0], vb[1]);
-        mma16816(o.c[2 * np + 1], pa, vb[2], vb[3]);
-      }
-    }
+    online_softmax_tile<BN, D>(s, o, m, l);  // log2 units, as flash_fwd_kernel
+    mma_pv<BN, D>(o, s, sVs, lane);          // O += P V
     __syncthreads();  // the next prefetch overwrites this stage, the next keep-sets sBits
   }
 
